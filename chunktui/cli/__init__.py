@@ -1,0 +1,29 @@
+"""The `chunktui` command line: one click group, one module per area."""
+
+from __future__ import annotations
+
+import click
+
+from chunktui import __version__
+
+
+@click.group(invoke_without_command=True)
+@click.version_option(__version__, prog_name="chunktui")
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Find, stream and perturb chunks in a language model's hidden states.
+
+    With no command, opens the terminal app on the built-in model and the
+    sample dictionary.
+    """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(main.get_command(ctx, "tui"))
+
+
+def _register() -> None:
+    from chunktui.cli import rnn
+
+    main.add_command(rnn.rnn)
+
+
+_register()
