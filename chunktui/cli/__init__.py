@@ -21,9 +21,12 @@ def main(ctx: click.Context) -> None:
 
 
 def _register() -> None:
-    from chunktui.cli import rnn
+    from chunktui.cli import dictionaries, discover, perturb, report, rnn, scan, tui
 
-    main.add_command(rnn.rnn)
+    for command in (dictionaries.models_cmd, dictionaries.build_cmd, dictionaries.evaluate_cmd,
+                    dictionaries.inspect_cmd, scan.scan_cmd, scan.demo_cmd, perturb.perturb_cmd, report.report_cmd,
+                    tui.tui_cmd, discover.discover_cmd, discover.import_cmd, rnn.rnn):
+        main.add_command(command)
 
 
 _register()

@@ -1,8 +1,228 @@
-"""`chunktui rnn ...`: the RNN reflection lab (placeholder until the lab lands)."""
+"""`chunktui rnn ...`: the RNN reflection lab (train, reflect, graft, transfer, lab)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
 
 import click
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    """Write JSON to a temp file next to ``path`` and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _maybe_json(out: str | None, data: dict) -> None:
+    if out:
+        write_json_atomic(out, data)
+        console.print(f"[dim]wrote {out}[/dim]")
+
+
+def _config(seed: int, steps: int, cell: str):
+    from chunktui.rnn.train import TrainConfig
+
+    return TrainConfig(seed=seed, steps=steps, cell=cell, window=120)
+
+
+seed_opt = click.option("--seed", default=0, show_default=True, help="Seed for data, weights and windows.")
+json_opt = click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+                        help="Also write the results as JSON to this file.")
+steps_opt = click.option("--steps", default=200, show_default=True, help="Training steps (Adam, lr 0.005).")
+cell_opt = click.option("--cell", type=click.Choice(["linear", "tanh", "gru"]), default="linear",
+                        show_default=True, help="linear is the paper's h_t = W[x_t; h_{t-1}] + b.")
+k_opt = click.option("--k", default=4, show_default=True, help="k-means clusters per neuron (3-5).")
 
 
 @click.group()
 def rnn() -> None:
     """The RNN reflection lab: planted chunks, DSC, grafting."""
+
+
+def show_train(out: dict) -> None:
+    from chunktui.rnn.plot import line_plot
+
+    t = Table(title="Training on ABCD / GHI / JKLMN + fillers")
+    for col in ("cell", "steps", "loss first→last", "accuracy first→last", "chance (majority)", "seconds"):
+        t.add_column(col)
+    t.add_row(out["config"]["cell"], str(out["config"]["steps"]),
+              f"{out['loss_first']:.3f} → {out['loss_last']:.3f}",
+              f"{out['accuracy_first']:.3f} → {out['accuracy_last']:.3f}",
+              f"{out['chance_majority']:.3f}", f"{out['seconds']:.1f}")
+    console.print(t)
+    console.print(line_plot({"next-symbol accuracy": out["accuracy"]}, lo=0.0, hi=1.0))
+
+
+@rnn.command("train")
+@seed_opt
+@steps_opt
+@cell_opt
+@click.option("--words", default=600, show_default=True, help="Planted words in the training sequence.")
+@json_opt
+def train_cmd(seed: int, steps: int, cell: str, words: int, json_out: str | None) -> None:
+    """Train the RNN on next-symbol prediction and plot its learning curve."""
+    from chunktui.rnn.experiments import train_experiment
+
+    out = train_experiment(words, seed, _config(seed, steps, cell))
+    show_train(out)
+    _maybe_json(json_out, out)
+
+
+def show_reflect(out: dict) -> None:
+    t = Table(title=f"Reflection (k={out['k']}; ground-truth parse {out['ground_truth_parse_length']} tokens, "
+                    f"{out['planted_words']} planted words)")
+    for col in ("network", "decode", "unseen", "states", "vocab", "learned", "parse", "parse/truth",
+                "next acc."):
+        t.add_column(col, justify="right", no_wrap=True)
+    for name in ("trained", "untrained", "untrained_memory"):
+        r = out[name]
+        t.add_row(name, f"{r['decoding_accuracy']:.3f}", f"{r['decoding']['unseen_fraction']:.3f}",
+                  str(r["unique_states"]), str(r["vocabulary_size"]), str(r["learned_chunks"]),
+                  str(r["parse_length"]), f"{r['parse_ratio']:.3f}", f"{r['next_symbol_accuracy']:.3f}")
+    console.print(t)
+    console.print("[dim]decode: current symbol from the discretised state; states: unique states; "
+                  "vocab: distinct chunks in DSC's parse; learned: multi-state chunks DSC added.[/dim]")
+    console.print("[dim]decoding: state→symbol table fit on the first half of the run, tested on the "
+                  "second; unseen states count as wrong. untrained = same init before training; "
+                  "untrained_memory = orthogonal recurrent weights (gain 0.9), also untrained.[/dim]")
+
+
+@rnn.command("reflect")
+@seed_opt
+@steps_opt
+@cell_opt
+@k_opt
+@click.option("--rounds", default=8, show_default=True, help="DSC chunk-learning rounds.")
+@click.option("--min-count", default=40, show_default=True, help="DSC: a pair must occur this often.")
+@click.option("--per-round", default=4, show_default=True, help="DSC: new chunks per round at most.")
+@json_opt
+def reflect_cmd(seed: int, steps: int, cell: str, k: int, rounds: int, min_count: int,
+                per_round: int, json_out: str | None) -> None:
+    """Decode the input from discretised states; DSC chunks; trained vs untrained."""
+    from chunktui.rnn.dsc import ChunkParams
+    from chunktui.rnn.experiments import reflect_experiment
+
+    out = reflect_experiment(seed, k=k, params=ChunkParams(rounds, min_count, per_round),
+                             config=_config(seed, steps, cell))
+    show_reflect(out)
+    _maybe_json(json_out, out)
+
+
+def show_graft(out: dict) -> None:
+    t = Table(title=f"Grafting ({out['task']} task): prefix state + next input → continuation")
+    for col in ("word", "grafted state of", "fed", "target", "P(target)", "top"):
+        t.add_column(col)
+    for r in out["readouts"]:
+        ok = "green" if r["top"] == r["target"] else "red"
+        t.add_row(r["word"], r["prefix"], r["fed"], r["target"], f"{r['prob']:.3f}", f"[{ok}]{r['top']}[/{ok}]")
+    console.print(t)
+    console.print(f"min P(target) = {out['min_prob']:.3f}, mean = {out['mean_prob']:.3f}")
+
+
+@rnn.command("graft")
+@seed_opt
+@steps_opt
+@cell_opt
+@k_opt
+@click.option("--task", type=click.Choice(["flat", "context"]), default="flat", show_default=True,
+              help="context: words share 'BC', so the continuation depends on the grafted state.")
+@json_opt
+def graft_cmd(seed: int, steps: int, cell: str, k: int, task: str, json_out: str | None) -> None:
+    """Write a chunk prefix's state into the RNN, feed the next symbol, read the prediction."""
+    from chunktui.rnn.experiments import graft_experiment
+
+    out = graft_experiment(seed, task, k=k, config=_config(seed, steps, cell))
+    show_graft(out)
+    _maybe_json(json_out, out)
+
+
+def show_transfer(out: dict) -> None:
+    from chunktui.rnn.plot import line_plot
+
+    cfg = out["config"]
+    t = Table(title=f"Transfer: learning {cfg['first']}+{cfg['second']} over {out['n_seeds']} seeds "
+                    f"(steps to accuracy ≥ {cfg['threshold']})")
+    for col in ("arm", "mean steps", "sd", "reached"):
+        t.add_column(col, justify="right")
+    for arm in ("control", "graft"):
+        a = out[arm]
+        t.add_row(arm, f"{a['mean_steps']:.1f}", f"{a['sd_steps']:.1f}", f"{a['reached']}/{out['n_seeds']}")
+    console.print(t)
+    d = out["paired_difference"]
+    console.print(f"paired (control − graft): {d['mean']:.1f} ± {d['sd']:.1f} steps; graft faster on "
+                  f"{d['graft_faster']}, tied {d['ties']}, slower {d['graft_slower']}")
+    console.print(line_plot({"control": out["control"]["mean_curve"], "graft": out["graft"]["mean_curve"]},
+                            xs=out["curve_steps"], hi=1.0))
+
+
+@rnn.command("transfer")
+@seed_opt
+@click.option("--seeds", default=20, show_default=True, help="Independent seeds (each: pretrain + both arms).")
+@click.option("--steps", default=60, show_default=True, help="Steps on the new composition.")
+@click.option("--threshold", default=0.95, show_default=True, help="Accuracy to reach (within-word transitions).")
+@json_opt
+def transfer_cmd(seed: int, seeds: int, steps: int, threshold: float, json_out: str | None) -> None:
+    """Learn a new composition of known words, with and without grafting at the junction."""
+    from chunktui.rnn.experiments import TransferConfig, transfer_experiment
+
+    out = transfer_experiment(TransferConfig(seeds=seeds, steps=steps, threshold=threshold, seed=seed))
+    show_transfer(out)
+    _maybe_json(json_out, out)
+
+
+@rnn.command("lab")
+@seed_opt
+@click.option("--seeds", default=20, show_default=True, help="Seeds for the transfer experiment.")
+@json_opt
+def lab_cmd(seed: int, seeds: int, json_out: str | None) -> None:
+    """Run every experiment at default sizes and print the figures and total wall time."""
+    out = run_lab(seed, seeds)
+    _maybe_json(json_out, out)
+
+
+def run_lab(seed: int = 0, seeds: int = 20) -> dict:
+    from chunktui.rnn.dsc import ChunkParams
+    from chunktui.rnn.experiments import (TransferConfig, graft_experiment, reflect_experiment,
+                                          train_experiment, transfer_experiment)
+
+    t0 = time.perf_counter()
+    out: dict = {}
+    timings: dict = {}
+    for name, fn in (
+        ("train", lambda: train_experiment(600, seed, _config(seed, 200, "linear"))),
+        ("reflect", lambda: reflect_experiment(seed, params=ChunkParams(), config=_config(seed, 200, "linear"))),
+        ("graft_flat", lambda: graft_experiment(seed, "flat", config=_config(seed, 200, "linear"))),
+        ("graft_context", lambda: graft_experiment(seed, "context", config=_config(seed, 200, "linear"))),
+        ("transfer", lambda: transfer_experiment(TransferConfig(seeds=seeds, seed=seed))),
+    ):
+        t = time.perf_counter()
+        out[name] = fn()
+        timings[name] = time.perf_counter() - t
+        {"train": show_train, "reflect": show_reflect, "graft_flat": show_graft,
+         "graft_context": show_graft, "transfer": show_transfer}[name](out[name])
+    out["seconds"] = timings
+    out["total_seconds"] = time.perf_counter() - t0
+    t = Table(title="Lab wall time")
+    t.add_column("experiment")
+    t.add_column("seconds", justify="right")
+    for name, s in timings.items():
+        t.add_row(name, f"{s:.1f}")
+    t.add_row("[bold]total[/bold]", f"[bold]{out['total_seconds']:.1f}[/bold]")
+    console.print(t)
+    return out

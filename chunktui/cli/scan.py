@@ -1,0 +1,155 @@
+"""`chunktui scan` and `chunktui demo`: text coloured by its strongest chunk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.text import Text
+
+from chunktui.cli.common import (DEFAULT_DICT_NAME, console, err_console, friendly_errors, load_with_progress,
+                                 model_options, sample_path)
+
+# a palette that reads on dark and light terminals; concept i gets colour i mod len
+PALETTE = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c",
+           "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000", "#ffd8b1",
+           "#000075", "#808080"]
+
+
+def label_colours(labels: list[str]) -> dict[str, str]:
+    return {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(sorted(set(labels)))}
+
+
+def render_tokens(texts: list[str], labels: list[str | None], colours: dict[str, str]) -> Text:
+    """Tokens with a background colour per strongest concept (plain text under NO_COLOR)."""
+    out = Text()
+    for piece, label in zip(texts, labels):
+        if label is None:
+            out.append(piece)
+        else:
+            out.append(piece, style=f"bold black on {colours[label]}")
+    return out
+
+
+def token_records(texts, ids, matches, chunks) -> list[dict]:
+    """Per token: strongest chunk and every hit per layer (for --json)."""
+    records = []
+    hit = matches.hit
+    for t, (piece, token_id) in enumerate(zip(texts, ids)):
+        best = int(matches.token_chunk[t])
+        per_layer = {}
+        for c in hit[t].nonzero().flatten().tolist():
+            chunk = chunks[c]
+            per_layer.setdefault(str(chunk.layer), []).append(
+                {"id": chunk.id, "label": chunk.label, "value": float(matches.value[t, c]),
+                 "threshold": float(chunk.threshold), "score": float(matches.score[t, c])})
+        records.append({"index": t, "token_id": token_id, "text": piece,
+                        "strongest": chunks[best].id if best >= 0 else None,
+                        "strongest_label": chunks[best].label if best >= 0 else None,
+                        "matches_by_layer": per_layer})
+    return records
+
+
+def _load_dict(path, loaded):
+    from chunktui.engine.dictionary import load_dictionary
+    from chunktui.engine.matching import pack
+
+    dictionary = load_dictionary(path, identity=loaded.identity())
+    return dictionary, pack(dictionary.chunks, loaded.hidden_size, loaded.layout.n_states, loaded.device)
+
+
+@click.command("scan")
+@model_options
+@click.option("--dict", "dict_path", default=None, help="dictionary (default: the sample dictionary)")
+@click.option("--text", help="text to scan (teacher-forced)")
+@click.option("--file", "file_path", type=click.Path(dir_okay=False), help="scan a text file")
+@click.option("--prompt", help="generate from this prompt instead of scanning")
+@click.option("--generate", "n_new", default=40, show_default=True, help="tokens to generate with --prompt")
+@click.option("--chat/--no-chat", default=True, show_default=True, help="apply the chat template to --prompt")
+@click.option("--temperature", default=0.0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--layers", default="all", show_default=True, help="only count matches at these layers for colouring")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write per-token, per-layer matches")
+@friendly_errors
+def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_new, chat, temperature, top_p, seed,
+             layers, json_out) -> None:
+    """Print text with each token coloured by its strongest chunk, and a legend."""
+    import torch
+
+    from chunktui.engine.build import read_text
+    from chunktui.engine.errors import CorpusError
+    from chunktui.engine.hidden import parse_layers
+    from chunktui.engine.io import write_json
+    from chunktui.engine.streaming import Sampling, generate_stream, scan_text
+
+    if sum(x is not None for x in (text, file_path, prompt)) != 1:
+        raise CorpusError("Give exactly one of --text, --file and --prompt.")
+    loaded = load_with_progress(model_spec, device, dtype)
+    dictionary, packed = _load_dict(dict_path or sample_path(DEFAULT_DICT_NAME), loaded)
+    keep = set(parse_layers(layers, loaded.layout.n_states))
+    if prompt is not None:
+        events = list(generate_stream(loaded, prompt, Sampling(max_new_tokens=n_new, temperature=temperature,
+                                                                top_p=top_p, seed=seed), packed=packed, chat=chat))
+        texts = [e.text for e in events]
+        ids = [e.token_id for e in events]
+        from chunktui.engine.matching import MatchResult
+
+        fields = MatchResult.__dataclass_fields__
+        matches = MatchResult(*(torch.cat([getattr(e.matches, f) for e in events]).cpu() for f in fields))
+        generated = [e.generated for e in events]
+    else:
+        body = read_text(file_path) if file_path else text
+        result = scan_text(loaded, body, packed)
+        texts, ids, matches = result.texts, result.ids, result.matches
+        generated = [False] * len(ids)
+    chunks = packed.chunks
+    if keep != set(range(loaded.layout.n_states)):
+        # recolour using only the chosen layers
+        allowed = torch.tensor([c.layer in keep for c in chunks])
+        score = torch.where(matches.hit & allowed, matches.score, torch.tensor(float("-inf")))
+        best_score, best = score.max(-1)
+        matches.token_chunk = torch.where(torch.isfinite(best_score), best, torch.tensor(-1))
+    labels = [chunks[int(c)].label if int(c) >= 0 else None for c in matches.token_chunk]
+    colours = label_colours(dictionary.labels())
+    shown = render_tokens(texts, labels, colours)
+    console.print(shown)
+    present = sorted({label for label in labels if label})
+    legend = Text("legend: ")
+    for label in present:
+        legend.append(f" {label} ", style=f"bold black on {colours[label]}")
+        legend.append(" ")
+    if not present:
+        legend.append("no chunk matched", style="dim")
+    console.print(legend)
+    hits = int(matches.hit.any(-1).sum())
+    console.print(f"[dim]{len(ids)} tokens, {hits} with at least one match, {len(chunks)} chunks at "
+                  f"{len(dictionary.layers())} layers; generated tokens: {sum(generated)}[/]")
+    if json_out:
+        write_json(json_out, {"model": loaded.name, "dictionary": str(dictionary.path), "text": "".join(texts),
+                              "tokens": token_records(texts, ids, matches, chunks),
+                              "generated": generated})
+        err_console.print(f"wrote {json_out}")
+
+
+@click.command("demo")
+@click.option("--model", "-m", "model_spec", default="smollm2-135m", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dict", "dict_path", default=None, help="dictionary (default: the sample dictionary)")
+@friendly_errors
+def demo_cmd(model_spec, device, dict_path) -> None:
+    """Headless demo: scan the sample sequences and print highlighted tokens."""
+    from chunktui.engine.hidden import iter_jsonl
+    from chunktui.engine.streaming import scan_text
+
+    loaded = load_with_progress(model_spec, device, "auto")
+    dictionary, packed = _load_dict(dict_path or sample_path(DEFAULT_DICT_NAME), loaded)
+    colours = label_colours(dictionary.labels())
+    seq_path = sample_path("sequences.jsonl")
+    texts = [rec["text"] for _, rec in iter_jsonl(seq_path)] if Path(seq_path).is_file() else [
+        "I had a slice of cheese cake by the river while the rain fell."]
+    for body in texts[:6]:
+        result = scan_text(loaded, body, packed)
+        labels = [packed.chunks[int(c)].label if int(c) >= 0 else None for c in result.matches.token_chunk]
+        console.print(render_tokens(result.texts, labels, colours))
+        console.print()

