@@ -185,6 +185,9 @@ class ChunkDictionary:
             os.close(fd)
             try:
                 save_file(tensors, tmp, metadata={METADATA_KEY: text})
+                from chunktui.engine.io import _umask_mode
+
+                os.chmod(tmp, _umask_mode())
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):

@@ -10,6 +10,13 @@ from pathlib import Path
 from chunktui.engine.errors import ExportError
 
 
+def _umask_mode() -> int:
+    """The mode a normal open() would give a new file (mkstemp uses 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
@@ -22,6 +29,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
         tmp = None
     except OSError as err:

