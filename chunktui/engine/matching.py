@@ -1,15 +1,21 @@
 """Matching every chunk against hidden states in a few batched tensor operations.
 
-A dictionary is packed once per (device, layer axis) into flat index form:
+A dictionary is packed once per (device, layer axis). For a PA chunk with
+subpopulation M (mask m) and template mu, the summed squared deviation
 
-    PA chunks: every (chunk, neuron) pair of every subpopulation becomes one
-    entry of `flat_index` (position in the flattened (S * d) state), with its
-    template value and owning chunk. For T tokens:
+    sum_j m_j (h_j - mu_j)^2 = [h^2, h] . [m, -2 m mu] + sum_j m_j mu_j^2
 
-        diff2 = (H_flat[:, flat_index] - template_flat) ** 2     (T, N)
-        dev   = index_add over owners / |M|                      (T, C_pa)
+is one column of a per-layer matrix, and a direction chunk u is the column
+[0, u] (giving h . u, divided by |h| for the cosine). All chunks of all layers
+are then one batched matmul over the layers that have chunks:
 
-    Direction chunks: cos = <H[:, layer], u> / |H[:, layer]|      (T, C_dir)
+    X = [H^2, H]            (S_used, T, 2d)    float64
+    W                       (S_used, 2d, Cmax) float64, padded per layer
+    X @ W                   (S_used, T, Cmax)  -> (T, C)
+
+float64 keeps the expansion exact to ~1e-12 of the magnitudes involved; a
+matching rounding tolerance keeps exact matches (dev = theta = 0, e.g. the
+same token at layer 0) exact.
 
 Per chunk: deviation (or cosine), threshold, hit, and a score that ranks how
 strongly it matched: log(threshold / deviation) for PA chunks and
@@ -66,24 +72,6 @@ class PackedDictionary:
         self.chunk_layer = torch.tensor([axis[c.layer] for c in self.chunks], dtype=torch.long)
         self.threshold = torch.tensor([float(c.threshold) for c in self.chunks], dtype=torch.float32)
 
-        if pa:
-            sizes = torch.tensor([c.neurons.numel() for c in pa])
-            self.flat_index = torch.cat([axis[c.layer] * width + c.neurons.long() for c in pa])
-            self.flat_template = torch.cat([c.template.float() for c in pa])
-            self.owner = torch.repeat_interleave(torch.arange(len(pa)), sizes)
-            self.inv_size = 1.0 / sizes.float()
-        else:
-            self.flat_index = torch.zeros(0, dtype=torch.long)
-            self.flat_template = torch.zeros(0)
-            self.owner = torch.zeros(0, dtype=torch.long)
-            self.inv_size = torch.zeros(0)
-        if dirs:
-            self.directions = torch.stack([c.direction.float() / c.direction.float().norm() for c in dirs])  # (Cd, d)
-            self.dir_layer = torch.tensor([axis[c.layer] for c in dirs], dtype=torch.long)
-        else:
-            self.directions = torch.zeros(0, width)
-            self.dir_layer = torch.zeros(0, dtype=torch.long)
-
         # layer groups padded into an (S, Cmax) table of chunk indices (-1 = padding)
         S = len(self.layers)
         counts = torch.bincount(self.chunk_layer, minlength=S) if self.chunks else torch.zeros(S, dtype=torch.long)
@@ -94,8 +82,36 @@ class PackedDictionary:
             table[s, fill[s]] = i
             fill[s] += 1
         self.layer_table = table
-        for name in ("chunk_layer", "threshold", "flat_index", "flat_template", "owner", "inv_size", "directions",
-                     "dir_layer", "layer_table"):
+        # the matmul form: one padded weight matrix per layer that has chunks
+        used = sorted({int(x) for x in self.chunk_layer.tolist()})
+        self.used_layers = torch.tensor(used, dtype=torch.long)
+        slot = {layer: i for i, layer in enumerate(used)}
+        width2 = 2 * width
+        W = torch.zeros(max(len(used), 1), width2, cmax, dtype=torch.float64)
+        const = torch.zeros(len(self.chunks), dtype=torch.float64)
+        size = torch.ones(len(self.chunks), dtype=torch.float64)
+        self.column = torch.zeros(len(self.chunks), dtype=torch.long)  # flat index into (S_used * Cmax)
+        for s_axis in range(S):
+            for col, c in enumerate(table[s_axis].tolist()):
+                if c < 0:
+                    continue
+                chunk, u = self.chunks[c], slot[s_axis]
+                if chunk.kind == "pa":
+                    idx = chunk.neurons.long()
+                    mu = chunk.template.double()
+                    W[u, idx, col] = 1.0
+                    W[u, width + idx, col] = -2.0 * mu
+                    const[c] = float((mu * mu).sum())
+                    size[c] = float(idx.numel())
+                else:
+                    d = chunk.direction.double()
+                    W[u, width:, col] = d / d.norm()
+                self.column[c] = u * cmax + col
+        self.W, self.const, self.size = W, const, size
+        self.is_pa = torch.tensor([c.kind == "pa" for c in self.chunks], dtype=torch.bool)
+        self.slot = torch.div(self.column, cmax, rounding_mode="floor")  # (C,) index into used layers
+        for name in ("chunk_layer", "threshold", "layer_table", "used_layers", "W", "const", "size", "column",
+                     "is_pa", "slot"):
             setattr(self, name, getattr(self, name).to(self.device))
 
     def __len__(self) -> int:
@@ -109,38 +125,37 @@ class PackedDictionary:
         T, S, d = H.shape
         if S != len(self.layers) or d != self.width:
             raise ValueError(f"states have shape (T, {S}, {d}); this pack expects (T, {len(self.layers)}, {self.width})")
-        per_token = max(int(self.flat_index.numel()) + len(self.chunks) * 4, 1)
+        per_token = max(int(self.W.shape[0]) * (int(self.W.shape[1]) + int(self.W.shape[2])) + 8 * len(self.chunks), 1)
         step = max(1, block_elements // per_token)
-        parts = [self._match_block(H[a:a + step].to(self.device, torch.float32)) for a in range(0, T, step)]
-        value = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, len(self))
-        score = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, len(self))
-        return self._summarise(value, score)
+        parts = [self._match_block(H[a:a + step].to(self.device)) for a in range(0, T, step)] or [
+            (torch.zeros(0, len(self), device=self.device),) * 2 + (torch.zeros(0, len(self), dtype=torch.bool, device=self.device),)]
+        value, score, hit = (torch.cat([p[i] for p in parts]) for i in range(3))
+        return self._summarise(value, score, hit)
 
-    def _match_block(self, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _match_block(self, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         T = H.shape[0]
-        value = torch.empty(T, len(self.chunks), device=self.device)
-        score = torch.empty_like(value)
-        if self.n_pa:
-            flat = H.reshape(T, -1)
-            diff2 = (flat[:, self.flat_index] - self.flat_template).square_()  # (T, N)
-            dev = torch.zeros(T, self.n_pa, device=self.device).index_add_(1, self.owner, diff2) * self.inv_size
-            theta = self.threshold[: self.n_pa]
-            value[:, : self.n_pa] = dev
-            score[:, : self.n_pa] = torch.log((theta + _EPS) / (dev + _EPS))
-        if len(self.chunks) > self.n_pa:
-            states = H[:, self.dir_layer, :]  # (T, Cd, d)
-            cos = (states * self.directions).sum(-1) / states.norm(dim=-1).clamp(min=_EPS)
-            theta = self.threshold[self.n_pa:]
-            value[:, self.n_pa:] = cos
-            score[:, self.n_pa:] = torch.log(cos.clamp(min=_EPS) / theta.clamp(min=_EPS))
-        return value, score
+        if not self.chunks:
+            empty = torch.zeros(T, 0, device=self.device)
+            return empty, empty, empty.bool()
+        Hu = H[:, self.used_layers].double().transpose(0, 1)  # (S_used, T, d)
+        X = torch.cat([Hu * Hu, Hu], dim=-1)  # (S_used, T, 2d)
+        raw = torch.bmm(X, self.W).transpose(0, 1).reshape(T, -1)[:, self.column]  # (T, C)
+        sq_norms = X[..., : self.width].sum(-1).transpose(0, 1)[:, self.slot]  # (T, C): |h|^2 at the chunk's layer
+        # PA: deviation = (raw + sum m mu^2) / |M|. Rounding in the expansion is bounded by a tiny
+        # fraction of the magnitudes summed (|h|^2 + sum m mu^2 bounds every term); deviations within
+        # that bound of 0 are exact matches (dev = theta = 0 at layer 0).
+        bound = (sq_norms + self.const) * 1e-11
+        dev = ((raw + self.const - bound) / self.size).clamp(min=0)
+        cos = raw / sq_norms.sqrt().clamp(min=_EPS)  # direction: (h . u) / |h|
+        theta = self.threshold.double()
+        value = torch.where(self.is_pa, dev, cos)
+        hit = torch.where(self.is_pa, dev <= theta, cos >= theta)
+        score = torch.where(self.is_pa, torch.log((theta + _EPS) / (dev + _EPS)),
+                            torch.log(cos.clamp(min=_EPS) / theta.clamp(min=_EPS)))
+        return value.float(), score.float(), hit
 
-    def _summarise(self, value: torch.Tensor, score: torch.Tensor) -> MatchResult:
+    def _summarise(self, value: torch.Tensor, score: torch.Tensor, hit: torch.Tensor) -> MatchResult:
         T = value.shape[0]
-        thr = self.threshold
-        hit = torch.empty_like(value, dtype=torch.bool)
-        hit[:, : self.n_pa] = value[:, : self.n_pa] <= thr[: self.n_pa]
-        hit[:, self.n_pa:] = value[:, self.n_pa:] >= thr[self.n_pa:]
         neg_inf = torch.tensor(float("-inf"), device=self.device)
         hit_score = torch.where(hit, score, neg_inf)  # (T, C)
         S = len(self.layers)
