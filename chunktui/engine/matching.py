@@ -70,7 +70,7 @@ class PackedDictionary:
         self.n_pa = len(pa)
         self.labels = [c.label for c in self.chunks]
         self.chunk_layer = torch.tensor([axis[c.layer] for c in self.chunks], dtype=torch.long)
-        self.threshold = torch.tensor([float(c.threshold) for c in self.chunks], dtype=torch.float32)
+        self.threshold = torch.tensor([float(c.threshold) for c in self.chunks], dtype=torch.float64)
 
         # layer groups padded into an (S, Cmax) table of chunk indices (-1 = padding)
         S = len(self.layers)
@@ -110,9 +110,14 @@ class PackedDictionary:
         self.W, self.const, self.size = W, const, size
         self.is_pa = torch.tensor([c.kind == "pa" for c in self.chunks], dtype=torch.bool)
         self.slot = torch.div(self.column, cmax, rounding_mode="floor")  # (C,) index into used layers
+        # float64 where the device has it (Apple's MPS does not: float32 there, exact matches may be lost)
+        self.compute_dtype = torch.float32 if self.device.type == "mps" else torch.float64
         for name in ("chunk_layer", "threshold", "layer_table", "used_layers", "W", "const", "size", "column",
                      "is_pa", "slot"):
-            setattr(self, name, getattr(self, name).to(self.device))
+            value = getattr(self, name)
+            if value.is_floating_point():
+                value = value.to(self.compute_dtype)
+            setattr(self, name, value.to(self.device))
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -137,7 +142,7 @@ class PackedDictionary:
         if not self.chunks:
             empty = torch.zeros(T, 0, device=self.device)
             return empty, empty, empty.bool()
-        Hu = H[:, self.used_layers].double().transpose(0, 1)  # (S_used, T, d)
+        Hu = H[:, self.used_layers].to(self.compute_dtype).transpose(0, 1)  # (S_used, T, d)
         X = torch.cat([Hu * Hu, Hu], dim=-1)  # (S_used, T, 2d)
         raw = torch.bmm(X, self.W).transpose(0, 1).reshape(T, -1)[:, self.column]  # (T, C)
         sq_norms = X[..., : self.width].sum(-1).transpose(0, 1)[:, self.slot]  # (T, C): |h|^2 at the chunk's layer
@@ -147,7 +152,7 @@ class PackedDictionary:
         bound = (sq_norms + self.const) * 1e-11
         dev = ((raw + self.const - bound) / self.size).clamp(min=0)
         cos = raw / sq_norms.sqrt().clamp(min=_EPS)  # direction: (h . u) / |h|
-        theta = self.threshold.double()
+        theta = self.threshold
         value = torch.where(self.is_pa, dev, cos)
         hit = torch.where(self.is_pa, dev <= theta, cos >= theta)
         score = torch.where(self.is_pa, torch.log((theta + _EPS) / (dev + _EPS)),
