@@ -319,10 +319,14 @@ def scan_text(loaded: LoadedModel, text: str | list[int], packed: PackedDictiona
             ids = [tok.bos_token_id] + ids
     else:
         ids = list(text)
-    if not ids:
-        from chunktui.engine.errors import CorpusError
+    from chunktui.engine.errors import CorpusError
 
+    if not ids:
         raise CorpusError("Nothing to scan: the text is empty.")
+    limit = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 0) or 2048
+    if len(ids) > limit:
+        raise CorpusError(f"The text is {len(ids)} tokens; one scan reads at most {limit} (the model's context). "
+                          "Split it into parts, or use `chunktui evaluate`, which reads a corpus sentence by sentence.")
     try:
         with ResidualRecorder(loaded.layout) as rec:
             out = loaded.model(input_ids=torch.tensor([ids], device=loaded.device), use_cache=False)
