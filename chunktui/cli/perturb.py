@@ -15,9 +15,12 @@ from chunktui.cli.common import (DEFAULT_DICT_NAME, console, err_console, friend
 @click.option("--chunk", "chunk_names", required=True, help="LABEL[,LABEL] or chunk ids")
 @click.option("--mode", default="graft", show_default=True,
               type=click.Choice(["graft", "freeze", "amplify", "suppress", "mean-ablate"]))
-@click.option("--strength", type=float, default=None, help="a for graft/amplify, b for freeze/suppress (default per mode)")
+@click.option("--strength", type=float, default=None,
+              help="a for graft/amplify, b for freeze/suppress (default: graft 0.05, amplify 2, freeze 1, suppress 0.5, "
+                   "mean-ablate 1). The sample dictionary's chunks span the whole width, so a = 1 replaces the state "
+                   "and breaks the answer; 0.05 on every prompt token steers it")
 @click.option("--layers", default="2-9", show_default=True, help="each layer uses the concept's chunk of that layer")
-@click.option("--positions", default="prompt-last:4", show_default=True,
+@click.option("--positions", default="prompt", show_default=True,
               help="prompt, prompt-last:K, generated or all")
 @click.option("--prompt", help="one prompt")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), help="file of prompts, one per line")
@@ -57,6 +60,8 @@ def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strengt
     dictionary = load_dictionary(dict_path or sample_path(DEFAULT_DICT_NAME), identity=loaded.identity())
     layer_list = parse_layers(layers, loaded.layout.n_states)
     chunks = select_chunks(dictionary, chunk_names.split(","), layer_list)
+    if strength is None and mode == "graft":
+        strength = 0.05
     intervention = Intervention(chunks=chunks, mode=mode, strength=strength, positions=Positions.parse(positions),
                                 layer_means=dictionary.layer_means)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
