@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -12,7 +13,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+# Off a terminal rich assumes 80 columns, which truncates the tables; allow a wider page.
+console = Console(width=None if sys.stdout.isatty() else 120)
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:
