@@ -112,7 +112,8 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
         matches.token_chunk = torch.where(torch.isfinite(best_score), best, torch.tensor(-1))
     labels = [chunks[int(c)].label if int(c) >= 0 else None for c in matches.token_chunk]
     colours = label_colours(dictionary.labels())
-    shown = render_tokens(texts, labels, colours)
+    skip = 1 if ids and ids[0] == loaded.tokenizer.bos_token_id and prompt is None else 0  # the BOS scan added
+    shown = render_tokens(texts[skip:], labels[skip:], colours)
     console.print(shown)
     present = sorted({label for label in labels if label})
     legend = Text("legend: ")
@@ -148,8 +149,18 @@ def demo_cmd(model_spec, device, dict_path) -> None:
     seq_path = sample_path("sequences.jsonl")
     texts = [rec["text"] for _, rec in iter_jsonl(seq_path)] if Path(seq_path).is_file() else [
         "I had a slice of cheese cake by the river while the rain fell."]
+    seen: set[str] = set()
     for body in texts[:6]:
         result = scan_text(loaded, body, packed)
         labels = [packed.chunks[int(c)].label if int(c) >= 0 else None for c in result.matches.token_chunk]
-        console.print(render_tokens(result.texts, labels, colours))
+        skip = 1 if result.ids[0] == loaded.tokenizer.bos_token_id else 0  # the BOS we added
+        console.print(render_tokens(result.texts[skip:], labels[skip:], colours))
+        seen.update(label for label in labels[skip:] if label)
         console.print()
+    legend = Text("legend: ")
+    for label in sorted(seen):
+        legend.append(f" {label} ", style=f"bold black on {colours[label]}")
+        legend.append(" ")
+    console.print(legend)
+    console.print("[dim]each token is coloured by its strongest matching chunk over all layers; "
+                  "`chunktui scan --json` lists every match per layer[/]")
