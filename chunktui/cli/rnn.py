@@ -87,41 +87,56 @@ def train_cmd(seed: int, steps: int, cell: str, words: int, json_out: str | None
 
 
 def show_reflect(out: dict) -> None:
+    init = out["init"]
     t = Table(title=f"Reflection (k={out['k']}; ground-truth parse {out['ground_truth_parse_length']} tokens, "
                     f"{out['planted_words']} planted words)")
-    for col in ("network", "decode", "unseen", "states", "vocab", "learned", "parse", "parse/truth",
-                "next acc."):
+    for col in ("network", "init", "decode", "unseen", "states", "recur.", "vocab", "learned", "parse",
+                "÷truth", "next"):
         t.add_column(col, justify="right", no_wrap=True)
-    for name in ("trained", "untrained", "untrained_memory"):
-        r = out[name]
-        t.add_row(name, f"{r['decoding_accuracy']:.3f}", f"{r['decoding']['unseen_fraction']:.3f}",
-                  str(r["unique_states"]), str(r["vocabulary_size"]), str(r["learned_chunks"]),
-                  str(r["parse_length"]), f"{r['parse_ratio']:.3f}", f"{r['next_symbol_accuracy']:.3f}")
+    rows = [("trained", f"orth×{init['recurrent_gain']:g}", out["trained"]),
+            ("untrained", f"orth×{init['recurrent_gain']:g}", out["untrained"])]
+    if "default_init" in out:
+        rows += [("trained", "default (extra)", out["default_init"]["trained"]),
+                 ("untrained", "default (extra)", out["default_init"]["untrained"])]
+    for name, scheme, r in rows:
+        t.add_row(name, scheme, f"{r['decoding_accuracy']:.3f}", f"{r['decoding']['unseen_fraction']:.3f}",
+                  str(r["unique_states"]), str(r["recurring_states"]), str(r["vocabulary_size"]),
+                  str(r["learned_chunks"]), str(r["parse_length"]), f"{r['parse_ratio']:.3f}",
+                  f"{r['next_symbol_accuracy']:.3f}")
     console.print(t)
     console.print("[dim]decode: current symbol from the discretised state; states: unique states; "
-                  "vocab: distinct chunks in DSC's parse; learned: multi-state chunks DSC added.[/dim]")
+                  "recur.: those seen at least twice; "
+                  "vocab: distinct chunks in DSC's parse; learned: multi-state chunks DSC added; ÷truth: parse "
+                  "length / ground truth; next: next-symbol accuracy.[/dim]")
     console.print("[dim]decoding: state→symbol table fit on the first half of the run, tested on the "
-                  "second; unseen states count as wrong. untrained = same init before training; "
-                  "untrained_memory = orthogonal recurrent weights (gain 0.9), also untrained.[/dim]")
+                  f"second; unseen states count as wrong. Like for like: both networks start from the same "
+                  f"seeded init (recurrent block orthogonal × {init['recurrent_gain']:g}, seed {init['seed']}); "
+                  "untrained = that starting point. (extra): the same pair at PyTorch's default init, whose "
+                  "small recurrent weights make an untrained state nearly a copy of the input.[/dim]")
 
 
 @rnn.command("reflect")
 @seed_opt
 @steps_opt
 @cell_opt
-@k_opt
+@click.option("--k", default=3, show_default=True, help="k-means clusters per neuron (3-5).")
+@click.option("--gain", default=0.9, show_default=True,
+              help="Init of both networks: recurrent block orthogonal × gain.")
 @click.option("--rounds", default=8, show_default=True, help="DSC chunk-learning rounds.")
 @click.option("--min-count", default=40, show_default=True, help="DSC: a pair must occur this often.")
 @click.option("--per-round", default=4, show_default=True, help="DSC: new chunks per round at most.")
+@click.option("--default-init/--no-default-init", default=True, show_default=True,
+              help="Also report the pair at PyTorch's default init (one more training run).")
 @json_opt
-def reflect_cmd(seed: int, steps: int, cell: str, k: int, rounds: int, min_count: int,
-                per_round: int, json_out: str | None) -> None:
-    """Decode the input from discretised states; DSC chunks; trained vs untrained."""
+def reflect_cmd(seed: int, steps: int, cell: str, k: int, gain: float, rounds: int, min_count: int,
+                per_round: int, default_init: bool, json_out: str | None) -> None:
+    """Decode the input from discretised states; DSC chunks; trained vs untrained (same init)."""
     from chunktui.rnn.dsc import ChunkParams
     from chunktui.rnn.experiments import reflect_experiment
 
     out = reflect_experiment(seed, k=k, params=ChunkParams(rounds, min_count, per_round),
-                             config=_config(seed, steps, cell))
+                             config=_config(seed, steps, cell), recurrent_gain=gain,
+                             compare_default_init=default_init)
     show_reflect(out)
     _maybe_json(json_out, out)
 

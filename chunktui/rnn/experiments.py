@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass
 
@@ -25,18 +26,22 @@ from chunktui.rnn.train import (Alphabet, TrainConfig, clip_per_replica, record,
 
 
 def memory_init(model: ReflectionRNN, gain: float = 0.9, seed: int = 0) -> ReflectionRNN:
-    """Set every replica's recurrent block to an orthogonal matrix times ``gain``.
+    """Set every replica's recurrent block to an orthogonal matrix times ``gain``
+    (for a GRU, the candidate's block). Everything else keeps its init.
 
-    An untrained network at PyTorch's default (small) init forgets within a
-    step or two, so its state is little more than an embedding of the current
-    input; this gives a baseline untrained network that carries memory.
+    At PyTorch's default (small) init a network forgets within a step or two,
+    so its state is little more than an embedding of the current input, and
+    discretising it decodes the input almost perfectly before any training.
+    With an orthogonal recurrent block of gain 0.9 the untrained state carries
+    its history, as the paper's untrained network plausibly did.
     """
     gen = torch.Generator().manual_seed(seed)
     V, H = model.n_symbols, model.hidden
+    rows = slice(2 * H, 3 * H) if model.cell == "gru" else slice(0, H)
     with torch.no_grad():
         for r in range(model.replicas):
             q, _ = torch.linalg.qr(torch.randn(H, H, generator=gen))
-            model.W_h[r, :H, V:] = q * gain
+            model.W_h[r, rows, V:] = q * gain
     return model
 
 
@@ -51,26 +56,53 @@ def train_experiment(n_words: int = 600, seed: int = 0, config: TrainConfig | No
     return out
 
 
-def reflect_experiment(seed: int = 0, n_train_words: int = 600, n_test_words: int = 500,
-                       k: int = 4, params: ChunkParams | None = None,
-                       config: TrainConfig | None = None, memory_gain: float = 0.9) -> dict:
-    """Train on one flat sequence, reflect on a fresh one (seed + 1000)."""
-    cfg = config or TrainConfig(seed=seed)
-    train_seq = flat_sequence(n_train_words, seed=seed)
-    test_seq = flat_sequence(n_test_words, seed=seed + 1000)
-    result = train(train_seq, cfg)
-    alphabet = result.alphabet
-    ids = alphabet.encode(test_seq.symbols)
-    untrained = ReflectionRNN(len(alphabet), cfg.hidden, cfg.cell, seed=cfg.seed)   # same init as trained
-    memory = memory_init(ReflectionRNN(len(alphabet), cfg.hidden, cfg.cell, seed=cfg.seed), memory_gain, cfg.seed)
-    out = {"k": k, "chunk_params": asdict(params or ChunkParams()),
-           "ground_truth_parse_length": len(test_seq.parse), "planted_words": test_seq.n_planted,
-           "sequence_length": len(test_seq.symbols)}
-    for name, net in (("trained", result.model), ("untrained", untrained), ("untrained_memory", memory)):
+def _reflect_pair(trained: ReflectionRNN, untrained: ReflectionRNN, ids: np.ndarray, test_seq,
+                  k: int, params: ChunkParams | None) -> dict:
+    out = {}
+    for name, net in (("trained", trained), ("untrained", untrained)):
         ref, dsc = reflect(record(net, ids), test_seq, k, params)
         entry = ref.to_json()
         entry["top_chunks"] = [{"chunk": list(c), "count": n} for c, n in list(dsc.chunks.vocabulary.items())[:10]]
         out[name] = entry
+    return out
+
+
+def reflect_experiment(seed: int = 0, n_train_words: int = 600, n_test_words: int = 1000,
+                       k: int = 3, params: ChunkParams | None = None,
+                       config: TrainConfig | None = None, recurrent_gain: float = 0.9,
+                       compare_default_init: bool = True) -> dict:
+    """Train on one flat sequence, reflect on a fresh one (seed + 1000).
+
+    Like for like: the network is initialised with an orthogonal recurrent
+    block times ``recurrent_gain`` (:func:`memory_init`, seeded by the config's
+    seed); ``untrained`` is an exact copy of that starting point, ``trained``
+    is the same network after training. With ``compare_default_init`` the same
+    pair is also reported at PyTorch's default init (``default_init``), where
+    an untrained state is nearly a copy of the current input.
+    """
+    cfg = config or TrainConfig(seed=seed)
+    train_seq = flat_sequence(n_train_words, seed=seed)
+    test_seq = flat_sequence(n_test_words, seed=seed + 1000)
+    alphabet = Alphabet.of(train_seq)
+    ids = alphabet.encode(test_seq.symbols)
+    start = memory_init(ReflectionRNN(len(alphabet), cfg.hidden, cfg.cell, seed=cfg.seed), recurrent_gain, cfg.seed)
+    untrained = copy.deepcopy(start)                      # the trained network's starting point
+    trained = train(train_seq, cfg, alphabet=alphabet, model=start).model
+    out = {"k": k, "chunk_params": asdict(params or ChunkParams()),
+           "init": {"scheme": "orthogonal_recurrent", "recurrent_gain": recurrent_gain, "seed": cfg.seed,
+                    "description": f"recurrent block = orthogonal x {recurrent_gain}, other weights "
+                                   "PyTorch-default uniform; untrained = the trained network's starting point"},
+           "train_config": asdict(cfg),
+           "ground_truth_parse_length": len(test_seq.parse), "planted_words": test_seq.n_planted,
+           "sequence_length": len(test_seq.symbols)}
+    out.update(_reflect_pair(trained, untrained, ids, test_seq, k, params))
+    if compare_default_init:
+        default_trained = train(train_seq, cfg, alphabet=alphabet).model
+        default_untrained = ReflectionRNN(len(alphabet), cfg.hidden, cfg.cell, seed=cfg.seed)
+        out["default_init"] = {"init": {"scheme": "pytorch_default", "seed": cfg.seed,
+                                        "description": "all weights uniform(+-1/sqrt(fan_in)); untrained = "
+                                                       "the trained network's starting point"},
+                               **_reflect_pair(default_trained, default_untrained, ids, test_seq, k, params)}
     return out
 
 

@@ -3,7 +3,8 @@
 * decoding: a lookup table state -> symbol, fit on the first part of a run
   (k-means fit there too), predicts the CURRENT input symbol on the rest.
   A state never seen in the fit part has no entry and counts as WRONG.
-* number of unique states, DSC chunk vocabulary size, DSC parse length versus
+* number of unique states (and of recurring ones, seen at least twice), DSC
+  chunk vocabulary size, DSC parse length versus
   the ground-truth parse length (longest match with the planted words; each
   filler symbol is a one-symbol token) and the number of planted words.
 """
@@ -57,6 +58,7 @@ def decode_current_symbol(states: np.ndarray, symbols: np.ndarray, k: int = 4,
 class Reflection:
     decoding: Decoding
     unique_states: int
+    recurring_states: int     # distinct states that occur at least twice in the run
     vocabulary_size: int      # distinct chunks in DSC's final parse
     learned_chunks: int       # chunks DSC added (multi-state)
     parse_length: int         # DSC parse length over the run
@@ -80,6 +82,7 @@ def reflect(traj: Trajectory, seq: PlantedSequence, k: int = 4,
     """All reflection measures for one network's run over ``seq``."""
     dec = decode_current_symbol(traj.states, traj.symbols, k, fit_fraction)
     dsc = DSC.run(traj.states, k, params)
-    ref = Reflection(dec, dsc.n_states, len(dsc.chunks.vocabulary), len(dsc.chunks.learned),
+    recurring = int((np.bincount(dsc.ids) >= 2).sum())
+    ref = Reflection(dec, dsc.n_states, recurring, len(dsc.chunks.vocabulary), len(dsc.chunks.learned),
                      dsc.chunks.parse_length, len(seq.parse), seq.n_planted, traj.accuracy)
     return ref, dsc

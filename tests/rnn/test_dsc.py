@@ -98,3 +98,21 @@ def test_decoding_counts_unseen_states_as_wrong():
     symbols2 = np.array([0, 1, 0, 1, 0, 1])
     d2 = decode_current_symbol(states2, symbols2, k=2, fit_fraction=4 / 6)
     assert d2.unseen_fraction == 1.0 and d2.accuracy == 0.0
+
+
+def test_reflect_counts_recurring_states():
+    from chunktui.rnn.reflect import reflect
+    from chunktui.rnn.sequences import flat_sequence
+    from chunktui.rnn.train import Alphabet, Trajectory
+
+    # States that are one-hot copies of the input: one state per symbol, so the
+    # recurring states are exactly the symbols seen at least twice.
+    seq = flat_sequence(20, seed=0)
+    ids = Alphabet.of(seq).encode(seq.symbols)
+    V = int(ids.max()) + 1
+    traj = Trajectory(ids, np.eye(V)[ids], np.full((len(ids), V), 1.0 / V))
+    ref, _ = reflect(traj, seq, k=2)
+    counts = np.bincount(ids)
+    assert ref.unique_states == int((counts >= 1).sum())
+    assert ref.recurring_states == int((counts >= 2).sum())
+    assert ref.decoding.accuracy == 1.0 - ref.decoding.unseen_fraction

@@ -86,6 +86,25 @@ def test_cli_reflect_json(tmp_path):
     data = json.loads(out.read_text())
     assert 0 <= data["trained"]["decoding_accuracy"] <= 1
     assert "decoding_accuracy" in data["untrained"]
+    # Like for like: both networks share the stated init; the default-init pair is an extra.
+    assert data["init"]["scheme"] == "orthogonal_recurrent" and data["init"]["recurrent_gain"] == 0.9
+    assert data["k"] == 3
+    assert data["default_init"]["init"]["scheme"] == "pytorch_default"
+    assert "decoding_accuracy" in data["default_init"]["untrained"]
+
+
+def test_memory_init_sets_only_the_recurrent_block():
+    from chunktui.rnn.experiments import memory_init
+
+    base = ReflectionRNN(5, hidden=4, replicas=2, seed=3)
+    net = memory_init(ReflectionRNN(5, hidden=4, replicas=2, seed=3), gain=0.9, seed=3)
+    again = memory_init(ReflectionRNN(5, hidden=4, replicas=2, seed=3), gain=0.9, seed=3)
+    assert torch.equal(net.W_h, again.W_h)                      # seeded: repeats exactly
+    for r in range(2):
+        W = net.W_h[r, :, 5:].detach()                          # (H,H) recurrent block
+        assert torch.allclose(W.T @ W, 0.81 * torch.eye(4), atol=1e-5)
+    assert torch.equal(net.W_h[:, :, :5], base.W_h[:, :, :5])   # input weights untouched
+    assert torch.equal(net.W_y, base.W_y) and torch.equal(net.b_h, base.b_h)
 
 
 def test_line_plot_marks_and_overlap():
