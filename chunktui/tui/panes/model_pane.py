@@ -1,0 +1,102 @@
+"""Model pane: spec, device, dtype, Load with progress; the model card; the dictionary picker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.suggester import SuggestFromList
+from textual.widgets import Button, Input, Label, OptionList, ProgressBar, Select, Static
+from textual.widgets.option_list import Option
+
+from chunktui.engine.models import BUILTIN_MODELS, RANDOM_MODELS
+
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+
+
+class ModelPane(Vertical):
+    def __init__(self, spec: str, device: str, dtype: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.spec, self.device, self.dtype = spec, device, dtype
+        self.entries: list[tuple[str, str | None, object]] = []
+
+    def compose(self) -> ComposeResult:
+        aliases = list(BUILTIN_MODELS) + [f"random:{k}" for k in RANDOM_MODELS]
+        with Horizontal(classes="form-row"):
+            yield Label("Model", classes="field-label")
+            yield Input(self.spec, id="model-spec", placeholder="alias, .gguf, folder or owner/name",
+                        suggester=SuggestFromList(aliases, case_sensitive=False), compact=True)
+            yield Select([(d, d) for d in DEVICES], value=self.device if self.device in DEVICES else "auto",
+                         allow_blank=False, id="model-device", compact=True)
+            yield Select([(d, d) for d in DTYPES], value=self.dtype if self.dtype in DTYPES else "auto",
+                         allow_blank=False, id="model-dtype", compact=True)
+            yield Button("Load", id="model-load", variant="primary", compact=True)
+        with Horizontal(classes="form-row"):
+            yield ProgressBar(total=1.0, show_eta=False, id="load-progress")
+            yield Label("", id="load-stage")
+        yield Static(Text("built-in: " + ", ".join(aliases), style="dim"), classes="hint")
+        with Horizontal(id="model-body"):
+            with VerticalScroll(id="model-card-box"):
+                yield Static("No model loaded.", id="model-card")
+            with Vertical(id="dict-box"):
+                yield Label("Dictionaries (Enter to use)", classes="box-title")
+                yield OptionList(id="dict-list")
+                with Horizontal(classes="form-row"):
+                    yield Input(id="dict-path", placeholder="add a dictionary file…", compact=True)
+                    yield Button("Add", id="dict-add", compact=True)
+                yield Static("", id="dict-why")
+
+    # ------------------------------------------------------------------ values
+
+    def values(self) -> tuple[str, str, str]:
+        spec = self.query_one("#model-spec", Input).value.strip()
+        return spec, str(self.query_one("#model-device", Select).value), str(self.query_one("#model-dtype", Select).value)
+
+    def show_progress(self, stage: str, fraction: float | None, text: str) -> None:
+        bar = self.query_one("#load-progress", ProgressBar)
+        if fraction is None:
+            bar.update(total=None)
+        else:
+            bar.update(total=1.0, progress=fraction)
+        self.query_one("#load-stage", Label).update(f"{stage}: {text}")
+
+    def show_card(self, card: dict | None, show_timing: bool = True) -> None:
+        if card is None:
+            self.query_one("#model-card", Static).update("No model loaded.")
+            return
+        rows = [("name", card["name"]), ("architecture", card["architecture"]), ("layers", str(card["layers"])),
+                ("width", str(card["width"])), ("parameters", f"{card['parameters'] / 1e6:.2f} M"),
+                ("device", card["device"]), ("dtype", card["dtype"]), ("memory", f"{card['memory_mb']:.1f} MB"),
+                ("load time", f"{card['load_seconds']:.2f} s" if show_timing else "—"),
+                ("chat template", "yes" if card["chat_template"] else "no"), ("source", str(card.get("source", "")))]
+        card_text = Text()
+        for key, value in rows:
+            card_text.append(f"{key:<14}", style="bold")
+            card_text.append(f"{value}\n")
+        self.query_one("#model-card", Static).update(card_text)
+
+    def show_dictionaries(self, entries: list[tuple[str, str | None, object]], current: str | None) -> None:
+        """Valid dictionaries are selectable; the others are greyed out with the reason."""
+        self.entries = entries
+        options = self.query_one("#dict-list", OptionList)
+        options.clear_options()
+        highlight = None
+        for i, (path, problem, dictionary) in enumerate(entries):
+            name = Path(path).name
+            if problem is None:
+                n = len(dictionary.chunks) if dictionary is not None else 0
+                mark = "● " if current and Path(current) == Path(path) else "  "
+                prompt = Text(f"{mark}{name}  ({n} chunks, {len(dictionary.labels())} concepts)")
+                if mark.strip():
+                    highlight = i
+            else:
+                prompt = Text(f"✗ {name}: {problem}", style="dim")
+            options.add_option(Option(prompt, id=str(i), disabled=problem is not None))
+        if highlight is not None:
+            options.highlighted = highlight
+        valid = sum(p is None for _, p, _ in entries)
+        why = f"{valid} of {len(entries)} usable with this model" if entries else "no dictionaries found"
+        self.query_one("#dict-why", Static).update(Text(why, style="dim"))

@@ -1,0 +1,70 @@
+"""Stream pane: a prompt, sampling settings and seed; Generate and Stop; the live trace."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Button, Checkbox, Input, Label
+
+from chunktui.engine.errors import ChunkError
+from chunktui.engine.streaming import Sampling
+from chunktui.tui.widgets.trace_view import TraceView
+
+DEFAULT_PROMPT = "What is your favourite food, and how do you cook it?"
+
+
+def _number(widget: Input, kind, name: str, lo: float, hi: float):
+    try:
+        value = kind(widget.value.strip())
+    except ValueError:
+        raise ChunkError(f"{name} must be a number, not '{widget.value}'.") from None
+    if not lo <= value <= hi:
+        raise ChunkError(f"{name} must be between {lo:g} and {hi:g}.")
+    return value
+
+
+class SamplingFields(Horizontal):
+    """Tokens, temperature, top-p, seed: shared by Stream and Perturb."""
+
+    def __init__(self, prefix: str, tokens: int = 40, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                 **kwargs) -> None:
+        super().__init__(classes="form-row sampling", **kwargs)
+        self.prefix = prefix
+        self.defaults = (tokens, temperature, top_p, seed)
+
+    def compose(self) -> ComposeResult:
+        tokens, temperature, top_p, seed = self.defaults
+        for name, value, width in (("tokens", tokens, 5), ("temp", temperature, 5), ("top-p", top_p, 5),
+                                   ("seed", seed, 6)):
+            yield Label(name, classes="field-label short")
+            yield Input(str(value), id=f"{self.prefix}-{name}", compact=True, classes=f"num w{width}")
+
+    def sampling(self) -> Sampling:
+        q = lambda name: self.query_one(f"#{self.prefix}-{name}", Input)
+        return Sampling(max_new_tokens=_number(q("tokens"), int, "tokens", 1, 4096),
+                        temperature=_number(q("temp"), float, "temperature", 0, 10),
+                        top_p=_number(q("top-p"), float, "top-p", 0.01, 1.0),
+                        seed=_number(q("seed"), int, "seed", 0, 2**31 - 1))
+
+
+class StreamPane(Vertical):
+    def compose(self) -> ComposeResult:
+        with Horizontal(classes="form-row"):
+            yield Input(DEFAULT_PROMPT, id="prompt", placeholder="prompt (Enter to generate)", compact=True)
+            yield Button("Generate", id="generate", variant="primary", compact=True)
+            yield Button("Stop", id="stop", variant="error", compact=True, disabled=True)
+        with Horizontal(classes="form-row"):
+            yield SamplingFields("stream")
+            yield Checkbox("chat", value=True, id="chat", compact=True)
+        yield TraceView(placeholder="Type a prompt and press Enter (or Generate). Tokens appear here, coloured "
+                                    "by their strongest chunk.", id="stream-trace")
+
+    def request(self) -> tuple[str, Sampling, bool]:
+        prompt = self.query_one("#prompt", Input).value
+        if not prompt.strip():
+            raise ChunkError("The prompt is empty: type something to continue.")
+        return prompt, self.query_one(SamplingFields).sampling(), self.query_one("#chat", Checkbox).value
+
+    def set_running(self, running: bool) -> None:
+        self.query_one("#generate", Button).disabled = running
+        self.query_one("#stop", Button).disabled = not running

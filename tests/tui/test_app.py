@@ -1,0 +1,270 @@
+"""Functional tests: drive the real app with a pilot on the tiny random model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chunktui.tui.widgets.token_detail import TokenDetail
+from chunktui.tui.widgets.trace_view import TraceView
+from tests.tui.conftest import generate, ready, settle
+
+pytestmark = pytest.mark.anyio
+
+
+def _notes(app) -> list[str]:
+    return [str(n.message) for n in app._notifications]
+
+
+async def test_load_shows_card_and_dictionaries(make_test_app):
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        assert app.dictionary is not None and app.packed is not None
+        await pilot.press("f1")
+        card = str(app.query_one("#model-card").content)
+        assert "llama" in card.lower() and "layers" in card
+        options = app.query_one("#dict-list")
+        assert options.option_count == 1 and not options.get_option_at_index(0).disabled
+
+
+async def test_generate_colours_tokens_and_records_session(make_test_app):
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await generate(app, pilot)
+        trace = app.stream_trace
+        assert trace.finished == "length" and trace.n_generated == 12
+        labels = trace.labels()
+        assert "cheese" in labels and "dog" in labels  # prompt words match their layer-0 chunks
+        legend = str(app.query_one("#stream-trace .legend").content)
+        assert "cheese" in legend
+        assert app.session.traces == [trace]
+        assert app.frames >= 1  # drawn by the coalescing timer
+
+
+async def test_select_token_and_layer(make_test_app):
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await generate(app, pilot)
+        view = app.query_one("#stream-trace", TraceView)
+        assert app.focused is view
+        target = app.stream_trace.labels().index("cheese")
+        await pilot.press("home")
+        await pilot.press(*["right"] * target)
+        assert view.cursor == target
+        detail = str(view.query_one(TokenDetail).content)
+        assert detail.startswith(f"token {target}") and "cheese" in detail and "θ" in detail
+        await pilot.press("right_square_bracket")  # layer 0
+        assert view.layer_index == 0
+        assert "layer 0" in str(view.query_one(TokenDetail).content)
+        await pilot.press("home", "n")
+        assert view.cursor is not None and view.cursor > 0
+
+
+async def test_escape_cancels_generation(make_test_app):
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        app.query_one("#prompt").value = "The dog"
+        app.query_one("#stream-tokens").value = "480"
+        app.action_generate()
+        await pilot.press("escape")
+        await settle(app, pilot)
+        assert app.stream_trace.finished == "cancelled"
+        assert app.stream_trace.n_generated < 480
+        assert any("cancelled" in n for n in _notes(app))
+        assert app._busy is None
+
+
+async def test_chunks_table_filter_and_focus(make_test_app, tiny_dict):
+    dictionary, _ = tiny_dict
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await generate(app, pilot)
+        await pilot.press("f3")
+        table = app.query_one("#chunk-table")
+        assert table.row_count == len(dictionary.chunks)
+        await pilot.press("slash", *"cheese", "enter")
+        assert 0 < table.row_count < len(dictionary.chunks)
+        await pilot.press("enter")
+        assert app.chosen_chunk_id.startswith("cheese@")
+        plot = app.query_one("#chunk-plot")
+        assert len(plot.scores) == len(app.stream_trace)
+        await pilot.press("s")
+        assert app.query_one("#chunks").query_one("ChunksPane").sort_column == "kind"
+
+
+async def test_perturb_shows_both_continuations_and_history(make_test_app):
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("f4")
+        app.query_one("#perturb-layers").value = "1-3"
+        app.query_one("#perturb-strength").value = "1.0"
+        app.query_one("#perturb-tokens").value = "10"
+        app.query_one("#perturb-prompt").value = "The dog ate the"
+        app.action_regenerate()
+        await settle(app, pilot)
+        assert len(app.session.runs) == 1
+        run = app.session.runs[0]
+        assert run["intervention"]["mode"] == "graft" and run["intervention"]["layers"] == [1, 2, 3]
+        assert "cheese" in run["concepts"]
+        assert str(app.query_one("#side-control").content).startswith("control")
+        assert str(app.query_one("#side-perturbed").content).startswith("perturbed")
+        assert "Δ" in str(app.query_one("#perturb-summary").content) or "log p" in str(
+            app.query_one("#perturb-summary").content)
+        app.action_regenerate()
+        await settle(app, pilot)
+        assert app.query_one("#perturb-history").option_count == 2
+
+
+async def test_step_through_sequences(make_test_app):
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("f5")
+        assert app.query_one("#step-list").option_count == 2
+        app.query_one("#step-list").focus()
+        await pilot.press("enter")
+        await settle(app, pilot)
+        view = app.query_one("#step-trace", TraceView)
+        assert view.trace is not None and view.trace.kind == "scan" and view.cursor == 0
+        assert app.focused is view
+        await pilot.press("right")
+        assert view.cursor == 1
+        view.jump_label = "cheese"
+        await pilot.press("n")
+        assert view.trace.label_at(view.cursor) == "cheese" or view.trace.next_match(0, "cheese") == view.cursor
+        await pilot.press("left_square_bracket")  # all -> last layer
+        assert view.layer_index == app.loaded.layout.n_states - 1
+
+
+@pytest.mark.parametrize("fmt", ["html", "md", "csv", "json"])
+async def test_export_writes_each_format(make_test_app, tmp_path, fmt):
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await generate(app, pilot)
+        await pilot.press("f6")
+        out = tmp_path / f"session.{fmt}"
+        app.query_one("#export-format").value = fmt
+        app.query_one("#export-path").value = str(out)
+        await pilot.press("enter")
+        assert out.is_file()
+        body = out.read_text()
+        if fmt == "html":
+            from chunktui.cli.scan import label_colours
+
+            colour = label_colours(app.dictionary.labels())["cheese"]
+            assert f"background:{colour}" in body and "<style>" in body and "<script" not in body
+        elif fmt == "json":
+            data = json.loads(body)
+            assert data["format"] == "chunktui.session" and data["traces"][0]["tokens"]
+        elif fmt == "csv":
+            assert body.startswith("source,kind,index,text") and "cheese" in body
+        else:
+            assert body.startswith("# chunktui session") and "cheese" in body
+
+
+async def test_export_to_unwritable_path_keeps_running(make_test_app, tmp_path):
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await generate(app, pilot)
+        await pilot.press("f6")
+        app.query_one("#export-path").value = str(tmp_path)  # a folder
+        await pilot.press("enter")
+        assert any("folder" in n for n in _notes(app))
+        app.query_one("#export-path").value = "/proc/no-such-dir/x.html"
+        await pilot.press("enter")
+        assert any("Could not write" in n for n in _notes(app))
+        assert app.session.traces  # nothing lost
+        app.query_one("#export-path").value = str(tmp_path / "ok.html")
+        await pilot.press("enter")
+        assert (tmp_path / "ok.html").is_file()
+
+
+async def test_unknown_model_is_a_notification(make_test_app):
+    app = make_test_app(model_spec="no-such-model")
+    async with app.run_test(size=(100, 34)) as pilot:
+        await settle(app, pilot)
+        assert app.loaded is None and app.is_running
+        assert any("Unknown model" in n for n in _notes(app))
+        app.action_generate()
+        await pilot.pause()
+        assert any("Load a model first" in n for n in _notes(app))
+
+
+async def test_wrong_dictionary_is_explained(make_test_app, tmp_path):
+    from chunktui.cli.common import DEFAULT_DICT_NAME, sample_path
+
+    other = sample_path(DEFAULT_DICT_NAME)
+    if not other.is_file():
+        pytest.skip("the sample dictionary is not built yet")
+    app = make_test_app(dict_path=str(other))
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        assert any("not usable" in str(n.title) or "made for" in str(n.message) for n in app._notifications)
+        options = app.query_one("#dict-list")
+        disabled = [options.get_option_at_index(i) for i in range(options.option_count)]
+        assert any(o.disabled and "made for" in str(o.prompt) for o in disabled)
+        assert any(not o.disabled for o in disabled)
+
+
+async def test_bad_sequence_file_is_a_notification(make_test_app, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "text": "fine"}\nnot json\n')
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("f5")
+        app.query_one("#step-path").value = str(bad)
+        app.action_open_sequences()
+        await pilot.pause()
+        assert any("bad.jsonl:2" in n for n in _notes(app))
+        app.query_one("#step-path").value = str(tmp_path / "missing.txt")
+        app.action_open_sequences()
+        await pilot.pause()
+        assert any("does not exist" in n for n in _notes(app))
+
+
+async def test_out_of_memory_is_a_notification(make_test_app, monkeypatch):
+    from chunktui.engine import streaming
+    from chunktui.engine.errors import DeviceMemoryError, out_of_memory_message
+
+    def boom(*args, **kwargs):
+        raise DeviceMemoryError(out_of_memory_message("generating", "cuda:0"))
+        yield  # a generator, like the real one
+
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        monkeypatch.setattr(streaming, "generate_stream", boom)
+        app.action_generate()
+        await settle(app, pilot)
+        assert any("Out of memory" in n for n in _notes(app))
+        assert app._busy is None and app.is_running
+
+
+async def test_command_palette_has_main_actions(make_test_app):
+    app = make_test_app(autoload=False)
+    async with app.run_test(size=(100, 34)):
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+        assert {"Load model", "Generate", "Stop", "Regenerate with perturbation", "Open sequences",
+                "Export session"} <= titles
+
+
+async def test_small_terminal_and_no_color(make_test_app, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = make_test_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        assert app.no_color
+        await generate(app, pilot)
+        for key in ("f1", "f3", "f4", "f5", "f6", "f2"):
+            await pilot.press(key)
+        assert app.stream_trace.labels().count("cheese") >= 1
