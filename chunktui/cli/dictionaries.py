@@ -153,7 +153,8 @@ def inspect_cmd(dict_path, show_chunks) -> None:
     console.print(f"model: {m.get('name')}  {m.get('architecture', '')}  width {m.get('hidden_size')}  "
                   f"layers {m.get('n_layers')}  weights {m.get('fingerprint_digest')}")
     if d.notes:
-        console.print("built: " + ", ".join(f"{k}={v}" for k, v in d.notes.items() if k != "command"))
+        console.print("built: " + ", ".join(f"{k}={v}" if not isinstance(v, (list, dict)) else f"{k}=({len(v)} records)"
+                                            for k, v in d.notes.items() if k != "command"))
         if d.notes.get("command"):
             console.print(f"[dim]{d.notes['command']}[/]")
     table = Table(title="Concepts")

@@ -8,6 +8,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Input, Label, Static
 
+from chunktui.engine.cards import stored_card
 from chunktui.tui.widgets.score_plot import ScorePlot
 from chunktui.tui.widgets.token_view import TokenView
 
@@ -128,6 +129,11 @@ class ChunksPane(Vertical):
         view.show(trace, colours, only_column=column)
         hits = sum(trace.chunk_hits(column))
         scores = trace.scores()[:, column].tolist()
+        card = stored_card(chunk)  # discovered chunks carry a card: what they matched where they were found
+        about = ""
+        if card is not None:
+            tops = ", ".join(f"{t!r}" for t, _ in card.top_tokens[:3])
+            about = f"card: {card.matches}/{card.tokens} corpus tokens, mostly {tops}. "
         plot.show(scores, colours.get(chunk.label),
-                  f"{chunk.id} score across {len(trace)} tokens of '{trace.title[:30]}' ({hits} matches; "
+                  f"{about}{chunk.id} score across {len(trace)} tokens of '{trace.title[:30]}' ({hits} matches; "
                   f"bar up = match)")
