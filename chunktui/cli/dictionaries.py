@@ -142,8 +142,9 @@ def evaluate_cmd(model_spec, device, dtype, dict_path, corpus, spans_path, json_
 @click.command("inspect")
 @click.argument("dict_path", type=click.Path(dir_okay=False))
 @click.option("--chunks", "show_chunks", is_flag=True, help="list every chunk")
+@click.option("--cards", "show_cards", is_flag=True, help="print the chunk cards stored with discovered chunks")
 @friendly_errors
-def inspect_cmd(dict_path, show_chunks) -> None:
+def inspect_cmd(dict_path, show_chunks, show_cards) -> None:
     """Summarise a dictionary file."""
     from chunktui.engine.dictionary import load_dictionary
 
@@ -180,3 +181,11 @@ def inspect_cmd(dict_path, show_chunks) -> None:
                       f"{c.tolerance:.3g}" if c.tolerance is not None else "-",
                       f"{c.fit.get('tp_rate', float('nan')):.3f}", f"{c.fit.get('fp_rate', float('nan')):.4f}")
         console.print(t)
+    if show_cards:
+        from chunktui.engine.cards import stored_card
+
+        cards = [card for card in (stored_card(c) for c in d.chunks) if card is not None]
+        if not cards:
+            console.print("[dim]no stored cards: cards are written by `chunktui discover`[/]")
+        for card in cards:
+            console.print(card.text(), markup=False, highlight=False)

@@ -94,3 +94,13 @@ def test_models_lists_specs(runner):
     r = runner.invoke(main, ["models"])
     assert r.exit_code == 0
     assert "smollm2-135m" in r.output and "random:llama-tiny" in r.output
+
+
+def test_inspect_prints_the_cards_of_discovered_chunks(runner, tmp_path, corpus_file):
+    out = tmp_path / "u.chunks.safetensors"
+    r = runner.invoke(main, ["discover", "--model", "random:llama-tiny", "--corpus", str(corpus_file), "--layers", "2",
+                             "--k", "6", "--seed", "0", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["inspect", str(out), "--cards"])
+    assert r.exit_code == 0, r.output
+    assert "most frequent:" in r.output and "layer 2" in r.output
