@@ -30,10 +30,12 @@ def _states(loaded_fn, path: str, layer: int, cache_dir: str | None):
     from chunktui.engine.labels import read_spans
     from chunktui.engine.ucd import word_identity
 
-    cached = Path(cache_dir) / f"{Path(path).name}.L{layer}.pt" if cache_dir else None
+    cached = Path(cache_dir) / f"{Path(path).name}.L{layer}.safetensors" if cache_dir else None
     if cached is not None and cached.is_file():
-        saved = torch.load(cached)
-        return saved["X"], saved["words"], saved["seconds"]
+        from safetensors.torch import load_file
+
+        saved = load_file(str(cached))
+        return saved["X"], saved["words"], float(saved["seconds"])
     if path.endswith(".jsonl"):
         spans = read_spans(path)
         text, contexts = spans.source, spans.contexts
@@ -45,7 +47,9 @@ def _states(loaded_fn, path: str, layer: int, cache_dir: str | None):
     X, words = hs.H[:, 0].float(), word_identity(hs.tokens, hs.source)[0]
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"X": X, "words": words, "seconds": seconds}, cached)
+        from safetensors.torch import save_file
+
+        save_file({"X": X.contiguous(), "words": words.contiguous(), "seconds": torch.tensor(seconds)}, str(cached))
     return X, words, seconds
 
 
