@@ -203,6 +203,8 @@ def read_text(path: str | Path) -> str:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise CorpusError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
+    except OSError as err:
+        raise CorpusError(f"Could not read {path}: {err.strerror or err}.") from None
     if not text.strip():
         raise CorpusError(f"The corpus {path} is empty.")
     return text
