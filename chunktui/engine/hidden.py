@@ -260,7 +260,8 @@ def collect(loaded: LoadedModel, text: str, mode: str = "sentence", layers: Sequ
             table.ids.append(ids[p])
             table.starts.append(offs[p][0])
             table.ends.append(offs[p][1])
-            table.context.append(ci)
+            # a sliding window is not a context boundary: the text runs on (labels may shift across windows)
+            table.context.append(0 if mode == "window" and contexts is None else ci)
             table.position.append(p)
     H = torch.cat(parts, dim=0)
     return HiddenStates(H=H, layers=layers, tokens=table, source=text, contexts=spans,

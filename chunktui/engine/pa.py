@@ -91,11 +91,25 @@ def fit_concept(H: torch.Tensor, positives: torch.Tensor, layers: list[int], n: 
         d2 = (rows.float() - mu).square_().transpose(0, 1)  # (S, t, d)
         return torch.bmm(d2, Mf) * inv_count[:, None, :]
 
-    theta = deviations(X).amax(1)  # (S, K)
+    mu64, Mf64, inv64 = mu.double(), Mf.double(), inv_count.double()
+
+    def deviations64(rows: torch.Tensor) -> torch.Tensor:
+        d2 = (rows.double() - mu64).square_().transpose(0, 1)
+        return torch.bmm(d2, Mf64) * inv64[:, None, :]
+
+    # theta in float64, the precision matching uses, so a drawn positive always matches its own chunk;
+    # tokens whose float32 deviation lands within rounding of theta are decided again in float64
+    theta = deviations64(X).amax(1)  # (S, K)
     tp = torch.zeros(S, len(taus), dtype=torch.long)
     fp = torch.zeros(S, len(taus), dtype=torch.long)
     for a in range(0, T, block):
-        match = deviations(H[a:a + block]) <= theta[:, None, :]  # (S, t, K); NaN compares False
+        rows = H[a:a + block]
+        dev = deviations(rows)  # (S, t, K) float32
+        match = dev <= theta[:, None, :]  # NaN compares False
+        near = ((dev - theta[:, None, :]).abs() <= 1e-4 * theta[:, None, :] + 1e-12).any(-1).any(0)  # (t,)
+        if near.any():
+            idx = near.nonzero().flatten()
+            match[:, idx, :] = deviations64(rows[idx]) <= theta[:, None, :]
         pos = positives[a:a + block].view(1, -1, 1)
         tp += (match & pos).sum(1)
         fp += (match & ~pos).sum(1)

@@ -215,10 +215,11 @@ def occurs(word: str, text: str) -> bool:
 
 
 def first_token_ids(loaded: LoadedModel, word: str) -> list[int]:
-    """First token of the word as the model would write it mid-sentence, and capitalised."""
+    """First token of the word as the model would write it: mid-sentence or opening an answer, either case."""
     tok = loaded.tokenizer
     out = []
-    for form in (" " + word, " " + word[:1].upper() + word[1:]):
+    cap = word[:1].upper() + word[1:]
+    for form in (" " + word, " " + cap, word, cap):
         ids = tok(form, add_special_tokens=False)["input_ids"]
         if ids and ids[0] not in out:
             out.append(ids[0])

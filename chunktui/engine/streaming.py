@@ -171,7 +171,7 @@ def decode(loaded: LoadedModel, rows: list[list[int]], sampling: Sampling, seeds
     ids, mask = ids.to(device), mask.to(device)
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     seeds = list(seeds) if seeds is not None else [sampling.seed] * len(rows)
-    gen_device = device if device.type == "cuda" else torch.device("cpu")
+    gen_device = device if device.type in ("cuda", "mps") else torch.device("cpu")
     generators = [torch.Generator(device=gen_device).manual_seed(int(s)) for s in seeds]
     cache_arg = _cache_arg(model)
     phase = phase or PhaseFlag()

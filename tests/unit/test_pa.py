@@ -101,3 +101,19 @@ def test_confusion_scores():
     assert float(s["accuracy"]) == pytest.approx((3 + 15) / 20)
     assert float(s["f1"]) == pytest.approx(6 / (6 + 1 + 1))
     assert float(s["balanced"]) == pytest.approx((0.75 + 15 / 16) / 2)
+
+
+def test_fit_statistics_agree_with_matching_on_the_training_text(tiny_model):
+    """The chunk matches its own drawn positives, and its stored fit counts equal what matching finds."""
+    from chunktui.engine.build import LabelSource, build_dictionary, collect_for, evaluate_hidden
+
+    # repeated sentences give exactly equal states: the threshold sits on the deviation of many tokens
+    text = " ".join(["The cheese and the cake.", "A cat ate cheese.", "The cake was good.", "I like cheese cake."] * 20)
+    source = LabelSource(corpus=text, words=["cheese", "cake", "cat"])
+    dictionary, _ = build_dictionary(tiny_model, source, n=5, seed=0)
+    hs, _ = collect_for(tiny_model, LabelSource(corpus=text, words=["cheese", "cake", "cat"]), None)
+    labels = source.labels(hs, None)
+    records = {r["id"]: r for r in evaluate_hidden(dictionary, hs, labels, tiny_model.hidden_size)}
+    for chunk in dictionary.chunks:
+        assert records[chunk.id]["tp"] == chunk.fit["tp"], chunk.id
+        assert records[chunk.id]["fp"] == chunk.fit["fp"], chunk.id
