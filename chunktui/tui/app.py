@@ -21,6 +21,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Input, OptionList, Static, TabbedContent, TabPane
 
+from chunktui.engine.build import read_sequences
 from chunktui.engine.errors import ChunkError, DictionaryError
 from chunktui.engine.session import ChunkColumns, Session, Trace, step_from_event, steps_from_scan
 from chunktui.tui import messages as m
@@ -29,7 +30,7 @@ from chunktui.tui.panes.chunks_pane import ChunksPane
 from chunktui.tui.panes.export_pane import ExportPane
 from chunktui.tui.panes.model_pane import ModelPane
 from chunktui.tui.panes.perturb_pane import PerturbPane
-from chunktui.tui.panes.step_pane import StepPane, read_sequences
+from chunktui.tui.panes.step_pane import StepPane
 from chunktui.tui.panes.stream_pane import StreamPane
 from chunktui.tui.widgets.trace_view import TraceView
 

@@ -2,48 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Input, Label, OptionList, Select
 from textual.widgets.option_list import Option
 
-from chunktui.engine.errors import CorpusError
 from chunktui.tui.widgets.trace_view import TraceView
-
-
-def read_sequences(path: str | Path) -> list[tuple[str, str]]:
-    """(id, text) pairs from a .jsonl file ({"id", "text"} per line) or a text file (one per non-empty line)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CorpusError(f"{path} does not exist (or is a folder). Give a .txt or .jsonl file of sequences.")
-    try:
-        body = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise CorpusError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
-    except OSError as err:
-        raise CorpusError(f"Could not read {path}: {err.strerror or err}.") from None
-    out: list[tuple[str, str]] = []
-    if path.suffix.lower() in (".jsonl", ".json"):
-        for lineno, line in enumerate(body.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CorpusError(f"{path.name}:{lineno}: not valid JSON ({err.msg}).") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise CorpusError(f"{path.name}:{lineno}: expected an object with a \"text\" field.")
-            out.append((str(rec.get("id", f"line {lineno}")), rec["text"]))
-    else:
-        for lineno, line in enumerate(body.splitlines(), 1):
-            if line.strip():
-                out.append((f"line {lineno}", line.strip()))
-    if not out:
-        raise CorpusError(f"{path} holds no sequences.")
-    return out
 
 
 class StepPane(Vertical):
