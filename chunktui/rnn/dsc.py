@@ -134,9 +134,13 @@ def state_ids(tuples: list[tuple[int, ...]]) -> tuple[np.ndarray, list[tuple[int
 # ---------------------------------------------------------------- chunk learning
 @dataclass
 class ChunkParams:
-    rounds: int = 8            # learning rounds (each re-parses with longest match)
-    min_count: int = 40        # a pair must be seen at least this often in the parse
-    per_round: int = 4         # at most this many new chunks per round (most frequent first)
+    """Defaults: learn until no adjacent pair of the parse recurs (a pair seen
+    twice is a chunk), 8 new chunks a round, most frequent first. ``rounds``
+    only caps the work; on a 8,500-step run learning ends within ~60 rounds."""
+
+    rounds: int = 1000         # learning rounds at most (each re-parses with longest match)
+    min_count: int = 2         # a pair must be seen at least this often in the parse
+    per_round: int = 8         # at most this many new chunks per round (most frequent first)
 
 
 @dataclass

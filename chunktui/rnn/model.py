@@ -108,6 +108,16 @@ class ReflectionRNN(nn.Module):
                 getattr(one, name).copy_(p[i : i + 1])
         return one
 
+    @classmethod
+    def stack(cls, nets: list["ReflectionRNN"]) -> "ReflectionRNN":
+        """One network whose replicas are copies of ``nets`` (each one-replica, same shape)."""
+        first = nets[0]
+        out = cls(first.n_symbols, first.hidden, first.cell, replicas=len(nets))
+        with torch.no_grad():
+            for name, p in out.named_parameters():
+                p.copy_(torch.cat([getattr(n, name) for n in nets]))
+        return out
+
     def config(self) -> dict:
         return {"n_symbols": self.n_symbols, "hidden": self.hidden, "cell": self.cell,
                 "replicas": self.replicas}

@@ -33,18 +33,24 @@ def longest_match_parse(seq: Sequence[Hashable], vocabulary: Iterable[Sequence[H
     parse always covers ``seq`` exactly.
     """
     chunks = {tuple(c) for c in vocabulary if len(c) > 0}
-    # Lengths to try at each position, longest first: O(len(seq) * #lengths).
-    lengths = sorted({len(c) for c in chunks if len(c) > 1}, reverse=True)
+    # Per first item, the lengths of the multi-item chunks that start with it, longest first:
+    # each position tries only those (O(len(seq) * lengths per item)).
+    by_first: dict[Hashable, list[int]] = {}
+    for c in chunks:
+        if len(c) > 1:
+            by_first.setdefault(c[0], []).append(len(c))
+    for first, lengths in by_first.items():
+        by_first[first] = sorted(set(lengths), reverse=True)
     items = tuple(seq)
     n = len(items)
     pieces: list[Piece] = []
     i = 0
     while i < n:
-        for length in lengths:
-            if i + length <= n and items[i : i + length] in chunks:
+        length = 1
+        for cand in by_first.get(items[i], ()):
+            if i + cand <= n and items[i : i + cand] in chunks:
+                length = cand
                 break
-        else:
-            length = 1
         pieces.append(Piece(i, i + length, items[i : i + length]))
         i += length
     return pieces

@@ -68,12 +68,19 @@ class Reflection:
 
     @property
     def parse_ratio(self) -> float:
+        """DSC parse length / ground-truth parse length (planted words plus one token per filler)."""
         return self.parse_length / self.ground_truth_parse_length
+
+    @property
+    def parse_to_planted(self) -> float:
+        """DSC parse length / number of planted words: the paper's comparison (1580 vs 1501)."""
+        return self.parse_length / self.planted_words
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["decoding_accuracy"] = self.decoding.accuracy
         d["parse_ratio"] = self.parse_ratio
+        d["parse_to_planted"] = self.parse_to_planted
         return d
 
 

@@ -54,6 +54,7 @@ class TrainConfig:
     batch: int = 16          # windows per step
     steps: int = 250         # optimiser steps
     clip: float = 1.0        # per-replica gradient-norm clip (linear RNNs can blow up)
+    weight_decay: float = 0.0  # decoupled (AdamW) decay; 0 is the paper's plain Adam
     seed: int = 0
     threads: int = 1
 
@@ -102,23 +103,43 @@ def replica_loss(logits: torch.Tensor, targets: torch.Tensor,
     return (ce * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp(min=1)
 
 
-def train(seq: PlantedSequence, config: TrainConfig | None = None,
+def make_optimiser(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam, or AdamW when ``weight_decay`` > 0 (decay is per element, so replicas stay independent)."""
+    if weight_decay > 0:
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def train(seq: PlantedSequence | list[PlantedSequence], config: TrainConfig | None = None,
           alphabet: Alphabet | None = None, model: ReflectionRNN | None = None) -> TrainResult:
-    """Train one network (or continue training ``model``) on ``seq``."""
+    """Train one network (or continue training ``model``) on ``seq``.
+
+    ``seq`` may be a list with one sequence per replica of ``model``: replica
+    ``r`` then draws its windows from its own sequence with
+    ``default_rng(config.seed + r)``, so it trains exactly as a one-replica
+    run with seed ``config.seed + r`` would (several seeds in one batched run).
+    """
     cfg = config or TrainConfig()
     set_threads(cfg.threads)
-    alphabet = alphabet or Alphabet.of(seq)
-    ids = alphabet.encode(seq.symbols)
+    per_replica = isinstance(seq, (list, tuple))
+    seqs = list(seq) if per_replica else [seq]
+    alphabet = alphabet or Alphabet.of(*seqs)
     if model is None:
-        model = ReflectionRNN(len(alphabet), cfg.hidden, cfg.cell, replicas=1, seed=cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        model = ReflectionRNN(len(alphabet), cfg.hidden, cfg.cell, replicas=len(seqs), seed=cfg.seed)
+    R = model.replicas
+    if per_replica and len(seqs) != R:
+        raise ValueError(f"{len(seqs)} sequences for {R} replicas")
+    ids = [alphabet.encode(q.symbols) for q in seqs]
+    rngs = [np.random.default_rng(cfg.seed + r) for r in range(len(seqs))]
+    opt = make_optimiser(model, cfg.lr, cfg.weight_decay)
     result = TrainResult(model, alphabet, cfg)
     params = list(model.parameters())
-    R = model.replicas
     for _ in range(cfg.steps):
-        win = torch.from_numpy(sample_windows(ids, R * cfg.batch, cfg.window, rng))
-        win = win.view(R, cfg.batch, cfg.window + 1)
+        if per_replica:
+            win = np.stack([sample_windows(ids[r], cfg.batch, cfg.window, rngs[r]) for r in range(R)])
+        else:
+            win = sample_windows(ids[0], R * cfg.batch, cfg.window, rngs[0])
+        win = torch.from_numpy(win).view(R, cfg.batch, cfg.window + 1)
         logits, _ = model(win[..., :-1])
         loss = replica_loss(logits, win[..., 1:])                       # (R,)
         opt.zero_grad()

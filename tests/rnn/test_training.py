@@ -1,9 +1,11 @@
 """The RNN learns; runs repeat exactly; grafting, streaming and the CLI work end to end."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import torch
+import pytest
 from click.testing import CliRunner
 
 from chunktui.rnn.dsc import Discretiser, DSC
@@ -81,16 +83,40 @@ def test_cli_reflect_json(tmp_path):
     from chunktui.cli.rnn import rnn
 
     out = tmp_path / "r.json"
-    res = CliRunner().invoke(rnn, ["reflect", "--steps", "40", "--seed", "1", "--json", str(out)])
+    res = CliRunner().invoke(rnn, ["reflect", "--steps", "40", "--seed", "1", "--seeds", "2", "--default-init",
+                                   "--json", str(out)])
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert 0 <= data["trained"]["decoding_accuracy"] <= 1
     assert "decoding_accuracy" in data["untrained"]
+    assert [p["seed"] for p in data["per_seed"]] == [1, 2] == data["seeds"]
+    for arm in ("trained", "untrained"):
+        per = [p[arm] for p in data["per_seed"]]
+        assert data[arm]["decoding_accuracy_per_seed"] == [r["decoding_accuracy"] for r in per]
+        assert data[arm]["parse_to_planted_per_seed"] == [r["parse_length"] / p["planted_words"]
+                                                          for r, p in zip(per, data["per_seed"])]
+    assert data["train_config"]["weight_decay"] == 0.5 and data["chunk_params"]["min_count"] == 2
     # Like for like: both networks share the stated init; the default-init pair is an extra.
     assert data["init"]["scheme"] == "orthogonal_recurrent" and data["init"]["recurrent_gain"] == 0.9
     assert data["k"] == 3
     assert data["default_init"]["init"]["scheme"] == "pytorch_default"
     assert "decoding_accuracy" in data["default_init"]["untrained"]
+
+
+def test_replicas_with_their_own_sequences_train_as_separate_runs():
+    """Several seeds in one batched run: replica r trains exactly like a one-replica run with seed + r."""
+    seqs = [flat_sequence(60, seed=s) for s in (3, 4)]
+    alphabet = Alphabet.of(*seqs)
+    cfg = TrainConfig(steps=6, window=30, batch=4, weight_decay=0.5)
+    nets = [ReflectionRNN(len(alphabet), 12, seed=s) for s in (3, 4)]
+    both = train(seqs, replace(cfg, seed=3), alphabet=alphabet, model=ReflectionRNN.stack(nets)).model
+    for r, s in enumerate((3, 4)):
+        alone = train(seqs[r], replace(cfg, seed=s), alphabet=alphabet,
+                      model=ReflectionRNN(len(alphabet), 12, seed=s)).model
+        for name, p in alone.named_parameters():
+            assert torch.allclose(getattr(both, name)[r], p[0], atol=1e-5), name
+    with pytest.raises(ValueError, match="3 sequences for 2 replicas"):
+        train([*seqs, seqs[0]], cfg, alphabet=alphabet, model=ReflectionRNN.stack(nets))
 
 
 def test_memory_init_sets_only_the_recurrent_block():
