@@ -204,8 +204,9 @@ def show_transfer(out: dict) -> None:
         t.add_row(arm, f"{a['mean_steps']:.1f}", f"{a['sd_steps']:.1f}", f"{a['reached']}/{out['n_seeds']}")
     console.print(t)
     d = out["paired_difference"]
-    console.print(f"paired (control − graft): {d['mean']:.1f} ± {d['sd']:.1f} steps; graft faster on "
-                  f"{d['graft_faster']}, tied {d['ties']}, slower {d['graft_slower']}")
+    console.print(f"paired (control − graft): {d['mean']:.2f} steps, sd {d['sd']:.2f}, se {d['se']:.2f}; graft "
+                  f"faster on {d['graft_faster']}, tied {d['ties']}, slower {d['graft_slower']} "
+                  f"(sign test p = {d['sign_test_p']:.3f})")
     console.print(line_plot({"control": out["control"]["mean_curve"], "graft": out["graft"]["mean_curve"]},
                             xs=out["curve_steps"], hi=1.0))
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -164,7 +165,7 @@ class TransferConfig:
     second: str = "GHI"
     pretrain_steps: int = 300
     steps: int = 60                # training steps on the new composition
-    eval_every: int = 2
+    eval_every: int = 1
     threshold: float = 0.95        # accuracy on within-word transitions to reach
     window: int = 100
     batch: int = 8
@@ -186,6 +187,16 @@ def _within_word_targets(seq) -> np.ndarray:
         if "".join(p.chunk) in seq.words:
             mask[p.start : p.end - 1] = True
     return mask
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided binomial sign test (ties dropped): P(a split at least this uneven | p = 1/2)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = max(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
 
 
 def transfer_experiment(cfg: TransferConfig | None = None, threads: int = 1) -> dict:
@@ -283,8 +294,10 @@ def transfer_experiment(cfg: TransferConfig | None = None, threads: int = 1) -> 
                     "mean_steps": float(steps.mean()), "sd_steps": float(steps.std(ddof=1)),
                     "mean_curve": rows.mean(0).tolist(), "sd_curve": rows.std(0, ddof=1).tolist()}
     diff = np.array(out["control"]["steps_to_threshold"]) - np.array(out["graft"]["steps_to_threshold"])
+    faster, slower = int((diff > 0).sum()), int((diff < 0).sum())
     out["paired_difference"] = {"mean": float(diff.mean()), "sd": float(diff.std(ddof=1)),
-                                "graft_faster": int((diff > 0).sum()), "ties": int((diff == 0).sum()),
-                                "graft_slower": int((diff < 0).sum())}
+                                "se": float(diff.std(ddof=1) / np.sqrt(S)),
+                                "graft_faster": faster, "ties": int((diff == 0).sum()), "graft_slower": slower,
+                                "sign_test_p": sign_test(faster, slower)}
     out["n_seeds"] = S
     return out

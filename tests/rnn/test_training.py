@@ -152,3 +152,32 @@ def test_write_json_atomic(tmp_path):
     write_json_atomic(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 2}
     assert [p.name for p in path.parent.iterdir()] == ["x.json"]
+
+
+def test_sign_test_matches_hand_computed_values():
+    from chunktui.rnn.experiments import sign_test
+
+    # 12 wins, 3 losses: 2 * (C(15,12) + C(15,13) + C(15,14) + C(15,15)) / 2^15 = 2 * 576 / 32768
+    assert abs(sign_test(12, 3) - 1152 / 32768) < 1e-12
+    assert sign_test(3, 12) == sign_test(12, 3)
+    assert sign_test(5, 5) == 1.0 and sign_test(0, 0) == 1.0
+
+
+def test_transfer_reports_paired_steps_over_seeds():
+    from chunktui.rnn.experiments import TransferConfig, transfer_experiment
+
+    cfg = TransferConfig(seeds=3, pretrain_steps=60, steps=6, batch=4, window=60)
+    out = transfer_experiment(cfg)
+    n_evals = len(out["curve_steps"])
+    assert out["curve_steps"] == list(range(0, 7))
+    for arm in ("control", "graft"):
+        a = out[arm]
+        assert len(a["steps_to_threshold"]) == 3 and len(a["mean_curve"]) == n_evals
+        assert all(0 <= s <= 6 for s in a["steps_to_threshold"])
+    diff = np.array(out["control"]["steps_to_threshold"]) - np.array(out["graft"]["steps_to_threshold"])
+    d = out["paired_difference"]
+    assert d["mean"] == pytest.approx(diff.mean())
+    assert d["graft_faster"] + d["ties"] + d["graft_slower"] == 3
+    # Step 0 is before any training on the new word: the arms differ only by the graft at the junction,
+    # which writes the known word's entry state, so 'G' after 'ABCD' predicts 'H' at least as well.
+    assert out["graft"]["mean_curve"][0] >= out["control"]["mean_curve"][0] - 1e-9
