@@ -7,7 +7,8 @@ import click
 
 @click.command("tui")
 @click.option("--model", "-m", "model_spec", default="smollm2-135m", show_default=True,
-              help="built-in alias, .gguf file, model folder, Hub id or random:NAME (see `chunktui models`)")
+              help="built-in alias, .gguf file, model folder, Hub id, random:NAME or rnn:flat|context "
+                   "(see `chunktui models`)")
 @click.option("--dict", "dict_path", default=None, help="dictionary (default: the sample dictionary)")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps")
 @click.option("--dtype", default="auto", show_default=True,

@@ -313,6 +313,9 @@ def resolve_spec(spec: str | None) -> ResolvedSpec:
         if seed and not seed.isdigit():
             raise ModelLoadError(f"Random model seed must be an integer, got '{seed}' in '{spec}'.")
         return ResolvedSpec("random", spec, spec)
+    if spec.lower().startswith("rnn:"):
+        raise ModelLoadError(f"'{spec}' is the reflection RNN: it opens in the app (`chunktui tui --model {spec}`) "
+                             "and runs in `chunktui rnn ...`, not in the language-model commands.")
     path = Path(spec).expanduser()
     if spec.lower().endswith(".gguf"):
         if not path.is_file():
@@ -337,7 +340,9 @@ def describe_specs() -> list[tuple[str, str]]:
     rows += [(f"random:{k}[:SEED]", f"seeded random {fam} model for tests") for k, (fam, _) in RANDOM_MODELS.items()]
     rows += [("PATH.gguf", "a GGUF file, dequantised once and cached as safetensors"),
              ("PATH/", "a local Hugging Face model folder (config.json + weights)"),
-             ("owner/name", "a Hugging Face Hub id, loaded from the local Hub cache")]
+             ("owner/name", "a Hugging Face Hub id, loaded from the local Hub cache"),
+             ("rnn:flat|context[:SEED[:STEPS]]", "the app only: the 12-unit reflection RNN, trained at load "
+                                                 "(~8 s), its DSC chunks as the dictionary")]
     return rows
 
 

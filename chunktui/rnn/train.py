@@ -9,6 +9,7 @@ far too small to gain from more, and the machine has 2 cores.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -111,8 +112,9 @@ def make_optimiser(model: nn.Module, lr: float, weight_decay: float = 0.0) -> to
 
 
 def train(seq: PlantedSequence | list[PlantedSequence], config: TrainConfig | None = None,
-          alphabet: Alphabet | None = None, model: ReflectionRNN | None = None) -> TrainResult:
-    """Train one network (or continue training ``model``) on ``seq``.
+          alphabet: Alphabet | None = None, model: ReflectionRNN | None = None,
+          on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Train one network (or continue training ``model``) on ``seq``; ``on_step(i)`` after step i (1-based).
 
     ``seq`` may be a list with one sequence per replica of ``model``: replica
     ``r`` then draws its windows from its own sequence with
@@ -148,6 +150,8 @@ def train(seq: PlantedSequence | list[PlantedSequence], config: TrainConfig | No
         opt.step()
         result.loss.append(float(loss.detach().mean()))
         result.accuracy.append(float((logits.argmax(-1) == win[..., 1:]).float().mean()))
+        if on_step is not None:
+            on_step(len(result.loss))
     return result
 
 

@@ -148,7 +148,8 @@ class ChunkApp(App):
         else:
             parts.append(f"{self.loaded.name} on {self.loaded.device}")
         if self.dictionary is not None:
-            name = Path(self.dictionary.path).name.replace(".chunks.safetensors", "") if self.dictionary.path else "dict"
+            name = (Path(self.dictionary.path).name.replace(".chunks.safetensors", "") if self.dictionary.path
+                    else getattr(self.dictionary, "name", "dict"))
             parts.append(f"dict {name} "
                          f"({len(self.dictionary.chunks)} chunks)")
         else:
@@ -243,11 +244,15 @@ class ChunkApp(App):
         from textual.worker import get_current_worker
 
         from chunktui.engine.models import load_model
+        from chunktui.rnn.backend import is_rnn_spec, load_rnn
 
         worker = get_current_worker()
+        progress = lambda s, f, t: self.post_message(m.LoadProgress(s, f, t))  # noqa: E731
         try:
-            loaded = load_model(spec, device, dtype,
-                                progress=lambda s, f, t: self.post_message(m.LoadProgress(s, f, t)))
+            if is_rnn_spec(spec):  # the reflection RNN: trained here in seconds, DSC chunks as its dictionary
+                loaded = load_rnn(spec, progress=progress)
+            else:
+                loaded = load_model(spec, device, dtype, progress=progress)
         except ChunkError as err:
             self.post_message(m.TaskFailed("Model not loaded", str(err)))
             return
@@ -269,7 +274,22 @@ class ChunkApp(App):
         self.notify(f"Loaded {self.loaded.name} ({self.loaded.n_layers} layers, width {self.loaded.hidden_size}).",
                     timeout=3)
         self.dictionary, self.packed = None, None
+        if self._is_rnn():
+            from chunktui.tui.panes.stream_pane import DEFAULT_PROMPT
+
+            prompt, temp = self.query_one("#prompt", Input), self.query_one("#stream-temp", Input)
+            if prompt.value == DEFAULT_PROMPT:
+                prompt.value = "ABCDEEGHI"  # symbols of the task; greedy decoding would only repeat the filler
+            if float(temp.value or 0) == 0:
+                temp.value = "1.0"
+            self.use_dictionary(self.loaded.dictionary)
+            self.query_one(ModelPane).show_dictionaries(
+                [("DSC chunks of the RNN's reference run", None, self.loaded.dictionary)], None)
+            return
         self._list_dictionaries(select=self.dict_path)
+
+    def _is_rnn(self) -> bool:
+        return getattr(self.loaded, "kind", "lm") == "rnn"
 
     def dictionary_candidates(self) -> list[str]:
         found: list[str] = []
@@ -333,7 +353,10 @@ class ChunkApp(App):
 
         loaded = self.loaded
         self.dictionary = dictionary
-        self.packed = pack(dictionary.chunks, loaded.hidden_size, loaded.layout.n_states, loaded.device)
+        if self._is_rnn():  # DSC chunks are matched by the RNN backend; the dictionary stands as the pack
+            self.packed = dictionary
+        else:
+            self.packed = pack(dictionary.chunks, loaded.hidden_size, loaded.layout.n_states, loaded.device)
         self.colours = label_colours(dictionary.labels())
         self.session.dictionary = str(dictionary.path) if dictionary.path else None
         self.session.labels = dictionary.labels()
@@ -360,6 +383,10 @@ class ChunkApp(App):
             self.fail(f"{path} does not exist.", title="No such dictionary")
             return
         if not self._need_model():
+            return
+        if self._is_rnn():
+            self.fail("An RNN uses the DSC chunks learned when it was loaded; chunk dictionaries are for language "
+                      "models.", title="Not for the RNN", severity="warning")
             return
         self.extra_dicts.append(str(Path(path).expanduser()))
         field.value = ""
@@ -394,10 +421,15 @@ class ChunkApp(App):
     @work(thread=True, exclusive=True, group="generate")
     def _generate_worker(self, trace: Trace, prompt: str, sampling, chat: bool, cancel: threading.Event) -> None:
         from chunktui.engine.streaming import generate_stream
+        from chunktui.rnn.backend import rnn_stream
 
         reason = None
         try:
-            for event in generate_stream(self.loaded, prompt, sampling, packed=self.packed, cancel=cancel, chat=chat):
+            if self._is_rnn():
+                events = rnn_stream(self.loaded, prompt, sampling, cancel=cancel)
+            else:
+                events = generate_stream(self.loaded, prompt, sampling, packed=self.packed, cancel=cancel, chat=chat)
+            for event in events:
                 step = step_from_event(event)  # copy to CPU and compact here, off the UI thread
                 with self._pending_lock:
                     self._pending.append(step)
@@ -489,6 +521,11 @@ class ChunkApp(App):
     def action_regenerate(self) -> None:
         if not self._need_model() or not self._need_idle():
             return
+        if self._is_rnn():
+            self.fail("The perturbation panel steers language models. For the RNN, graft a chunk's state with "
+                      "`chunktui rnn graft` (and `chunktui rnn transfer`).", title="Not for the RNN",
+                      severity="warning")
+            return
         if self.dictionary is None:
             self.fail("Perturbing needs a dictionary: pick one in the Model pane (F1).", title="No dictionary")
             return
@@ -561,9 +598,10 @@ class ChunkApp(App):
     @work(thread=True, exclusive=True, group="scan")
     def _scan_worker(self, name: str, text: str) -> None:
         from chunktui.engine.streaming import scan_text
+        from chunktui.rnn.backend import rnn_scan
 
         try:
-            result = scan_text(self.loaded, text, self.packed)
+            result = rnn_scan(self.loaded, text) if self._is_rnn() else scan_text(self.loaded, text, self.packed)
             trace = Trace("scan", name, ChunkColumns.from_pack(self.packed))
             trace.extend(steps_from_scan(result))
             trace.finished = "scanned"
@@ -638,6 +676,7 @@ def make_app(model_spec: str | None = None, dict_path: str | None = None, device
     if dict_path is None:
         dict_path = str(sample_path(DEFAULT_DICT_NAME))
     if sequences_path is None:
-        sequences_path = str(sample_path("sequences.jsonl"))
+        rnn = (model_spec or "").strip().lower().startswith("rnn:")
+        sequences_path = str(sample_path("rnn_sequences.txt" if rnn else "sequences.jsonl"))
     return ChunkApp(model_spec=model_spec or DEFAULT_MODEL, dict_path=dict_path, device=device, dtype=dtype,
                     dict_dirs=dict_dirs, sequences_path=sequences_path, show_timing=show_timing, autoload=autoload)

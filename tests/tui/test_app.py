@@ -267,3 +267,38 @@ async def test_small_terminal_and_no_color(make_test_app, monkeypatch):
         for key in ("f1", "f3", "f4", "f5", "f6", "f2"):
             await pilot.press(key)
         assert app.stream_trace.labels().count("cheese") >= 1
+
+
+async def test_the_rnn_opens_as_a_model_streams_and_highlights_its_chunks(make_test_app, tmp_path):
+    seqs = tmp_path / "symbols.txt"
+    seqs.write_text("ABCDEEEGHIJKLMNEEABCD\n")
+    app = make_test_app(model_spec="rnn:flat:0:80", dict_path=None, sequences_path=str(seqs))
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        assert app.loaded.kind == "rnn" and app.dictionary is app.loaded.dictionary
+        await pilot.press("f1")
+        card = str(app.query_one("#model-card").content)
+        assert "ReflectionRNN" in card and "DSC" in card
+        # the prompt field was given task symbols; generate streams the 12-unit state with chunk highlights
+        assert app.query_one("#prompt").value == "ABCDEEGHI"
+        await generate(app, pilot, prompt="ABCDEEGHI", tokens=10)
+        trace = app.stream_trace
+        assert trace.finished == "length" and len(trace) == 19 and trace.n_generated == 10
+        assert trace.text.startswith("ABCDEEGHI")
+        assert all(len(s.norms) == 1 for s in trace.steps)
+        assert any(label is not None for label in trace.labels())
+        # Step: a file of symbols scans under the full parse
+        await pilot.press("f5")
+        app.query_one("#step-list").focus()
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert app.step_trace is not None and app.step_trace.text == "ABCDEEEGHIJKLMNEEABCD"
+        # perturbing is for language models: a clear message, and the app keeps going
+        app.action_regenerate()
+        await pilot.pause()
+        assert any("chunktui rnn graft" in n for n in _notes(app))
+        assert app._busy is None
+        app.query_one("#prompt").value = "ABxyz"
+        app.action_generate()
+        await settle(app, pilot)
+        assert any("not in this RNN's alphabet" in n for n in _notes(app))
