@@ -88,13 +88,56 @@ async def shoot(model: str, out: Path, tokens: int) -> None:
         await save(pilot, "export")
 
 
+async def shoot_rnn(out: Path) -> None:
+    """screenshots/rnn-stream.svg and rnn-step.svg: the reflection RNN opened as a model."""
+    from chunktui.tui.app import make_app
+    from chunktui.tui.widgets.trace_view import TraceView
+
+    app = make_app(model_spec="rnn:flat", device="cpu", threads=1, show_timing=False)
+    async with app.run_test(size=SIZE) as pilot:
+        for _ in range(600):
+            await pilot.pause(0.1)
+            if app.loaded is not None and app._busy is None:
+                break
+        await pilot.press("f2")
+        app.query_one("#prompt").value = "ABCDEEEGHIJKLMN"
+        app.query_one("#stream-tokens").value = "45"
+        app.action_generate()
+        for _ in range(300):
+            await pilot.pause(0.1)
+            if app._busy is None:
+                break
+        view = app.query_one("#stream-trace", TraceView)
+        view.cursor, view.follow = 3, False
+        view.redraw()
+        for field in app.query("Input"):
+            field.cursor_blink = False
+        app.clear_notifications()
+        await pilot.pause(0.2)
+        print("wrote", app.save_screenshot(filename="rnn-stream.svg", path=str(out)))
+        await pilot.press("f5")
+        app.query_one("#step-list").focus()
+        await pilot.press("enter")
+        for _ in range(100):
+            await pilot.pause(0.1)
+            if app._busy is None and app.step_trace is not None:
+                break
+        await pilot.press(*["right"] * 9)
+        app.clear_notifications()
+        await pilot.pause(0.2)
+        print("wrote", app.save_screenshot(filename="rnn-step.svg", path=str(out)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", default="screenshots", type=Path)
     parser.add_argument("--tokens", type=int, default=40)
+    parser.add_argument("--rnn-only", action="store_true", help="only the RNN screenshots")
     args = parser.parse_args()
-    asyncio.run(shoot(args.model, args.out, args.tokens))
+    if not args.rnn_only:
+        asyncio.run(shoot(args.model, args.out, args.tokens))
+    asyncio.run(shoot_rnn(args.out))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ symbols first, then sampled ones), the hidden state of every step (one
 "layer": the 12 units), the top next symbols, and the chunk the step falls in
 under a longest-match parse of the discretised states so far (a live parse:
 the piece holding the newest step is the longest chunk that fits the states
-seen up to it). A scan parses the whole text at once, as ``chunk_per_step``.
+seen up to it). When a stream ends, :func:`relabel` gives every step the
+chunk of the full parse. A scan parses the whole text at once, as
+``chunk_per_step``.
 
 No UI imports; the app calls :func:`load_rnn`, :func:`rnn_stream`, :func:`rnn_scan`.
 """
@@ -252,6 +254,21 @@ def rnn_stream(loaded: RNNLoaded, prompt: str, sampling: Sampling,
             nxt = int(probs.argmax())
         logprob = float(torch.log(probs[nxt]))
         current = nxt
+
+
+def relabel(loaded: RNNLoaded, steps: list) -> None:
+    """Give streamed steps (session.TokenStep) the chunks of the full parse, as a scan of their
+    text would: the live parse only knew the states up to each step. The RNN is deterministic,
+    so re-running it over the text gives the same states."""
+    from chunktui.engine.session import steps_from_scan
+
+    if not steps:
+        return
+    fresh = steps_from_scan(rnn_scan(loaded, "".join(s.text for s in steps)))
+    for old, new in zip(steps, fresh):
+        old.strongest, old.strongest_score = new.strongest, new.strongest_score
+        old.layer_chunk, old.layer_score = new.layer_chunk, new.layer_score
+        old.value, old.score, old.hit = new.value, new.score, new.hit
 
 
 @torch.no_grad()

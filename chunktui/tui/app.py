@@ -465,6 +465,11 @@ class ChunkApp(App):
         trace = message.trace
         if trace.kind == "stream":
             self._drain()
+            if self._is_rnn() and len(trace):
+                from chunktui.rnn.backend import relabel
+
+                relabel(self.loaded, trace.steps)  # the full parse, now that the run is complete (ms)
+                trace._score_cache = None
             trace.finished = message.reason
             trace.elapsed = time.perf_counter() - self._gen_started
             if len(trace):

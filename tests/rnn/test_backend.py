@@ -94,3 +94,14 @@ def test_language_model_commands_point_rnn_specs_to_the_app():
 
     with pytest.raises(ModelLoadError, match=r"opens in the app \(`chunktui tui --model rnn:flat`\)"):
         resolve_spec("rnn:flat")
+
+
+def test_relabel_gives_streamed_steps_the_full_parse(rnn):
+    from chunktui.rnn.backend import relabel
+
+    events = list(rnn_stream(rnn, "ABCDEEEGHIJKLMNEE", Sampling(max_new_tokens=20, temperature=1.0, seed=1)))
+    steps = [step_from_event(e) for e in events]
+    relabel(rnn, steps)
+    scanned = steps_from_scan(rnn_scan(rnn, "".join(e.text for e in events)))
+    assert [s.strongest for s in steps] == [s.strongest for s in scanned]
+    assert all(torch.equal(a.hit, b.hit) for a, b in zip(steps, scanned))

@@ -75,6 +75,10 @@ class TokenDetail(Static):
                                                           no_color=no_color))
         if cols.kinds[c] == "pa":
             row.append(f" dev {value:.3g} {'≤' if hit else '>'} θ {theta:.3g}")
+        elif cols.kinds[c] == "dsc":
+            row.append(" in this DSC chunk (longest-match parse of the discretised states)" if hit
+                       else " not in this DSC chunk")
+            return row
         else:
             row.append(f" cos {value:.3f} {'≥' if hit else '<'} θ {theta:.3f}")
         score = float(step.score[c])
