@@ -144,11 +144,14 @@ def show_reflect(out: dict) -> None:
 @click.option("--rounds", default=1000, show_default=True, help="DSC chunk-learning rounds at most.")
 @click.option("--min-count", default=2, show_default=True, help="DSC: a pair must occur this often.")
 @click.option("--per-round", default=8, show_default=True, help="DSC: new chunks per round at most.")
+@click.option("--kmeans", type=click.Choice(["exact", "robust"]), default="exact", show_default=True,
+              help="Per-neuron clustering: exact 1-D k-means, or seeded robust k-medians.")
 @click.option("--default-init/--no-default-init", default=False, show_default=True,
               help="Also report the pairs at PyTorch's default init (one more training run).")
 @json_opt
 def reflect_cmd(seed: int, seeds: int, steps: int, cell: str, k: int, gain: float, weight_decay: float,
-                rounds: int, min_count: int, per_round: int, default_init: bool, json_out: str | None) -> None:
+                rounds: int, min_count: int, per_round: int, kmeans: str, default_init: bool,
+                json_out: str | None) -> None:
     """Decode the input from discretised states; DSC chunks; trained vs untrained (same init)."""
     from chunktui.rnn.dsc import ChunkParams
     from chunktui.rnn.experiments import reflect_experiment
@@ -158,7 +161,7 @@ def reflect_cmd(seed: int, seeds: int, steps: int, cell: str, k: int, gain: floa
         raise click.BadParameter("at least 1", param_hint="--seeds")
     cfg = TrainConfig(seed=seed, steps=steps, cell=cell, weight_decay=weight_decay)
     out = reflect_experiment(seed, k=k, params=ChunkParams(rounds, min_count, per_round), config=cfg,
-                             recurrent_gain=gain, compare_default_init=default_init, seeds=seeds)
+                             recurrent_gain=gain, compare_default_init=default_init, seeds=seeds, kmeans=kmeans)
     show_reflect(out)
     _maybe_json(json_out, out)
 

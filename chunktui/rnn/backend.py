@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from chunktui.engine.dictionary import Chunk
+from chunktui.engine.dictionary import Chunk, ChunkDictionary
 from chunktui.engine.errors import CorpusError, ModelLoadError
 from chunktui.engine.matching import MatchResult
 from chunktui.engine.streaming import Sampling, ScanResult, TokenEvent
@@ -68,14 +68,9 @@ class RNNDictionary:
     def __init__(self, chunks: list[Chunk]):
         self.chunks = chunks
 
-    def labels(self) -> list[str]:
-        return sorted({c.label for c in self.chunks})
-
-    def by_id(self, chunk_id: str) -> Chunk:
-        for c in self.chunks:
-            if c.id == chunk_id:
-                return c
-        raise KeyError(chunk_id)
+    # They only read self.chunks: the same lookups as a dictionary file's.
+    labels = ChunkDictionary.labels
+    by_id = ChunkDictionary.by_id
 
 
 class RNNLoaded:

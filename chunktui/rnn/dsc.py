@@ -91,6 +91,37 @@ def kmeans_1d(values, k: int) -> tuple[np.ndarray, np.ndarray]:
     return centres, uniq_label[inverse]
 
 
+def kmeans_1d_robust(values, k: int, seed: int = 0, n_init: int = 8, iters: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded robust 1-D clustering: k-medians (Lloyd steps with cluster MEDIANS, so a few
+    outlying values cannot drag a centre), k-means++-style seeding, the best of ``n_init``
+    starts by total absolute deviation. Same return as :func:`kmeans_1d`; same seed, same result."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if x.size == 0:
+        raise ValueError("kmeans_1d_robust needs at least one value")
+    uniq = np.unique(x)
+    k = max(1, min(k, uniq.size))
+    rng = np.random.default_rng(seed)
+    best: tuple[float, np.ndarray] | None = None
+    for _ in range(n_init):
+        centres = [float(rng.choice(uniq))]
+        while len(centres) < k:                                  # ++ seeding on distances
+            d = np.abs(uniq[:, None] - np.array(centres)[None]).min(1)
+            centres.append(float(rng.choice(uniq, p=d / d.sum())))
+        c = np.sort(np.array(centres))
+        for _ in range(iters):
+            lab = assign_1d(x, c)
+            new = np.array([np.median(x[lab == j]) if np.any(lab == j) else c[j] for j in range(k)])
+            new = np.sort(new)
+            if np.allclose(new, c):
+                break
+            c = new
+        cost = float(np.abs(x - c[assign_1d(x, c)]).sum())
+        if best is None or cost < best[0] - 1e-12:
+            best = (cost, c)
+    centres = best[1]
+    return centres, assign_1d(x, centres)
+
+
 def assign_1d(values, centres: np.ndarray) -> np.ndarray:
     """Label of the nearest centre (ties to the lower one): applies a fit to new data."""
     v = np.asarray(values, dtype=np.float64)[..., None]
@@ -105,9 +136,14 @@ class Discretiser:
     centres: list[np.ndarray]
 
     @classmethod
-    def fit(cls, states: np.ndarray, k: int = 4) -> "Discretiser":
-        """``states`` (T,H) -> one 1-D k-means per neuron."""
-        return cls([kmeans_1d(states[:, n], k)[0] for n in range(states.shape[1])])
+    def fit(cls, states: np.ndarray, k: int = 4, method: str = "exact", seed: int = 0) -> "Discretiser":
+        """``states`` (T,H) -> one 1-D clustering per neuron: ``exact`` k-means (DP) or
+        ``robust`` seeded k-medians (:func:`kmeans_1d_robust`)."""
+        if method == "exact":
+            return cls([kmeans_1d(states[:, n], k)[0] for n in range(states.shape[1])])
+        if method == "robust":
+            return cls([kmeans_1d_robust(states[:, n], k, seed=seed + n)[0] for n in range(states.shape[1])])
+        raise ValueError(f"method must be 'exact' or 'robust', got {method!r}")
 
     def labels(self, states: np.ndarray) -> np.ndarray:
         """(T,H) float -> (T,H) int labels."""
@@ -192,8 +228,9 @@ class DSC:
     chunks: DSCResult
 
     @classmethod
-    def run(cls, trajectory_states: np.ndarray, k: int = 4, params: ChunkParams | None = None) -> "DSC":
-        disc = Discretiser.fit(trajectory_states, k)
+    def run(cls, trajectory_states: np.ndarray, k: int = 4, params: ChunkParams | None = None,
+            kmeans: str = "exact", seed: int = 0) -> "DSC":
+        disc = Discretiser.fit(trajectory_states, k, method=kmeans, seed=seed)
         ids, states = state_ids(disc.tuples(trajectory_states))
         return cls(disc, states, ids, learn_chunks(ids.tolist(), params))
 

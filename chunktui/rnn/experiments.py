@@ -59,8 +59,9 @@ def train_experiment(n_words: int = 600, seed: int = 0, config: TrainConfig | No
 REFLECT_WEIGHT_DECAY = 0.5
 
 
-def _reflect_one(net: ReflectionRNN, ids: np.ndarray, test_seq, k: int, params: ChunkParams | None) -> dict:
-    ref, dsc = reflect(record(net, ids), test_seq, k, params)
+def _reflect_one(net: ReflectionRNN, ids: np.ndarray, test_seq, k: int, params: ChunkParams | None,
+                 kmeans: str = "exact") -> dict:
+    ref, dsc = reflect(record(net, ids), test_seq, k, params, kmeans=kmeans)
     entry = ref.to_json()
     entry["top_chunks"] = [{"chunk": list(c), "count": n} for c, n in list(dsc.chunks.vocabulary.items())[:10]]
     return entry
@@ -85,7 +86,7 @@ def _summarise_arm(per_seed: list[dict], arm: str) -> dict:
 def reflect_experiment(seed: int = 0, n_train_words: int = 600, n_test_words: int = 1000,
                        k: int = 3, params: ChunkParams | None = None,
                        config: TrainConfig | None = None, recurrent_gain: float = 0.9,
-                       compare_default_init: bool = True, seeds: int = 1) -> dict:
+                       compare_default_init: bool = True, seeds: int = 1, kmeans: str = "exact") -> dict:
     """For each of ``seeds`` seeds (``seed``, ``seed + 1``, ...): train on one flat
     sequence, reflect on a fresh one (seed + 1000). All seeds train as replicas
     of one batched network; each replica trains exactly as it would alone.
@@ -114,9 +115,9 @@ def reflect_experiment(seed: int = 0, n_train_words: int = 600, n_test_words: in
         ids = alphabet.encode(test_seq.symbols)
         per_seed.append({"seed": s, "ground_truth_parse_length": len(test_seq.parse),
                          "planted_words": test_seq.n_planted, "sequence_length": len(test_seq.symbols),
-                         "trained": _reflect_one(trained.replica(i), ids, test_seq, k, params),
-                         "untrained": _reflect_one(untrained.replica(i), ids, test_seq, k, params)})
-    out = {"k": k, "chunk_params": asdict(params or ChunkParams()), "seeds": seed_list,
+                         "trained": _reflect_one(trained.replica(i), ids, test_seq, k, params, kmeans),
+                         "untrained": _reflect_one(untrained.replica(i), ids, test_seq, k, params, kmeans)})
+    out = {"k": k, "kmeans": kmeans, "chunk_params": asdict(params or ChunkParams()), "seeds": seed_list,
            "init": {"scheme": "orthogonal_recurrent", "recurrent_gain": recurrent_gain,
                     "description": f"recurrent block = orthogonal x {recurrent_gain}, other weights "
                                    "PyTorch-default uniform, seeded per seed; untrained = the trained "
@@ -132,8 +133,8 @@ def reflect_experiment(seed: int = 0, n_train_words: int = 600, n_test_words: in
         d_seed = []
         for i, test_seq in enumerate(test_seqs):
             ids = alphabet.encode(test_seq.symbols)
-            d_seed.append({"trained": _reflect_one(d_trained.replica(i), ids, test_seq, k, params),
-                           "untrained": _reflect_one(d_untrained.replica(i), ids, test_seq, k, params)})
+            d_seed.append({"trained": _reflect_one(d_trained.replica(i), ids, test_seq, k, params, kmeans),
+                           "untrained": _reflect_one(d_untrained.replica(i), ids, test_seq, k, params, kmeans)})
         out["default_init"] = {"init": {"scheme": "pytorch_default",
                                         "description": "all weights uniform(+-1/sqrt(fan_in)); untrained = "
                                                        "the trained network's starting point"},

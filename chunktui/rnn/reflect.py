@@ -31,14 +31,14 @@ class Decoding:
 
 
 def decode_current_symbol(states: np.ndarray, symbols: np.ndarray, k: int = 4,
-                          fit_fraction: float = 0.5) -> Decoding:
+                          fit_fraction: float = 0.5, kmeans: str = "exact") -> Decoding:
     """Fit k-means and a state->symbol table on the first ``fit_fraction`` of
     the run (states (T,H), symbols (T,)), test on the rest."""
     T = len(symbols)
     n_fit = int(T * fit_fraction)
     if not 0 < n_fit < T:
         raise ValueError("fit_fraction must leave steps on both sides")
-    disc = Discretiser.fit(states[:n_fit], k)
+    disc = Discretiser.fit(states[:n_fit], k, method=kmeans)
     tuples = disc.tuples(states)
     votes: dict[tuple, Counter] = defaultdict(Counter)
     for t in range(n_fit):
@@ -85,10 +85,11 @@ class Reflection:
 
 
 def reflect(traj: Trajectory, seq: PlantedSequence, k: int = 4,
-            params: ChunkParams | None = None, fit_fraction: float = 0.5) -> tuple[Reflection, DSC]:
-    """All reflection measures for one network's run over ``seq``."""
-    dec = decode_current_symbol(traj.states, traj.symbols, k, fit_fraction)
-    dsc = DSC.run(traj.states, k, params)
+            params: ChunkParams | None = None, fit_fraction: float = 0.5,
+            kmeans: str = "exact") -> tuple[Reflection, DSC]:
+    """All reflection measures for one network's run over ``seq`` (``kmeans``: exact or robust)."""
+    dec = decode_current_symbol(traj.states, traj.symbols, k, fit_fraction, kmeans)
+    dsc = DSC.run(traj.states, k, params, kmeans=kmeans)
     recurring = int((np.bincount(dsc.ids) >= 2).sum())
     ref = Reflection(dec, dsc.n_states, recurring, len(dsc.chunks.vocabulary), len(dsc.chunks.learned),
                      dsc.chunks.parse_length, len(seq.parse), seq.n_planted, traj.accuracy)

@@ -116,3 +116,28 @@ def test_reflect_counts_recurring_states():
     assert ref.unique_states == int((counts >= 1).sum())
     assert ref.recurring_states == int((counts >= 2).sum())
     assert ref.decoding.accuracy == 1.0 - ref.decoding.unseen_fraction
+
+
+def test_robust_kmeans_uses_medians_resists_an_outlier_and_repeats_for_a_seed():
+    from chunktui.rnn.dsc import kmeans_1d_robust
+
+    # Two groups and one stray value. Absolute deviations: {0,1,2} + {10,10,10,30} cost 2 + 20 = 22,
+    # less than isolating 30 (27), so k-medians keeps the groups, centres at their medians 1 and 10.
+    # Squared deviations: isolating 30 costs 123.5 against 302, so exact k-means spends a cluster
+    # on the stray value and merges the two groups (mean 5.5).
+    x = [0, 1, 2, 10, 10, 10, 30]
+    centres, labels = kmeans_1d_robust(x, 2, seed=0)
+    assert centres.tolist() == [1.0, 10.0] and labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    exact, _ = kmeans_1d(x, 2)
+    assert exact.tolist() == [5.5, 30.0]
+    again, _ = kmeans_1d_robust(x, 2, seed=0)
+    assert np.array_equal(again, centres)
+    assert kmeans_1d_robust([3, 3, 3], 4)[0].tolist() == [3.0]  # k capped at the distinct values
+
+
+def test_discretiser_robust_method_and_bad_method():
+    states = np.array([[0.0, 5.0], [0.1, 5.1], [3.0, 9.0], [3.1, 9.2]])
+    d = Discretiser.fit(states, 2, method="robust", seed=1)
+    assert d.labels(states).tolist() == [[0, 0], [0, 0], [1, 1], [1, 1]]
+    with pytest.raises(ValueError, match="exact' or 'robust'"):
+        Discretiser.fit(states, 2, method="fuzzy")

@@ -96,6 +96,7 @@ def test_cli_reflect_json(tmp_path):
         assert data[arm]["parse_to_planted_per_seed"] == [r["parse_length"] / p["planted_words"]
                                                           for r, p in zip(per, data["per_seed"])]
     assert data["train_config"]["weight_decay"] == 0.5 and data["chunk_params"]["min_count"] == 2
+    assert data["kmeans"] == "exact"
     # Like for like: both networks share the stated init; the default-init pair is an extra.
     assert data["init"]["scheme"] == "orthogonal_recurrent" and data["init"]["recurrent_gain"] == 0.9
     assert data["k"] == 3
