@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import functools
-import os
 import sys
-from pathlib import Path
 
 import click
 from rich.console import Console
@@ -14,18 +12,6 @@ from chunktui.engine.errors import ChunkError
 
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
-
-REPO_SAMPLE = Path(__file__).resolve().parents[2] / "sample_data"
-
-
-def sample_path(name: str) -> Path:
-    """A file in sample_data/ (works from a checkout; $CHUNKTUI_SAMPLE_DATA overrides)."""
-    root = Path(os.environ.get("CHUNKTUI_SAMPLE_DATA", REPO_SAMPLE))
-    return root / name
-
-
-DEFAULT_DICT_NAME = "smollm2-135m.chunks.safetensors"
-
 
 def friendly_errors(func):
     """Turn user errors into one clear line and exit code 2; Ctrl-C into exit 130."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from chunktui.cli.common import (DEFAULT_DICT_NAME, console, err_console, friendly_errors, load_with_progress,
-                                 model_options, sample_path, stage_progress)
+from chunktui.cli.common import (console, err_console, friendly_errors, load_with_progress, model_options,
+                                 stage_progress)
+from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 
 
 @click.command("perturb")

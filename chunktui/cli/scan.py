@@ -7,18 +7,9 @@ from pathlib import Path
 import click
 from rich.text import Text
 
-from chunktui.cli.common import (DEFAULT_DICT_NAME, console, err_console, friendly_errors, load_with_progress,
-                                 model_options, sample_path)
-
-# a palette that reads on dark and light terminals; concept i gets colour i mod len
-PALETTE = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c",
-           "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000", "#ffd8b1",
-           "#000075", "#808080"]
-
-
-def label_colours(labels: list[str]) -> dict[str, str]:
-    return {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(sorted(set(labels)))}
-
+from chunktui.cli.common import console, err_console, friendly_errors, load_with_progress, model_options
+from chunktui.palette import label_colours
+from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 
 def render_tokens(texts: list[str], labels: list[str | None], colours: dict[str, str]) -> Text:
     """Tokens with a background colour per strongest concept (plain text under NO_COLOR)."""

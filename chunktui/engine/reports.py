@@ -15,7 +15,7 @@ import io
 import json
 from pathlib import Path
 
-from chunktui.cli.scan import label_colours
+from chunktui.palette import label_colours
 from chunktui.engine.errors import ExportError
 from chunktui.engine.io import atomic_write_text
 from chunktui.engine.session import SESSION_FORMAT, SESSION_VERSION

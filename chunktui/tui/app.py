@@ -669,7 +669,7 @@ def make_app(model_spec: str | None = None, dict_path: str | None = None, device
     Defaults: the built-in model, the sample dictionary, the sample sequences, and every
     `*.chunks.safetensors` in sample_data/ and the working folder offered in the dictionary picker.
     """
-    from chunktui.cli.common import DEFAULT_DICT_NAME, sample_path
+    from chunktui.paths import DEFAULT_DICT_NAME, sample_path
     from chunktui.engine.models import DEFAULT_MODEL
 
     if threads:

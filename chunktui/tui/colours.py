@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.style import Style
 
-from chunktui.cli.scan import label_colours
+from chunktui.palette import label_colours
 
 __all__ = ["label_colours", "token_style", "strength_glyph", "SPARK"]
 

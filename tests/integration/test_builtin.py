@@ -7,7 +7,7 @@ and dequantises it once; later runs load it from the cache in under a second.
 import pytest
 import torch
 
-from chunktui.cli.common import DEFAULT_DICT_NAME, sample_path
+from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 from chunktui.engine.build import LabelSource, build_dictionary, evaluate_dictionary, read_text, summarise_by_label
 from chunktui.engine.dictionary import load_dictionary
 from chunktui.engine.models import load_model

@@ -157,7 +157,7 @@ async def test_export_writes_each_format(make_test_app, tmp_path, fmt):
         assert out.is_file()
         body = out.read_text()
         if fmt == "html":
-            from chunktui.cli.scan import label_colours
+            from chunktui.palette import label_colours
 
             colour = label_colours(app.dictionary.labels())["cheese"]
             assert f"background:{colour}" in body and "<style>" in body and "<script" not in body
@@ -200,7 +200,7 @@ async def test_unknown_model_is_a_notification(make_test_app):
 
 
 async def test_wrong_dictionary_is_explained(make_test_app, tmp_path):
-    from chunktui.cli.common import DEFAULT_DICT_NAME, sample_path
+    from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 
     other = sample_path(DEFAULT_DICT_NAME)  # made for smollm2-135m, shipped in the repo
     assert other.is_file()

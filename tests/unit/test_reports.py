@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from chunktui.cli import main
-from chunktui.cli.scan import label_colours
+from chunktui.palette import label_colours
 from chunktui.engine.errors import ExportError
 from chunktui.engine.reports import normalise, read_input, render, write_report
 from chunktui.engine.session import ChunkColumns, Session, Trace, steps_from_scan
