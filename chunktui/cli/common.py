@@ -30,7 +30,42 @@ def friendly_errors(func):
     return wrapper
 
 
+_PLACEMENT = "chunktui.placement"
+
+
+def _remember_placement(ctx: click.Context, param: click.Parameter, value):
+    """Placement options travel in the context, so commands keep their signatures and pass them on unchanged."""
+    ctx.meta.setdefault(_PLACEMENT, {})[param.name] = value
+    return value
+
+
+def placement_options(func):
+    """--device-map / --max-memory / --offload-folder (accelerate's meanings) and --offline."""
+    func = click.option("--offline", is_flag=True, default=False, expose_value=False, callback=_remember_placement,
+                        help="never download: use only models already cached (as HF_HUB_OFFLINE=1)")(func)
+    func = click.option("--offload-folder", type=click.Path(file_okay=False), default=None, expose_value=False,
+                        callback=_remember_placement,
+                        help="with --device-map: folder for weights that fit in no --max-memory budget")(func)
+    func = click.option("--max-memory", default=None, expose_value=False, callback=_remember_placement,
+                        metavar="DEVICE=SIZE,...",
+                        help="with --device-map: caps per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB")(func)
+    func = click.option("--device-map", type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
+                        default=None, expose_value=False, callback=_remember_placement,
+                        help="shard the model across GPUs with CPU/disk offload (accelerate); "
+                             "default: everything on --device")(func)
+    return func
+
+
+def placement_from_context() -> dict:
+    """The placement options of the running command, as load_model keyword arguments."""
+    ctx = click.get_current_context(silent=True)
+    given = dict(ctx.meta.get(_PLACEMENT, {})) if ctx is not None else {}
+    return {key: given.get(key) for key in ("device_map", "max_memory", "offload_folder")} | {
+        "offline": bool(given.get("offline"))}
+
+
 def model_options(func):
+    func = placement_options(func)
     func = click.option("--dtype", default="auto", show_default=True,
                         type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
                         help="auto: bfloat16 on CUDA, float32 elsewhere")(func)
@@ -44,10 +79,12 @@ def model_options(func):
 def load_with_progress(model_spec: str, device: str, dtype: str, quiet: bool = False):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from chunktui.engine.memory import describe_weights
     from chunktui.engine.models import load_model
 
+    placement = placement_from_context()
     if quiet:
-        return load_model(model_spec, device, dtype)
+        return load_model(model_spec, device, dtype, **placement)
     with Progress(TextColumn("[bold]{task.fields[stage]:>8}"), BarColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=err_console, transient=True) as progress:
         task = progress.add_task("", total=1.0, stage="model")
@@ -56,9 +93,9 @@ def load_with_progress(model_spec: str, device: str, dtype: str, quiet: bool = F
             progress.update(task, description=message, stage=stage,
                             completed=fraction if fraction is not None else None)
 
-        loaded = load_model(model_spec, device, dtype, progress=update)
-    err_console.print(f"[dim]loaded {loaded.name} on {loaded.device} ({loaded.card()['dtype']}) "
-                      f"in {loaded.load_seconds:.1f} s[/]")
+        loaded = load_model(model_spec, device, dtype, progress=update, **placement)
+    err_console.print(f"[dim]loaded {loaded.name} on {loaded.card()['placement']} ({loaded.card()['dtype']}) "
+                      f"in {loaded.load_seconds:.1f} s; weights {describe_weights(loaded)}[/]")
     return loaded
 
 

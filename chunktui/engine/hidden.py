@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from chunktui.engine.errors import CorpusError, DeviceMemoryError, GenerationCancelled, out_of_memory_message
+from chunktui.engine.memory import ensure_fits
 from chunktui.engine.models import LoadedModel, ModelLayout
 
 
@@ -28,13 +29,18 @@ class ResidualRecorder:
     """Records H[0..L] during a forward pass, without copying.
 
     Use as a context manager around a forward call; `states()` then returns a
-    tensor (batch, seq, n_states, d) on the model's device (or the chosen
-    subset of layers).
+    tensor (batch, seq, n_states, d) in the model's dtype (or the chosen
+    subset of layers). On a model dispatched across devices each block's state
+    arrives on the device of the block before it; `states()` gathers them onto
+    `device` (default: where the first recorded layer arrived, which is the
+    model's input device), so matching sees one tensor on one device.
     """
 
-    def __init__(self, layout: ModelLayout, layers: Sequence[int] | None = None):
+    def __init__(self, layout: ModelLayout, layers: Sequence[int] | None = None,
+                 device: torch.device | str | None = None):
         self.layout = layout
         self.layers = list(range(layout.n_states)) if layers is None else list(layers)
+        self.device = torch.device(device) if device is not None else None
         self._captured: dict[int, torch.Tensor] = {}
         self._handles: list = []
 
@@ -66,7 +72,8 @@ class ResidualRecorder:
         missing = [l for l in self.layers if l not in self._captured]
         if missing:
             raise RuntimeError(f"layers {missing} were not reached in the forward pass")
-        out = torch.stack([self._captured[l] for l in self.layers], dim=2)
+        device = self.device or self._captured[self.layers[0]].device
+        out = torch.stack([self._captured[l].to(device) for l in self.layers], dim=2)
         self._captured.clear()
         return out
 
@@ -228,6 +235,9 @@ def collect(loaded: LoadedModel, text: str, mode: str = "sentence", layers: Sequ
     total = sum(len(r[0]) for r in rows)
     done = 0
     device = loaded.device
+    longest = max(len(r[0]) for r in rows) + lead
+    ensure_fits(loaded, "collecting hidden states for", longest, batch=min(batch_size, len(rows)),
+                kept_states=longest * len(layers) // layout.n_states)
     for b in range(0, len(order), batch_size):
         if should_stop is not None and should_stop():
             raise GenerationCancelled("Hidden-state collection cancelled; nothing was saved.")

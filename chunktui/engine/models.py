@@ -6,13 +6,21 @@ A *model spec* is one of:
   by sha256;
 - a path to a `.gguf` file (dequantised once, then cached as safetensors);
 - a local Hugging Face model folder;
-- a Hub id, loaded from the local Hub cache (this tool never needs a network
-  for models you already have);
+- a Hub id: taken from the local Hub cache when it is there (no network
+  needed), else downloaded with `huggingface_hub` (see `engine/hub.py`);
 - `random:NAME[:SEED]`, a small seeded random model built from a config, for
   tests and demos (`random:llama-tiny`, `random:gpt2-tiny`, ...).
 
 `find_layout` is the one place that knows where an architecture keeps its
 decoder blocks and final norm.
+
+Placement. Weights load straight onto the target device
+(`from_pretrained(device_map=...)`), never staged in host memory first. With
+`device_map="auto"` (or balanced, balanced_low_0, sequential: accelerate's
+meanings) accelerate shards the model across GPUs, offloading to CPU memory
+and then to `offload_folder` on disk when `max_memory` caps are reached.
+`LoadedModel.device` is then the device the inputs go to (the embedding's
+execution device); `module_device` tells where each block computes.
 """
 
 from __future__ import annotations
@@ -175,6 +183,8 @@ class LoadedModel:
     load_seconds: float = 0.0
     source: str = ""
     fingerprint: list[float] = field(default_factory=list)
+    device_map: dict | None = None  # accelerate's hf_device_map when the model is dispatched, else None
+    offload_folder: str | None = None
 
     @property
     def n_layers(self) -> int:
@@ -214,6 +224,7 @@ class LoadedModel:
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "memory_mb": round(self.memory_bytes() / 2**20, 1),
+            "placement": placement_summary(self.device_map) if self.device_map else str(self.device),
             "load_seconds": round(self.load_seconds, 2),
             "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
         }
@@ -229,13 +240,26 @@ def model_fingerprint(model: nn.Module, layout: ModelLayout) -> list[float]:
     far more. Compared with a relative tolerance, never hashed bit-for-bit.
     """
     values: list[float] = []
-    emb = model.get_input_embeddings().weight
+    emb = _weight_value(model.get_input_embeddings(), "weight")
     rows = torch.linspace(0, emb.shape[0] - 1, 8).long().to(emb.device)
     values += emb[rows].float().norm(dim=-1).tolist()
     for block in (layout.blocks[0], layout.blocks[-1]):
-        params = [p for p in block.parameters() if p.dim() == 2][:2]
-        values += [p.float().norm().item() for p in params]
+        names = [n for n, p in block.named_parameters() if p.dim() == 2][:2]
+        for name in names:
+            owner, _, attr = name.rpartition(".")
+            values.append(_weight_value(block.get_submodule(owner) if owner else block, attr).float().norm().item())
     return [round(v, 6) for v in values]
+
+
+def _weight_value(module: nn.Module, attr: str) -> torch.Tensor:
+    """A parameter's values, read back from accelerate's CPU or disk offload when it sits on the meta device."""
+    param = getattr(module, attr)
+    if param.device.type != "meta":
+        return param.detach()
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module, torch.device("cpu")):
+        return getattr(module, attr).detach().clone()
 
 
 def fingerprint_digest(values: list[float]) -> str:
@@ -288,6 +312,79 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ModelLoadError(f"Unknown dtype '{dtype}'. Use auto, float32, bfloat16 or float16.")
     return _DTYPES[dtype]
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_max_memory(text: str | dict | None) -> dict | None:
+    """'cpu=120MiB,0=20GiB,cuda:1=30GiB' -> accelerate's max_memory {"cpu": "120MiB", 0: ..., 1: ...}."""
+    if text is None or isinstance(text, dict) or not str(text).strip():
+        return text or None
+    from accelerate.utils import convert_file_size_to_int
+
+    out: dict = {}
+    for part in str(text).split(","):
+        key, sep, size = part.strip().partition("=")
+        key, size = key.strip().lower(), size.strip()
+        if not sep or not key or not size:
+            raise ModelLoadError(f"--max-memory '{text}': write DEVICE=SIZE pairs separated by commas, "
+                                 "e.g. 0=70GiB,1=70GiB,cpu=200GiB.")
+        if key.startswith("cuda:"):
+            key = key[5:]
+        if key.isdigit():
+            device: int | str = int(key)
+        elif key in ("cpu", "mps"):
+            device = key
+        else:
+            raise ModelLoadError(f"--max-memory: unknown device '{key}'. Use a GPU index (0, 1, ... or cuda:N), "
+                                 "cpu or mps.")
+        try:
+            value = convert_file_size_to_int(size)
+        except (ValueError, TypeError):
+            value = -1
+        if value <= 0:
+            raise ModelLoadError(f"--max-memory: '{size}' is not a size for {key}. Use e.g. 500MiB, 20GiB or 16GB.")
+        if isinstance(device, int) and device >= torch.cuda.device_count():
+            raise ModelLoadError(f"--max-memory names GPU {device}, but {torch.cuda.device_count()} CUDA device(s) "
+                                 "are visible.")
+        out[device] = size
+    return out
+
+
+def placement_summary(device_map: dict) -> str:
+    """hf_device_map -> 'cuda:0 20 blocks, cpu 10, disk 2' style counts of top-level entries."""
+    counts: dict[str, int] = {}
+    for where in device_map.values():
+        name = f"cuda:{where}" if isinstance(where, int) else str(where)
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{name} x{n}" for name, n in counts.items())
+
+
+def _as_device(where) -> torch.device:
+    if isinstance(where, int):
+        return torch.device("cuda", where)
+    return torch.device(where)
+
+
+def _hook_devices(hook):
+    for inner in getattr(hook, "hooks", None) or [hook]:  # accelerate's SequentialHook holds several
+        where = getattr(inner, "execution_device", None)
+        if where is not None:
+            yield _as_device(where)
+
+
+def module_device(module: nn.Module, default: torch.device | None = None) -> torch.device:
+    """Where a module computes: accelerate's execution device when dispatched, else its weights' device."""
+    for sub in module.modules():
+        hook = getattr(sub, "_hf_hook", None)
+        if hook is not None:
+            for where in _hook_devices(hook):
+                return where
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.device.type != "meta":
+            return tensor.device
+    return default if default is not None else torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- specs
@@ -429,12 +526,70 @@ def _convert_gguf(gguf: Path, out: Path, progress: ProgressFn) -> None:
         raise
 
 
-def _load_folder(path: str, dtype: torch.dtype, local_only: bool):
+def _load_folder(path: str, dtype: torch.dtype, local_only: bool, placement: dict | None = None):
+    """Tokenizer and model from a local folder; `placement` (device_map, max_memory, offload_folder) puts the
+    weights straight where they will compute."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only, **(placement or {}))
     return model, tokenizer
+
+
+def _placement(dev: torch.device, device_map, max_memory: dict | None, offload_folder: str | None) -> dict:
+    """from_pretrained keyword arguments for where the weights go."""
+    if device_map is None:
+        if max_memory or offload_folder:
+            raise ModelLoadError("--max-memory and --offload-folder shard a model with --device-map "
+                                 f"({', '.join(DEVICE_MAPS)}); add --device-map auto.")
+        return {} if dev.type == "cpu" else {"device_map": {"": dev}}  # straight onto the device
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        raise ModelLoadError(f"Unknown device map '{device_map}'. Use {', '.join(DEVICE_MAPS)}.")
+    out: dict = {"device_map": device_map}
+    if max_memory:
+        out["max_memory"] = max_memory
+    if offload_folder:
+        folder = Path(offload_folder).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise ModelLoadError(f"--offload-folder {folder} is a file; give a folder for offloaded weights.")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ModelLoadError(f"--offload-folder {folder}: cannot create it ({err.strerror}).") from None
+        if not os.access(folder, os.W_OK):
+            raise ModelLoadError(f"--offload-folder {folder} is not writable.")
+        out["offload_folder"] = str(folder)
+    return out
+
+
+def _dispatch_random(model: nn.Module, placement: dict) -> nn.Module:
+    """accelerate's own dispatch for a model built in memory (random:NAME), as from_pretrained does for files."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    device_map = placement.get("device_map")
+    if isinstance(device_map, dict):
+        return model.to(next(iter(device_map.values())))
+    no_split = getattr(model, "_no_split_modules", None) or []
+    max_memory = placement.get("max_memory")
+    if device_map in ("balanced", "balanced_low_0") or (device_map == "auto" and torch.cuda.device_count() > 1):
+        max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                         low_zero=device_map == "balanced_low_0")
+    mapping = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    if "" in mapping:  # the whole model in one place: name its parts, so accelerate can offload them by name
+        mapping = {name: mapping[""] for name, _ in model.named_children()}
+    if "disk" in mapping.values() and not placement.get("offload_folder"):
+        raise ValueError("weights offloaded to the disk need an offload_folder")
+    model = dispatch_model(model, mapping, offload_dir=placement.get("offload_folder"))
+    model.hf_device_map = mapping
+    return model
+
+
+def input_device(model: nn.Module, default: torch.device) -> torch.device:
+    """The device a dispatched model takes its inputs on: its embedding's execution device."""
+    if getattr(model, "hf_device_map", None) is None:
+        return default
+    return module_device(model.get_input_embeddings(), default)
 
 
 def _quiet_transformers() -> None:
@@ -446,62 +601,79 @@ def _quiet_transformers() -> None:
         hf_logging.set_verbosity_error()
     except ImportError:  # pragma: no cover
         pass
+    import logging
+
+    # "Some parameters are on the meta device because they were offloaded": the card says where they went
+    logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
 
 
 def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto",
-               progress: ProgressFn = _no_progress) -> LoadedModel:
-    """Resolve `spec`, load model and tokenizer onto `device`, and describe its layout."""
+               progress: ProgressFn = _no_progress, *, device_map: str | dict | None = None,
+               max_memory: str | dict | None = None, offload_folder: str | None = None,
+               offline: bool = False) -> LoadedModel:
+    """Resolve `spec`, load model and tokenizer straight onto `device` (or dispatch them with `device_map`).
+
+    device_map: None (everything on `device`), or accelerate's "auto" / "balanced" / "balanced_low_0" /
+    "sequential" (or an explicit {module: device} map), sharding across GPUs with CPU and disk offload.
+    max_memory: caps per device, {0: "20GiB", "cpu": "64GiB"} or the string "0=20GiB,cpu=64GiB".
+    offload_folder: where weights that fit nowhere else go. offline: never download (as HF_HUB_OFFLINE=1).
+    """
     resolved = resolve_spec(spec)
     _quiet_transformers()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    placement = _placement(dev, device_map, parse_max_memory(max_memory), offload_folder)
     start = time.perf_counter()
     source = resolved.detail
-    progress("resolve", 0.0, f"{resolved.name} on {dev} ({str(dt).replace('torch.', '')})")
+    where = f"device map {device_map}" if device_map is not None else str(dev)
+    progress("resolve", 0.0, f"{resolved.name} on {where} ({str(dt).replace('torch.', '')})")
     try:
         if resolved.kind == "random":
             from chunktui.engine.tiny import build_random_model
 
             model, tokenizer = build_random_model(resolved.spec)
             model = model.to(dtype=dt)
+            model = _dispatch_random(model, placement) if device_map is not None else model.to(dev)
             source = "random weights from a config (seeded)"
         elif resolved.kind in ("builtin", "gguf"):
             gguf = fetch_builtin(resolved.spec, progress) if resolved.kind == "builtin" else Path(resolved.detail)
             converted = _converted_dir(gguf)
             if not (converted / "model.safetensors").is_file():
                 _convert_gguf(gguf, converted, progress)
-            progress("load", 0.5, "loading weights from the safetensors cache")
-            model, tokenizer = _load_folder(str(converted), dt, local_only=True)
+            progress("load", 0.5, f"loading weights from the safetensors cache onto {where}")
+            model, tokenizer = _load_folder(str(converted), dt, local_only=True, placement=placement)
             source = str(gguf)
         elif resolved.kind == "folder":
-            progress("load", 0.3, f"loading {resolved.detail}")
-            model, tokenizer = _load_folder(resolved.detail, dt, local_only=True)
-        else:  # hub
-            progress("load", 0.3, f"looking for {resolved.spec} in the local Hugging Face cache")
-            try:
-                model, tokenizer = _load_folder(resolved.spec, dt, local_only=True)
-            except OSError as err:
-                raise ModelLoadError(
-                    f"'{resolved.spec}' is not in the local Hugging Face cache "
-                    f"({os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface/hub'}), and chunktui does not "
-                    "download models. Download it on a machine with network access "
-                    f"(`hf download {resolved.spec}`) and copy the cache over, or pass a local folder or .gguf file."
-                ) from err
-            source = "Hugging Face cache"
-        progress("move", 0.9, f"moving to {dev}")
-        model = model.to(dev).eval()
+            progress("load", 0.3, f"loading {resolved.detail} onto {where}")
+            model, tokenizer = _load_folder(resolved.detail, dt, local_only=True, placement=placement)
+        else:  # hub: the local cache, or a download
+            from chunktui.engine.hub import fetch_hub_model
+
+            folder = fetch_hub_model(resolved.spec, offline=offline, progress=progress)
+            progress("load", 0.9, f"loading {resolved.spec} onto {where}")
+            model, tokenizer = _load_folder(str(folder), dt, local_only=True, placement=placement)
+            source = f"Hugging Face cache ({folder})"
+        model = model.eval()
     except torch.cuda.OutOfMemoryError as err:
         raise DeviceMemoryError(
-            f"Out of memory on {dev} while loading {resolved.name}. Try --dtype bfloat16 or --device cpu.") from err
+            f"Out of memory on {where} while loading {resolved.name}. Try --dtype bfloat16, --device-map auto "
+            "(with --max-memory and --offload-folder to spill to CPU and disk), or --device cpu.") from err
     except (ModelLoadError, DeviceMemoryError):
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as err:
+        if "offload" in str(err) and "folder" in str(err):
+            raise ModelLoadError(
+                f"With --device-map {device_map} and these memory caps, part of {resolved.name} must go to disk: "
+                "give a folder for it with --offload-folder DIR (or raise --max-memory).") from err
         raise ModelLoadError(f"Could not load '{resolved.spec}': {err}") from err
     layout = find_layout(model)
     if getattr(tokenizer, "pad_token", None) is None:
         tokenizer.pad_token = tokenizer.eos_token
+    hf_map = getattr(model, "hf_device_map", None) if device_map is not None else None
     loaded = LoadedModel(model=model, tokenizer=tokenizer, name=resolved.name, spec=resolved.spec, layout=layout,
-                         device=dev, dtype=dt, source=source, fingerprint=model_fingerprint(model, layout))
+                         device=input_device(model, dev) if hf_map else dev, dtype=dt, source=source,
+                         fingerprint=model_fingerprint(model, layout), device_map=dict(hf_map) if hf_map else None,
+                         offload_folder=placement.get("offload_folder"))
     loaded.load_seconds = time.perf_counter() - start
     progress("done", 1.0, f"loaded {resolved.name} in {loaded.load_seconds:.1f} s")
     return loaded

@@ -32,7 +32,7 @@ import torch
 
 from chunktui.engine.dictionary import Chunk, ChunkDictionary
 from chunktui.engine.errors import ChunkError
-from chunktui.engine.models import LoadedModel
+from chunktui.engine.models import LoadedModel, module_device
 from chunktui.engine.streaming import PhaseFlag, Sampling, decode, encode_prompt, eos_ids
 
 MODES = ("graft", "amplify", "freeze", "suppress", "mean-ablate")
@@ -116,6 +116,7 @@ class _LayerEdit:
     """Precomputed edit for one layer: PA subpopulations and direction chunks."""
 
     def __init__(self, chunks: list[Chunk], mode: str, strength: float, mean: torch.Tensor | None, device, dtype):
+        self.device = torch.device(device)
         self.mode, self.strength = mode, float(strength)
         self.pa = [(c.neurons.long().to(device), c.template.to(device, torch.float32)) for c in chunks if c.kind == "pa"]
         self.dirs = [(c.direction.to(device, torch.float32) / c.direction.float().norm(), float(c.typical or 0.0))
@@ -163,13 +164,16 @@ def intervene(loaded: LoadedModel, intervention: Intervention | None, phase: Pha
     if bad:
         raise ChunkError(f"Layer {bad[0]} is the output of the final norm; interventions edit the stream entering "
                          f"blocks 0..{layout.n_layers - 1}.")
-    device = loaded.device
     positions = intervention.positions
     handles = []
 
     def make_hook(edit: _LayerEdit):
         def hook(module, args, kwargs):
+            # On a dispatched model the stream arrives from the previous block's device; the edit runs where
+            # this block computes (its templates live there), which is where accelerate would move it anyway.
             h = args[0] if args else kwargs["hidden_states"]
+            if h.device != edit.device:
+                h = h.to(edit.device)
             B, T, _ = h.shape
             if phase.phase == "prefill":
                 if positions.kind == "generated":
@@ -197,6 +201,7 @@ def intervene(loaded: LoadedModel, intervention: Intervention | None, phase: Pha
         for layer in intervention.layers:
             chunks = [c for c in intervention.chunks if c.layer == layer]
             mean = intervention.layer_means[layer] if intervention.layer_means is not None else None
+            device = module_device(layout.blocks[layer], loaded.device)  # this block's device, when dispatched
             edit = _LayerEdit(chunks, intervention.mode, intervention.strength, mean, device, loaded.dtype)
             handles.append(layout.blocks[layer].register_forward_pre_hook(make_hook(edit), with_kwargs=True,
                                                                            prepend=True))

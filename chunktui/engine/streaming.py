@@ -24,6 +24,7 @@ import torch
 from chunktui.engine.errors import DeviceMemoryError, out_of_memory_message
 from chunktui.engine.hidden import ResidualRecorder
 from chunktui.engine.matching import MatchResult, PackedDictionary
+from chunktui.engine.memory import ensure_fits
 from chunktui.engine.models import LoadedModel
 
 
@@ -166,6 +167,8 @@ def decode(loaded: LoadedModel, rows: list[list[int]], sampling: Sampling, seeds
     prefill logits are appended to it.
     """
     model, device = loaded.model, loaded.device
+    ensure_fits(loaded, "generating", max(len(r) for r in rows), sampling.max_new_tokens, batch=len(rows),
+                record=record, full_logits=prefill_states is not None)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     ids, mask = left_pad(rows, pad)
     ids, mask = ids.to(device), mask.to(device)
@@ -327,6 +330,7 @@ def scan_text(loaded: LoadedModel, text: str | list[int], packed: PackedDictiona
     if len(ids) > limit:
         raise CorpusError(f"The text is {len(ids)} tokens; one scan reads at most {limit} (the model's context). "
                           "Split it into parts, or use `chunktui evaluate`, which reads a corpus sentence by sentence.")
+    ensure_fits(loaded, "scanning", len(ids), full_logits=True)
     try:
         with ResidualRecorder(loaded.layout) as rec:
             out = loaded.model(input_ids=torch.tensor([ids], device=loaded.device), use_cache=False)
