@@ -25,6 +25,7 @@ No Python loop over chunks or tokens; long sequences go in token blocks.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -57,7 +58,8 @@ class MatchResult:
 class PackedDictionary:
     """Chunks packed for matching against states laid out as (T, len(layers), d)."""
 
-    def __init__(self, chunks: Sequence[Chunk], width: int, layers: Sequence[int], device: torch.device | str = "cpu"):
+    def __init__(self, chunks: Sequence[Chunk], width: int, layers: Sequence[int], device: torch.device | str = "cpu",
+                 precision: str = "auto"):
         self.layers = list(layers)
         self.width = width
         self.device = torch.device(device)
@@ -107,17 +109,20 @@ class PackedDictionary:
                     d = chunk.direction.double()
                     W[u, width:, col] = d / d.norm()
                 self.column[c] = u * cmax + col
-        self.W, self.const, self.size = W, const, size
         self.is_pa = torch.tensor([c.kind == "pa" for c in self.chunks], dtype=torch.bool)
         self.slot = torch.div(self.column, cmax, rounding_mode="floor")  # (C,) index into used layers
-        # float64 where the device has it (Apple's MPS does not: float32 there, exact matches may be lost)
-        self.compute_dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        for name in ("chunk_layer", "threshold", "layer_table", "used_layers", "W", "const", "size", "column",
-                     "is_pa", "slot"):
-            value = getattr(self, name)
-            if value.is_floating_point():
-                value = value.to(self.compute_dtype)
-            setattr(self, name, value.to(self.device))
+        self.layer_table = self.layer_table.to(self.device)
+        self.precision = _choose_precision(precision, self.device)
+        # float64 decisions are the reference; the device that computes them (Apple's MPS has no float64: the CPU)
+        self.exact_device = torch.device("cpu") if self.device.type == "mps" else self.device
+        index = dict(used_layers=self.used_layers, column=self.column, slot=self.slot, is_pa=self.is_pa)
+        self._exact = _Tables(W=W, const=const, size=size, threshold=self.threshold, **index).to(
+            self.exact_device, torch.float64)
+        self._fast = None
+        if self.precision == "float32":
+            self._fast = _Tables(W=W, const=const, size=size, threshold=self.threshold, **index).to(
+                self.device, torch.float32)
+        self.rechecked = 0  # tokens the float32 path handed to float64 (near a threshold), since packing
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -130,9 +135,10 @@ class PackedDictionary:
         T, S, d = H.shape
         if S != len(self.layers) or d != self.width:
             raise ValueError(f"states have shape (T, {S}, {d}); this pack expects (T, {len(self.layers)}, {self.width})")
-        per_token = max(int(self.W.shape[0]) * (int(self.W.shape[1]) + int(self.W.shape[2])) + 8 * len(self.chunks), 1)
+        W = self._exact.W
+        per_token = max(int(W.shape[0]) * (int(W.shape[1]) + int(W.shape[2])) + 8 * len(self.chunks), 1)
         step = max(1, block_elements // per_token)
-        parts = [self._match_block(H[a:a + step].to(self.device)) for a in range(0, T, step)] or [
+        parts = [self._match_block(H[a:a + step]) for a in range(0, T, step)] or [
             (torch.zeros(0, len(self), device=self.device),) * 2 + (torch.zeros(0, len(self), dtype=torch.bool, device=self.device),)]
         value, score, hit = (torch.cat([p[i] for p in parts]) for i in range(3))
         return self._summarise(value, score, hit)
@@ -142,22 +148,15 @@ class PackedDictionary:
         if not self.chunks:
             empty = torch.zeros(T, 0, device=self.device)
             return empty, empty, empty.bool()
-        Hu = H[:, self.used_layers].to(self.compute_dtype).transpose(0, 1)  # (S_used, T, d)
-        X = torch.cat([Hu * Hu, Hu], dim=-1)  # (S_used, T, 2d)
-        raw = torch.bmm(X, self.W).transpose(0, 1).reshape(T, -1)[:, self.column]  # (T, C)
-        sq_norms = X[..., : self.width].sum(-1).transpose(0, 1)[:, self.slot]  # (T, C): |h|^2 at the chunk's layer
-        # PA: deviation = (raw + sum m mu^2) / |M|. Rounding in the expansion is bounded by a tiny
-        # fraction of the magnitudes summed (|h|^2 + sum m mu^2 bounds every term); deviations within
-        # that bound of 0 are exact matches (dev = theta = 0 at layer 0).
-        bound = (sq_norms + self.const) * 1e-11
-        dev = ((raw + self.const - bound) / self.size).clamp(min=0)
-        cos = raw / sq_norms.sqrt().clamp(min=_EPS)  # direction: (h . u) / |h|
-        theta = self.threshold
-        value = torch.where(self.is_pa, dev, cos)
-        hit = torch.where(self.is_pa, dev <= theta, cos >= theta)
-        score = torch.where(self.is_pa, torch.log((theta + _EPS) / (dev + _EPS)),
-                            torch.log(cos.clamp(min=_EPS) / theta.clamp(min=_EPS)))
-        return value.float(), score.float(), hit
+        if self._fast is None:
+            return tuple(x.to(self.device) for x in _evaluate(self._exact, H.to(self.exact_device), self.width))
+        value, score, hit, near = _evaluate(self._fast, H.to(self.device), self.width, screen=True)
+        rows = near.nonzero().flatten()
+        if len(rows):  # decided in float64, exactly as the reference decides them
+            exact = _evaluate(self._exact, H[rows.to(H.device)].to(self.exact_device), self.width)
+            value[rows], score[rows], hit[rows] = (x.to(self.device) for x in exact)
+            self.rechecked += len(rows)
+        return value, score, hit
 
     def _summarise(self, value: torch.Tensor, score: torch.Tensor, hit: torch.Tensor) -> MatchResult:
         T = value.shape[0]
@@ -181,8 +180,123 @@ class PackedDictionary:
                            token_chunk=token_chunk, token_score=token_score)
 
 
-def pack(chunks: Sequence[Chunk], width: int, n_states: int, device="cpu", layers: Sequence[int] | None = None) -> PackedDictionary:
-    return PackedDictionary(chunks, width, list(range(n_states)) if layers is None else layers, device)
+def pack(chunks: Sequence[Chunk], width: int, n_states: int, device="cpu", layers: Sequence[int] | None = None,
+         precision: str = "auto") -> PackedDictionary:
+    return PackedDictionary(chunks, width, list(range(n_states)) if layers is None else layers, device, precision)
+
+
+# --------------------------------------------------------------------------- the arithmetic, in either precision
+
+
+def _choose_precision(precision: str, device: torch.device) -> str:
+    """auto: float32 screening on accelerators (float64 is slow on most GPUs, absent on MPS), float64 on CPU."""
+    if precision not in ("auto", "float32", "float64"):
+        raise ValueError(f"precision must be auto, float32 or float64, not {precision!r}")
+    if precision == "auto":
+        return "float32" if device.type in ("cuda", "mps") else "float64"
+    return precision
+
+
+@dataclass
+class _Tables:
+    """The packed weights in one dtype on one device."""
+
+    W: torch.Tensor  # (S_used, 2d, Cmax): rows [:d] the masks m, rows [d:] -2 m mu (PA) or u (direction)
+    const: torch.Tensor  # (C,) sum m mu^2
+    size: torch.Tensor  # (C,) |M|
+    threshold: torch.Tensor  # (C,)
+    used_layers: torch.Tensor
+    column: torch.Tensor
+    slot: torch.Tensor
+    is_pa: torch.Tensor
+
+    def to(self, device, dtype) -> "_Tables":
+        return _Tables(**{k: (v.to(dtype) if v.is_floating_point() else v).to(device)
+                          for k, v in self.__dict__.items()})
+
+
+_BAND_SAFETY = 2.0  # the band is twice the proven bound
+
+
+def _gamma(n: int) -> float:
+    """gamma_n = n u / (1 - n u), u = 2^-24: the classic bound on the relative error of n float32 operations."""
+    nu = n * 2.0 ** -24
+    return nu / (1.0 - nu)
+
+
+@contextlib.contextmanager
+def _ieee_float32():
+    """cuBLAS may use TF32 (10-bit mantissa) for float32 matmuls when allowed; the bound below needs IEEE float32."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    try:
+        old, key, ieee = matmul.fp32_precision, "fp32_precision", "ieee"
+    except (AttributeError, RuntimeError):
+        old, key, ieee = matmul.allow_tf32, "allow_tf32", False
+    setattr(matmul, key, ieee)
+    try:
+        yield
+    finally:
+        setattr(matmul, key, old)
+
+
+def _evaluate(t: _Tables, H: torch.Tensor, width: int, screen: bool = False):
+    """Deviation / cosine, score and hit of every chunk for H (T, S, d), in t's dtype.
+
+    With `screen` (float32), also returns `near` (T,): tokens whose decision for some chunk could differ
+    from the float64 reference, which the caller recomputes in float64. The bound, per chunk:
+
+      PA. dev = (A + B + const) / |M| with A = sum m h^2 (d products), B = sum -2 m mu h (d products).
+      Any summation order in IEEE float32 gives |fl(x) - x| <= gamma_n * sum |terms| (Higham, Accuracy and
+      Stability, 3.1); counting the squaring, the two additions, the rounding of const to float32 and the
+      division, n = d + 5, and sum |terms| = A + 2 sum m |h mu| + const <= (sqrt(A) + sqrt(const))^2
+      (Cauchy-Schwarz). So |dev32 - dev| <= gamma_{d+5} (sqrt(A) + sqrt(const))^2 / |M|.
+      Direction. cos = (h . u) / |h| with |u| = 1: |cos32 - cos| <= 2 gamma_{d+5} (|h . u| <= |h|).
+      The float64 reference errs by ~1e-16 of the same magnitudes and shifts dev by its rounding
+      tolerance 1e-11 (|h|^2 + const) / |M|; both are added to the band.
+    A token is `near` when, for some chunk, |value32 - threshold| <= 2 x that bound (a factor 2 to spare),
+    or when anything is not finite (float32 overflows where float64 does not). Outside the band the
+    float32 decision provably equals the float64 one.
+    """
+    T = H.shape[0]
+    dtype = t.W.dtype
+    Hu = H[:, t.used_layers].to(dtype).transpose(0, 1)  # (S_used, T, d)
+    sq = Hu * Hu
+    with _ieee_float32() if dtype == torch.float32 else contextlib.nullcontext():
+        if screen:
+            A = torch.bmm(sq, t.W[:, :width]).transpose(0, 1).reshape(T, -1)[:, t.column]  # (T, C) sum m h^2
+            B = torch.bmm(Hu, t.W[:, width:]).transpose(0, 1).reshape(T, -1)[:, t.column]  # (T, C)
+            raw = A + B
+        else:
+            X = torch.cat([sq, Hu], dim=-1)  # (S_used, T, 2d)
+            raw = torch.bmm(X, t.W).transpose(0, 1).reshape(T, -1)[:, t.column]  # (T, C)
+    sq_norms = sq.sum(-1).transpose(0, 1)[:, t.slot]  # (T, C): |h|^2 at the chunk's layer
+    # PA: deviation = (raw + sum m mu^2) / |M|. Rounding in the expansion is bounded by a tiny
+    # fraction of the magnitudes summed (|h|^2 + sum m mu^2 bounds every term); deviations within
+    # that bound of 0 are exact matches (dev = theta = 0 at layer 0).
+    shift = (sq_norms + t.const) * 1e-11
+    dev = ((raw + t.const - shift) / t.size).clamp(min=0)
+    cos = raw / sq_norms.sqrt().clamp(min=_EPS)  # direction: (h . u) / |h|
+    theta = t.threshold
+    value = torch.where(t.is_pa, dev, cos)
+    hit = torch.where(t.is_pa, dev <= theta, cos >= theta)
+    score = torch.where(t.is_pa, torch.log((theta + _EPS) / (dev + _EPS)),
+                        torch.log(cos.clamp(min=_EPS) / theta.clamp(min=_EPS)))
+    # score >= 0 exactly when hit, also where the logarithm rounds to (minus) zero
+    score = torch.where(hit, score.clamp(min=0), score.clamp(max=-1e-30))
+    if not screen:
+        return value.float(), score.float(), hit
+    g = _gamma(width + 5)
+    A64, const64 = A.clamp(min=0).double() * (1 + 2 * g), t.const.double()
+    pa_band = g * (A64.sqrt() + const64.sqrt()) ** 2 / t.size.double() + \
+        2e-11 * (sq_norms.double() * (1 + 2 * g) + const64) / t.size.double()
+    band = _BAND_SAFETY * torch.where(t.is_pa, pa_band, torch.full_like(pa_band, 2 * g + 1e-12))
+    gap = (value.double() - theta.double()).abs()
+    # theta in float32 is theta64 rounded: compare against the float64 threshold the reference uses
+    near_pair = (gap <= band) | ~torch.isfinite(gap) | ~torch.isfinite(band)
+    return value.float(), score.float(), hit, near_pair.any(-1)
 
 
 def direct_deviation(chunk: Chunk, state: torch.Tensor) -> float:

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from chunktui.engine.dictionary import Chunk
@@ -72,3 +73,80 @@ def test_layer_subset_axis():
     assert {c.layer for c in packed.chunks} == {1, 3}
     r = packed.match(torch.randn(7, 2, 16))
     assert r.hit.shape == (7, len(packed.chunks))
+
+
+# --------------------------------------------------------------------------- precision policy
+
+
+def _hard_case(T=10_000, n_states=3, width=256, seed=11):
+    """Random states with a few large ("massive") activations, a random dictionary whose thresholds sit
+    exactly on some token's deviation (as PA fits them: the largest deviation of a training positive), and
+    direction chunks whose thresholds sit on some token's cosine: the hardest case for rounding."""
+    g = torch.Generator().manual_seed(seed)
+    H = torch.randn(T, n_states, width, generator=g)
+    H[:, :, :4] *= 40.0  # a few outlier neurons, as in real LLM residual streams
+    H[:50, 0] = H[50:100, 0]  # repeated states: exact matches at deviation 0
+    H = H.to(torch.bfloat16)  # recorded in the model's dtype on a GPU
+    chunks = []
+    for i in range(60):
+        layer = i % n_states
+        m = int(torch.randint(1, width, (1,), generator=g))
+        neurons = torch.randperm(width, generator=g)[:m].sort().values
+        source = H[int(torch.randint(0, T, (1,), generator=g)), layer].float()
+        template = source[neurons] + 0.3 * torch.randn(m, generator=g)
+        chunks.append(Chunk(id=f"p{i}", label=f"l{i % 7}", layer=layer, neurons=neurons, template=template,
+                            threshold=0.0))
+    chunks.append(Chunk(id="exact", label="exact", layer=0, neurons=torch.arange(width),
+                        template=H[60, 0].float(), threshold=0.0))  # only its own copies match, at dev = 0
+    for i in range(12):
+        u = torch.randn(width, generator=g)
+        chunks.append(Chunk(id=f"d{i}", label="dir", layer=i % n_states, kind="direction", direction=u / u.norm(),
+                            threshold=0.0))
+    reference = pack(chunks, width, n_states, precision="float64")
+    values = reference.match(H).value.double()
+    for c, chunk in enumerate(reference.chunks):  # thresholds on real deviations / cosines, in float64
+        if chunk.id == "exact":
+            continue
+        column = values[:, c]
+        chunk.threshold = float(column.quantile(0.2 if chunk.kind == "pa" else 0.9))
+        chunk.threshold = float(column[(column - chunk.threshold).abs().argmin()])  # exactly one token's value
+    return chunks, H, width, n_states
+
+
+def test_float32_matching_decides_exactly_as_float64():
+    """10,000 random states x 73 chunks: the float32 path (forced on CPU, as it runs on GPUs) and the float64
+    reference agree on every decision, including tokens sitting exactly on a threshold."""
+    chunks, H, width, n_states = _hard_case()
+    reference = pack(chunks, width, n_states, precision="float64").match(H)
+    fast_pack = pack(chunks, width, n_states, precision="float32")
+    fast = fast_pack.match(H, block_elements=1 << 22)  # several token blocks
+    assert fast_pack.precision == "float32"
+    disagreements = int((fast.hit != reference.hit).sum())
+    assert disagreements == 0
+    assert int(reference.hit.sum()) > 0.1 * reference.hit.numel()  # plenty of matches to get wrong
+    exact = [c.id for c in fast_pack.chunks].index("exact")
+    assert reference.hit[:, exact].nonzero().flatten().tolist() == [10, 60]  # the state and its copy, dev = 0
+    # only tokens near a threshold went to float64, and those on a threshold did
+    assert 0 < fast_pack.rechecked < len(H)
+    assert torch.equal(fast.score >= 0, fast.hit)
+    assert torch.allclose(fast.value, reference.value, rtol=1e-4, atol=1e-4)
+    assert torch.equal(fast.layer_chunk >= 0, reference.layer_chunk >= 0)
+
+
+def test_without_the_band_float32_would_disagree(monkeypatch):
+    """The band is what makes float32 exact: with it removed, the same data gives wrong decisions."""
+    import chunktui.engine.matching as matching
+
+    chunks, H, width, n_states = _hard_case(T=3000)
+    reference = pack(chunks, width, n_states, precision="float64").match(H)
+    monkeypatch.setattr(matching, "_BAND_SAFETY", 0.0)  # no band: float32 decides everything
+    raw = pack(chunks, width, n_states, precision="float32").match(H)
+    assert int((raw.hit != reference.hit).sum()) > 0
+
+
+def test_precision_choice():
+    chunks = random_chunks()
+    assert pack(chunks, 16, 4).precision == "float64"  # CPU: float64 is fast enough
+    assert pack(chunks, 16, 4, precision="float32").precision == "float32"
+    with pytest.raises(ValueError, match="precision"):
+        pack(chunks, 16, 4, precision="float16")
