@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from chunktui.engine.errors import CorpusError, DeviceMemoryError, GenerationCancelled, out_of_memory_message
-from chunktui.engine.memory import ensure_fits
+from chunktui.engine.memory import ensure_fits, ensure_host_fits
 from chunktui.engine.models import LoadedModel, ModelLayout
 
 
@@ -235,6 +235,8 @@ def collect(loaded: LoadedModel, text: str, mode: str = "sentence", layers: Sequ
     total = sum(len(r[0]) for r in rows)
     done = 0
     device = loaded.device
+    ensure_host_fits(total * len(layers) * layout.hidden_size * torch.tensor([], dtype=store_dtype).element_size(),
+                     f"collecting the hidden states of {total} tokens at {len(layers)} layers")
     longest = max(len(r[0]) for r in rows) + lead
     ensure_fits(loaded, "collecting hidden states for", longest, batch=min(batch_size, len(rows)),
                 kept_states=longest * len(layers) // layout.n_states)
@@ -251,7 +253,9 @@ def collect(loaded: LoadedModel, text: str, mode: str = "sentence", layers: Sequ
             mask[k, :len(seq)] = 1
         try:
             with ResidualRecorder(layout, layers) as rec:
-                loaded.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                # logits_to_keep=1: only the states are wanted, not (B, T, vocab) logits
+                loaded.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False,
+                             logits_to_keep=1)
             states = rec.states()  # (batch, width, S, d)
         except torch.cuda.OutOfMemoryError as err:
             raise DeviceMemoryError(out_of_memory_message("collecting hidden states", str(device))) from err

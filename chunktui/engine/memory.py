@@ -166,7 +166,9 @@ def memory_report(loaded: LoadedModel, kv_tokens: int = 0, state_tokens: int = 0
 def _size(n: int | None) -> str:
     if n is None:
         return "?"
-    return f"{n / _GiB:.2f} GiB" if n >= _GiB else f"{n / 2**20:.0f} MiB"
+    if n >= _GiB:
+        return f"{n / _GiB:.2f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
 
 
 def describe_weights(loaded: LoadedModel) -> str:
@@ -230,10 +232,21 @@ def ensure_fits(loaded: LoadedModel, what: str, prompt_tokens: int, new_tokens: 
         total = sum(parts.values())
         if free is None or total <= free:
             continue
-        detail = ", ".join(f"{kind.replace('_', ' ')} {_size(size)}" for kind, size in parts.items() if size)
+        names = {"kv_cache": "KV cache"}
+        detail = ", ".join(f"{names.get(kind, kind)} {_size(size)}" for kind, size in parts.items() if size)
         tokens = prompt_tokens + new_tokens
         raise DeviceMemoryError(
             f"Not started: {what} {tokens} tokens{f' x {batch} rows' if batch > 1 else ''} needs about "
             f"{_size(total)} on {where} ({detail}), and {where} has {_size(free)} free. Nothing was lost. "
             "Generate fewer tokens, use a shorter text or a smaller batch, or spread the model with "
             "--device-map auto (and --max-memory / --offload-folder).")
+
+
+def ensure_host_fits(nbytes: int, what: str) -> None:
+    """Refuse, before any work, to keep more in host memory than is available (states stored on the CPU)."""
+    free = available_bytes("cpu")
+    if free is not None and nbytes > free:
+        raise DeviceMemoryError(
+            f"Not started: {what} would keep about {_size(nbytes)} in host memory, and {_size(free)} is available. "
+            "Nothing was lost. Use fewer layers (--layers), float16 storage (--store-dtype float16) or a "
+            "shorter corpus.")

@@ -1,0 +1,80 @@
+"""Device memory: the report the app shows, and runs refused up front when they will not fit."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from chunktui.cli import main
+from chunktui.engine import memory
+from chunktui.engine.errors import DeviceMemoryError
+from chunktui.engine.hidden import collect
+from chunktui.engine.memory import estimate_run, memory_report
+from chunktui.engine.streaming import Sampling, generate_stream, scan_text
+
+
+def test_report_of_a_plain_load(tiny_model):
+    rows = memory_report(tiny_model, kv_tokens=10, state_tokens=7)
+    assert [r.device for r in rows] == ["cpu"]
+    cpu = rows[0]
+    assert cpu.weights == sum(p.numel() * 4 for p in tiny_model.model.parameters())
+    assert cpu.kv_cache == 10 * 4 * 2 * 2 * 16 * 4 and cpu.states == 7 * 5 * 64 * 4
+    assert cpu.used == cpu.weights + cpu.kv_cache + cpu.states
+    assert set(cpu.to_json()) >= {"device", "weights", "kv_cache", "states", "free", "total", "peak", "used"}
+
+
+def test_estimate_grows_with_tokens_batch_and_recording(tiny_model):
+    small = estimate_run(tiny_model, 10, 10)["cpu"]
+    assert estimate_run(tiny_model, 10, 110)["cpu"]["kv_cache"] == 6 * small["kv_cache"]
+    assert estimate_run(tiny_model, 10, 10, batch=4)["cpu"]["kv_cache"] == 4 * small["kv_cache"]
+    assert "states" not in estimate_run(tiny_model, 10, 10, record=False)["cpu"]
+    assert estimate_run(tiny_model, 10, 0, full_logits=True)["cpu"]["logits"] == 10 * small["logits"]
+
+
+class _Forwards:
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.register_forward_pre_hook(self)
+
+    def __call__(self, *args):
+        self.calls += 1
+
+
+def test_runs_that_will_not_fit_are_refused_before_any_work(tiny_model, monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 64 * 1024)  # 64 KiB free
+    counter = _Forwards(tiny_model.model)
+    try:
+        with pytest.raises(DeviceMemoryError, match=r"Not started: generating .* on cpu .*KV cache.*free"):
+            list(generate_stream(tiny_model, "The dog", Sampling(max_new_tokens=500)))
+        with pytest.raises(DeviceMemoryError, match="Not started: scanning"):
+            scan_text(tiny_model, "The dog ate the cheese. " * 20)
+        with pytest.raises(DeviceMemoryError, match="Not started: collecting"):
+            collect(tiny_model, "The dog ate the cheese. " * 200, batch_size=64)
+        assert counter.calls == 0
+        # a run that fits still runs
+        monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 30)
+        assert len(list(generate_stream(tiny_model, "The dog", Sampling(max_new_tokens=3)))) > 3
+        assert counter.calls > 0
+    finally:
+        counter.handle.remove()
+
+
+def test_unknown_free_memory_refuses_nothing(tiny_model, monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: None)
+    assert list(generate_stream(tiny_model, "The dog", Sampling(max_new_tokens=2)))
+
+
+def test_cli_refuses_a_generation_larger_than_memory(tiny_dict):
+    _, path = tiny_dict
+    r = CliRunner().invoke(main, ["scan", "--model", "random:llama-tiny", "--dict", str(path), "--prompt", "hi",
+                                  "--generate", str(10**10)])
+    assert r.exit_code == 2 and "Not started: generating" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run scripts/gpu_check.sh there)")
+def test_cuda_report_has_free_total_and_peak():
+    from chunktui.engine.models import load_model
+
+    loaded = load_model("random:llama-tiny", device="cuda")
+    (row,) = [r for r in memory_report(loaded, kv_tokens=5) if r.device.startswith("cuda")]
+    assert row.weights > 0 and row.free is not None and row.total >= row.free and row.peak >= row.weights
