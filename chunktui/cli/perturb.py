@@ -7,6 +7,7 @@ from rich.table import Table
 
 from chunktui.cli.common import (console, err_console, friendly_errors, load_with_progress, model_options,
                                  stage_progress)
+from chunktui.engine.perturb_defaults import DEFAULT_LAYERS, DEFAULT_POSITIONS, MODES
 from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 
 
@@ -15,13 +16,13 @@ from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 @click.option("--dict", "dict_path", default=None, help="dictionary (default: the sample dictionary)")
 @click.option("--chunk", "chunk_names", required=True, help="LABEL[,LABEL] or chunk ids")
 @click.option("--mode", default="graft", show_default=True,
-              type=click.Choice(["graft", "freeze", "amplify", "suppress", "mean-ablate"]))
+              type=click.Choice(list(MODES)))
 @click.option("--strength", type=float, default=None,
               help="a for graft/amplify, b for freeze/suppress (default: graft 0.05, amplify 2, freeze 1, suppress 0.5, "
                    "mean-ablate 1). The sample dictionary's chunks span the whole width, so a = 1 replaces the state "
                    "and breaks the answer; 0.05 on every prompt token steers it")
-@click.option("--layers", default="2-9", show_default=True, help="each layer uses the concept's chunk of that layer")
-@click.option("--positions", default="prompt", show_default=True,
+@click.option("--layers", default=DEFAULT_LAYERS, show_default=True, help="each layer uses the concept's chunk of that layer")
+@click.option("--positions", default=DEFAULT_POSITIONS, show_default=True,
               help="prompt, prompt-last:K, generated or all")
 @click.option("--prompt", help="one prompt")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), help="file of prompts, one per line")
@@ -61,8 +62,6 @@ def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strengt
     dictionary = load_dictionary(dict_path or sample_path(DEFAULT_DICT_NAME), identity=loaded.identity())
     layer_list = parse_layers(layers, loaded.layout.n_states)
     chunks = select_chunks(dictionary, chunk_names.split(","), layer_list)
-    if strength is None and mode == "graft":
-        strength = 0.05
     intervention = Intervention(chunks=chunks, mode=mode, strength=strength, positions=Positions.parse(positions),
                                 layer_means=dictionary.layer_means)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)

@@ -15,17 +15,30 @@ import click
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--sequences", "sequences_path", default=None, type=click.Path(dir_okay=False),
               help="text or JSONL file for the Step pane (default: the sample sequences)")
-@click.option("--threads", default=0, help="torch threads (default: all cores but one, which the screen keeps)")
-def tui_cmd(model_spec, dict_path, device, dtype, sequences_path, threads) -> None:
+@click.option("--file", "file_path", default=None, type=click.Path(dir_okay=False),
+              help="open the Step pane on this text or JSONL file")
+@click.option("--prompt", default=None, help="start streaming this prompt as soon as the model is loaded")
+@click.option("--max-new-tokens", type=click.IntRange(1, 100_000), default=None,
+              help="tokens to generate (the Stream pane's 'tokens' field)")
+@click.option("--threads", type=click.IntRange(0, 1024), default=0,
+              help="torch threads of the engine process (default: all cores)")
+def tui_cmd(model_spec, dict_path, device, dtype, sequences_path, file_path, prompt, max_new_tokens, threads) -> None:
     """Open the terminal app: stream, inspect, perturb and step through chunks.
 
-    Keys: F1 Model, F2 Stream, F3 Chunks, F4 Perturb, F5 Step, F6 Export; Esc cancels;
-    Ctrl+P opens the command palette; Ctrl+Q quits.
+    Keys: F1 Model, F2 Stream, F3 Chunks, F4 Perturb, F5 Step, F6 Export; / focuses the pane's text field;
+    Ctrl+G generates, Esc stops; Ctrl+P opens the command palette; Ctrl+Q quits.
+    The model runs in its own process, so the screen stays responsive while it works.
     """
     import os
+    from pathlib import Path
 
     from chunktui.tui.app import make_app
 
-    threads = threads or max(1, (os.cpu_count() or 2) - 1)
+    if prompt is not None and not prompt.strip():
+        raise click.BadParameter("the prompt is empty", param_hint="--prompt")
+    if file_path is not None and not Path(file_path).is_file():
+        raise click.BadParameter(f"{file_path} does not exist", param_hint="--file")
+    threads = threads or (os.cpu_count() or 1)
     make_app(model_spec=model_spec, dict_path=dict_path, device=device, dtype=dtype,
-             sequences_path=sequences_path, threads=threads).run()
+             sequences_path=file_path or sequences_path, threads=threads, prompt=prompt,
+             max_new_tokens=max_new_tokens, open_step=file_path is not None).run()

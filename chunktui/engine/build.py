@@ -6,10 +6,8 @@ meet; the CLI, the app and the benchmarks all call these two functions.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -17,6 +15,7 @@ import torch
 from chunktui.engine.dictionary import Chunk, ChunkDictionary, chunk_id
 from chunktui.engine.errors import CorpusError
 from chunktui.engine.hidden import HiddenStates, collect
+from chunktui.engine.texts import read_sequences, read_text  # noqa: F401  (re-exported)
 from chunktui.engine.labels import Labels, read_spans, span_labels, word_labels
 from chunktui.engine.matching import PackedDictionary
 from chunktui.engine.models import LoadedModel
@@ -193,42 +192,4 @@ def summarise_by_label(records: list[dict]) -> dict[str, dict]:
     for agg in out.values():
         for key in ("tp_rate", "fp_rate", "accuracy"):
             agg[key] /= agg["layers"]
-    return out
-
-
-def read_text(path: str | Path) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise CorpusError(f"{path} does not exist (or is a folder). Give a UTF-8 text file.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise CorpusError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
-    except OSError as err:
-        raise CorpusError(f"Could not read {path}: {err.strerror or err}.") from None
-    if not text.strip():
-        raise CorpusError(f"The corpus {path} is empty.")
-    return text
-
-
-def read_sequences(path: str | Path) -> list[tuple[str, str]]:
-    """(id, text) pairs from a .jsonl file ({"id", "text"} per line) or a text file (one per non-empty line)."""
-    path = Path(path).expanduser()
-    body = read_text(path)  # missing, unreadable, non-UTF-8 and empty files get their message there
-    out: list[tuple[str, str]] = []
-    if path.suffix.lower() in (".jsonl", ".json"):
-        for lineno, line in enumerate(body.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CorpusError(f"{path.name}:{lineno}: not valid JSON ({err.msg}).") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise CorpusError(f"{path.name}:{lineno}: expected an object with a \"text\" field.")
-            out.append((str(rec.get("id", f"line {lineno}")), rec["text"]))
-    else:
-        out = [(f"line {lineno}", line.strip()) for lineno, line in enumerate(body.splitlines(), 1) if line.strip()]
-    if not out:
-        raise CorpusError(f"{path} holds no sequences.")
     return out

@@ -33,30 +33,8 @@ import torch
 from chunktui.engine.dictionary import Chunk, ChunkDictionary
 from chunktui.engine.errors import ChunkError
 from chunktui.engine.models import LoadedModel, module_device
+from chunktui.engine.perturb_defaults import DEFAULT_STRENGTH, MODES, Positions  # noqa: F401  (one source of truth)
 from chunktui.engine.streaming import PhaseFlag, Sampling, decode, encode_prompt, eos_ids
-
-MODES = ("graft", "amplify", "freeze", "suppress", "mean-ablate")
-DEFAULT_STRENGTH = {"graft": 1.0, "amplify": 2.0, "freeze": 1.0, "suppress": 0.5, "mean-ablate": 1.0}
-
-
-@dataclass(frozen=True)
-class Positions:
-    kind: str  # prompt | prompt-last | generated | all
-    k: int = 0
-
-    @staticmethod
-    def parse(spec: str) -> "Positions":
-        spec = (spec or "").strip()
-        if spec in ("prompt", "generated", "all"):
-            return Positions(spec)
-        m = re.fullmatch(r"prompt-last:(\d+)", spec)
-        if m and int(m.group(1)) > 0:
-            return Positions("prompt-last", int(m.group(1)))
-        raise ChunkError(f"Bad positions '{spec}': use prompt, prompt-last:K (K >= 1), generated or all.")
-
-    def __str__(self) -> str:
-        return f"prompt-last:{self.k}" if self.kind == "prompt-last" else self.kind
-
 
 @dataclass
 class Intervention:

@@ -1,7 +1,8 @@
 """What a session of the app holds: traces (streamed or scanned text) and perturbation runs.
 
 A `TokenStep` is one token compacted for display: everything a view needs,
-already on the CPU, so the UI thread never touches the model's tensors. A
+as plain Python values, so the UI process never needs torch (the engine
+process makes them, `engine/steps.py`, and sends them over a pipe). A
 `Trace` is a growing list of steps plus the packed dictionary's chunk order
 (the columns of `score`/`value`/`hit`). A `Session` collects finished traces
 and perturbation runs and serialises them to the JSON that `reports` renders.
@@ -15,8 +16,6 @@ import datetime as _dt
 import math
 from dataclasses import dataclass, field
 from typing import Iterable
-
-import torch
 
 SESSION_FORMAT = "chunktui.session"
 SESSION_VERSION = 1
@@ -39,13 +38,17 @@ class ChunkColumns:
                             layers=[int(c.layer) for c in chunks], thresholds=[float(c.threshold) for c in chunks],
                             kinds=[c.kind for c in chunks])
 
+    @staticmethod
+    def empty() -> "ChunkColumns":
+        return ChunkColumns([], [], [], [], [])
+
     def __len__(self) -> int:
         return len(self.ids)
 
 
 @dataclass
 class TokenStep:
-    """One token, compacted on the worker thread (all CPU; S = L + 1 layers, C = chunks)."""
+    """One token compacted for display: plain Python values only (S = L + 1 layers)."""
 
     index: int
     token_id: int
@@ -58,44 +61,7 @@ class TokenStep:
     layer_chunk: list[int]  # (S,) best hit per layer, -1 if none
     layer_score: list[float]  # (S,) its score, -inf if none
     norms: list[float]  # (S,) |h| per layer
-    value: torch.Tensor  # (C,) deviation (PA) or cosine (direction)
-    score: torch.Tensor  # (C,) >= 0 iff hit
-    hit: torch.Tensor  # (C,) bool
-
-
-def _steps(indices, ids, texts, generated, logprobs, tops, hidden: torch.Tensor, matches) -> list[TokenStep]:
-    """Compact T tokens at once. hidden: (T, S, d); matches: MatchResult over T tokens, or None."""
-    norms = hidden.float().norm(dim=-1).cpu()  # (T, S)
-    T, S = norms.shape
-    if matches is not None:
-        m = matches.to("cpu")
-        value, score, hit = m.value.float(), m.score.float(), m.hit
-        layer_chunk, layer_score = m.layer_chunk.tolist(), m.layer_score.tolist()
-        token_chunk, token_score = m.token_chunk.tolist(), m.token_score.tolist()
-    else:
-        value = score = torch.zeros(T, 0)
-        hit = torch.zeros(T, 0, dtype=torch.bool)
-        layer_chunk, layer_score = [[-1] * S] * T, [[float("-inf")] * S] * T
-        token_chunk, token_score = [-1] * T, [float("-inf")] * T
-    norm_rows = norms.tolist()
-    return [TokenStep(index=indices[t], token_id=int(ids[t]), text=texts[t], generated=generated[t],
-                      logprob=logprobs[t], top=tops[t], strongest=int(token_chunk[t]),
-                      strongest_score=float(token_score[t]), layer_chunk=[int(x) for x in layer_chunk[t]],
-                      layer_score=[float(x) for x in layer_score[t]], norms=norm_rows[t],
-                      value=value[t].clone(), score=score[t].clone(), hit=hit[t].clone()) for t in range(T)]
-
-
-def step_from_event(event) -> TokenStep:
-    """A streaming.TokenEvent -> TokenStep (call on the worker thread)."""
-    return _steps([event.index], [event.token_id], [event.text], [event.generated], [event.logprob], [event.top],
-                  event.hidden[None], event.matches)[0]
-
-
-def steps_from_scan(result) -> list[TokenStep]:
-    """A streaming.ScanResult -> TokenSteps (teacher-forced, none generated)."""
-    T = len(result.ids)
-    return _steps(list(range(T)), result.ids, result.texts, [False] * T, result.logprobs, [[] for _ in range(T)],
-                  result.hidden, result.matches)
+    hits: tuple[int, ...] = ()  # every chunk column that matched this token (sparse)
 
 
 def _finite(x: float | None) -> float | None:
@@ -113,13 +79,19 @@ class Trace:
         self.steps: list[TokenStep] = []
         self.finished: str | None = None
         self.elapsed = 0.0
-        self._score_cache: tuple[int, torch.Tensor] | None = None
+        self.trace_id: int | None = None  # the engine's id for it (token detail, chunk scores)
+        self._present: tuple | None = None  # ((layer, T), labels seen, T) for present()
 
     def __len__(self) -> int:
         return len(self.steps)
 
     def extend(self, steps: Iterable[TokenStep]) -> None:
         self.steps.extend(steps)
+
+    def replace_steps(self, steps: list[TokenStep]) -> None:
+        """All steps at once (a relabelled stream): drops cached summaries."""
+        self.steps = list(steps)
+        self._present = None
 
     @property
     def text(self) -> str:
@@ -143,25 +115,31 @@ class Trace:
     def labels(self, layer: int | None = None) -> list[str | None]:
         return [self.label_at(t, layer) for t in range(len(self.steps))]
 
-    def scores(self) -> torch.Tensor:
-        """(T, C) score of every chunk at every token (cached until the trace grows)."""
-        if self._score_cache is None or self._score_cache[0] != len(self.steps):
-            mat = torch.stack([s.score for s in self.steps]) if self.steps else torch.zeros(0, len(self.columns))
-            self._score_cache = (len(self.steps), mat)
-        return self._score_cache[1]
-
     def chunk_hits(self, column: int) -> list[bool]:
-        return [bool(s.hit[column]) if column < len(s.hit) else False for s in self.steps]
+        return [column in s.hits for s in self.steps]
+
+    def present(self, layer: int | None = None) -> list[str]:
+        """The labels that colour at least one token (at `layer`, or strongest overall); cached per length."""
+        key = (layer, len(self.steps))
+        if self._present is None or self._present[0] != key:
+            start = self._present[2] if self._present is not None and self._present[0][0] == layer else 0
+            seen = set(self._present[1]) if start else set()
+            for t in range(start, len(self.steps)):
+                label = self.label_at(t, layer)
+                if label is not None:
+                    seen.add(label)
+            self._present = (key, seen, len(self.steps))
+        return sorted(self._present[1])
 
     def next_match(self, start: int, label: str, layer: int | None = None, backwards: bool = False) -> int | None:
         """The next token after `start` where a chunk of `label` hits (at `layer`, or any layer)."""
-        cols = [c for c, lab in enumerate(self.columns.labels)
-                if lab == label and (layer is None or self.columns.layers[c] == layer)]
+        cols = {c for c, lab in enumerate(self.columns.labels)
+                if lab == label and (layer is None or self.columns.layers[c] == layer)}
         if not cols:
             return None
         order = range(start - 1, -1, -1) if backwards else range(start + 1, len(self.steps))
         for t in order:
-            if bool(self.steps[t].hit[cols].any()):
+            if not cols.isdisjoint(self.steps[t].hits):
                 return t
         return None
 

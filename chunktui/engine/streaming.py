@@ -26,23 +26,7 @@ from chunktui.engine.hidden import ResidualRecorder
 from chunktui.engine.matching import MatchResult, PackedDictionary
 from chunktui.engine.memory import ensure_fits
 from chunktui.engine.models import LoadedModel
-
-
-@dataclass
-class Sampling:
-    """How to pick tokens. temperature 0 is greedy. Same settings and seed: same tokens."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    stop_strings: tuple[str, ...] = ()
-    stop_at_eos: bool = True
-
-    def describe(self) -> dict:
-        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "top_k": self.top_k, "seed": self.seed, "stop_strings": list(self.stop_strings)}
+from chunktui.engine.protocol import Sampling  # noqa: F401  (re-exported: the engine's sampling settings)
 
 
 @dataclass
@@ -219,20 +203,47 @@ def decode(loaded: LoadedModel, rows: list[list[int]], sampling: Sampling, seeds
 
 
 class _Detokenizer:
-    """Incremental text: decode the whole continuation and emit what is new (byte-pair safe)."""
+    """Incremental text, one token at a time, byte-pair safe.
 
-    def __init__(self, tokenizer, prefix: list[int] | None = None):
+    With a fast tokenizer this is `tokenizers`' DecodeStream: constant work per
+    token, however long the text. Otherwise (slow tokenizers, the RNN) the
+    fallback decodes a short window of recent ids and emits what is new.
+    """
+
+    WINDOW = 8  # ids of context the fallback re-decodes (enough for any multi-byte character)
+
+    def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.ids: list[int] = list(prefix or [])
-        self.text = tokenizer.decode(self.ids, skip_special_tokens=False) if self.ids else ""
+        self.text = ""
+        self._ids: list[int] = []
+        self._emitted = 0  # ids whose text is already in self.text
+        self._stream = None
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            try:
+                from tokenizers.decoders import DecodeStream
+
+                self._stream, self._backend = DecodeStream(skip_special_tokens=False), backend
+            except ImportError:
+                self._stream = None
 
     def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
-            return ""
-        piece, self.text = text[len(self.text):], text
+        if self._stream is not None:
+            piece = self._stream.step(self._backend, int(token_id)) or ""
+        else:
+            piece = self._add_window(int(token_id))
+        self.text += piece
         return piece
+
+    def _add_window(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        start = max(0, self._emitted - self.WINDOW)
+        before = self.tokenizer.decode(self._ids[start:self._emitted], skip_special_tokens=False)
+        after = self.tokenizer.decode(self._ids[start:], skip_special_tokens=False)
+        if after.endswith("\ufffd") or not after.startswith(before):  # an incomplete UTF-8 sequence: wait
+            return ""
+        self._emitted = len(self._ids)
+        return after[len(before):]
 
 
 def generate_stream(loaded: LoadedModel, prompt: str | list[int], sampling: Sampling | None = None,
@@ -267,7 +278,8 @@ def generate_stream(loaded: LoadedModel, prompt: str | list[int], sampling: Samp
         else:
             for token_id in ids:
                 detok.add(token_id)
-        prompt_text = detok.text
+        prompt_len = len(detok.text)
+        longest_stop = max((len(x) for x in sampling.stop_strings), default=0)
         index = len(ids)
         step = first
         produced = 0
@@ -278,7 +290,8 @@ def generate_stream(loaded: LoadedModel, prompt: str | list[int], sampling: Samp
             finished = None
             if token_id in stops:
                 finished = "eos"
-            elif sampling.stop_strings and any(s in detok.text[len(prompt_text):] for s in sampling.stop_strings):
+            elif longest_stop and any(x in detok.text[max(prompt_len, len(detok.text) - len(piece) - longest_stop):]
+                                      for x in sampling.stop_strings):  # only the tail can hold a new stop
                 finished = "stop"
             elif produced >= sampling.max_new_tokens:
                 finished = "length"

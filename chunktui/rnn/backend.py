@@ -255,7 +255,7 @@ def relabel(loaded: RNNLoaded, steps: list) -> None:
     """Give streamed steps (session.TokenStep) the chunks of the full parse, as a scan of their
     text would: the live parse only knew the states up to each step. The RNN is deterministic,
     so re-running it over the text gives the same states."""
-    from chunktui.engine.session import steps_from_scan
+    from chunktui.engine.steps import steps_from_scan
 
     if not steps:
         return
@@ -263,7 +263,7 @@ def relabel(loaded: RNNLoaded, steps: list) -> None:
     for old, new in zip(steps, fresh):
         old.strongest, old.strongest_score = new.strongest, new.strongest_score
         old.layer_chunk, old.layer_score = new.layer_chunk, new.layer_score
-        old.value, old.score, old.hit = new.value, new.score, new.hit
+        old.hits = new.hits
 
 
 @torch.no_grad()

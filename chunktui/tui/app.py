@@ -1,42 +1,51 @@
 """The chunktui terminal app: Model, Stream, Chunks, Perturb, Step and Export panes.
 
-All model work runs in thread workers; the UI thread only renders. A
-generation worker compacts each token (`session.step_from_event`) and drops it
-in a buffer; a 20 Hz timer drains the buffer and redraws once, so the screen
-updates at a steady rate however fast tokens come. Failures in workers come
-back as `TaskFailed` messages and become notifications; the app carries on.
+The app never imports torch. The model, the dictionary and every tensor live
+in an engine process (`engine/server.py`, spawned at start); panes post typed
+requests (`engine/protocol.py`) through `EngineClient`, and events come back:
+token steps into a `TokenBuffer` that a 20 Hz timer drains (one redraw per
+frame however fast tokens come), everything else as `EngineEvent` messages
+handled here. Every failure, in the engine or the app, goes through `fail`,
+which logs it (traceback included) to the log file in the state folder and
+shows the message; the app carries on. If the engine process dies, the
+session on screen stays and the app offers to restart it.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Iterable
 
-from textual import on, work
+from textual import on
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
-from textual.screen import Screen
-from textual.widgets import Button, DataTable, Footer, Input, OptionList, Static, TabbedContent, TabPane
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Button, DataTable, Footer, Input, Label, OptionList, Static, TabbedContent, TabPane
 
-from chunktui.engine.build import read_sequences
-from chunktui.engine.errors import ChunkError, DictionaryError
-from chunktui.engine.session import ChunkColumns, Session, Trace, step_from_event, steps_from_scan
-from chunktui.tui import messages as m
-from chunktui.tui.colours import label_colours
+from chunktui.engine import protocol as p
+from chunktui.engine.errors import ChunkError
+from chunktui.engine.session import ChunkColumns, Session, Trace
+from chunktui.palette import label_colours
+from chunktui.paths import state_dir
+from chunktui.tui.engine_client import EngineClient
 from chunktui.tui.panes.chunks_pane import ChunksPane
 from chunktui.tui.panes.export_pane import ExportPane
 from chunktui.tui.panes.model_pane import ModelPane
 from chunktui.tui.panes.perturb_pane import PerturbPane
 from chunktui.tui.panes.step_pane import StepPane
 from chunktui.tui.panes.stream_pane import StreamPane
+from chunktui.tui.token_buffer import TokenBuffer
 from chunktui.tui.widgets.trace_view import TraceView
 
 PANES = [("model", "Model", "f1"), ("stream", "Stream", "f2"), ("chunks", "Chunks", "f3"), ("perturb", "Perturb", "f4"),
          ("step", "Step", "f5"), ("export", "Export", "f6")]
 FRAME_RATE = 20  # redraws per second while tokens stream
+LONG_REQUESTS = (p.Load, p.ListDictionaries, p.UseDictionary, p.Generate, p.Scan, p.Compare, p.BenchStream)
 
 
 def _rss_mb() -> float | None:
@@ -44,12 +53,39 @@ def _rss_mb() -> float | None:
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError):
-        try:
-            import resource
+        return None
 
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        except Exception:
-            return None
+
+class EngineEvent(Message):
+    """An event from the engine process (posted by the client's reader thread)."""
+
+    def __init__(self, event) -> None:
+        super().__init__()
+        self.event = event
+
+
+class EngineDied(Message):
+    def __init__(self, exitcode: int | None) -> None:
+        super().__init__()
+        self.exitcode = exitcode
+
+
+class RestartEngine(ModalScreen[bool]):
+    """The engine process stopped: restart it (and reload the model), or carry on without."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="restart-box"):
+            yield Label(self.text, id="restart-text")
+            with Horizontal(classes="form-row"):
+                yield Button("Restart engine", id="restart-yes", variant="primary", compact=True)
+                yield Button("Not now", id="restart-no", compact=True)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "restart-yes")
 
 
 class ChunkApp(App):
@@ -57,16 +93,19 @@ class ChunkApp(App):
 
     CSS_PATH = "app.tcss"
     TITLE = "chunktui"
-    BINDINGS = [Binding(key, f"pane('{pane}')", title) for pane, title, key in PANES] + [
-        Binding("escape", "cancel", "Cancel"),
-        Binding("ctrl+g", "generate", "Generate", show=False),
-        Binding("ctrl+r", "regenerate", "Regenerate", show=False),
-        Binding("ctrl+e", "export", "Export", show=False),
+    BINDINGS = [Binding(key, f"pane('{pane}')", title, show=False) for pane, title, key in PANES] + [
+        Binding("escape", "cancel", "Esc stop"),
+        Binding("ctrl+g", "generate", "^G generate"),
+        Binding("ctrl+r", "regenerate", "^R perturb", show=False),
+        Binding("ctrl+e", "export", "^E export", show=False),
+        Binding("slash", "focus_input", "/ prompt"),
     ]
 
     def __init__(self, model_spec: str = "smollm2-135m", dict_path: str | None = None, device: str = "auto",
                  dtype: str = "auto", dict_dirs: Iterable[str | Path] | None = None,
-                 sequences_path: str | None = None, show_timing: bool = True, autoload: bool = True) -> None:
+                 sequences_path: str | None = None, show_timing: bool = True, autoload: bool = True,
+                 threads: int | None = None, engine_mode: str = "process", prompt: str | None = None,
+                 max_new_tokens: int | None = None, open_step: bool = False) -> None:
         super().__init__()
         self.model_spec, self.device, self.dtype = model_spec, device, dtype
         self.dict_path = str(dict_path) if dict_path else None
@@ -75,25 +114,34 @@ class ChunkApp(App):
         self.sequences_path = sequences_path or ""
         self.show_timing = show_timing
         self.autoload = autoload
-        self.loaded = None
-        self.dictionary = None
-        self.packed = None
+        self.threads = threads
+        self.start_prompt, self.start_tokens, self.open_step = prompt, max_new_tokens, open_step
+        self.model: p.Loaded | None = None  # what the engine loaded
+        self.dictionary: p.DictionaryInUse | None = None
         self.colours: dict[str, str] = {}
         self.session = Session()
+        self.traces: dict[int, Trace] = {}
         self.stream_trace: Trace | None = None
         self.step_trace: Trace | None = None
         self.current_trace: Trace | None = None
         self.chosen_chunk_id: str | None = None
-        # generation: the worker appends compacted steps; the UI timer drains them
-        self._pending: list = []
-        self._pending_lock = threading.Lock()
-        self._cancel: threading.Event | None = None
+        self.buffer = TokenBuffer()
+        self.engine = EngineClient(self._engine_event, self._engine_died, self.buffer, mode=engine_mode,
+                                   threads=threads, log_path=self.log_path)
         self._busy: str | None = None  # "load", "generate", "perturb", "scan"
-        self._gen_started = 0.0
-        self._gen_tokens = 0
+        self._jobs = 0  # long requests sent and not yet done
+        self._asks = 0  # detail/score requests not yet answered
+        self._next_trace = 0
+        self._gen_started: float | None = None
+        self.engine_ready: p.Ready | None = None
         self.frames = 0  # redraws caused by new tokens (the benchmark reads these)
         self.frame_times: list[float] = []
         self.tokens_per_second: float | None = None
+        self.bench_result: p.BenchDone | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return state_dir() / "chunktui.log"
 
     # ------------------------------------------------------------------ layout
 
@@ -116,12 +164,30 @@ class ChunkApp(App):
 
     def on_mount(self) -> None:
         self.set_interval(1 / FRAME_RATE, self._drain)
+        if self.start_tokens:
+            self.query_one("#stream-tokens", Input).value = str(self.start_tokens)
+        if self.start_prompt:
+            self.query_one("#prompt", Input).value = self.start_prompt
         self.update_status()
         self.query_one("#prompt", Input).focus()
         if self.sequences_path and Path(self.sequences_path).is_file():
             self.action_open_sequences(quiet=True)
+        if self.open_step:
+            self.action_pane("step")
+        self.start_engine()
+
+    def start_engine(self) -> None:
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # no state folder: the engine's output goes nowhere, the app still works
+        self.engine.log_path = self.log_path if self.log_path.parent.is_dir() else None
+        self.engine.start()
         if self.autoload:
             self.action_load()
+
+    async def on_unmount(self) -> None:
+        self.engine.stop()
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
@@ -132,53 +198,124 @@ class ChunkApp(App):
                             self.action_regenerate)
         yield SystemCommand("Open sequences", "Open the file in the Step pane", self.action_open_sequences)
         yield SystemCommand("Export session", "Write the session in the Export pane's format", self.action_export)
+        yield SystemCommand("Restart engine", "Start a new engine process and load the model again",
+                            self.action_restart_engine)
         for pane, title, key in PANES:
             yield SystemCommand(f"Go to {title}", f"Show the {title} pane ({key.upper()})",
                                 lambda pane=pane: self.action_pane(pane))
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ one error path
 
-    def fail(self, text: str, title: str = "Error", severity: str = "error") -> None:
-        self.notify(text, title=title, severity=severity, timeout=8)
+    def fail(self, text: str, title: str = "Error", severity: str = "error", traceback: str | None = None) -> None:
+        """Every failure: logged (with its traceback, if any) to the log file, shown as written."""
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a", encoding="utf-8") as log:
+                stamp = _dt.datetime.now().isoformat(timespec="seconds")
+                log.write(f"{stamp} [{severity}] {title}: {text}\n{traceback or ''}")
+        except OSError:
+            pass
+        self.notify(text, title=title, severity=severity, timeout=8, markup=False)
+
+    # ------------------------------------------------------------------ engine plumbing
+
+    def _engine_event(self, event) -> None:  # reader thread
+        self.post_message(EngineEvent(event))
+
+    def _engine_died(self, exitcode: int | None) -> None:  # reader thread
+        self.post_message(EngineDied(exitcode))
+
+    def send(self, request) -> bool:
+        if not self.engine.send(request):
+            self.fail("The engine process is not running. Restart it (Ctrl+P, Restart engine).", title="No engine")
+            return False
+        if isinstance(request, LONG_REQUESTS):
+            self._jobs += 1
+        elif isinstance(request, (p.TokenDetail, p.ChunkScores)):
+            self._asks += 1
+        return True
+
+    def engine_idle(self) -> bool:
+        """Nothing sent is still outstanding (tests and the benchmark wait on this)."""
+        return self._jobs == 0 and self._asks == 0 and self._busy is None
+
+    def on_engine_event(self, message: EngineEvent) -> None:
+        event = message.event
+        handler = getattr(self, f"_handle_{type(event).__name__.lower()}", None)
+        if handler is not None:
+            handler(event)
+
+    def on_engine_died(self, message: EngineDied) -> None:
+        how = f"exit code {message.exitcode}" if message.exitcode is not None else "no exit code"
+        if message.exitcode is not None and message.exitcode < 0:
+            how = f"killed by signal {-message.exitcode}"
+        running = self._busy
+        self._finish_running("failed")
+        self._jobs = self._asks = 0
+        self.model = None
+        self._set_busy(None)
+        text = (f"The engine process stopped ({how}; out of memory, or killed). "
+                f"{'The ' + running + ' in progress was cut short. ' if running else ''}"
+                "Your session stays on screen. Restart the engine and load the model again?")
+        self.fail(text, title="Engine stopped", severity="error")
+        self.push_screen(RestartEngine(text), lambda yes: self.action_restart_engine() if yes else None)
+
+    def action_restart_engine(self) -> None:
+        self.engine.stop(timeout=1)
+        self.model = None
+        self._jobs = self._asks = 0
+        self._set_busy(None)
+        self.engine.start()
+        self.action_load()
+
+    def _handle_jobdone(self, event: p.JobDone) -> None:
+        self._jobs = max(0, self._jobs - 1)
+
+    def _handle_ready(self, event: p.Ready) -> None:
+        self.engine_ready = event
+        self.query_one(ModelPane).set_catalog(event.catalog)
+
+    def _handle_progress(self, event: p.Progress) -> None:
+        text = event.text if self.show_timing or event.stage != "done" else "loaded"  # no timings in tests
+        self.query_one(ModelPane).show_progress(event.stage, event.fraction, text)
+
+    def _handle_failed(self, event: p.Failed) -> None:
+        if event.task == "load":
+            self.query_one(ModelPane).show_progress("failed", 0.0, event.title)
+        if event.task in ("load", "perturb", "bench") and self._busy in ("load", "perturb", "bench"):
+            self._set_busy(None)
+        self.fail(event.text, title=event.title, severity=event.severity, traceback=event.traceback)
+
+    # ------------------------------------------------------------------ status
 
     def update_status(self) -> None:
         parts = []
-        if self.loaded is None:
-            parts.append("no model" if self._busy != "load" else "loading model…")
+        if self.model is None:
+            parts.append("loading model…" if self._busy == "load" else "no model")
         else:
-            parts.append(f"{self.loaded.name} on {self.loaded.device}")
-        if self.dictionary is not None:
-            name = (Path(self.dictionary.path).name.replace(".chunks.safetensors", "") if self.dictionary.path
-                    else getattr(self.dictionary, "name", "dict"))
-            parts.append(f"dict {name} "
-                         f"({len(self.dictionary.chunks)} chunks)")
-        else:
-            parts.append("no dictionary")
+            parts.append(f"{self.model.card['name']} on {self.model.card['device']}")
+        parts.append(f"dict {self.dictionary.name} ({len(self.dictionary.chunks)} chunks)" if self.dictionary
+                     else "no dictionary")
         if self._busy:
-            parts.append(f"{self._busy}… (Esc cancels)")
+            parts.append(f"{self._busy}… (Esc stops)")
         if self.show_timing:
             if self.tokens_per_second is not None:
                 parts.append(f"{self.tokens_per_second:.1f} tok/s")
             rss = _rss_mb()
             if rss is not None:
-                parts.append(f"mem {rss:.0f} MB")
-            if self.loaded is not None and self.loaded.device.type == "cuda":
-                import torch
-
-                parts.append(f"gpu {torch.cuda.memory_allocated(self.loaded.device) / 2**20:.0f} MB")
+                parts.append(f"ui {rss:.0f} MB")
         else:
-            parts.append("tok/s —  mem —")
-        self.query_one("#status", Static).update("  ·  ".join(parts))
+            parts.append("tok/s —")
+        self.query_one("#status", Static).update(" · ".join(parts))
 
     def _set_busy(self, what: str | None) -> None:
         self._busy = what
-        stream = self.query_one(StreamPane)
-        stream.set_running(what == "generate")
+        self.query_one(StreamPane).set_running(what == "generate")
         self.query_one("#regenerate", Button).disabled = what == "perturb"
         self.update_status()
 
     def _need_model(self) -> bool:
-        if self.loaded is None:
+        if self.model is None:
             self.fail("Load a model first (F1, Load).", title="No model", severity="warning")
             return False
         return True
@@ -190,7 +327,7 @@ class ChunkApp(App):
             return False
         return True
 
-    # ------------------------------------------------------------------ actions
+    # ------------------------------------------------------------------ navigation
 
     def action_pane(self, pane: str) -> None:
         self.query_one(TabbedContent).active = pane
@@ -206,6 +343,13 @@ class ChunkApp(App):
         if pane == "export":
             self.query_one(ExportPane).show_summary(self.session)
 
+    def action_focus_input(self) -> None:
+        """/ : the active pane's main text field (the prompt in Stream), ready to type."""
+        pane = self.query_one(TabbedContent).active
+        target = {"model": "#model-spec", "stream": "#prompt", "chunks": "#chunk-filter",
+                  "perturb": "#perturb-prompt", "step": "#step-path", "export": "#export-path"}.get(pane, "#prompt")
+        self.query_one(target).focus()
+
     @on(TabbedContent.TabActivated)
     def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
         pane = event.pane.id
@@ -215,15 +359,14 @@ class ChunkApp(App):
             self.query_one(ExportPane).show_summary(self.session)
 
     def action_cancel(self) -> None:
-        if self._cancel is not None and self._busy in ("generate", "perturb"):
-            self._cancel.set()
+        if self._busy in ("generate", "perturb", "bench"):
+            self.engine.send(p.Cancel())
             self.notify(f"Cancelling {self._busy}…", timeout=3)
         elif self._busy == "load":
-            self.workers.cancel_group(self, "load")
-            self._set_busy(None)
-            self.notify("Stopped waiting for the model; it will be ignored when it arrives.", timeout=4)
+            self.notify("The model is still loading; it cannot be interrupted half way. Load another one "
+                        "afterwards, or restart the engine (Ctrl+P).", timeout=5)
 
-    # ---- model and dictionaries
+    # ------------------------------------------------------------------ model and dictionaries
 
     def action_load(self) -> None:
         if self._busy == "load":
@@ -235,61 +378,26 @@ class ChunkApp(App):
         if not spec:
             self.fail("Type a model spec (for example smollm2-135m).", title="No model named")
             return
-        self._set_busy("load")
-        self.query_one(ModelPane).show_progress("resolve", 0.0, spec)
-        self._load_worker(spec, device, dtype)
+        self.dictionary, self.model = None, None
+        if self.send(p.Load(spec, device, dtype, dict_path=self.dict_path, candidates=self.dictionary_candidates())):
+            self._set_busy("load")
+            self.query_one(ModelPane).show_progress("resolve", 0.0, spec)
 
-    @work(thread=True, exclusive=True, group="load")
-    def _load_worker(self, spec: str, device: str, dtype: str) -> None:
-        from textual.worker import get_current_worker
-
-        from chunktui.engine.models import load_model
-        from chunktui.rnn.backend import is_rnn_spec, load_rnn
-
-        worker = get_current_worker()
-        progress = lambda s, f, t: self.post_message(m.LoadProgress(s, f, t))  # noqa: E731
-        try:
-            if is_rnn_spec(spec):  # the reflection RNN: trained here in seconds, DSC chunks as its dictionary
-                loaded = load_rnn(spec, progress=progress)
-            else:
-                loaded = load_model(spec, device, dtype, progress=progress)
-        except ChunkError as err:
-            self.post_message(m.TaskFailed("Model not loaded", str(err)))
-            return
-        except Exception as err:  # anything else: say so, keep the app alive
-            self.post_message(m.TaskFailed("Model not loaded", f"{type(err).__name__}: {err}"))
-            return
-        if not worker.is_cancelled:
-            self.post_message(m.ModelLoaded(loaded))
-
-    def on_load_progress(self, message: m.LoadProgress) -> None:
-        text = message.text if self.show_timing or message.stage != "done" else "loaded"  # no timings in tests
-        self.query_one(ModelPane).show_progress(message.stage, message.fraction, text)
-
-    def on_model_loaded(self, message: m.ModelLoaded) -> None:
-        self.loaded = message.loaded
-        self.session.model = self.loaded.card()
-        self.query_one(ModelPane).show_card(self.session.model, self.show_timing)
+    def _handle_loaded(self, event: p.Loaded) -> None:
+        self.model = event
+        self.session.model = event.card
+        self.query_one(ModelPane).show_card(event.card, self.show_timing)
         self._set_busy(None)
-        self.notify(f"Loaded {self.loaded.name} ({self.loaded.n_layers} layers, width {self.loaded.hidden_size}).",
-                    timeout=3)
-        self.dictionary, self.packed = None, None
-        if self._is_rnn():
-            from chunktui.tui.panes.stream_pane import DEFAULT_PROMPT
+        card = event.card
+        self.notify(f"Loaded {card['name']} ({card['layers']} layers, width {card['width']}).", timeout=3,
+                    markup=False)
+        prompt, temp = self.query_one("#prompt", Input), self.query_one("#stream-temp", Input)
+        from chunktui.tui.panes.stream_pane import DEFAULT_PROMPT
 
-            prompt, temp = self.query_one("#prompt", Input), self.query_one("#stream-temp", Input)
-            if prompt.value == DEFAULT_PROMPT:
-                prompt.value = "ABCDEEGHI"  # symbols of the task; greedy decoding would only repeat the filler
-            if float(temp.value or 0) == 0:
-                temp.value = "1.0"
-            self.use_dictionary(self.loaded.dictionary)
-            self.query_one(ModelPane).show_dictionaries(
-                [("DSC chunks of the RNN's reference run", None, self.loaded.dictionary)], None)
-            return
-        self._list_dictionaries(select=self.dict_path)
-
-    def _is_rnn(self) -> bool:
-        return getattr(self.loaded, "kind", "lm") == "rnn"
+        if event.suggested_prompt and prompt.value == DEFAULT_PROMPT:
+            prompt.value = event.suggested_prompt
+        if event.suggested_temperature is not None and float(temp.value or 0) == 0:
+            temp.value = str(event.suggested_temperature)
 
     def dictionary_candidates(self) -> list[str]:
         found: list[str] = []
@@ -303,76 +411,30 @@ class ChunkApp(App):
                         found.append(str(path))
         return found
 
-    @work(thread=True, exclusive=True, group="dicts")
-    def _list_dictionaries(self, select: str | None) -> None:
-        from chunktui.engine.dictionary import load_dictionary
+    def _handle_dictionarieslisted(self, event: p.DictionariesListed) -> None:
+        self.query_one(ModelPane).show_dictionaries(event.entries, event.select)
+        if self.start_prompt and self.model is not None:  # `chunktui tui --prompt`: straight into streaming
+            self.start_prompt = None
+            self.action_pane("stream")
+            self.action_generate()
 
-        loaded = self.loaded
-        if loaded is None:
-            return
-        identity = loaded.identity()
-        entries = []
-        for path in self.dictionary_candidates():
-            if not Path(path).is_file():
-                entries.append((path, "file not found", None))
-                continue
-            try:
-                dictionary = load_dictionary(path)
-            except DictionaryError as err:
-                entries.append((path, str(err), None))
-                continue
-            except Exception as err:
-                entries.append((path, f"unreadable ({type(err).__name__}: {err})", None))
-                continue
-            entries.append((path, dictionary.compatibility_problem(identity), dictionary))
-        self.post_message(m.DictionariesListed(entries, select))
-
-    def on_dictionaries_listed(self, message: m.DictionariesListed) -> None:
-        pane = self.query_one(ModelPane)
-        entries = message.entries
-        chosen = None
-        if message.select:
-            for path, problem, dictionary in entries:
-                if Path(path) == Path(message.select):
-                    if problem is None:
-                        chosen = dictionary
-                    else:
-                        self.fail(f"{Path(path).name}: {problem}. Pick another dictionary in the Model pane (F1).",
-                                  title="Dictionary not usable", severity="warning")
-        if chosen is None and message.select is None and self.dictionary is None:
-            chosen = next((d for _, p, d in entries if p is None), None)
-        if chosen is not None:
-            self.use_dictionary(chosen)
-        elif self.dictionary is None and not any(p is None for _, p, _ in entries):
-            self.fail("No dictionary fits this model, so tokens are not coloured. Build one with `chunktui build`, "
-                      "then add it in the Model pane (F1).", title="No dictionary", severity="warning")
-        pane.show_dictionaries(entries, str(self.dictionary.path) if self.dictionary is not None else None)
-
-    def use_dictionary(self, dictionary) -> None:
-        from chunktui.engine.matching import pack
-
-        loaded = self.loaded
-        self.dictionary = dictionary
-        if self._is_rnn():  # DSC chunks are matched by the RNN backend; the dictionary stands as the pack
-            self.packed = dictionary
-        else:
-            self.packed = pack(dictionary.chunks, loaded.hidden_size, loaded.layout.n_states, loaded.device)
-        self.colours = label_colours(dictionary.labels())
-        self.session.dictionary = str(dictionary.path) if dictionary.path else None
-        self.session.labels = dictionary.labels()
-        self.query_one(ChunksPane).set_chunks(dictionary.chunks)
-        self.query_one(PerturbPane).set_labels(dictionary.labels())
-        self.query_one(StepPane).set_labels(dictionary.labels())
+    def _handle_dictionaryinuse(self, event: p.DictionaryInUse) -> None:
+        self.dictionary = event
+        self.colours = label_colours(event.labels)
+        self.session.dictionary = event.path
+        self.session.labels = list(event.labels)
+        self.query_one(ChunksPane).set_chunks(event.chunks)
+        self.query_one(PerturbPane).set_labels(event.labels)
+        self.query_one(StepPane).set_labels(event.labels)
         self.chosen_chunk_id = None
         self.update_status()
 
     @on(OptionList.OptionSelected, "#dict-list")
     def _dict_chosen(self, event: OptionList.OptionSelected) -> None:
-        path, problem, dictionary = self.query_one(ModelPane).entries[int(event.option.id)]
-        if problem is None and dictionary is not None:
-            self.use_dictionary(dictionary)
-            self.query_one(ModelPane).show_dictionaries(self.query_one(ModelPane).entries, path)
-            self.notify(f"Using {Path(path).name}.", timeout=3)
+        entry = self.query_one(ModelPane).entries[int(event.option.id)]
+        if entry.problem is None and self.model is not None and self.model.kind != "rnn":
+            self.send(p.ListDictionaries(self.dictionary_candidates(), select=entry.path))
+            self.notify(f"Using {Path(entry.path).name}.", timeout=3, markup=False)
 
     def action_add_dictionary(self) -> None:
         field = self.query_one("#dict-path", Input)
@@ -384,15 +446,23 @@ class ChunkApp(App):
             return
         if not self._need_model():
             return
-        if self._is_rnn():
+        if self.model.kind == "rnn":
             self.fail("An RNN uses the DSC chunks learned when it was loaded; chunk dictionaries are for language "
                       "models.", title="Not for the RNN", severity="warning")
             return
         self.extra_dicts.append(str(Path(path).expanduser()))
         field.value = ""
-        self._list_dictionaries(select=str(Path(path).expanduser()))
+        self.send(p.ListDictionaries(self.dictionary_candidates(), select=str(Path(path).expanduser())))
 
-    # ---- stream
+    # ------------------------------------------------------------------ stream
+
+    def _new_trace(self, kind: str, title: str, settings: dict | None = None) -> Trace:
+        self._next_trace += 1
+        columns = self.dictionary.columns if self.dictionary is not None else ChunkColumns.empty()
+        trace = Trace(kind, title, columns, settings=settings)
+        trace.trace_id = self._next_trace
+        self.traces[trace.trace_id] = trace
+        return trace
 
     def action_generate(self) -> None:
         if not self._need_model() or not self._need_idle():
@@ -402,131 +472,138 @@ class ChunkApp(App):
         except ChunkError as err:
             self.fail(str(err), title="Cannot generate")
             return
-        if self.packed is None:
+        if self.dictionary is None:
             self.notify("No dictionary in use: tokens will not be coloured.", severity="warning", timeout=4)
-        trace = Trace("stream", prompt, ChunkColumns.from_pack(self.packed),
-                      settings=dict(sampling.describe(), chat=chat))
+        trace = self._new_trace("stream", prompt, dict(sampling.describe(), chat=chat))
         self.stream_trace = self.current_trace = trace
         view = self.query_one("#stream-trace", TraceView)
-        view.set_trace(trace, self.colours, self.loaded.layout.n_states)
+        view.set_trace(trace, self.colours, self.model.n_states)
         view.focus()
-        with self._pending_lock:
-            self._pending = []
-        self._cancel = threading.Event()
-        self._gen_started, self._gen_tokens = time.perf_counter(), 0
+        self.buffer.reset()
         self.frames, self.frame_times, self.tokens_per_second = 0, [], None
-        self._set_busy("generate")
-        self._generate_worker(trace, prompt, sampling, chat, self._cancel)
+        self._gen_started = time.perf_counter()
+        if self.send(p.Generate(trace.trace_id, prompt, sampling, chat)):
+            self._set_busy("generate")
 
-    @work(thread=True, exclusive=True, group="generate")
-    def _generate_worker(self, trace: Trace, prompt: str, sampling, chat: bool, cancel: threading.Event) -> None:
-        from chunktui.engine.streaming import generate_stream
-        from chunktui.rnn.backend import rnn_stream
-
-        reason = None
-        try:
-            if self._is_rnn():
-                events = rnn_stream(self.loaded, prompt, sampling, cancel=cancel)
-            else:
-                events = generate_stream(self.loaded, prompt, sampling, packed=self.packed, cancel=cancel, chat=chat)
-            for event in events:
-                step = step_from_event(event)  # copy to CPU and compact here, off the UI thread
-                with self._pending_lock:
-                    self._pending.append(step)
-                reason = event.finished or reason
-        except ChunkError as err:
-            self.post_message(m.TaskFailed("Generation failed", str(err)))
-            reason = "failed"
-        except Exception as err:
-            self.post_message(m.TaskFailed("Generation failed", f"{type(err).__name__}: {err}"))
-            reason = "failed"
-        if reason is None and cancel.is_set():
-            reason = "cancelled"
-        self.post_message(m.TraceFinished(trace, reason or "length"))
+    def _handle_tracestarted(self, event: p.TraceStarted) -> None:
+        trace = self.traces.get(event.trace_id)
+        if trace is not None:
+            trace.columns = event.columns
 
     def _drain(self) -> None:
-        """Timer: move buffered tokens into the trace and redraw once (coalesced)."""
-        with self._pending_lock:
-            steps, self._pending = self._pending, []
-        if not steps or self.stream_trace is None:
+        """Timer: move buffered tokens into their traces and redraw once (coalesced)."""
+        arrived = self.buffer.drain()
+        if not arrived:
             return
-        self.stream_trace.extend(steps)
-        generated = sum(s.generated for s in steps)
-        self._gen_tokens += generated
-        elapsed = time.perf_counter() - self._gen_started
-        if self._gen_tokens and elapsed > 0:
-            self.tokens_per_second = self._gen_tokens / elapsed
-        self.query_one("#stream-trace", TraceView).grew()
-        self.frames += 1
-        self.frame_times.append(time.perf_counter())
+        for trace_id, steps in arrived.items():
+            trace = self.traces.get(trace_id)
+            if trace is not None:
+                trace.extend(steps)
+        self.tokens_per_second = self.buffer.rate(self._gen_started)
+        if self.stream_trace is not None and self.stream_trace.trace_id in arrived:
+            self.query_one("#stream-trace", TraceView).grew()
+            self.frames += 1
+            self.frame_times.append(time.perf_counter())
         self.update_status()
 
-    def on_trace_finished(self, message: m.TraceFinished) -> None:
-        trace = message.trace
+    def _handle_tracedone(self, event: p.TraceDone) -> None:
+        self._drain()
+        trace = self.traces.get(event.trace_id)
+        if trace is None:
+            return
+        if event.columns is not None:
+            trace.columns = event.columns
+        if event.steps is not None:
+            trace.replace_steps(event.steps)
+        trace.finished = event.reason
+        trace.elapsed = event.elapsed
         if trace.kind == "stream":
-            self._drain()
-            if self._is_rnn() and len(trace):
-                from chunktui.rnn.backend import relabel
-
-                relabel(self.loaded, trace.steps)  # the full parse, now that the run is complete (ms)
-                trace._score_cache = None
-            trace.finished = message.reason
-            trace.elapsed = time.perf_counter() - self._gen_started
             if len(trace):
                 self.session.add_trace(trace)
+            if self._busy == "generate":
+                self._set_busy(None)
+            view = self.query_one("#stream-trace", TraceView)
+            if event.steps is not None:
+                view.relabelled()
+            view.grew()
+            view.want_detail()
+            if event.reason == "cancelled":
+                self.notify(f"Generation cancelled after {trace.n_generated} tokens; the tokens so far are kept "
+                            "in the session.", severity="warning", timeout=4)
+            return
+        if self._busy == "scan":
             self._set_busy(None)
-            self.query_one("#stream-trace", TraceView).grew()
-            if message.reason == "cancelled":
-                self.notify(f"Generation cancelled after {trace.n_generated} tokens.", severity="warning", timeout=4)
-        else:
-            self.step_trace = self.current_trace = trace
-            self.session.add_trace(trace)
-            self._set_busy(None)
-            view = self.query_one("#step-trace", TraceView)
-            view.set_trace(trace, self.colours, self.loaded.layout.n_states)
-            view.cursor, view.follow = 0, False
-            view.redraw()
-            view.focus()
+        if event.reason != "scanned":
+            return
+        self.step_trace = self.current_trace = trace
+        self.session.add_trace(trace)
+        view = self.query_one("#step-trace", TraceView)
+        view.set_trace(trace, self.colours, self.model.n_states if self.model else 1)
+        view.cursor, view.follow = 0, False
+        view.redraw()
+        view.focus()
+        view.want_detail()
 
-    def on_task_failed(self, message: m.TaskFailed) -> None:
-        if self._busy == "load":
-            self.query_one(ModelPane).show_progress("failed", 0.0, message.title)
-        if self._busy in ("load", "perturb", "scan"):
-            self._set_busy(None)
-        self.fail(message.text, title=message.title, severity=message.severity)
+    def _finish_running(self, reason: str) -> None:
+        """The engine went away mid-run: keep what streamed, marked as such."""
+        trace = self.stream_trace
+        if self._busy == "generate" and trace is not None and trace.finished is None:
+            self._drain()
+            trace.finished = reason
+            if len(trace):
+                self.session.add_trace(trace)
 
-    # ---- chunks
+    @on(TraceView.DetailWanted)
+    def _detail_wanted(self, event: TraceView.DetailWanted) -> None:
+        if event.trace.trace_id is not None and self.engine.alive:
+            self.send(p.TokenDetail(event.trace.trace_id, event.index, event.layer_index))
+
+    def _handle_detail(self, event: p.Detail) -> None:
+        self._asks = max(0, self._asks - 1)
+        for view in self.query(TraceView):
+            if view.trace is not None and view.trace.trace_id == event.trace_id:
+                view.set_detail(event)
+
+    # ------------------------------------------------------------------ chunks
 
     @on(DataTable.RowSelected, "#chunk-table")
     def _chunk_chosen(self, event: DataTable.RowSelected) -> None:
         self.chosen_chunk_id = str(event.row_key.value)
-        chunk = self.dictionary.by_id(self.chosen_chunk_id) if self.dictionary else None
+        chunk = self._chunk(self.chosen_chunk_id)
         if chunk is not None:
             for view in self.query(TraceView):
                 view.jump_label = chunk.label
                 view.redraw()
         self._show_chunk_focus()
 
+    def _chunk(self, chunk_id: str | None) -> p.ChunkInfo | None:
+        if self.dictionary is None or chunk_id is None:
+            return None
+        return next((c for c in self.dictionary.chunks if c.id == chunk_id), None)
+
     def _show_chunk_focus(self) -> None:
         pane = self.query_one(ChunksPane)
-        chunk = None
-        if self.dictionary is not None and self.chosen_chunk_id:
-            try:
-                chunk = self.dictionary.by_id(self.chosen_chunk_id)
-            except KeyError:
-                chunk = None
+        chunk = self._chunk(self.chosen_chunk_id)
         trace = self.current_trace
         column = None
         if trace is not None and chunk is not None and chunk.id in trace.columns.ids:
             column = trace.columns.ids.index(chunk.id)
         pane.show_focus(trace, self.colours, column, chunk)
+        if column is not None and trace.trace_id is not None and len(trace) and self.engine.alive:
+            self.send(p.ChunkScores(trace.trace_id, column))
 
-    # ---- perturb
+    def _handle_scores(self, event: p.Scores) -> None:
+        self._asks = max(0, self._asks - 1)
+        trace = self.current_trace
+        if trace is not None and trace.trace_id == event.trace_id:
+            self.query_one(ChunksPane).show_scores(event, trace)
+
+    # ------------------------------------------------------------------ perturb
 
     def action_regenerate(self) -> None:
         if not self._need_model() or not self._need_idle():
             return
-        if self._is_rnn():
+        if not self.model.can_perturb:
             self.fail("The perturbation panel steers language models. For the RNN, graft a chunk's state with "
                       "`chunktui rnn graft` (and `chunktui rnn transfer`).", title="Not for the RNN",
                       severity="warning")
@@ -534,51 +611,25 @@ class ChunkApp(App):
         if self.dictionary is None:
             self.fail("Perturbing needs a dictionary: pick one in the Model pane (F1).", title="No dictionary")
             return
-        from chunktui.engine.hidden import parse_layers
-        from chunktui.engine.perturb import Intervention, select_chunks
-
         try:
             req = self.query_one(PerturbPane).request()
-            layers = parse_layers(req["layers"], self.loaded.layout.n_states)
-            chunks = select_chunks(self.dictionary, req["names"], layers)
-            intervention = Intervention(chunks=chunks, mode=req["mode"], strength=req["strength"],
-                                        positions=req["positions"], layer_means=self.dictionary.layer_means)
         except ChunkError as err:
             self.fail(str(err), title="Cannot perturb")
             return
-        self._cancel = threading.Event()
-        self._set_busy("perturb")
-        self.query_one("#perturb-summary", Static).update("running the control and perturbed arms…")
-        self._perturb_worker(intervention, req["prompt"], req["sampling"], req["chat"], self._cancel)
+        if self.send(p.Compare(**req)):
+            self._set_busy("perturb")
+            self.query_one("#perturb-summary", Static).update("running the control and perturbed arms…")
 
-    @work(thread=True, exclusive=True, group="perturb")
-    def _perturb_worker(self, intervention, prompt: str, sampling, chat: bool, cancel: threading.Event) -> None:
-        from chunktui.engine.perturb import compare
-
-        try:
-            report = compare(self.loaded, intervention, [prompt], samples=1, sampling=sampling, chat=chat,
-                             batch_size=1, cancel=cancel)
-        except ChunkError as err:
-            self.post_message(m.TaskFailed("Perturbation failed", str(err)))
-            return
-        except Exception as err:
-            self.post_message(m.TaskFailed("Perturbation failed", f"{type(err).__name__}: {err}"))
-            return
-        if cancel.is_set():
-            self.post_message(m.TaskFailed("Perturbation cancelled", "The run was cancelled; nothing was recorded.",
-                                           severity="warning"))
-            return
-        run = dict(report.to_json(), prompt=prompt, model=self.loaded.name)
-        self.post_message(m.RunFinished(run))
-
-    def on_run_finished(self, message: m.RunFinished) -> None:
-        self.session.add_run(message.run)
+    def _handle_rundone(self, event: p.RunDone) -> None:
+        self.session.add_run(event.run)
         self._set_busy(None)
-        self.query_one(PerturbPane).add_run(message.run)
+        self.query_one(PerturbPane).add_run(event.run)
 
-    # ---- step
+    # ------------------------------------------------------------------ step
 
     def action_open_sequences(self, quiet: bool = False) -> None:
+        from chunktui.engine.texts import read_sequences
+
         pane = self.query_one(StepPane)
         path = self.query_one("#step-path", Input).value.strip()
         try:
@@ -589,7 +640,8 @@ class ChunkApp(App):
             return
         pane.set_sequences(sequences)
         if not quiet:
-            self.notify(f"{len(sequences)} sequences from {Path(path).name}. Choose one (Enter).", timeout=3)
+            self.notify(f"{len(sequences)} sequences from {Path(path).name}. Choose one (Enter).", timeout=3,
+                        markup=False)
             self.query_one("#step-list").focus()
 
     @on(OptionList.OptionSelected, "#step-list")
@@ -597,28 +649,11 @@ class ChunkApp(App):
         if not self._need_model() or not self._need_idle():
             return
         name, text = self.query_one(StepPane).sequences[int(event.option.id)]
-        self._set_busy("scan")
-        self._scan_worker(name, text)
+        trace = self._new_trace("scan", name)
+        if self.send(p.Scan(trace.trace_id, name, text)):
+            self._set_busy("scan")
 
-    @work(thread=True, exclusive=True, group="scan")
-    def _scan_worker(self, name: str, text: str) -> None:
-        from chunktui.engine.streaming import scan_text
-        from chunktui.rnn.backend import rnn_scan
-
-        try:
-            result = rnn_scan(self.loaded, text) if self._is_rnn() else scan_text(self.loaded, text, self.packed)
-            trace = Trace("scan", name, ChunkColumns.from_pack(self.packed))
-            trace.extend(steps_from_scan(result))
-            trace.finished = "scanned"
-        except ChunkError as err:
-            self.post_message(m.TaskFailed("Scan failed", str(err)))
-            return
-        except Exception as err:
-            self.post_message(m.TaskFailed("Scan failed", f"{type(err).__name__}: {err}"))
-            return
-        self.post_message(m.TraceFinished(trace, "scanned"))
-
-    # ---- export
+    # ------------------------------------------------------------------ export
 
     def action_export(self) -> None:
         from chunktui.engine.reports import write_report
@@ -639,7 +674,14 @@ class ChunkApp(App):
             return
         pane.show_result(f"wrote {written} ({fmt})", ok=True)
         pane.show_summary(self.session)
-        self.notify(f"Wrote {written}", title="Exported", timeout=4)
+        self.notify(f"Wrote {written}", title="Exported", timeout=4, markup=False)
+
+    # ------------------------------------------------------------------ benchmark hooks
+
+    def _handle_benchdone(self, event: p.BenchDone) -> None:
+        self.bench_result = event
+        if self._busy == "bench":
+            self._set_busy(None)
 
     # ------------------------------------------------------------------ events
 
@@ -663,25 +705,25 @@ class ChunkApp(App):
 
 def make_app(model_spec: str | None = None, dict_path: str | None = None, device: str = "auto", dtype: str = "auto",
              dict_dirs: Iterable[str | Path] | None = None, sequences_path: str | None = None,
-             show_timing: bool = True, autoload: bool = True, threads: int | None = None) -> ChunkApp:
-    """The app as users get it; tests pass a tiny model, their own dictionary folder and show_timing=False.
+             show_timing: bool = True, autoload: bool = True, threads: int | None = None,
+             engine_mode: str = "process", prompt: str | None = None, max_new_tokens: int | None = None,
+             open_step: bool = False) -> ChunkApp:
+    """The app as users get it (the CLI and the benchmark call this); tests pass a tiny model, their own
+    dictionary folder, show_timing=False and engine_mode="thread".
 
     Defaults: the built-in model, the sample dictionary, the sample sequences, and every
     `*.chunks.safetensors` in sample_data/ and the working folder offered in the dictionary picker.
     """
     from chunktui.paths import DEFAULT_DICT_NAME, sample_path
-    from chunktui.engine.models import DEFAULT_MODEL
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    rnn = (model_spec or "").strip().lower().startswith("rnn:")
     if dict_dirs is None:
         dict_dirs = [sample_path(DEFAULT_DICT_NAME).parent, Path.cwd()]
-    if dict_path is None:
+    if dict_path is None and not rnn:
         dict_path = str(sample_path(DEFAULT_DICT_NAME))
     if sequences_path is None:
-        rnn = (model_spec or "").strip().lower().startswith("rnn:")
         sequences_path = str(sample_path("rnn_sequences.txt" if rnn else "sequences.jsonl"))
-    return ChunkApp(model_spec=model_spec or DEFAULT_MODEL, dict_path=dict_path, device=device, dtype=dtype,
-                    dict_dirs=dict_dirs, sequences_path=sequences_path, show_timing=show_timing, autoload=autoload)
+    return ChunkApp(model_spec=model_spec or "smollm2-135m", dict_path=dict_path, device=device, dtype=dtype,
+                    dict_dirs=dict_dirs, sequences_path=sequences_path, show_timing=show_timing, autoload=autoload,
+                    threads=threads, engine_mode=engine_mode, prompt=prompt, max_new_tokens=max_new_tokens,
+                    open_step=open_step)

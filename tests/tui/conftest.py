@@ -25,23 +25,30 @@ def make_test_app(tiny_dict, sequences_file):
 
     def factory(**overrides):
         kwargs = dict(model_spec="random:llama-tiny", dict_path=str(dict_path), device="cpu",
-                      dict_dirs=[dict_path.parent], sequences_path=str(sequences_file), show_timing=False)
+                      dict_dirs=[dict_path.parent], sequences_path=str(sequences_file), show_timing=False,
+                      engine_mode="thread")  # the engine's server and protocol, in a thread (no torch import per app)
         kwargs.update(overrides)
         return make_app(**kwargs)
 
     return factory
 
 
-async def settle(app, pilot, rounds: int = 6) -> None:
-    """Wait for workers and the messages they post (a load is followed by a dictionary scan)."""
+async def settle(app, pilot, rounds: int = 3, timeout: float = 60.0) -> None:
+    """Wait until every request sent to the engine is answered and its events are handled."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await pilot.pause(0.02)
+        if app.engine_idle():
+            break
     for _ in range(rounds):
-        await app.workers.wait_for_complete()
         await pilot.pause()
 
 
 async def ready(app, pilot) -> None:
     await settle(app, pilot)
-    assert app.loaded is not None, "the model did not load"
+    assert app.model is not None, "the model did not load"
 
 
 async def generate(app, pilot, prompt: str = "The dog ate the cheese by the river", tokens: int = 12) -> None:
@@ -50,6 +57,7 @@ async def generate(app, pilot, prompt: str = "The dog ate the cheese by the rive
     app.action_generate()
     await settle(app, pilot)
     await pilot.pause(0.1)  # one more frame of the drain timer
+    await settle(app, pilot)  # the token detail asked for when the stream ended
 
 
 def still_blinkless(app) -> None:

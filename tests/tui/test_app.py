@@ -21,7 +21,7 @@ async def test_load_shows_card_and_dictionaries(make_test_app):
     app = make_test_app()
     async with app.run_test(size=(100, 34)) as pilot:
         await ready(app, pilot)
-        assert app.dictionary is not None and app.packed is not None
+        assert app.dictionary is not None and app.dictionary.columns.ids
         await pilot.press("f1")
         card = str(app.query_one("#model-card").content)
         assert "llama" in card.lower() and "layers" in card
@@ -55,10 +55,12 @@ async def test_select_token_and_layer(make_test_app):
         await pilot.press("home")
         await pilot.press(*["right"] * target)
         assert view.cursor == target
+        await settle(app, pilot)  # the engine's per-chunk detail for the selected token
         detail = str(view.query_one(TokenDetail).content)
         assert detail.startswith(f"token {target}") and "cheese" in detail and "θ" in detail
         await pilot.press("right_square_bracket")  # layer 0
         assert view.layer_index == 0
+        await settle(app, pilot)
         assert "layer 0" in str(view.query_one(TokenDetail).content)
         await pilot.press("home", "n")
         assert view.cursor is not None and view.cursor > 0
@@ -140,7 +142,7 @@ async def test_step_through_sequences(make_test_app):
         await pilot.press("n")
         assert view.trace.label_at(view.cursor) == "cheese" or view.trace.next_match(0, "cheese") == view.cursor
         await pilot.press("left_square_bracket")  # all -> last layer
-        assert view.layer_index == app.loaded.layout.n_states - 1
+        assert view.layer_index == app.model.n_states - 1
 
 
 @pytest.mark.parametrize("fmt", ["html", "md", "csv", "json"])
@@ -159,7 +161,7 @@ async def test_export_writes_each_format(make_test_app, tmp_path, fmt):
         if fmt == "html":
             from chunktui.palette import label_colours
 
-            colour = label_colours(app.dictionary.labels())["cheese"]
+            colour = label_colours(app.dictionary.labels)["cheese"]
             assert f"background:{colour}" in body and "<style>" in body and "<script" not in body
         elif fmt == "json":
             data = json.loads(body)
@@ -192,7 +194,7 @@ async def test_unknown_model_is_a_notification(make_test_app):
     app = make_test_app(model_spec="no-such-model")
     async with app.run_test(size=(100, 34)) as pilot:
         await settle(app, pilot)
-        assert app.loaded is None and app.is_running
+        assert app.model is None and app.is_running
         assert any("Unknown model" in n for n in _notes(app))
         app.action_generate()
         await pilot.pause()
@@ -275,7 +277,7 @@ async def test_the_rnn_opens_as_a_model_streams_and_highlights_its_chunks(make_t
     app = make_test_app(model_spec="rnn:flat:0:80", dict_path=None, sequences_path=str(seqs))
     async with app.run_test(size=(100, 34)) as pilot:
         await ready(app, pilot)
-        assert app.loaded.kind == "rnn" and app.dictionary is app.loaded.dictionary
+        assert app.model.kind == "rnn" and app.dictionary.name == "DSC chunks"
         await pilot.press("f1")
         card = str(app.query_one("#model-card").content)
         assert "ReflectionRNN" in card and "DSC" in card

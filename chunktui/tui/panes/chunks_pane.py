@@ -8,7 +8,6 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Input, Label, Static
 
-from chunktui.engine.cards import stored_card
 from chunktui.tui.widgets.score_plot import ScorePlot
 from chunktui.tui.widgets.token_view import TokenView
 
@@ -17,10 +16,10 @@ COLUMNS = [("label", "label"), ("layer", "layer"), ("kind", "kind"), ("size", "s
 
 
 def _key(chunk, column: str):
-    fit = chunk.fit or {}
+    """chunk: a protocol.ChunkInfo (the engine lists its chunks without tensors)."""
     return {"label": chunk.label, "layer": chunk.layer, "kind": chunk.kind, "size": chunk.size,
-            "threshold": float(chunk.threshold), "tp": float(fit.get("tp_rate", -1)),
-            "fp": float(fit.get("fp_rate", -1))}[column]
+            "threshold": float(chunk.threshold), "tp": -1.0 if chunk.tp_rate is None else chunk.tp_rate,
+            "fp": -1.0 if chunk.fp_rate is None else chunk.fp_rate}[column]
 
 
 class ChunksPane(Vertical):
@@ -63,8 +62,7 @@ class ChunksPane(Vertical):
         rows = [c for c in self.chunks if self._wanted(c, query)]
         rows.sort(key=lambda c: (_key(c, self.sort_column), c.layer, c.label), reverse=self.sort_reverse)
         for c in rows:
-            fit = c.fit or {}
-            tp, fp = fit.get("tp_rate"), fit.get("fp_rate")
+            tp, fp = c.tp_rate, c.fp_rate
             table.add_row(c.label, str(c.layer), c.kind, str(c.size), f"{c.threshold:.3g}",
                           "—" if tp is None else f"{tp:.2f}", "—" if fp is None else f"{fp:.3f}", key=c.id)
         arrow = "↓" if self.sort_reverse else "↑"
@@ -110,7 +108,7 @@ class ChunksPane(Vertical):
         self.query_one("#chunk-filter", Input).focus()
 
     def show_focus(self, trace, colours: dict[str, str], column: int | None, chunk) -> None:
-        """Where the chosen chunk matches in the current text, and its score across tokens."""
+        """Where the chosen chunk matches in the current text; its scores follow from the engine (show_scores)."""
         view = self.query_one("#chunk-tokens", TokenView)
         plot = self.query_one(ScorePlot)
         if chunk is None:
@@ -127,13 +125,22 @@ class ChunksPane(Vertical):
             plot.show([], None, "")
             return
         view.show(trace, colours, only_column=column)
+        self._focus = (trace, colours, column, chunk)
+        plot.show([], colours.get(chunk.label), f"{chunk.id}: {sum(trace.chunk_hits(column))} matches; "
+                                                 "scores on their way from the engine…")
+
+    def show_scores(self, scores, trace) -> None:
+        """The engine's scores of the chosen chunk across the current text."""
+        focus = getattr(self, "_focus", None)
+        if focus is None or focus[0] is not trace or focus[2] != scores.column:
+            return
+        _, colours, column, chunk = focus
         hits = sum(trace.chunk_hits(column))
-        scores = trace.scores()[:, column].tolist()
-        card = stored_card(chunk)  # discovered chunks carry a card: what they matched where they were found
-        about = ""
-        if card is not None:
-            tops = ", ".join(f"{t!r}" for t, _ in card.top_tokens[:3])
-            about = f"card: {card.matches}/{card.tokens} corpus tokens, mostly {tops}. "
-        plot.show(scores, colours.get(chunk.label),
-                  f"{about}{chunk.id} score across {len(trace)} tokens of '{trace.title[:30]}' ({hits} matches; "
-                  f"bar up = match)")
+        about = f"{chunk.card} " if chunk.card else ""  # discovered chunks carry a card
+        if not scores.available:
+            self.query_one(ScorePlot).show([], colours.get(chunk.label), f"{about}{chunk.id}: {hits} matches "
+                                           "(scores not held by the engine any more)")
+            return
+        self.query_one(ScorePlot).show(scores.scores, colours.get(chunk.label),
+                                       f"{about}{chunk.id} score across {len(scores.scores)} tokens of "
+                                       f"'{trace.title[:30]}' ({hits} matches; bar up = match)")

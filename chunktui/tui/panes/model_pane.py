@@ -11,8 +11,9 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Button, Input, Label, OptionList, ProgressBar, Select, Static
 from textual.widgets.option_list import Option
 
-from chunktui.engine.models import BUILTIN_MODELS, RANDOM_MODELS
-
+# what the engine accepts; the engine process sends its own list once it is up (set_catalog)
+CATALOG = ["smollm2-135m", "random:llama-tiny", "random:gpt2-tiny", "random:neox-tiny", "random:qwen2-tiny",
+           "rnn:flat", "rnn:context"]
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 
@@ -21,10 +22,10 @@ class ModelPane(Vertical):
     def __init__(self, spec: str, device: str, dtype: str, **kwargs) -> None:
         super().__init__(**kwargs)
         self.spec, self.device, self.dtype = spec, device, dtype
-        self.entries: list[tuple[str, str | None, object]] = []
+        self.entries: list = []  # protocol.DictionaryEntry
 
     def compose(self) -> ComposeResult:
-        aliases = list(BUILTIN_MODELS) + [f"random:{k}" for k in RANDOM_MODELS]
+        aliases = CATALOG
         with Horizontal(classes="form-row"):
             yield Label("Model", classes="field-label")
             yield Input(self.spec, id="model-spec", placeholder="alias, .gguf, folder or owner/name",
@@ -48,6 +49,10 @@ class ModelPane(Vertical):
                     yield Input(id="dict-path", placeholder="add a dictionary file…", compact=True)
                     yield Button("Add", id="dict-add", compact=True)
                 yield Static("", id="dict-why")
+
+    def set_catalog(self, catalog: list[str]) -> None:
+        self.query_one("#model-spec", Input).suggester = SuggestFromList(catalog, case_sensitive=False)
+        self.query_one(".hint", Static).update(Text("built-in: " + ", ".join(catalog), style="dim"))
 
     # ------------------------------------------------------------------ values
 
@@ -78,25 +83,24 @@ class ModelPane(Vertical):
             card_text.append(f"{value}\n")
         self.query_one("#model-card", Static).update(card_text)
 
-    def show_dictionaries(self, entries: list[tuple[str, str | None, object]], current: str | None) -> None:
+    def show_dictionaries(self, entries: list, current: str | None) -> None:
         """Valid dictionaries are selectable; the others are greyed out with the reason."""
         self.entries = entries
         options = self.query_one("#dict-list", OptionList)
         options.clear_options()
         highlight = None
-        for i, (path, problem, dictionary) in enumerate(entries):
-            name = Path(path).name
-            if problem is None:
-                n = len(dictionary.chunks) if dictionary is not None else 0
-                mark = "● " if current and Path(current) == Path(path) else "  "
-                prompt = Text(f"{mark}{name}  ({n} chunks, {len(dictionary.labels())} concepts)")
+        for i, entry in enumerate(entries):
+            name = Path(entry.path).name
+            if entry.problem is None:
+                mark = "● " if (current and Path(current) == Path(entry.path)) or len(entries) == 1 else "  "
+                prompt = Text(f"{mark}{name}  ({entry.chunks} chunks, {entry.concepts} concepts)")
                 if mark.strip():
                     highlight = i
             else:
-                prompt = Text(f"✗ {name}: {problem}", style="dim")
-            options.add_option(Option(prompt, id=str(i), disabled=problem is not None))
+                prompt = Text(f"✗ {name}: {entry.problem}", style="dim")
+            options.add_option(Option(prompt, id=str(i), disabled=entry.problem is not None))
         if highlight is not None:
             options.highlighted = highlight
-        valid = sum(p is None for _, p, _ in entries)
+        valid = sum(e.problem is None for e in entries)
         why = f"{valid} of {len(entries)} usable with this model" if entries else "no dictionaries found"
         self.query_one("#dict-why", Static).update(Text(why, style="dim"))

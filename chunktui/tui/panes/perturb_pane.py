@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -9,14 +11,11 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Button, Checkbox, Input, Label, OptionList, Select, Static
 from textual.widgets.option_list import Option
 
-from chunktui.engine.perturb import Positions
+from chunktui.engine.perturb_defaults import (DEFAULT_LAYERS, DEFAULT_MODE, DEFAULT_POSITIONS, DEFAULT_STRENGTH, MODES,
+                                              POSITION_CHOICES, Positions)
 from chunktui.tui.colours import token_style
 from chunktui.tui.panes.stream_pane import DEFAULT_PROMPT, SamplingFields
 
-MODES = ["graft", "amplify", "suppress", "freeze", "mean-ablate"]
-# the sample dictionary's chunks span the whole width, so a = 1 replaces the state; the CLI's defaults
-DEFAULT_STRENGTH = {"graft": 0.05, "amplify": 2.0, "suppress": 0.5, "freeze": 1.0, "mean-ablate": 1.0}
-POSITIONS = ["prompt", "prompt-last:4", "generated", "all"]
 
 
 class PerturbPane(Vertical):
@@ -28,14 +27,16 @@ class PerturbPane(Vertical):
         with Horizontal(classes="form-row"):
             yield Label("Chunks", classes="field-label")
             yield Input("cheese", id="perturb-chunks", placeholder="labels or ids, comma-separated", compact=True)
-            yield Select([(m, m) for m in MODES], value="graft", allow_blank=False, id="perturb-mode", compact=True)
+            yield Select([(m, m) for m in MODES], value=DEFAULT_MODE, allow_blank=False, id="perturb-mode",
+                         compact=True)
             yield Label("x", classes="field-label short")
-            yield Input(str(DEFAULT_STRENGTH["graft"]), id="perturb-strength", compact=True, classes="num w5")
+            yield Input(str(DEFAULT_STRENGTH[DEFAULT_MODE]), id="perturb-strength", compact=True, classes="num w5")
         with Horizontal(classes="form-row"):
             yield Label("Layers", classes="field-label")
-            yield Input("2-9", id="perturb-layers", compact=True, classes="num w8")
+            yield Input(DEFAULT_LAYERS, id="perturb-layers", compact=True, classes="num w8")
             yield Label("at", classes="field-label short")
-            yield Select([(p, p) for p in POSITIONS], value="prompt", allow_blank=False, id="perturb-positions",
+            yield Select([(p, p) for p in POSITION_CHOICES], value=DEFAULT_POSITIONS, allow_blank=False,
+                         id="perturb-positions",
                          compact=True)
             yield Button("Regenerate", id="regenerate", variant="primary", compact=True)
         with Horizontal(classes="form-row"):
@@ -68,13 +69,15 @@ class PerturbPane(Vertical):
             strength = float(q("perturb-strength").value)
         except ValueError:
             raise ChunkError(f"Strength must be a number, not '{q('perturb-strength').value}'.") from None
+        if not math.isfinite(strength) or strength < 0:
+            raise ChunkError(f"Strength must be a finite number >= 0, not '{q('perturb-strength').value}'.")
         prompt = q("perturb-prompt").value.strip()
         if not prompt:
             raise ChunkError("The prompt is empty.")
+        positions = str(Positions.parse(str(q("perturb-positions").value)))
         return {"names": names, "mode": str(q("perturb-mode").value), "strength": strength,
-                "layers": q("perturb-layers").value.strip() or "2-9",
-                "positions": Positions.parse(str(q("perturb-positions").value)), "prompt": prompt,
-                "sampling": self.query_one(SamplingFields).sampling(), "chat": q("perturb-chat").value}
+                "layers": q("perturb-layers").value.strip() or DEFAULT_LAYERS, "positions": positions,
+                "prompt": prompt, "sampling": self.query_one(SamplingFields).sampling(), "chat": q("perturb-chat").value}
 
     def add_run(self, run: dict) -> None:
         self.runs.append(run)

@@ -7,7 +7,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Checkbox, Input, Label
 
 from chunktui.engine.errors import ChunkError
-from chunktui.engine.streaming import Sampling
+from chunktui.engine.protocol import Sampling
 from chunktui.tui.widgets.trace_view import TraceView
 
 DEFAULT_PROMPT = "What is your favourite food, and how do you cook it?"

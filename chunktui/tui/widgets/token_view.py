@@ -1,20 +1,33 @@
-"""The text of a trace, each token coloured by its strongest matching chunk."""
+"""The text of a trace, each token coloured by its strongest matching chunk, drawn line by line.
+
+A ScrollView on Textual's line API: tokens are laid out into screen lines once
+(new tokens extend the last lines; only a resize lays everything out again),
+and `render_line` draws just the lines on screen. A frame's cost depends on
+the height of the view, not on the length of the text, and moving the cursor
+refreshes only the two lines it leaves and enters.
+"""
 
 from __future__ import annotations
 
+import textwrap
+
+from rich.cells import cell_len
+from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
+from textual.geometry import Region, Size
 from textual.message import Message
-from textual.widgets import Static
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
 
 from chunktui.engine.session import Trace
 from chunktui.tui.colours import token_style
 
 
-class TokenView(Static):
+class TokenView(ScrollView, can_focus=False):
     """Renders tokens; the widget above decides the cursor, the layer and which chunk to show."""
 
-    DEFAULT_CSS = "TokenView { width: 1fr; height: auto; }"
+    DEFAULT_CSS = "TokenView { width: 1fr; height: 1fr; }"
 
     class Selected(Message):
         """A token was clicked."""
@@ -24,28 +37,161 @@ class TokenView(Static):
             self.view = view
             self.index = index
 
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.trace: Trace | None = None
+        self.colours: dict[str, str] = {}
+        self.cursor: int | None = None
+        self.shown_layer: int | None = None
+        self.only_column: int | None = None
+        self.placeholder = ""
+        self._lines: list[list[tuple[int, str]]] = []  # each screen line: (token, piece) in order
+        self._line_of: list[int] = []  # token -> the line its text starts on
+        self._laid = 0  # tokens laid out so far
+        self._col = 0  # cells used on the last line
+        self._width = 0  # the width the layout was made for
+
+    # ------------------------------------------------------------------ what to show
+
     def show(self, trace: Trace | None, colours: dict[str, str], cursor: int | None = None, layer: int | None = None,
              only_column: int | None = None, placeholder: str = "") -> None:
-        """Colour by the strongest chunk (at `layer` if given), or only where chunk column `only_column` hits."""
-        if trace is None or not len(trace):
-            self.update(Text(placeholder, style="dim"))
+        """Show a trace (laid out anew if it is another one), or grow the one shown; redraw what changed."""
+        if trace is not self.trace or (trace is not None and len(trace) < self._laid):
+            self.trace = trace
+            self._reset_layout()
+        self.colours, self.placeholder = colours, placeholder
+        restyle = layer != self.shown_layer or only_column != self.only_column
+        self.shown_layer, self.only_column = layer, only_column
+        old_cursor, self.cursor = self.cursor, cursor
+        first_new = self._extend()
+        if restyle:
+            self.refresh()
             return
+        if first_new is not None:
+            self.refresh_lines(first_new, len(self._lines) - first_new)
+        for t in (old_cursor, cursor):
+            self._refresh_token(t)
+        if trace is None or not len(trace):
+            self.refresh()
+
+    def grew(self) -> None:
+        """Lay out tokens that arrived since the last call."""
+        first_new = self._extend()
+        if first_new is not None:
+            self.refresh_lines(first_new, len(self._lines) - first_new)
+
+    def relabelled(self) -> None:
+        """The trace's steps were replaced (same texts, new chunks): redraw what is visible."""
+        self._reset_layout()
+        self._extend()
+        self.refresh()
+
+    def scroll_to_token(self, t: int | None, animate: bool = False) -> None:
+        if t is None or t >= len(self._line_of):
+            return
+        y = self._line_of[t]
+        self.scroll_to_region(Region(0, y, 1, 1), animate=animate, immediate=True)
+
+    def line_count(self) -> int:
+        return len(self._lines)
+
+    # ------------------------------------------------------------------ layout
+
+    def _reset_layout(self) -> None:
+        self._lines, self._line_of, self._laid, self._col = [], [], 0, 0
+        self._width = self._wrap_width()
+
+    def _wrap_width(self) -> int:
+        return max(8, self.scrollable_content_region.width or self.size.width or 80)
+
+    def _extend(self) -> int | None:
+        """Lay out tokens [laid, T); the first line that changed, or None."""
+        trace = self.trace
+        if trace is None or self._laid >= len(trace):
+            return None
+        width = self._width or self._wrap_width()
+        self._width = width
+        if not self._lines:
+            self._lines.append([])
+        first = len(self._lines) - 1
+        lines, col = self._lines, self._col
+        for t in range(self._laid, len(trace)):
+            text = trace.steps[t].text
+            self._line_of.append(len(lines) - 1)
+            parts = text.split("\n")
+            for i, part in enumerate(parts):
+                while part:
+                    room = width - col
+                    if room <= 0:
+                        lines.append([])
+                        col, room = 0, width
+                    piece = part[:room]
+                    while cell_len(piece) > room and len(piece) > 1:  # wide characters
+                        piece = piece[:-1]
+                    lines[-1].append((t, piece))
+                    col += cell_len(piece)
+                    part = part[len(piece):]
+                if i < len(parts) - 1:
+                    lines[-1].append((t, ""))  # the newline itself: drawn as ⏎ under the cursor
+                    lines.append([])
+                    col = 0
+            if not text:
+                lines[-1].append((t, ""))
+        self._col = col
+        self._laid = len(trace)
+        self.virtual_size = Size(width, len(lines))
+        return first
+
+    def on_resize(self) -> None:
+        if self._wrap_width() != self._width:
+            self._reset_layout()
+            self._extend()
+            self.scroll_to_token(self.cursor)
+            self.refresh()
+
+    def _refresh_token(self, t: int | None) -> None:
+        if t is None or t >= len(self._line_of):
+            return
+        y = self._line_of[t]
+        end = self._line_of[t + 1] if t + 1 < len(self._line_of) else len(self._lines) - 1
+        self.refresh_lines(y, end - y + 1)
+
+    # ------------------------------------------------------------------ drawing
+
+    def _style(self, t: int) -> Style:
+        trace = self.trace
+        step = trace.steps[t]
+        if self.only_column is not None:
+            label = trace.columns.labels[self.only_column] if self.only_column in step.hits else None
+        else:
+            label = trace.label_at(t, self.shown_layer)
         no_color = self.app.no_color
-        out = Text()
-        for t, step in enumerate(trace.steps):
-            if only_column is not None:
-                hit = only_column < len(step.hit) and bool(step.hit[only_column])
-                label = trace.columns.labels[only_column] if hit else None
-            else:
-                label = trace.label_at(t, layer)
-            style = token_style(colours.get(label) if label else None, cursor=(t == cursor), no_color=no_color)
-            if step.generated and label is None and not no_color:
-                style += Style(italic=True)
-            piece = step.text
-            if not piece.strip("\n") and t == cursor:
-                piece = "⏎" + piece if "\n" in piece else "␣"
-            out.append(piece or ("▯" if t == cursor else ""), style=style + Style(meta={"@click": f"pick({t})"}))
-        self.update(out)
+        style = token_style(self.colours.get(label) if label else None, cursor=(t == self.cursor), no_color=no_color)
+        if step.generated and label is None and not no_color:
+            style += Style(italic=True)
+        return style + Style(meta={"@click": f"pick({t})"})
+
+    def render_line(self, y: int) -> Strip:
+        scroll_x, scroll_y = self.scroll_offset
+        width = self.scrollable_content_region.width or self.size.width
+        line = y + scroll_y
+        if self.trace is None or not len(self.trace):
+            lines = textwrap.wrap(self.placeholder, max(8, width)) or [""]
+            text = lines[line] if line < len(lines) else ""
+            return Strip([Segment(text, self.rich_style + Style(dim=True))]).adjust_cell_length(width, self.rich_style)
+        if line >= len(self._lines):
+            return Strip.blank(width, self.rich_style)
+        segments = []
+        for t, piece in self._lines[line]:
+            if not piece:
+                if t == self.cursor:
+                    segments.append(Segment("⏎" if "\n" in self.trace.steps[t].text else "▯", self._style(t)))
+                continue
+            if t == self.cursor and not piece.strip():
+                piece = "␣" * len(piece)
+            segments.append(Segment(piece, self._style(t)))
+        strip = Strip(segments).crop(scroll_x, scroll_x + width)
+        return strip.adjust_cell_length(width, self.rich_style)
 
     def action_pick(self, index: int) -> None:
         self.post_message(self.Selected(self, index))

@@ -1,4 +1,11 @@
-"""Text, legend, token-by-layer map and token detail for one trace: the view Stream and Step share."""
+"""Text, legend, token-by-layer map and token detail for one trace: the view Stream and Step share.
+
+Every part draws in time that does not grow with the trace: the text view
+lays out only new tokens and draws visible lines, the legend's labels are
+counted incrementally, the layer map draws visible rows, and the token detail
+shows one token (its per-chunk deviations are asked of the engine when the
+cursor settles on it).
+"""
 
 from __future__ import annotations
 
@@ -20,12 +27,12 @@ class TraceView(Widget, can_focus=True):
 
     BINDINGS = [
         Binding("left", "move(-1)", "Token ←", show=False),
-        Binding("right", "move(1)", "Token →", show=False),
+        Binding("right", "move(1)", "← → token"),
         Binding("home", "jump(0)", "First", show=False),
         Binding("end", "jump(-1)", "Last", show=False),
         Binding("left_square_bracket", "layer(-1)", "Layer −", show=False),
-        Binding("right_square_bracket", "layer(1)", "Layer +", show=False),
-        Binding("n", "next_match(1)", "Next match", show=False),
+        Binding("right_square_bracket", "layer(1)", "[ ] layer"),
+        Binding("n", "next_match(1)", "n/p match"),
         Binding("p", "next_match(-1)", "Prev match", show=False),
     ]
 
@@ -34,6 +41,16 @@ class TraceView(Widget, can_focus=True):
             super().__init__()
             self.view = view
             self.cursor = cursor
+            self.layer_index = layer
+
+    class DetailWanted(Message):
+        """The cursor settled on a token: ask the engine for its per-chunk deviations."""
+
+        def __init__(self, view: "TraceView", trace: Trace, index: int, layer: int | None) -> None:
+            super().__init__()
+            self.view = view
+            self.trace = trace
+            self.index = index
             self.layer_index = layer
 
     def __init__(self, placeholder: str = "", **kwargs) -> None:
@@ -46,12 +63,13 @@ class TraceView(Widget, can_focus=True):
         self.follow = True  # the cursor rides the newest token while streaming
         self.jump_label: str | None = None
         self.placeholder = placeholder
+        self.detail = None  # the engine's Detail for (cursor, layer), when it came
+        self._legend_key = None
 
     def compose(self) -> ComposeResult:
         with Horizontal(classes="trace-body"):
             with Vertical(classes="trace-left"):
-                with VerticalScroll(classes="trace-text"):
-                    yield TokenView()
+                yield TokenView(classes="trace-text")
                 yield Static(classes="legend")
             with Vertical(classes="trace-right"):
                 yield LayerMap()
@@ -65,6 +83,8 @@ class TraceView(Widget, can_focus=True):
         self.trace, self.colours, self.n_states = trace, colours, n_states
         self.cursor = None if trace is None or not len(trace) else len(trace) - 1
         self.follow = True
+        self.detail = None
+        self._legend_key = None
         if self.layer_index is not None and self.layer_index >= n_states:
             self.layer_index = None
         self.redraw()
@@ -75,26 +95,56 @@ class TraceView(Widget, can_focus=True):
             self.cursor = len(self.trace) - 1
         self.redraw()
 
+    def relabelled(self) -> None:
+        """The trace's steps were replaced (the RNN's full parse): lay the text out again."""
+        self._legend_key = None
+        if self.is_mounted:
+            self.query_one(TokenView).relabelled()
+        self.redraw()
+
+    def set_detail(self, detail) -> None:
+        if detail.index == self.cursor and detail.layer == self.layer_index:
+            self.detail = detail
+            self.query_one(TokenDetail).show(self.trace, self.colours, self.cursor, self.layer_index, detail)
+
     def redraw(self) -> None:
         if not self.is_mounted:
             return
         trace, colours = self.trace, self.colours
-        self.query_one(TokenView).show(trace, colours, self.cursor, self.layer_index, placeholder=self.placeholder)
-        present = sorted({l for l in (trace.labels(self.layer_index) if trace else []) if l})
-        where = "strongest, all layers" if self.layer_index is None else f"layer {self.layer_index}"
-        text = legend(present, colours, self.app.no_color)
-        text.append(f"· {where} ([ ])", style="dim")
-        if self.jump_label:
-            text.append(f" · n: next {self.jump_label}", style="dim")
-        self.query_one(".legend", Static).update(text)
+        text = self.query_one(TokenView)
+        text.show(trace, colours, self.cursor, self.layer_index, placeholder=self.placeholder)
+        key = (id(trace), len(trace) if trace else 0, self.layer_index, self.jump_label, id(colours))
+        if key != self._legend_key:  # labels are counted incrementally by the trace
+            self._legend_key = key
+            present = trace.present(self.layer_index) if trace else []
+            where = "strongest, all layers" if self.layer_index is None else f"layer {self.layer_index}"
+            line = legend(present, colours, self.app.no_color)
+            line.append(f"· {where} ([ ])", style="dim")
+            if self.jump_label:
+                line.append(f" · n: next {self.jump_label}", style="dim")
+            self.query_one(".legend", Static).update(line)
         self.query_one(LayerMap).show(trace, colours, self.cursor, self.layer_index, self.n_states)
-        self.query_one(TokenDetail).show(trace, colours, self.cursor, self.layer_index)
-        if self.cursor is not None and self.follow:
-            self.query_one(".trace-text", VerticalScroll).scroll_end(animate=False)
+        detail = self.detail if self.detail is not None and self.detail.index == self.cursor and \
+            self.detail.layer == self.layer_index else None
+        self.query_one(TokenDetail).show(trace, colours, self.cursor, self.layer_index, detail)
+        if self.cursor is not None:
+            text.scroll_to_token(self.cursor)
 
     def _moved(self) -> None:
         self.redraw()
         self.post_message(self.CursorMoved(self, self.cursor, self.layer_index))
+        self.want_detail()
+
+    def want_detail(self) -> None:
+        """Ask for the cursor token's full detail, unless it is the live end of a running stream."""
+        trace = self.trace
+        if trace is None or self.cursor is None or not len(trace):
+            return
+        if self.follow and trace.finished is None:
+            return
+        if self.detail is not None and self.detail.index == self.cursor and self.detail.layer == self.layer_index:
+            return
+        self.post_message(self.DetailWanted(self, trace, self.cursor, self.layer_index))
 
     def action_move(self, delta: int) -> None:
         if self.trace is None or not len(self.trace):
@@ -108,7 +158,7 @@ class TraceView(Widget, can_focus=True):
         if self.trace is None or not len(self.trace):
             return
         self.cursor = len(self.trace) - 1 if where < 0 else 0
-        self.follow = where < 0
+        self.follow = where < 0 and self.trace.finished is None
         self._moved()
 
     def action_layer(self, delta: int) -> None:

@@ -1,0 +1,207 @@
+"""chunktui from Python: one facade over the engine, used by the CLI, the app's engine process and notebooks.
+
+    from chunktui import Engine
+
+    engine = Engine.load("smollm2-135m", dictionary="sample")
+    trace = engine.generate("What do you like to eat?", max_new_tokens=20)
+    print(trace.text)
+    print(trace.labels())                      # strongest chunk label per token (None: no match)
+    scan = engine.scan_trace("The cheese was on the table.")
+    print([s.text for s in scan.steps if s.strongest >= 0])
+    report = engine.compare("cheese", "What should I cook tonight?", samples=2)
+    print(report.concepts["cheese"]["delta_logprob"])
+
+Tensors stay on the model's device inside; traces hold plain values (the
+same `TokenStep`s the app draws).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from chunktui.engine.errors import ChunkError
+from chunktui.engine.protocol import Sampling
+from chunktui.engine.session import ChunkColumns, Trace
+
+ProgressFn = Callable[[str, "float | None", str], None]
+
+
+class Engine:
+    """A loaded model (language model or reflection RNN), its dictionary, and what you can do with them."""
+
+    def __init__(self, backend, threads: int | None = None) -> None:
+        self.backend = backend
+        self.dictionary = None
+        self.packed = None
+        self.threads = threads
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, model: str = "smollm2-135m", *, dictionary: str | Path | None = None, device: str = "auto",
+             dtype: str = "auto", threads: int | None = None, progress: ProgressFn | None = None) -> "Engine":
+        """Load a model spec (alias, .gguf, folder, Hub id, random:NAME, rnn:TASK) and optionally a dictionary
+        (a path, or "sample" for the built-in model's sample dictionary)."""
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        from chunktui.engine.backend import load_backend
+
+        engine = cls(load_backend(model, device, dtype, progress=progress), threads=threads)
+        own = engine.backend.own_dictionary()
+        if own is not None:
+            engine.use_dictionary(own)
+        elif dictionary is not None:
+            engine.use_dictionary(dictionary)
+        return engine
+
+    @property
+    def loaded(self):
+        return self.backend.loaded
+
+    @property
+    def kind(self) -> str:
+        return self.backend.kind
+
+    @property
+    def n_states(self) -> int:
+        return self.loaded.layout.n_states
+
+    def card(self) -> dict:
+        return self.loaded.card()
+
+    def check_dictionary(self, path: str | Path) -> tuple[object | None, str | None]:
+        """(dictionary, None) when the file fits this model, else (None or the dictionary, the reason)."""
+        from chunktui.engine.dictionary import load_dictionary
+        from chunktui.engine.errors import DictionaryError
+
+        if not Path(path).is_file():
+            return None, "file not found"
+        try:
+            dictionary = load_dictionary(path)
+        except DictionaryError as err:
+            return None, str(err)
+        except Exception as err:  # a file we cannot read at all: say what, keep going
+            return None, f"unreadable ({type(err).__name__}: {err})"
+        return dictionary, dictionary.compatibility_problem(self.loaded.identity())
+
+    def use_dictionary(self, dictionary) -> object:
+        """Use a dictionary (a ChunkDictionary, a path, or "sample"): checked against this model, then packed."""
+        if isinstance(dictionary, (str, Path)):
+            path = dictionary
+            if str(dictionary) == "sample":
+                from chunktui.paths import DEFAULT_DICT_NAME, sample_path
+
+                path = sample_path(DEFAULT_DICT_NAME)
+            found, problem = self.check_dictionary(path)
+            if problem is not None:
+                from chunktui.engine.errors import DictionaryError
+
+                raise DictionaryError(f"{Path(path).name}: {problem}")
+            dictionary = found
+        self.dictionary = dictionary
+        if self.kind == "rnn":  # DSC chunks are matched by the RNN backend; the dictionary stands as the pack
+            self.packed = dictionary
+        else:
+            from chunktui.engine.matching import pack
+
+            self.packed = pack(dictionary.chunks, self.loaded.hidden_size, self.n_states, self.loaded.device)
+        return dictionary
+
+    def columns(self) -> ChunkColumns:
+        """The order of chunk columns in every step (the pack's order)."""
+        return ChunkColumns.from_pack(self.packed)
+
+    # ------------------------------------------------------------------ streaming and scanning
+
+    def stream(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int = 0, chat: bool = True, sampling: Sampling | None = None,
+               cancel: threading.Event | None = None) -> Iterator:
+        """Token events (prompt tokens first, then generated ones), each with every layer's state and matches."""
+        sampling = sampling or Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                        top_k=top_k, seed=seed)
+        return self.backend.stream(prompt, sampling, self.packed, cancel, chat)
+
+    def generate(self, prompt: str, **kwargs) -> Trace:
+        """Stream to the end and return the trace (plain values: text, chunk per token and layer, norms)."""
+        from chunktui.engine.steps import step_from_event
+
+        chat = kwargs.get("chat", True)
+        trace = Trace("stream", prompt, self.columns(), settings={"chat": chat})
+        reason = None
+        for event in self.stream(prompt, **kwargs):
+            trace.extend([step_from_event(event)])
+            reason = event.finished or reason
+        revised = self.backend.revise(trace.steps)
+        if revised is not None:
+            trace.replace_steps(revised)
+        trace.finished = reason or "length"
+        return trace
+
+    def scan(self, text: str):
+        """A teacher-forced pass: every token's states (T, L+1, d) and matches."""
+        return self.backend.scan(text, self.packed)
+
+    def scan_trace(self, text: str, title: str = "text") -> Trace:
+        from chunktui.engine.steps import steps_from_scan
+
+        trace = Trace("scan", title, self.columns())
+        trace.extend(steps_from_scan(self.scan(text)))
+        trace.finished = "scanned"
+        return trace
+
+    # ------------------------------------------------------------------ perturbation
+
+    def intervention(self, chunks: str | Sequence[str], mode: str = "graft", strength: float | None = None,
+                     layers: str = "2-9", positions: str = "prompt"):
+        """An Intervention from names: labels or chunk ids, each layer of `layers` using its own chunk."""
+        from chunktui.engine.hidden import parse_layers
+        from chunktui.engine.perturb import Intervention, Positions, select_chunks
+
+        if not self.backend.can_perturb:
+            raise ChunkError("Perturbation steers language models. For the RNN, graft a chunk's state with "
+                             "`chunktui rnn graft` (and `chunktui rnn transfer`).")
+        if self.dictionary is None:
+            raise ChunkError("Perturbing needs a dictionary: load one first.")
+        names = [chunks] if isinstance(chunks, str) else list(chunks)
+        names = [n.strip() for name in names for n in name.split(",") if n.strip()]
+        layer_list = parse_layers(layers, self.n_states)
+        return Intervention(chunks=select_chunks(self.dictionary, names, layer_list), mode=mode, strength=strength,
+                            positions=Positions.parse(positions), layer_means=self.dictionary.layer_means)
+
+    def compare(self, chunks, prompts: str | Sequence[str], *, mode: str = "graft", strength: float | None = None,
+                layers: str = "2-9", positions: str = "prompt", samples: int = 1, sampling: Sampling | None = None,
+                chat: bool = True, batch_size: int = 16, cancel: threading.Event | None = None, progress=None):
+        """Control and perturbed arms with identical prompts, sampling and seeds (a ComparisonReport)."""
+        from chunktui.engine.perturb import compare
+
+        intervention = self.intervention(chunks, mode, strength, layers, positions)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        sampling = sampling or Sampling(max_new_tokens=48, temperature=0.8, top_p=0.9)
+        kwargs = {"progress": progress} if progress is not None else {}
+        return compare(self.loaded, intervention, prompts, samples=samples, sampling=sampling, chat=chat,
+                       batch_size=batch_size, cancel=cancel, **kwargs)
+
+    # ------------------------------------------------------------------ dictionaries
+
+    def build(self, corpus: str | None = None, words: Sequence[str] | None = None, **kwargs):
+        """Build a dictionary by population averaging (see `engine.build.build_dictionary` for the options)."""
+        from chunktui.engine.build import LabelSource, build_dictionary
+
+        source = LabelSource(corpus=corpus, words=list(words or []), **{k: kwargs.pop(k) for k in list(kwargs)
+                                                                       if k in ("spans_path", "step", "min_count")})
+        return build_dictionary(self.loaded, source, **kwargs)
+
+    def evaluate(self, corpus: str, dictionary=None, **kwargs):
+        """Held-out TP rate, FP rate and accuracy per chunk and layer (records, summary by label)."""
+        from chunktui.engine.build import LabelSource, evaluate_dictionary, summarise_by_label
+
+        dictionary = dictionary or self.dictionary
+        if dictionary is None:
+            raise ChunkError("Evaluating needs a dictionary: pass one or load one first.")
+        result = evaluate_dictionary(self.loaded, dictionary, LabelSource(corpus=corpus), **kwargs)
+        records = result[0] if isinstance(result, tuple) else result
+        return records, summarise_by_label(records)

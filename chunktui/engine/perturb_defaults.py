@@ -1,0 +1,44 @@
+"""Perturbation settings and their defaults: the one source for the engine, the CLI and the app.
+
+Kept free of torch so the app (which never imports torch) shows the same
+choices and defaults the engine applies. `engine/perturb.py` re-exports these.
+
+Why graft defaults to 0.05: the sample dictionary's chunks span the whole
+width (its tolerance choice keeps every neuron), so a = 1 replaces the state
+and breaks the answer; 0.05 on every prompt token steers it while the text
+stays fluent (`benchmarks/graft_effect.py`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from chunktui.engine.errors import ChunkError
+
+MODES = ("graft", "amplify", "freeze", "suppress", "mean-ablate")
+DEFAULT_MODE = "graft"
+# a for graft/amplify (1 = the template exactly), b for freeze/suppress/mean-ablate (1 = all the way)
+DEFAULT_STRENGTH = {"graft": 0.05, "amplify": 2.0, "freeze": 1.0, "suppress": 0.5, "mean-ablate": 1.0}
+DEFAULT_LAYERS = "2-9"  # the paper's range; each layer uses the concept's chunk of that layer
+POSITION_CHOICES = ("prompt", "prompt-last:4", "generated", "all")
+DEFAULT_POSITIONS = "prompt"
+
+
+@dataclass(frozen=True)
+class Positions:
+    kind: str  # prompt | prompt-last | generated | all
+    k: int = 0
+
+    @staticmethod
+    def parse(spec: str) -> "Positions":
+        spec = (spec or "").strip()
+        if spec in ("prompt", "generated", "all"):
+            return Positions(spec)
+        m = re.fullmatch(r"prompt-last:(\d+)", spec)
+        if m and int(m.group(1)) > 0:
+            return Positions("prompt-last", int(m.group(1)))
+        raise ChunkError(f"Bad positions '{spec}': use prompt, prompt-last:K (K >= 1), generated or all.")
+
+    def __str__(self) -> str:
+        return f"prompt-last:{self.k}" if self.kind == "prompt-last" else self.kind

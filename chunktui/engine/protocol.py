@@ -1,0 +1,269 @@
+"""The typed protocol between the app (UI process) and its engine process.
+
+The app never imports torch: the model, the dictionary and every tensor live
+in a spawned child (`chunktui.engine.server`). The two talk over one
+`multiprocessing` pipe with the small dataclasses below (plain Python values
+only: ints, floats, strings, lists, so each message pickles in microseconds).
+
+Requests go UI -> engine; events come back. Long requests (load, generate,
+scan, compare) run one at a time in the engine's work thread and answer with
+progress/token events and a final event; short ones (token detail, chunk
+scores, cancel) are answered at once, even while a generation runs.
+
+Per token the engine sends only what the UI draws (`session.TokenStep`): id
+and text, log p, top candidates, per layer the strongest chunk and its score,
+the hit columns (sparse) and the norm profile. Full hidden states and the
+(T, C) deviation/score matrices stay in the engine; the UI asks for a token's
+detail, or one chunk's scores, when it needs them.
+
+No torch and no UI imports here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from chunktui.engine.session import ChunkColumns, TokenStep
+
+
+@dataclass
+class Sampling:
+    """How to pick tokens. temperature 0 is greedy. Same settings and seed: same tokens."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop_strings: tuple[str, ...] = ()
+    stop_at_eos: bool = True
+
+    def describe(self) -> dict:
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": self.top_k, "seed": self.seed, "stop_strings": list(self.stop_strings)}
+
+
+# --------------------------------------------------------------------------- requests (UI -> engine)
+
+
+@dataclass
+class Load:
+    spec: str
+    device: str = "auto"
+    dtype: str = "auto"
+    dict_path: str | None = None  # select this dictionary when it fits
+    candidates: list[str] = field(default_factory=list)  # dictionary files to offer in the picker
+
+
+@dataclass
+class ListDictionaries:
+    candidates: list[str]
+    select: str | None = None
+
+
+@dataclass
+class UseDictionary:
+    path: str
+
+
+@dataclass
+class Generate:
+    trace_id: int
+    prompt: str
+    sampling: Sampling
+    chat: bool = True
+
+
+@dataclass
+class Scan:
+    trace_id: int
+    title: str
+    text: str
+
+
+@dataclass
+class Compare:
+    names: list[str]
+    mode: str
+    strength: float
+    layers: str
+    positions: str
+    prompt: str
+    sampling: Sampling
+    chat: bool = True
+
+
+@dataclass
+class TokenDetail:
+    trace_id: int
+    index: int
+    layer: int | None
+    max_rows: int = 12
+
+
+@dataclass
+class ChunkScores:
+    trace_id: int
+    column: int
+
+
+@dataclass
+class Cancel:
+    """Stop the running generation or comparison (takes effect within one token)."""
+
+
+@dataclass
+class BenchStream:
+    """Engine-alone streaming speed: generate with recording and matching, send nothing per token."""
+
+    prompt: str
+    sampling: Sampling
+    chat: bool = True
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+# --------------------------------------------------------------------------- events (engine -> UI)
+
+
+@dataclass
+class Ready:
+    """The engine process is up and torch is imported."""
+
+    pid: int
+    threads: int
+    catalog: list[str]  # model specs to suggest
+
+
+@dataclass
+class Progress:
+    stage: str
+    fraction: float | None
+    text: str
+
+
+@dataclass
+class Loaded:
+    card: dict
+    kind: str  # "lm" or "rnn"
+    n_states: int
+    can_perturb: bool
+    suggested_prompt: str | None = None
+    suggested_temperature: float | None = None
+
+
+@dataclass
+class ChunkInfo:
+    """One chunk as the Chunks pane lists it (no tensors)."""
+
+    id: str
+    label: str
+    layer: int
+    kind: str
+    size: int
+    threshold: float
+    tp_rate: float | None
+    fp_rate: float | None
+    card: str | None = None  # a one-line summary of a discovered chunk's card
+
+
+@dataclass
+class DictionaryEntry:
+    path: str
+    problem: str | None  # why it cannot be used with this model, None if it can
+    chunks: int = 0
+    concepts: int = 0
+
+
+@dataclass
+class DictionariesListed:
+    entries: list[DictionaryEntry]
+    select: str | None
+
+
+@dataclass
+class DictionaryInUse:
+    path: str | None
+    name: str
+    labels: list[str]
+    chunks: list[ChunkInfo]
+    columns: ChunkColumns  # the pack's chunk order: what TokenStep columns index
+
+
+@dataclass
+class TraceStarted:
+    trace_id: int
+    columns: ChunkColumns
+
+
+@dataclass
+class Tokens:
+    trace_id: int
+    steps: list[TokenStep]
+
+
+@dataclass
+class TraceDone:
+    trace_id: int
+    reason: str  # length, eos, stop, cancelled, failed, scanned
+    elapsed: float
+    steps: list[TokenStep] | None = None  # a scan's steps, or every step relabelled (the RNN's full parse)
+    columns: ChunkColumns | None = None
+
+
+@dataclass
+class RunDone:
+    run: dict  # ComparisonReport.to_json() plus prompt and model
+
+
+@dataclass
+class DetailRow:
+    column: int
+    value: float  # deviation (PA) or cosine (direction)
+    score: float  # >= 0 iff hit
+    hit: bool
+
+
+@dataclass
+class Detail:
+    trace_id: int
+    index: int
+    layer: int | None
+    rows: list[DetailRow]
+    total_hits: int
+    available: bool = True  # False when the engine no longer holds this trace (restarted)
+
+
+@dataclass
+class Scores:
+    trace_id: int
+    column: int
+    scores: list[float]
+    available: bool = True
+
+
+@dataclass
+class JobDone:
+    """A long request finished (after its final event), whatever happened."""
+
+    request: str
+
+
+@dataclass
+class BenchDone:
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class Failed:
+    """Any failure in the engine: the message is for the user; the traceback goes to the log file."""
+
+    title: str
+    text: str
+    severity: str = "error"
+    task: str | None = None  # load, generate, scan, perturb, dictionary
+    traceback: str | None = None

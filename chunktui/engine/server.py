@@ -1,0 +1,297 @@
+"""The engine process: the model, the dictionary and every torch call, behind the pipe protocol.
+
+The app spawns `child_main` in a fresh interpreter (multiprocessing "spawn"),
+so the UI process never imports torch and the model gets the cores. Requests
+arrive on the pipe (`engine.protocol`); a receiver loop answers short ones at
+once (cancel, token detail, chunk scores) and queues long ones (load,
+generate, scan, compare) for one work thread, which streams events back.
+
+This module imports nothing heavy at the top: the parent imports it only to
+name `child_main` as the spawn target.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+import traceback
+
+from chunktui.engine import protocol as p
+
+TITLES = {"Load": "Model not loaded", "Generate": "Generation failed", "Scan": "Scan failed",
+          "Compare": "Perturbation failed", "UseDictionary": "Dictionary not usable",
+          "ListDictionaries": "Dictionaries", "BenchStream": "Benchmark failed"}
+TASKS = {"Load": "load", "Generate": "generate", "Scan": "scan", "Compare": "perturb", "UseDictionary": "dictionary",
+         "ListDictionaries": "dictionary", "BenchStream": "bench"}
+
+
+def child_main(conn, threads: int | None = None, log_path: str | None = None, in_thread: bool = False) -> None:
+    """Entry point of the engine process (or of an engine thread, for tests)."""
+    if not in_thread:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C belongs to the app; cancel comes as a request
+        if log_path:  # nothing the engine prints may scribble over the app's screen
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    Server(conn, threads).run()
+
+
+class Server:
+    def __init__(self, conn, threads: int | None = None) -> None:
+        self.conn = conn
+        self.threads = threads
+        self.send_lock = threading.Lock()
+        self.jobs: queue.Queue = queue.Queue()
+        self.cancel = threading.Event()
+        self.engine = None
+        # trace id -> (columns, [value rows (C,)], [score rows (C,)]): what token detail and chunk plots read
+        self.store: dict[int, tuple] = {}
+        self.store_lock = threading.Lock()
+
+    def send(self, event) -> None:
+        with self.send_lock:
+            try:
+                self.conn.send(event)
+            except (BrokenPipeError, EOFError, OSError):
+                pass  # the app is gone; the receiver loop ends too
+
+    # ------------------------------------------------------------------ loops
+
+    def run(self) -> None:
+        self.send(p.Progress("engine", 0.02, "starting the engine process (importing torch)"))
+        import torch
+
+        if self.threads:
+            torch.set_num_threads(int(self.threads))
+        from chunktui.engine.models import BUILTIN_MODELS, RANDOM_MODELS
+
+        catalog = list(BUILTIN_MODELS) + [f"random:{k}" for k in RANDOM_MODELS] + ["rnn:flat", "rnn:context"]
+        self.send(p.Ready(pid=os.getpid(), threads=torch.get_num_threads(), catalog=catalog))
+        worker = threading.Thread(target=self._work, name="chunktui-engine-work", daemon=True)
+        worker.start()
+        while True:
+            try:
+                request = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            if isinstance(request, p.Shutdown):
+                break
+            if isinstance(request, p.Cancel):
+                self.cancel.set()
+            elif isinstance(request, p.TokenDetail):
+                self.send(self._detail(request))
+            elif isinstance(request, p.ChunkScores):
+                self.send(self._scores(request))
+            else:
+                self.jobs.put(request)
+        self.cancel.set()
+        self.jobs.put(None)
+
+    def _work(self) -> None:
+        while True:
+            request = self.jobs.get()
+            if request is None:
+                return
+            self.cancel.clear()
+            name = type(request).__name__
+            try:
+                getattr(self, f"_do_{name.lower()}")(request)
+            except Exception as err:  # every failure: one message for the user, the traceback for the log
+                from chunktui.engine.errors import ChunkError
+
+                text = str(err) if isinstance(err, ChunkError) else f"{type(err).__name__}: {err}"
+                self.send(p.Failed(TITLES.get(name, "Engine error"), text, task=TASKS.get(name),
+                                   traceback=None if isinstance(err, ChunkError) else traceback.format_exc()))
+                if isinstance(request, (p.Generate, p.Scan)):
+                    self.send(p.TraceDone(request.trace_id, "failed", 0.0))
+            finally:
+                self.send(p.JobDone(name))
+
+    # ------------------------------------------------------------------ long requests
+
+    def _do_load(self, req: p.Load) -> None:
+        from chunktui.api import Engine
+
+        self.engine = None
+        with self.store_lock:
+            self.store.clear()
+        engine = Engine.load(req.spec, device=req.device, dtype=req.dtype,
+                             progress=lambda stage, fraction, text: self.send(p.Progress(stage, fraction, text)))
+        self.engine = engine
+        suggested_prompt, suggested_temperature = engine.backend.suggestions()
+        self.send(p.Loaded(card=engine.card(), kind=engine.kind, n_states=engine.n_states,
+                           can_perturb=engine.backend.can_perturb, suggested_prompt=suggested_prompt,
+                           suggested_temperature=suggested_temperature))
+        if engine.dictionary is not None:  # the RNN brings its own (DSC chunks)
+            d = engine.dictionary
+            self._announce_dictionary()
+            self.send(p.DictionariesListed([p.DictionaryEntry("DSC chunks of the RNN's reference run", None,
+                                                              len(d.chunks), len(d.labels()))], None))
+            return
+        self._list(req.candidates, req.dict_path, auto=True)
+
+    def _do_listdictionaries(self, req: p.ListDictionaries) -> None:
+        if self._need_model():
+            self._list(req.candidates, req.select, auto=False)
+
+    def _list(self, candidates: list[str], select: str | None, auto: bool) -> None:
+        from pathlib import Path
+
+        engine = self.engine
+        entries, usable = [], {}
+        for path in candidates:
+            dictionary, problem = engine.check_dictionary(path)
+            n_chunks = len(dictionary.chunks) if dictionary is not None else 0
+            n_labels = len(dictionary.labels()) if dictionary is not None else 0
+            entries.append(p.DictionaryEntry(path, problem, n_chunks, n_labels))
+            if problem is None:
+                usable[path] = dictionary
+        chosen = None
+        if select is not None:
+            match = next((e for e in entries if Path(e.path) == Path(select)), None)
+            if match is not None and match.problem is None:
+                chosen = match.path
+            elif match is not None:
+                self.send(p.Failed("Dictionary not usable", f"{Path(match.path).name}: {match.problem}. "
+                                   "Pick another dictionary in the Model pane (F1).", severity="warning",
+                                   task="dictionary"))
+        if chosen is None and auto and engine.dictionary is None:
+            chosen = next(iter(usable), None)
+        if chosen is not None:
+            engine.use_dictionary(usable[chosen])
+        elif engine.dictionary is None and not usable:
+            self.send(p.Failed("No dictionary", "No dictionary fits this model, so tokens are not coloured. Build "
+                               "one with `chunktui build`, then add it in the Model pane (F1).", severity="warning",
+                               task="dictionary"))
+        if chosen is not None:
+            self._announce_dictionary()
+        self.send(p.DictionariesListed(entries, str(engine.dictionary.path) if engine.dictionary is not None
+                                       and engine.dictionary.path else None))
+
+    def _do_usedictionary(self, req: p.UseDictionary) -> None:
+        if self._need_model():
+            self.engine.use_dictionary(req.path)
+            self._announce_dictionary()
+
+    def _announce_dictionary(self) -> None:
+        from pathlib import Path
+
+        d = self.engine.dictionary
+        path = str(d.path) if getattr(d, "path", None) else None
+        name = Path(path).name.replace(".chunks.safetensors", "") if path else getattr(d, "name", "dictionary")
+        self.send(p.DictionaryInUse(path=path, name=name, labels=d.labels(), chunks=[_chunk_info(c) for c in d.chunks],
+                                    columns=self.engine.columns()))
+
+    def _need_model(self) -> bool:
+        if self.engine is None:
+            self.send(p.Failed("No model", "Load a model first (F1, Load).", severity="warning"))
+            return False
+        return True
+
+    def _do_generate(self, req: p.Generate) -> None:
+        from chunktui.engine.steps import event_rows
+
+        if not self._need_model():
+            self.send(p.TraceDone(req.trace_id, "failed", 0.0))
+            return
+        engine = self.engine
+        columns = engine.columns()
+        values, scores, steps = [], [], []
+        with self.store_lock:
+            self.store[req.trace_id] = (columns, values, scores)
+        self.send(p.TraceStarted(req.trace_id, columns))
+        start, reason = time.perf_counter(), None
+        for event in engine.stream(req.prompt, sampling=req.sampling, chat=req.chat, cancel=self.cancel):
+            step, value, score = event_rows(event)
+            with self.store_lock:
+                values.append(value)
+                scores.append(score)
+            steps.append(step)
+            self.send(p.Tokens(req.trace_id, [step]))
+            reason = event.finished or reason
+        if reason is None and self.cancel.is_set():
+            reason = "cancelled"
+        revised = engine.backend.revise(steps) if steps else None
+        self.send(p.TraceDone(req.trace_id, reason or "length", time.perf_counter() - start, steps=revised))
+
+    def _do_scan(self, req: p.Scan) -> None:
+        from chunktui.engine.steps import scan_rows
+
+        if not self._need_model():
+            self.send(p.TraceDone(req.trace_id, "failed", 0.0))
+            return
+        start = time.perf_counter()
+        steps, value, score = scan_rows(self.engine.scan(req.text))
+        columns = self.engine.columns()
+        with self.store_lock:
+            self.store[req.trace_id] = (columns, list(value.unbind(0)), list(score.unbind(0)))
+        self.send(p.TraceDone(req.trace_id, "scanned", time.perf_counter() - start, steps=steps, columns=columns))
+
+    def _do_compare(self, req: p.Compare) -> None:
+        if not self._need_model():
+            return
+        report = self.engine.compare(req.names, [req.prompt], mode=req.mode, strength=req.strength,
+                                     layers=req.layers, positions=req.positions, samples=1, sampling=req.sampling,
+                                     chat=req.chat, batch_size=1, cancel=self.cancel)
+        if self.cancel.is_set():
+            self.send(p.Failed("Perturbation cancelled", "The run was cancelled; nothing was recorded.",
+                               severity="warning", task="perturb"))
+            return
+        self.send(p.RunDone(dict(report.to_json(), prompt=req.prompt, model=self.engine.loaded.name)))
+
+    def _do_benchstream(self, req: p.BenchStream) -> None:
+        if not self._need_model():
+            return
+        start, n = time.perf_counter(), 0
+        for event in self.engine.stream(req.prompt, sampling=req.sampling, chat=req.chat, cancel=self.cancel):
+            n += event.generated
+        self.send(p.BenchDone(tokens=n, seconds=time.perf_counter() - start))
+
+    # ------------------------------------------------------------------ short requests (answered at once)
+
+    def _detail(self, req: p.TokenDetail) -> p.Detail:
+        with self.store_lock:
+            held = self.store.get(req.trace_id)
+            if held is None or req.index >= len(held[1]):
+                return p.Detail(req.trace_id, req.index, req.layer, [], 0, available=False)
+            columns, values, scores = held
+            value, score = values[req.index].tolist(), scores[req.index].tolist()
+        hits = [c for c, s in enumerate(score) if s >= 0]
+        if req.layer is not None:
+            chosen = sorted((c for c in range(len(score)) if columns.layers[c] == req.layer), key=lambda c: -score[c])
+        else:
+            chosen = sorted(hits, key=lambda c: (columns.layers[c], -score[c]))
+        rows = [p.DetailRow(c, value[c], score[c], score[c] >= 0) for c in chosen[:req.max_rows]]
+        return p.Detail(req.trace_id, req.index, req.layer, rows, len(hits))
+
+    def _scores(self, req: p.ChunkScores) -> p.Scores:
+        with self.store_lock:
+            held = self.store.get(req.trace_id)
+            if held is None or not held[2]:
+                return p.Scores(req.trace_id, req.column, [], available=False)
+            rows = list(held[2])
+        return p.Scores(req.trace_id, req.column, [float(r[req.column]) for r in rows])
+
+
+def _chunk_info(chunk) -> p.ChunkInfo:
+    fit = chunk.fit or {}
+    card = None
+    try:
+        from chunktui.engine.cards import stored_card
+
+        found = stored_card(chunk)
+        if found is not None:
+            tops = ", ".join(f"{t!r}" for t, _ in found.top_tokens[:3])
+            card = f"card: {found.matches}/{found.tokens} corpus tokens, mostly {tops}."
+    except Exception:  # a card is a nicety; a chunk without a readable one still lists
+        card = None
+    tp, fp = fit.get("tp_rate"), fit.get("fp_rate")
+    return p.ChunkInfo(id=chunk.id, label=chunk.label, layer=int(chunk.layer), kind=chunk.kind, size=int(chunk.size),
+                       threshold=float(chunk.threshold), tp_rate=None if tp is None else float(tp),
+                       fp_rate=None if fp is None else float(fp), card=card)

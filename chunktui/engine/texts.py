@@ -1,0 +1,49 @@
+"""Reading user text files: corpora and files of sequences, with a clear message for every bad file.
+
+No torch here: the app's Step pane reads sequence files in the UI process.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from chunktui.engine.errors import CorpusError
+
+
+def read_text(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"{path} does not exist (or is a folder). Give a UTF-8 text file.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
+    except OSError as err:
+        raise CorpusError(f"Could not read {path}: {err.strerror or err}.") from None
+    if not text.strip():
+        raise CorpusError(f"The corpus {path} is empty.")
+    return text
+
+
+def read_sequences(path: str | Path) -> list[tuple[str, str]]:
+    """(id, text) pairs from a .jsonl file ({"id", "text"} per line) or a text file (one per non-empty line)."""
+    path = Path(path).expanduser()
+    body = read_text(path)  # missing, unreadable, non-UTF-8 and empty files get their message there
+    out: list[tuple[str, str]] = []
+    if path.suffix.lower() in (".jsonl", ".json"):
+        for lineno, line in enumerate(body.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CorpusError(f"{path.name}:{lineno}: not valid JSON ({err.msg}).") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise CorpusError(f"{path.name}:{lineno}: expected an object with a \"text\" field.")
+            out.append((str(rec.get("id", f"line {lineno}")), rec["text"]))
+    else:
+        out = [(f"line {lineno}", line.strip()) for lineno, line in enumerate(body.splitlines(), 1) if line.strip()]
+    if not out:
+        raise CorpusError(f"{path} holds no sequences.")
+    return out
