@@ -41,16 +41,21 @@ class Engine:
 
     @classmethod
     def load(cls, model: str = "smollm2-135m", *, dictionary: str | Path | None = None, device: str = "auto",
-             dtype: str = "auto", threads: int | None = None, progress: ProgressFn | None = None) -> "Engine":
+             dtype: str = "auto", threads: int | None = None, progress: ProgressFn | None = None,
+             device_map: str | dict | None = None, max_memory: str | dict | None = None,
+             offload_folder: str | None = None, offline: bool = False) -> "Engine":
         """Load a model spec (alias, .gguf, folder, Hub id, random:NAME, rnn:TASK) and optionally a dictionary
-        (a path, or "sample" for the built-in model's sample dictionary)."""
+        (a path, or "sample" for the built-in model's sample dictionary). device_map / max_memory /
+        offload_folder / offline: as in `chunktui.engine.models.load_model` (a Hub id is downloaded unless
+        offline)."""
         if threads:
             import torch
 
             torch.set_num_threads(int(threads))
         from chunktui.engine.backend import load_backend
 
-        engine = cls(load_backend(model, device, dtype, progress=progress), threads=threads)
+        placement = dict(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, offline=offline)
+        engine = cls(load_backend(model, device, dtype, progress=progress, placement=placement), threads=threads)
         own = engine.backend.own_dictionary()
         if own is not None:
             engine.use_dictionary(own)
@@ -72,6 +77,16 @@ class Engine:
 
     def card(self) -> dict:
         return self.loaded.card()
+
+    def memory(self, kv_tokens: int = 0, state_tokens: int = 0) -> list[dict]:
+        """Per device: weights, KV cache of `kv_tokens`, `state_tokens` recorded states, free / total / peak bytes
+        (for the model card and the status bar). Empty for the RNN, which has no device memory to speak of."""
+        from chunktui.engine.memory import memory_report
+        from chunktui.engine.models import LoadedModel
+
+        if not isinstance(self.loaded, LoadedModel):
+            return []
+        return [row.to_json() for row in memory_report(self.loaded, kv_tokens=kv_tokens, state_tokens=state_tokens)]
 
     def check_dictionary(self, path: str | Path) -> tuple[object | None, str | None]:
         """(dictionary, None) when the file fits this model, else (None or the dictionary, the reason)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from chunktui.cli.common import placement_from_context, placement_options
+
 
 @click.command("tui")
 @click.option("--model", "-m", "model_spec", default="smollm2-135m", show_default=True,
@@ -22,6 +24,7 @@ import click
               help="tokens to generate (the Stream pane's 'tokens' field)")
 @click.option("--threads", type=click.IntRange(0, 1024), default=0,
               help="torch threads of the engine process (default: all cores)")
+@placement_options
 def tui_cmd(model_spec, dict_path, device, dtype, sequences_path, file_path, prompt, max_new_tokens, threads) -> None:
     """Open the terminal app: stream, inspect, perturb and step through chunks.
 
@@ -41,4 +44,5 @@ def tui_cmd(model_spec, dict_path, device, dtype, sequences_path, file_path, pro
     threads = threads or (os.cpu_count() or 1)
     make_app(model_spec=model_spec, dict_path=dict_path, device=device, dtype=dtype,
              sequences_path=file_path or sequences_path, threads=threads, prompt=prompt,
-             max_new_tokens=max_new_tokens, open_step=file_path is not None).run()
+             max_new_tokens=max_new_tokens, open_step=file_path is not None,
+             placement=placement_from_context()).run()

@@ -89,7 +89,8 @@ class ReflectionRNN:
 
 
 def load_backend(spec: str, device: str = "auto", dtype: str = "auto",
-                 progress: Callable[[str, float | None, str], None] | None = None) -> Backend:
+                 progress: Callable[[str, float | None, str], None] | None = None,
+                 placement: dict | None = None) -> Backend:
     """The right backend for a model spec (`rnn:...` trains the reflection RNN; anything else is a language model)."""
     from chunktui.rnn.backend import is_rnn_spec
 
@@ -102,4 +103,5 @@ def load_backend(spec: str, device: str = "auto", dtype: str = "auto",
     from chunktui.engine.models import load_model
 
     kwargs = {"progress": progress} if progress is not None else {}
+    kwargs.update({k: v for k, v in (placement or {}).items() if v})  # device_map, max_memory, offload_folder, offline
     return LanguageModel(load_model(spec, device, dtype, **kwargs))

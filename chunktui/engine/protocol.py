@@ -51,6 +51,12 @@ class Load:
     spec: str
     device: str = "auto"
     dtype: str = "auto"
+    # placement (engine.models.load_model): accelerate's device map, per-device caps "0=70GiB,cpu=200GiB",
+    # a folder for weights that fit nowhere else, and never downloading
+    device_map: str | None = None
+    max_memory: str | None = None
+    offload_folder: str | None = None
+    offline: bool = False
     dict_path: str | None = None  # select this dictionary when it fits
     candidates: list[str] = field(default_factory=list)  # dictionary files to offer in the picker
 

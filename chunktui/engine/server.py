@@ -121,7 +121,8 @@ class Server:
         self.engine = None
         with self.store_lock:
             self.store.clear()
-        engine = Engine.load(req.spec, device=req.device, dtype=req.dtype,
+        engine = Engine.load(req.spec, device=req.device, dtype=req.dtype, device_map=req.device_map,
+                             max_memory=req.max_memory, offload_folder=req.offload_folder, offline=req.offline,
                              progress=lambda stage, fraction, text: self.send(p.Progress(stage, fraction, text)))
         self.engine = engine
         suggested_prompt, suggested_temperature = engine.backend.suggestions()

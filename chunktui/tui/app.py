@@ -105,9 +105,10 @@ class ChunkApp(App):
                  dtype: str = "auto", dict_dirs: Iterable[str | Path] | None = None,
                  sequences_path: str | None = None, show_timing: bool = True, autoload: bool = True,
                  threads: int | None = None, engine_mode: str = "process", prompt: str | None = None,
-                 max_new_tokens: int | None = None, open_step: bool = False) -> None:
+                 max_new_tokens: int | None = None, open_step: bool = False, placement: dict | None = None) -> None:
         super().__init__()
         self.model_spec, self.device, self.dtype = model_spec, device, dtype
+        self.placement = dict(placement or {})  # device_map, max_memory, offload_folder, offline (from the CLI)
         self.dict_path = str(dict_path) if dict_path else None
         self.dict_dirs = [Path(d) for d in dict_dirs] if dict_dirs is not None else []
         self.extra_dicts: list[str] = []
@@ -379,7 +380,8 @@ class ChunkApp(App):
             self.fail("Type a model spec (for example smollm2-135m).", title="No model named")
             return
         self.dictionary, self.model = None, None
-        if self.send(p.Load(spec, device, dtype, dict_path=self.dict_path, candidates=self.dictionary_candidates())):
+        if self.send(p.Load(spec, device, dtype, dict_path=self.dict_path, candidates=self.dictionary_candidates(),
+                            **self.placement)):
             self._set_busy("load")
             self.query_one(ModelPane).show_progress("resolve", 0.0, spec)
 
@@ -707,7 +709,7 @@ def make_app(model_spec: str | None = None, dict_path: str | None = None, device
              dict_dirs: Iterable[str | Path] | None = None, sequences_path: str | None = None,
              show_timing: bool = True, autoload: bool = True, threads: int | None = None,
              engine_mode: str = "process", prompt: str | None = None, max_new_tokens: int | None = None,
-             open_step: bool = False) -> ChunkApp:
+             open_step: bool = False, placement: dict | None = None) -> ChunkApp:
     """The app as users get it (the CLI and the benchmark call this); tests pass a tiny model, their own
     dictionary folder, show_timing=False and engine_mode="thread".
 
@@ -726,4 +728,4 @@ def make_app(model_spec: str | None = None, dict_path: str | None = None, device
     return ChunkApp(model_spec=model_spec or "smollm2-135m", dict_path=dict_path, device=device, dtype=dtype,
                     dict_dirs=dict_dirs, sequences_path=sequences_path, show_timing=show_timing, autoload=autoload,
                     threads=threads, engine_mode=engine_mode, prompt=prompt, max_new_tokens=max_new_tokens,
-                    open_step=open_step)
+                    open_step=open_step, placement=placement)

@@ -137,3 +137,20 @@ def test_cli_options(folder, tmp_path):
     r = runner.invoke(main, ["scan", "--model", str(folder), "--device-map", "auto", "--max-memory", "cpu=huge",
                              "--text", "hi"])
     assert r.exit_code == 2 and "not a size" in r.output and "Traceback" not in r.output
+
+
+def test_engine_api_and_app_request_carry_placement(tmp_path):
+    """The app's engine process loads with the same placement options (protocol Load -> Engine.load)."""
+    from chunktui.api import Engine
+    from chunktui.engine import protocol
+
+    request = protocol.Load("random:llama-tiny", device_map="auto", max_memory="cpu=40KiB",
+                            offload_folder=str(tmp_path))
+    engine = Engine.load(request.spec, device=request.device, dtype=request.dtype, device_map=request.device_map,
+                         max_memory=request.max_memory, offload_folder=request.offload_folder,
+                         offline=request.offline)
+    assert "disk" in engine.card()["placement"]
+    rows = {r["device"]: r for r in engine.memory(kv_tokens=10, state_tokens=10)}
+    assert rows["disk"]["weights"] > 0 and rows["cpu"]["kv_cache"] > 0 and rows["cpu"]["states"] > 0
+    r = CliRunner().invoke(main, ["tui", "--help"])
+    assert all(option in r.output for option in ("--device-map", "--max-memory", "--offload-folder", "--offline"))
