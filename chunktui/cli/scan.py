@@ -41,11 +41,21 @@ def token_records(texts, ids, matches, chunks) -> list[dict]:
     return records
 
 
-def _load_dict(path, loaded):
-    from chunktui.engine.dictionary import load_dictionary
+def _load_dict(path, loaded, optional: bool = False):
+    """The dictionary and its pack. `optional` (the default sample dictionary): a model it was not made for
+    scans with no chunks, and a note says how to build its own."""
+    from chunktui.engine.dictionary import ChunkDictionary, load_dictionary
+    from chunktui.engine.errors import IncompatibleDictionaryError
     from chunktui.engine.matching import pack
 
-    dictionary = load_dictionary(path, identity=loaded.identity())
+    try:
+        dictionary = load_dictionary(path, identity=loaded.identity())
+    except IncompatibleDictionaryError:
+        if not optional:
+            raise
+        err_console.print(f"[dim]the sample dictionary is for the built-in model, not {loaded.name}: no chunks to "
+                          "match; build this model's own with `chunktui build` and pass it with --dict[/]")
+        dictionary = ChunkDictionary(model=loaded.identity(), chunks=[])
     return dictionary, pack(dictionary.chunks, loaded.hidden_size, loaded.layout.n_states, loaded.device)
 
 
@@ -77,7 +87,7 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
     if sum(x is not None for x in (text, file_path, prompt)) != 1:
         raise CorpusError("Give exactly one of --text, --file and --prompt.")
     loaded = load_with_progress(model_spec, device, dtype)
-    dictionary, packed = _load_dict(dict_path or sample_path(DEFAULT_DICT_NAME), loaded)
+    dictionary, packed = _load_dict(dict_path or sample_path(DEFAULT_DICT_NAME), loaded, optional=dict_path is None)
     keep = set(parse_layers(layers, loaded.layout.n_states))
     if prompt is not None:
         events = list(generate_stream(loaded, prompt, Sampling(max_new_tokens=n_new, temperature=temperature,

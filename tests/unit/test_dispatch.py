@@ -154,3 +154,24 @@ def test_engine_api_and_app_request_carry_placement(tmp_path):
     assert rows["disk"]["weights"] > 0 and rows["cpu"]["kv_cache"] > 0 and rows["cpu"]["states"] > 0
     r = CliRunner().invoke(main, ["tui", "--help"])
     assert all(option in r.output for option in ("--device-map", "--max-memory", "--offload-folder", "--offline"))
+
+
+def test_cli_scan_dispatched_equals_plain_without_a_dictionary(folder, tmp_path):
+    """The must-show on the tiny model: same `tokens` from `scan --device-map auto` with a disk-forcing cap.
+    The sample dictionary is for the built-in model, so this model scans with no chunks (and says so)."""
+    runner = CliRunner()
+    common = ["scan", "--model", str(folder), "--prompt", "The dog ate", "--generate", "12", "--no-chat"]
+    r = runner.invoke(main, common + ["--json", str(tmp_path / "a.json")])
+    assert r.exit_code == 0, r.output
+    assert "the sample dictionary is for the built-in model" in r.output
+    r = runner.invoke(main, common + ["--device-map", "auto", "--max-memory", "cpu=40KiB", "--offload-folder",
+                                      str(tmp_path / "off"), "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    import json
+
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert sum(b["generated"]) == 12 and a["tokens"] == b["tokens"]
+    from chunktui.paths import DEFAULT_DICT_NAME, sample_path
+
+    r = runner.invoke(main, common + ["--dict", str(sample_path(DEFAULT_DICT_NAME))])
+    assert r.exit_code == 2  # a dictionary named explicitly must fit
