@@ -90,6 +90,11 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
     dictionary, packed = _load_dict(dict_path or sample_path(DEFAULT_DICT_NAME), loaded, optional=dict_path is None)
     keep = set(parse_layers(layers, loaded.layout.n_states))
     if prompt is not None:
+        from chunktui.engine.memory import ensure_fits
+        from chunktui.engine.streaming import encode_prompt
+
+        n_prompt = len(encode_prompt(loaded, prompt, chat))
+        ensure_fits(loaded, "generating", n_prompt, n_new, kept_states=n_prompt + n_new)  # every state is kept
         events = list(generate_stream(loaded, prompt, Sampling(max_new_tokens=n_new, temperature=temperature,
                                                                 top_p=top_p, seed=seed), packed=packed, chat=chat))
         texts = [e.text for e in events]

@@ -437,7 +437,8 @@ def describe_specs() -> list[tuple[str, str]]:
     rows += [(f"random:{k}[:SEED]", f"seeded random {fam} model for tests") for k, (fam, _) in RANDOM_MODELS.items()]
     rows += [("PATH.gguf", "a GGUF file, dequantised once and cached as safetensors"),
              ("PATH/", "a local Hugging Face model folder (config.json + weights)"),
-             ("owner/name", "a Hugging Face Hub id, loaded from the local Hub cache"),
+             ("owner/name", "a Hugging Face Hub id: from the local Hub cache, else downloaded once "
+                            "(safetensors only; --offline never downloads)"),
              ("rnn:flat|context[:SEED[:STEPS]]", "the app only: the 12-unit reflection RNN, trained at load "
                                                  "(~8 s), its DSC chunks as the dictionary")]
     return rows

@@ -151,8 +151,12 @@ def decode(loaded: LoadedModel, rows: list[list[int]], sampling: Sampling, seeds
     prefill logits are appended to it.
     """
     model, device = loaded.model, loaded.device
-    ensure_fits(loaded, "generating", max(len(r) for r in rows), sampling.max_new_tokens, batch=len(rows),
-                record=record, full_logits=prefill_states is not None)
+    # the loop holds one step's states at a time (and the prompt's, when asked); a caller keeping every
+    # token's states checks for them itself (memory.ensure_fits with kept_states)
+    longest = max(len(r) for r in rows)
+    ensure_fits(loaded, "generating", longest, sampling.max_new_tokens, batch=len(rows), record=record,
+                full_logits=prefill_states is not None,
+                kept_states=(longest if prefill_states is not None else 0) + 1)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     ids, mask = left_pad(rows, pad)
     ids, mask = ids.to(device), mask.to(device)
