@@ -543,9 +543,20 @@ def _placement(dev: torch.device, device_map, max_memory: dict | None, offload_f
         if max_memory or offload_folder:
             raise ModelLoadError("--max-memory and --offload-folder shard a model with --device-map "
                                  f"({', '.join(DEVICE_MAPS)}); add --device-map auto.")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
         return {} if dev.type == "cpu" else {"device_map": {"": dev}}  # straight onto the device
     if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
         raise ModelLoadError(f"Unknown device map '{device_map}'. Use {', '.join(DEVICE_MAPS)}.")
+    if dev.type == "cpu" and isinstance(device_map, str):
+        # --device cpu with a device map: spread over CPU memory and disk only, never onto a GPU
+        gpus = [k for k in (max_memory or {}) if k != "cpu"]
+        if gpus:
+            raise ModelLoadError(f"--device cpu keeps the model off the GPUs, but --max-memory names {gpus}.")
+        if "cpu" not in (max_memory or {}):
+            from accelerate.utils import get_max_memory
+
+            max_memory = {"cpu": get_max_memory()["cpu"]}
     out: dict = {"device_map": device_map}
     if max_memory:
         out["max_memory"] = max_memory
