@@ -170,3 +170,19 @@ def test_cli_messages_have_no_traceback(monkeypatch):
     assert "Traceback" not in r.output
     r = runner.invoke(main, ["scan", "--model", REPO, "--text", "hi", "--offline"])
     assert r.exit_code == 2 and "downloads are off (--offline)" in r.output
+
+
+def test_progress_bars_run_inside_huggingface_hub_machinery():
+    """The tqdm class we hand to snapshot_download works with huggingface_hub's own bar helpers (no network)."""
+    import logging
+
+    from huggingface_hub.utils.tqdm import _create_progress_bar, hf_thread_map
+
+    seen = []
+    Bar = hub._progress_bars(lambda *event: seen.append(event), REPO, total_bytes=100, n_files=2)
+    written = _create_progress_bar(cls=Bar, log_level=logging.INFO, name="huggingface_hub.snapshot_download",
+                                   desc="Reconstructing (incomplete total...)", total=100, initial=0, unit="B",
+                                   unit_scale=True)
+    hf_thread_map(lambda part: written.update(50), [1, 2], max_workers=2, tqdm_class=Bar, desc="Fetching 2 files")
+    assert seen and all(stage == "download" and 0 <= fraction <= 1 for stage, fraction, _ in seen)
+    assert "of 0.00 GiB" in seen[0][2]  # bytes against the repository's total
