@@ -94,11 +94,11 @@ class ChunkApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "chunktui"
     BINDINGS = [Binding(key, f"pane('{pane}')", title, show=False) for pane, title, key in PANES] + [
-        Binding("escape", "cancel", "Esc stop"),
-        Binding("ctrl+g", "generate", "^G generate"),
-        Binding("ctrl+r", "regenerate", "^R perturb", show=False),
-        Binding("ctrl+e", "export", "^E export", show=False),
-        Binding("slash", "focus_input", "/ prompt"),
+        Binding("escape", "cancel", "stop"),
+        Binding("ctrl+g", "generate", "generate", show=False),
+        Binding("ctrl+r", "regenerate", "perturb", show=False),
+        Binding("ctrl+e", "export", "export", show=False),
+        Binding("slash", "focus_input", "prompt", key_display="/"),
     ]
 
     def __init__(self, model_spec: str = "smollm2-135m", dict_path: str | None = None, device: str = "auto",

@@ -27,12 +27,12 @@ class TraceView(Widget, can_focus=True):
 
     BINDINGS = [
         Binding("left", "move(-1)", "Token ←", show=False),
-        Binding("right", "move(1)", "← → token"),
+        Binding("right", "move(1)", "token", key_display="← →"),
         Binding("home", "jump(0)", "First", show=False),
         Binding("end", "jump(-1)", "Last", show=False),
         Binding("left_square_bracket", "layer(-1)", "Layer −", show=False),
-        Binding("right_square_bracket", "layer(1)", "[ ] layer"),
-        Binding("n", "next_match(1)", "n/p match"),
+        Binding("right_square_bracket", "layer(1)", "layer", key_display="[ ]"),
+        Binding("n", "next_match(1)", "match", key_display="n p"),
         Binding("p", "next_match(-1)", "Prev match", show=False),
     ]
 
