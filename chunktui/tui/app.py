@@ -105,8 +105,9 @@ class ChunkApp(App):
                  dtype: str = "auto", dict_dirs: Iterable[str | Path] | None = None,
                  sequences_path: str | None = None, show_timing: bool = True, autoload: bool = True,
                  threads: int | None = None, engine_mode: str = "process", prompt: str | None = None,
-                 max_new_tokens: int | None = None, open_step: bool = False) -> None:
+                 max_new_tokens: int | None = None, open_step: bool = False, stop_at_eos: bool = True) -> None:
         super().__init__()
+        self.stop_at_eos = stop_at_eos
         self.model_spec, self.device, self.dtype = model_spec, device, dtype
         self.dict_path = str(dict_path) if dict_path else None
         self.dict_dirs = [Path(d) for d in dict_dirs] if dict_dirs is not None else []
@@ -306,7 +307,7 @@ class ChunkApp(App):
                 parts.append(f"ui {rss:.0f} MB")
         else:
             parts.append("tok/s —")
-        self.query_one("#status", Static).update(" · ".join(parts))
+        self.query_one("#status", Static).update(" · ".join(parts), layout=False)  # one line: no layout pass
 
     def _set_busy(self, what: str | None) -> None:
         self._busy = what
@@ -472,6 +473,7 @@ class ChunkApp(App):
         except ChunkError as err:
             self.fail(str(err), title="Cannot generate")
             return
+        sampling.stop_at_eos = self.stop_at_eos
         if self.dictionary is None:
             self.notify("No dictionary in use: tokens will not be coloured.", severity="warning", timeout=4)
         trace = self._new_trace("stream", prompt, dict(sampling.describe(), chat=chat))
@@ -707,7 +709,7 @@ def make_app(model_spec: str | None = None, dict_path: str | None = None, device
              dict_dirs: Iterable[str | Path] | None = None, sequences_path: str | None = None,
              show_timing: bool = True, autoload: bool = True, threads: int | None = None,
              engine_mode: str = "process", prompt: str | None = None, max_new_tokens: int | None = None,
-             open_step: bool = False) -> ChunkApp:
+             open_step: bool = False, stop_at_eos: bool = True) -> ChunkApp:
     """The app as users get it (the CLI and the benchmark call this); tests pass a tiny model, their own
     dictionary folder, show_timing=False and engine_mode="thread".
 
@@ -726,4 +728,4 @@ def make_app(model_spec: str | None = None, dict_path: str | None = None, device
     return ChunkApp(model_spec=model_spec or "smollm2-135m", dict_path=dict_path, device=device, dtype=dtype,
                     dict_dirs=dict_dirs, sequences_path=sequences_path, show_timing=show_timing, autoload=autoload,
                     threads=threads, engine_mode=engine_mode, prompt=prompt, max_new_tokens=max_new_tokens,
-                    open_step=open_step)
+                    open_step=open_step, stop_at_eos=stop_at_eos)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Static
@@ -73,8 +73,7 @@ class TraceView(Widget, can_focus=True):
                 yield Static(classes="legend")
             with Vertical(classes="trace-right"):
                 yield LayerMap()
-                with VerticalScroll(classes="trace-detail"):
-                    yield TokenDetail()
+                yield TokenDetail(classes="trace-detail")
 
     def on_mount(self) -> None:
         self.call_after_refresh(self.redraw)
@@ -122,7 +121,7 @@ class TraceView(Widget, can_focus=True):
             line.append(f"· {where} ([ ])", style="dim")
             if self.jump_label:
                 line.append(f" · n: next {self.jump_label}", style="dim")
-            self.query_one(".legend", Static).update(line)
+            self.query_one(".legend", Static).update(line, layout=False)  # fixed height: no layout pass
         self.query_one(LayerMap).show(trace, colours, self.cursor, self.layer_index, self.n_states)
         detail = self.detail if self.detail is not None and self.detail.index == self.cursor and \
             self.detail.layer == self.layer_index else None
