@@ -349,7 +349,10 @@ class ChunkApp(App):
         pane = self.query_one(TabbedContent).active
         target = {"model": "#model-spec", "stream": "#prompt", "chunks": "#chunk-filter",
                   "perturb": "#perturb-prompt", "step": "#step-path", "export": "#export-path"}.get(pane, "#prompt")
-        self.query_one(target).focus()
+        field = self.query_one(target)
+        field.focus()
+        if isinstance(field, Input):
+            field.select_all()  # typing replaces the old text
 
     @on(TabbedContent.TabActivated)
     def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
