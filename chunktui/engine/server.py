@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 import time
 import traceback
@@ -88,6 +89,7 @@ class Server:
                 self.jobs.put(request)
         self.cancel.set()
         self.jobs.put(None)
+        worker.join(timeout=5)  # a running job stops within one token
 
     def _work(self) -> None:
         while True:
@@ -303,6 +305,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     child_main(Connection(args.fd), threads=args.threads or None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown: torch's thread pools can abort it ("terminate called ...")
 
 
 if __name__ == "__main__":

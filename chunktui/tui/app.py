@@ -279,6 +279,8 @@ class ChunkApp(App):
     def _handle_progress(self, event: p.Progress) -> None:
         text = event.text if self.show_timing or event.stage != "done" else "loaded"  # no timings in tests
         self.query_one(ModelPane).show_progress(event.stage, event.fraction, text)
+        self._progress = text
+        self.update_status()
 
     def _handle_failed(self, event: p.Failed) -> None:
         if event.task == "load":
@@ -297,7 +299,9 @@ class ChunkApp(App):
             parts.append(f"{self.model.card['name']} on {self.model.card['device']}")
         parts.append(f"dict {self.dictionary.name} ({len(self.dictionary.chunks)} chunks)" if self.dictionary
                      else "no dictionary")
-        if self._busy:
+        if self._busy == "load":
+            parts.append(getattr(self, "_progress", "starting the engine"))
+        elif self._busy:
             parts.append(f"{self._busy}… (Esc stops)")
         if self.show_timing:
             if self.tokens_per_second is not None:
