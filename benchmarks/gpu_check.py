@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -112,15 +113,25 @@ def main(spec, dict_path, device, dtype, device_map, tokens, repeats, json_out):
                  stream_peak))
     memory = describe_report(memory_report(loaded, kv_tokens=tokens, state_tokens=tokens))
 
-    # 4. the app, when this version has its benchmark command
+    # 4. the app, when this version has its benchmark command (its engine loads with dtype auto: bf16 on CUDA)
     chunktui = [sys.executable, "-c", "from chunktui.cli import main; main()"]
     has_bench = subprocess.run(chunktui + ["bench", "--help"], env=env, capture_output=True, text=True)
     if has_bench.returncode == 0 and "app" in has_bench.stdout:
-        out = subprocess.run(chunktui + ["bench", "app", "--model", spec, "--device", device, "--dtype", dtype],
+        figures = Path(tempfile.mkdtemp()) / "app.json"
+        out = subprocess.run(chunktui + ["bench", "app", "--model", spec, "--device", device, "--tokens",
+                                         str(max(tokens, 200)), "--json", str(figures)],
                              env=env, capture_output=True, text=True)
-        last = (out.stdout.strip().splitlines() or [out.stderr.strip()[-200:]])[-1]
-        rows.append(("app", "chunktui bench app" + ("" if out.returncode == 0 else f" (exit {out.returncode})"),
-                     last, "-"))
+        if out.returncode == 0 and figures.is_file():
+            app = json.loads(figures.read_text())
+            lat = app.get("key_latency_ms", {})
+            rows.append(("app", "engine alone / in the app", f"{app['engine_alone']['tokens_per_second']} / "
+                                                             f"{app['app']['tokens_per_second']} tok/s", "-"))
+            rows.append(("app", "ratio app / engine", str(app.get("ratio")), "-"))
+            rows.append(("app", "key latency median / p95", f"{lat.get('median')} / {lat.get('p95')} ms", "-"))
+            rows.append(("app", "frame rate", f"{app.get('frame_rate')} frames/s", "-"))
+        else:
+            last = (out.stderr.strip() or out.stdout.strip() or "no output").splitlines()[-1][:120]
+            rows.append(("app", f"chunktui bench app failed (exit {out.returncode})", last, "-"))
     else:
         rows.append(("app", "skipped: this version has no `chunktui bench app`", "-", "-"))
 

@@ -26,7 +26,7 @@ async def shoot(model: str, out: Path, tokens: int) -> None:
     async def settle(pilot, seconds: float = 600) -> None:
         for _ in range(int(seconds * 10)):
             await pilot.pause(0.1)
-            if app._busy is None and not any(w.is_running for w in app.workers):
+            if app.model is not None and app.engine_idle():
                 break
         await pilot.pause(0.3)
 
@@ -42,7 +42,7 @@ async def shoot(model: str, out: Path, tokens: int) -> None:
 
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
-        if app.loaded is None:
+        if app.model is None:
             raise SystemExit("the model did not load")
         if app.dictionary is None:
             raise SystemExit("no usable dictionary (is sample_data/smollm2-135m.chunks.safetensors built?)")
@@ -58,11 +58,13 @@ async def shoot(model: str, out: Path, tokens: int) -> None:
         target = next((t for t, label in enumerate(view.trace.labels()) if label == "cheese"), None)
         if target is not None:
             view.cursor, view.follow = target, False
-            view.redraw()
+            view._moved()
+            await settle(pilot)
         await save(pilot, "stream")
 
         await pilot.press("f3", "slash", *"cheese", "enter")
         await pilot.press("down", "down", "enter")
+        await settle(pilot)
         await save(pilot, "chunks")
 
         await pilot.press("f4")
@@ -78,6 +80,7 @@ async def shoot(model: str, out: Path, tokens: int) -> None:
         await pilot.press("enter")
         await settle(pilot)
         await pilot.press("right", "right", "right", "right", "right", "right", "right", "right", "right")
+        await settle(pilot)
         await save(pilot, "step")
 
         await pilot.press("f6")
@@ -97,7 +100,7 @@ async def shoot_rnn(out: Path) -> None:
     async with app.run_test(size=SIZE) as pilot:
         for _ in range(600):
             await pilot.pause(0.1)
-            if app.loaded is not None and app._busy is None:
+            if app.model is not None and app.engine_idle():
                 break
         await pilot.press("f2")
         app.query_one("#prompt").value = "ABCDEEEGHIJKLMN"
@@ -105,11 +108,12 @@ async def shoot_rnn(out: Path) -> None:
         app.action_generate()
         for _ in range(300):
             await pilot.pause(0.1)
-            if app._busy is None:
+            if app.engine_idle():
                 break
         view = app.query_one("#stream-trace", TraceView)
         view.cursor, view.follow = 3, False
-        view.redraw()
+        view._moved()
+        await pilot.pause(0.5)
         for field in app.query("Input"):
             field.cursor_blink = False
         app.clear_notifications()
@@ -120,7 +124,7 @@ async def shoot_rnn(out: Path) -> None:
         await pilot.press("enter")
         for _ in range(100):
             await pilot.pause(0.1)
-            if app._busy is None and app.step_trace is not None:
+            if app.engine_idle() and app.step_trace is not None:
                 break
         await pilot.press(*["right"] * 9)
         app.clear_notifications()

@@ -29,6 +29,12 @@ def make_corpus(seed: int = 0, sentences: int = 120) -> str:
     return "\n".join(lines)
 
 
+@pytest.fixture(autouse=True)
+def _private_state_dir(tmp_path_factory, monkeypatch):
+    """The app's log (and anything else it keeps in the user's state folder) goes to a temporary folder."""
+    monkeypatch.setenv("CHUNKTUI_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from chunktui.engine.models import load_model

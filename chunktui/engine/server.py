@@ -6,14 +6,16 @@ arrive on the pipe (`engine.protocol`); a receiver loop answers short ones at
 once (cancel, token detail, chunk scores) and queues long ones (load,
 generate, scan, compare) for one work thread, which streams events back.
 
-This module imports nothing heavy at the top: the parent imports it only to
-name `child_main` as the spawn target.
+Started as `python -m chunktui.engine.server --fd N [--threads T]`, where N is
+the child's end of a socket pair (its stdout and stderr go to the app's log).
+This module imports nothing heavy at the top.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 import time
 import traceback
@@ -27,17 +29,12 @@ TASKS = {"Load": "load", "Generate": "generate", "Scan": "scan", "Compare": "per
          "ListDictionaries": "dictionary", "BenchStream": "bench"}
 
 
-def child_main(conn, threads: int | None = None, log_path: str | None = None, in_thread: bool = False) -> None:
+def child_main(conn, threads: int | None = None, in_thread: bool = False) -> None:
     """Entry point of the engine process (or of an engine thread, for tests)."""
     if not in_thread:
         import signal
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C belongs to the app; cancel comes as a request
-        if log_path:  # nothing the engine prints may scribble over the app's screen
-            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            os.close(fd)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     Server(conn, threads).run()
 
@@ -92,6 +89,7 @@ class Server:
                 self.jobs.put(request)
         self.cancel.set()
         self.jobs.put(None)
+        worker.join(timeout=5)  # a running job stops within one token
 
     def _work(self) -> None:
         while True:
@@ -296,3 +294,22 @@ def _chunk_info(chunk) -> p.ChunkInfo:
     return p.ChunkInfo(id=chunk.id, label=chunk.label, layer=int(chunk.layer), kind=chunk.kind, size=int(chunk.size),
                        threshold=float(chunk.threshold), tp_rate=None if tp is None else float(tp),
                        fp_rate=None if fp is None else float(fp), card=card)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    from multiprocessing.connection import Connection
+
+    parser = argparse.ArgumentParser(prog="python -m chunktui.engine.server",
+                                     description="chunktui's engine process (started by the app)")
+    parser.add_argument("--fd", type=int, required=True, help="this end of the socket pair to the app")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    child_main(Connection(args.fd), threads=args.threads or None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown: torch's thread pools can abort it ("terminate called ...")
+
+
+if __name__ == "__main__":
+    main()

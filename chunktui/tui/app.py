@@ -94,19 +94,21 @@ class ChunkApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "chunktui"
     BINDINGS = [Binding(key, f"pane('{pane}')", title, show=False) for pane, title, key in PANES] + [
-        Binding("escape", "cancel", "Esc stop"),
-        Binding("ctrl+g", "generate", "^G generate"),
-        Binding("ctrl+r", "regenerate", "^R perturb", show=False),
-        Binding("ctrl+e", "export", "^E export", show=False),
-        Binding("slash", "focus_input", "/ prompt"),
+        Binding("escape", "cancel", "stop"),
+        Binding("ctrl+g", "generate", "generate", show=False),
+        Binding("ctrl+r", "regenerate", "perturb", show=False),
+        Binding("ctrl+e", "export", "export", show=False),
+        Binding("slash", "focus_input", "prompt", key_display="/"),
     ]
 
     def __init__(self, model_spec: str = "smollm2-135m", dict_path: str | None = None, device: str = "auto",
                  dtype: str = "auto", dict_dirs: Iterable[str | Path] | None = None,
                  sequences_path: str | None = None, show_timing: bool = True, autoload: bool = True,
                  threads: int | None = None, engine_mode: str = "process", prompt: str | None = None,
-                 max_new_tokens: int | None = None, open_step: bool = False, placement: dict | None = None) -> None:
+                 max_new_tokens: int | None = None, open_step: bool = False, stop_at_eos: bool = True,
+                 placement: dict | None = None) -> None:
         super().__init__()
+        self.stop_at_eos = stop_at_eos
         self.model_spec, self.device, self.dtype = model_spec, device, dtype
         self.placement = dict(placement or {})  # device_map, max_memory, offload_folder, offline (from the CLI)
         self.dict_path = str(dict_path) if dict_path else None
@@ -279,6 +281,8 @@ class ChunkApp(App):
     def _handle_progress(self, event: p.Progress) -> None:
         text = event.text if self.show_timing or event.stage != "done" else "loaded"  # no timings in tests
         self.query_one(ModelPane).show_progress(event.stage, event.fraction, text)
+        self._progress = text
+        self.update_status()
 
     def _handle_failed(self, event: p.Failed) -> None:
         if event.task == "load":
@@ -297,7 +301,9 @@ class ChunkApp(App):
             parts.append(f"{self.model.card['name']} on {self.model.card['device']}")
         parts.append(f"dict {self.dictionary.name} ({len(self.dictionary.chunks)} chunks)" if self.dictionary
                      else "no dictionary")
-        if self._busy:
+        if self._busy == "load":
+            parts.append(getattr(self, "_progress", "starting the engine"))
+        elif self._busy:
             parts.append(f"{self._busy}… (Esc stops)")
         if self.show_timing:
             if self.tokens_per_second is not None:
@@ -307,7 +313,7 @@ class ChunkApp(App):
                 parts.append(f"ui {rss:.0f} MB")
         else:
             parts.append("tok/s —")
-        self.query_one("#status", Static).update(" · ".join(parts))
+        self.query_one("#status", Static).update(" · ".join(parts), layout=False)  # one line: no layout pass
 
     def _set_busy(self, what: str | None) -> None:
         self._busy = what
@@ -349,7 +355,10 @@ class ChunkApp(App):
         pane = self.query_one(TabbedContent).active
         target = {"model": "#model-spec", "stream": "#prompt", "chunks": "#chunk-filter",
                   "perturb": "#perturb-prompt", "step": "#step-path", "export": "#export-path"}.get(pane, "#prompt")
-        self.query_one(target).focus()
+        field = self.query_one(target)
+        field.focus()
+        if isinstance(field, Input):
+            field.select_all()  # typing replaces the old text
 
     @on(TabbedContent.TabActivated)
     def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
@@ -474,6 +483,7 @@ class ChunkApp(App):
         except ChunkError as err:
             self.fail(str(err), title="Cannot generate")
             return
+        sampling.stop_at_eos = self.stop_at_eos
         if self.dictionary is None:
             self.notify("No dictionary in use: tokens will not be coloured.", severity="warning", timeout=4)
         trace = self._new_trace("stream", prompt, dict(sampling.describe(), chat=chat))
@@ -709,7 +719,7 @@ def make_app(model_spec: str | None = None, dict_path: str | None = None, device
              dict_dirs: Iterable[str | Path] | None = None, sequences_path: str | None = None,
              show_timing: bool = True, autoload: bool = True, threads: int | None = None,
              engine_mode: str = "process", prompt: str | None = None, max_new_tokens: int | None = None,
-             open_step: bool = False, placement: dict | None = None) -> ChunkApp:
+             open_step: bool = False, stop_at_eos: bool = True, placement: dict | None = None) -> ChunkApp:
     """The app as users get it (the CLI and the benchmark call this); tests pass a tiny model, their own
     dictionary folder, show_timing=False and engine_mode="thread".
 
@@ -728,4 +738,4 @@ def make_app(model_spec: str | None = None, dict_path: str | None = None, device
     return ChunkApp(model_spec=model_spec or "smollm2-135m", dict_path=dict_path, device=device, dtype=dtype,
                     dict_dirs=dict_dirs, sequences_path=sequences_path, show_timing=show_timing, autoload=autoload,
                     threads=threads, engine_mode=engine_mode, prompt=prompt, max_new_tokens=max_new_tokens,
-                    open_step=open_step, placement=placement)
+                    open_step=open_step, stop_at_eos=stop_at_eos, placement=placement)

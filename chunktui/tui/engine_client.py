@@ -1,8 +1,10 @@
 """The app's side of the engine process: spawn it, send requests, read events.
 
-`EngineClient.start()` spawns `chunktui.engine.server.child_main` in a fresh
-interpreter ("spawn": nothing of the UI process, and no torch, is inherited)
-with one duplex pipe. A reader thread receives events: token steps go into the
+`EngineClient.start()` starts `python -m chunktui.engine.server` as a fresh
+interpreter (nothing of the UI process, and no torch, is inherited; it does
+not depend on how the app itself was started) in its own session, joined to
+the app by one socket pair that both sides wrap as a `multiprocessing`
+Connection. A reader thread receives events: token steps go into the
 TokenBuffer (drained by the UI's frame timer), everything else is handed to
 `on_event` (the app turns it into a Textual message). When the child dies
 (killed, out of memory), `on_died` gets its exit code; the app offers a restart.
@@ -15,7 +17,12 @@ without paying a torch import per app instance).
 from __future__ import annotations
 
 import multiprocessing
+import os
+import socket
+import subprocess
+import sys
 import threading
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable
 
@@ -39,7 +46,11 @@ class EngineClient:
     def alive(self) -> bool:
         if self.conn is None:
             return False
-        return self.process.is_alive() if self.process is not None else True
+        return self.process.poll() is None if self.process is not None else True
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
 
     def start(self) -> None:
         from chunktui.engine.server import child_main  # no heavy imports at its top
@@ -48,17 +59,23 @@ class EngineClient:
         self._closing = False
         if self.mode == "thread":
             parent, child = multiprocessing.Pipe(duplex=True)
-            threading.Thread(target=child_main, args=(child, self.threads, None, True), daemon=True,
+            threading.Thread(target=child_main, args=(child, self.threads, True), daemon=True,
                              name="chunktui-engine").start()
             self.process = None
         else:
-            ctx = multiprocessing.get_context("spawn")
-            parent, child = ctx.Pipe(duplex=True)
-            log = str(self.log_path) if self.log_path else None
-            self.process = ctx.Process(target=child_main, args=(child, self.threads, log), daemon=True,
-                                       name="chunktui-engine")
-            self.process.start()
-            child.close()  # the child holds its end; EOF on ours then means it died
+            ours, theirs = socket.socketpair()
+            command = [sys.executable, "-m", "chunktui.engine.server", "--fd", str(theirs.fileno())]
+            if self.threads:
+                command += ["--threads", str(self.threads)]
+            log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # never onto the app's screen
+            try:
+                self.process = subprocess.Popen(command, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            finally:
+                theirs.close()  # the child holds its end; EOF on ours then means it died
+                if log is not subprocess.DEVNULL:
+                    log.close()
+            parent = Connection(ours.detach())
         self.conn = parent
         threading.Thread(target=self._read, args=(parent, self.generation), daemon=True,
                          name="chunktui-engine-reader").start()
@@ -92,8 +109,10 @@ class EngineClient:
         if generation == self.generation and not self._closing:
             code = None
             if self.process is not None:
-                self.process.join(timeout=2)
-                code = self.process.exitcode
+                try:
+                    code = self.process.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    code = None
             self.conn = None
             self.on_died(code)
 
@@ -106,10 +125,14 @@ class EngineClient:
         self._closing = True
         self.send(p.Shutdown())
         if self.process is not None:
-            self.process.join(timeout=timeout)
-            if self.process.is_alive():
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
                 self.process.terminate()
-                self.process.join(timeout=1)
+                try:
+                    self.process.wait(timeout=1)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
         if self.conn is not None:
             try:
                 self.conn.close()

@@ -304,3 +304,54 @@ async def test_the_rnn_opens_as_a_model_streams_and_highlights_its_chunks(make_t
         app.action_generate()
         await settle(app, pilot)
         assert any("not in this RNN's alphabet" in n for n in _notes(app))
+
+
+async def test_prompt_option_streams_once_loaded_and_slash_returns_to_the_prompt(make_test_app):
+    app = make_test_app(prompt="The dog ate the cheese", max_new_tokens=5)
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await settle(app, pilot)
+        trace = app.stream_trace
+        assert trace is not None and trace.title == "The dog ate the cheese"
+        assert trace.finished == "length" and trace.n_generated == 5
+        assert isinstance(app.focused, TraceView)
+        await pilot.press("slash")
+        assert app.focused is app.query_one("#prompt")
+        await pilot.press(*"A cake", "enter")  # type the next prompt straight away: it replaces the old one
+        await settle(app, pilot)
+        assert app.stream_trace.title == "A cake" and len(app.session.traces) == 2
+
+
+async def test_file_option_opens_step_on_that_file(make_test_app, tmp_path):
+    seqs = tmp_path / "mine.txt"
+    seqs.write_text("The cheese was good.\nA dog in the rain.\n")
+    app = make_test_app(sequences_path=str(seqs), open_step=True)
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        assert app.query_one("TabbedContent").active == "step"
+        assert app.query_one("#step-list").option_count == 2
+
+
+async def test_token_view_lays_out_only_new_tokens_and_scrolls_to_the_cursor(make_test_app):
+    from chunktui.tui.widgets.token_view import TokenView
+
+    app = make_test_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await generate(app, pilot, prompt="The dog ate the cheese by the river. " * 6, tokens=200)
+        view = app.query_one("#stream-trace", TraceView)
+        text = view.query_one(TokenView)
+        trace = app.stream_trace
+        # the incremental layout equals a layout of the whole text at once
+        lines = ["".join(piece for _, piece in line) for line in text._lines]
+        assert "".join(lines) == trace.text.replace("\n", "")
+        fresh = TokenView()
+        fresh.trace, fresh._width = trace, text._width
+        fresh._extend()
+        assert fresh._lines == text._lines
+        assert text.line_count() > text.size.height  # longer than the view: it scrolls
+        await pilot.press("home")
+        assert text.scroll_offset.y == 0
+        await pilot.press("end")
+        last_line = text._line_of[view.cursor]
+        assert text.scroll_offset.y <= last_line < text.scroll_offset.y + text.size.height

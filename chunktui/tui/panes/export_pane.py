@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Input, Label, Select, Static
 
@@ -12,6 +13,8 @@ FORMATS = [("HTML (self-contained, coloured tokens)", "html"), ("Markdown", "md"
 
 
 class ExportPane(Vertical):
+    BINDINGS = [Binding("ctrl+e", "app.export", "export")]
+
     def compose(self) -> ComposeResult:
         with Horizontal(classes="form-row"):
             yield Label("Format", classes="field-label")

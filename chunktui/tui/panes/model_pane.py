@@ -6,6 +6,7 @@ from pathlib import Path
 
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.suggester import SuggestFromList
 from textual.widgets import Button, Input, Label, OptionList, ProgressBar, Select, Static
@@ -19,6 +20,8 @@ DTYPES = ["auto", "float32", "bfloat16", "float16"]
 
 
 class ModelPane(Vertical):
+    BINDINGS = [Binding("ctrl+l", "app.load", "load")]
+
     def __init__(self, spec: str, device: str, dtype: str, **kwargs) -> None:
         super().__init__(**kwargs)
         self.spec, self.device, self.dtype = spec, device, dtype

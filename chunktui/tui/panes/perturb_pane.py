@@ -6,6 +6,7 @@ import math
 
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.suggester import SuggestFromList
 from textual.widgets import Button, Checkbox, Input, Label, OptionList, Select, Static
@@ -19,6 +20,8 @@ from chunktui.tui.panes.stream_pane import DEFAULT_PROMPT, SamplingFields
 
 
 class PerturbPane(Vertical):
+    BINDINGS = [Binding("ctrl+r", "app.regenerate", "regenerate")]
+
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.runs: list[dict] = []

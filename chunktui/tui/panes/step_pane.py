@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Input, Label, OptionList, Select
 from textual.widgets.option_list import Option
@@ -11,6 +12,8 @@ from chunktui.tui.widgets.trace_view import TraceView
 
 
 class StepPane(Vertical):
+    BINDINGS = [Binding("ctrl+o", "app.open_sequences", "open file")]
+
     def __init__(self, path: str, **kwargs) -> None:
         super().__init__(**kwargs)
         self.path = path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Checkbox, Input, Label
 
@@ -48,6 +49,8 @@ class SamplingFields(Horizontal):
 
 
 class StreamPane(Vertical):
+    BINDINGS = [Binding("ctrl+g", "app.generate", "generate")]
+
     def compose(self) -> ComposeResult:
         with Horizontal(classes="form-row"):
             yield Input(DEFAULT_PROMPT, id="prompt", placeholder="prompt (Enter to generate)", compact=True)

@@ -26,8 +26,9 @@ class LayerMap(Widget):
 
     def show(self, trace: Trace | None, colours: dict[str, str], cursor: int | None, layer: int | None,
              n_states: int) -> None:
+        resized = n_states != self.n_states
         self.trace, self.colours, self.cursor, self.layer_index, self.n_states = trace, colours, cursor, layer, n_states
-        self.refresh(layout=self.styles.width is None or self.size.width != self.get_content_width_hint())
+        self.refresh(layout=resized)  # a layout pass only when the number of layers changes
 
     def get_content_width_hint(self) -> int:
         return self.label_width + 1 + max(self.n_states, 1)

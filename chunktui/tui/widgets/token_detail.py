@@ -18,14 +18,14 @@ from chunktui.tui.colours import spark, token_style
 
 
 class TokenDetail(Static):
-    DEFAULT_CSS = "TokenDetail { height: auto; }"
+    DEFAULT_CSS = "TokenDetail { height: 9; overflow: hidden; }"  # fixed size: updates need no layout pass
 
     def show(self, trace: Trace | None, colours: dict[str, str], cursor: int | None, layer: int | None,
              detail=None, max_rows: int = 12) -> None:
         if trace is None or not len(trace) or cursor is None or cursor >= len(trace):
-            self.update(Text("Select a token (← →) to see its chunks layer by layer.", style="dim"))
+            self.update(Text("Select a token (← →) to see its chunks layer by layer.", style="dim"), layout=False)
             return
-        self.update(self._describe(trace, colours, cursor, layer, detail, max_rows))
+        self.update(self._describe(trace, colours, cursor, layer, detail, max_rows), layout=False)
 
     def _describe(self, trace: Trace, colours: dict[str, str], cursor: int, layer: int | None, detail,
                   max_rows: int) -> Text:

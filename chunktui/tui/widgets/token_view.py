@@ -120,6 +120,9 @@ class TokenView(ScrollView, can_focus=False):
             self._line_of.append(len(lines) - 1)
             parts = text.split("\n")
             for i, part in enumerate(parts):
+                if col and cell_len(part) <= width and cell_len(part) > width - col:
+                    lines.append([])  # wrap at the token boundary when the piece fits on a line of its own
+                    col = 0
                 while part:
                     room = width - col
                     if room <= 0:
@@ -190,7 +193,7 @@ class TokenView(ScrollView, can_focus=False):
             if t == self.cursor and not piece.strip():
                 piece = "␣" * len(piece)
             segments.append(Segment(piece, self._style(t)))
-        strip = Strip(segments).crop(scroll_x, scroll_x + width)
+        strip = Strip(segments).apply_style(self.rich_style).crop(scroll_x, scroll_x + width)
         return strip.adjust_cell_length(width, self.rich_style)
 
     def action_pick(self, index: int) -> None:

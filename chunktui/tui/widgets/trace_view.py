@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Static
@@ -27,12 +27,12 @@ class TraceView(Widget, can_focus=True):
 
     BINDINGS = [
         Binding("left", "move(-1)", "Token ←", show=False),
-        Binding("right", "move(1)", "← → token"),
+        Binding("right", "move(1)", "token", key_display="← →"),
         Binding("home", "jump(0)", "First", show=False),
         Binding("end", "jump(-1)", "Last", show=False),
         Binding("left_square_bracket", "layer(-1)", "Layer −", show=False),
-        Binding("right_square_bracket", "layer(1)", "[ ] layer"),
-        Binding("n", "next_match(1)", "n/p match"),
+        Binding("right_square_bracket", "layer(1)", "layer", key_display="[ ]"),
+        Binding("n", "next_match(1)", "match", key_display="n p"),
         Binding("p", "next_match(-1)", "Prev match", show=False),
     ]
 
@@ -73,8 +73,7 @@ class TraceView(Widget, can_focus=True):
                 yield Static(classes="legend")
             with Vertical(classes="trace-right"):
                 yield LayerMap()
-                with VerticalScroll(classes="trace-detail"):
-                    yield TokenDetail()
+                yield TokenDetail(classes="trace-detail")
 
     def on_mount(self) -> None:
         self.call_after_refresh(self.redraw)
@@ -122,7 +121,7 @@ class TraceView(Widget, can_focus=True):
             line.append(f"· {where} ([ ])", style="dim")
             if self.jump_label:
                 line.append(f" · n: next {self.jump_label}", style="dim")
-            self.query_one(".legend", Static).update(line)
+            self.query_one(".legend", Static).update(line, layout=False)  # fixed height: no layout pass
         self.query_one(LayerMap).show(trace, colours, self.cursor, self.layer_index, self.n_states)
         detail = self.detail if self.detail is not None and self.detail.index == self.cursor and \
             self.detail.layer == self.layer_index else None

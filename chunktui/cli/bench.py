@@ -1,0 +1,53 @@
+"""`chunktui bench app`: how fast the app streams against its own engine, and how quickly it answers keys."""
+
+from __future__ import annotations
+
+import click
+
+from chunktui.cli.common import console, friendly_errors
+
+
+@click.group("bench")
+def bench() -> None:
+    """Benchmarks that drive the real app (speed is measured here, never asserted in tests)."""
+
+
+@bench.command("app")
+@click.option("--model", "-m", "model_spec", default="smollm2-135m", show_default=True)
+@click.option("--dict", "dict_path", default=None, help="dictionary (default: the sample dictionary)")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--tokens", type=click.IntRange(1, 100_000), default=1000, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="torch threads of the engine process (the same for both runs)")
+@click.option("--interval", type=click.FloatRange(0.01, 10), default=0.1, show_default=True,
+              help="seconds between key presses while streaming")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the figures as JSON")
+@friendly_errors
+def bench_app_cmd(model_spec, dict_path, device, tokens, threads, interval, json_out) -> None:
+    """Engine-alone vs in-app tok/s (ratio), key latency, frame rate and UI memory, in one run."""
+    from rich.table import Table
+
+    from chunktui.tui.bench import bench_app
+
+    result = bench_app(model=model_spec, dict_path=dict_path, tokens=tokens, threads=threads, device=device,
+                       interval=interval, say=lambda text: console.print(text, markup=False))
+    lat = result["key_latency_ms"]
+    table = Table(title=f"chunktui bench app: {model_spec}, {tokens} tokens, {threads} thread(s), {device}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    rows = [("engine alone, tok/s", result["engine_alone"]["tokens_per_second"]),
+            ("in the app, tok/s", result["app"]["tokens_per_second"]), ("ratio (app / engine)", result["ratio"]),
+            ("key latency median, ms", lat["median"]), ("key latency p95, ms", lat["p95"]),
+            ("key latency max, ms", lat["max"]), ("p95 first 10% of tokens, ms", lat["p95_first_10pct"]),
+            ("p95 last 10% of tokens, ms", lat["p95_last_10pct"]), ("key presses measured", lat["measured"]),
+            ("frame rate, frames/s", result["frame_rate"]), ("UI process peak RSS, MB", result["ui_peak_rss_mb"]),
+            ("engine process peak RSS, MB", result["engine_peak_rss_mb"]),
+            ("UI process imported torch", result["ui_imported_torch"])]
+    for name, value in rows:
+        table.add_row(name, "—" if value is None else str(value))
+    console.print(table)
+    if json_out:
+        from chunktui.engine.io import write_json
+
+        write_json(json_out, result)
+        console.print(f"wrote {json_out}", markup=False)
