@@ -41,11 +41,16 @@ def sessions_dir(state: Path | None = None) -> Path:
     return (state or state_dir()) / "sessions"
 
 
-def _finite(x):
+def _finite(x, digits: int = 5):
+    """JSON has no inf or nan: they travel as strings (or null); 5 decimals keep the journal small."""
     if x is None:
         return None
     x = float(x)
-    return x if x == x and abs(x) != float("inf") else (None if x != x else ("inf" if x > 0 else "-inf"))
+    if x != x:
+        return None
+    if abs(x) == float("inf"):
+        return "inf" if x > 0 else "-inf"
+    return round(x, digits)
 
 
 def _number(x) -> float | None:
