@@ -41,8 +41,8 @@ def sessions_dir(state: Path | None = None) -> Path:
     return (state or state_dir()) / "sessions"
 
 
-def _finite(x, digits: int = 5):
-    """JSON has no inf or nan: they travel as strings (or null); 5 decimals keep the journal small."""
+def _finite(x, digits: int | None = None):
+    """JSON has no inf or nan: they travel as strings (or null). Display values round to `digits`."""
     if x is None:
         return None
     x = float(x)
@@ -50,7 +50,7 @@ def _finite(x, digits: int = 5):
         return None
     if abs(x) == float("inf"):
         return "inf" if x > 0 else "-inf"
-    return round(x, digits)
+    return x if digits is None else round(x, digits)
 
 
 def _number(x) -> float | None:
@@ -64,9 +64,10 @@ def _number(x) -> float | None:
 
 
 def step_to_dict(s: TokenStep) -> dict:
-    return {"i": s.index, "id": s.token_id, "t": s.text, "g": s.generated, "lp": _finite(s.logprob),
-            "top": [[p, _finite(q)] for p, q in s.top], "s": s.strongest, "ss": _finite(s.strongest_score),
-            "lc": s.layer_chunk, "ls": [_finite(x) for x in s.layer_score], "n": [_finite(x) for x in s.norms],
+    # display values (log p, probabilities, scores, norms) to 5 decimals: a quarter of the size, nothing visible lost
+    return {"i": s.index, "id": s.token_id, "t": s.text, "g": s.generated, "lp": _finite(s.logprob, 5),
+            "top": [[p, _finite(q, 5)] for p, q in s.top], "s": s.strongest, "ss": _finite(s.strongest_score, 5),
+            "lc": s.layer_chunk, "ls": [_finite(x, 5) for x in s.layer_score], "n": [_finite(x, 5) for x in s.norms],
             "h": list(s.hits)}
 
 
