@@ -618,11 +618,12 @@ class ChunkApp(App):
         if not self._need_model() or not self._need_idle():
             return
         try:
-            prompt, sampling, chat = self.query_one(StreamPane).request()
+            request = self.query_one(StreamPane).request()
         except ChunkError as err:
             self.fail(str(err), title="Cannot generate")
             return
-        sampling.stop_at_eos = self.stop_at_eos
+        request.sampling.stop_at_eos = self.stop_at_eos
+        prompt, sampling, chat = request.prompt, request.sampling, request.chat
         if self.dictionary is None:
             self.notify("No dictionary in use: tokens will not be coloured.", severity="warning", timeout=4)
         trace = self._new_trace("stream", prompt, dict(sampling.describe(), chat=chat))
@@ -633,7 +634,8 @@ class ChunkApp(App):
         self.buffer.reset()
         self.frames, self.frame_times, self.tokens_per_second = 0, [], None
         self._gen_started = time.perf_counter()
-        if self.send(p.Generate(trace.trace_id, prompt, sampling, chat)):
+        request.trace_id = trace.trace_id
+        if self.send(request):
             self._set_busy("generate")
 
     def _handle_tracestarted(self, event: p.TraceStarted) -> None:
@@ -768,11 +770,11 @@ class ChunkApp(App):
             self.fail("Perturbing needs a dictionary: pick one in the Model pane (F1).", title="No dictionary")
             return
         try:
-            req = self.query_one(PerturbPane).request()
+            request = self.query_one(PerturbPane).request()
         except ChunkError as err:
             self.fail(str(err), title="Cannot perturb")
             return
-        if self.send(p.Compare(**req)):
+        if self.send(request):
             self._set_busy("perturb")
             self.query_one("#perturb-summary", Static).update("running the control and perturbed arms…")
 
