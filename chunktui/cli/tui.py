@@ -22,12 +22,13 @@ from chunktui.cli.common import placement_from_context, placement_options
 @click.option("--prompt", default=None, help="start streaming this prompt as soon as the model is loaded")
 @click.option("--max-new-tokens", type=click.IntRange(1, 100_000), default=None,
               help="tokens to generate (the Stream pane's 'tokens' field)")
+@click.option("--restore", is_flag=True, help="restore the previous session (from its journal) at start")
 @click.option("--ignore-eos", is_flag=True, help="keep generating past the end-of-sequence token (to --max-new-tokens)")
 @click.option("--threads", type=click.IntRange(0, 1024), default=0,
               help="torch threads of the engine process (default: all cores)")
 @placement_options
-def tui_cmd(model_spec, dict_path, device, dtype, sequences_path, file_path, prompt, max_new_tokens, ignore_eos,
-            threads) -> None:
+def tui_cmd(model_spec, dict_path, device, dtype, sequences_path, file_path, prompt, max_new_tokens, restore,
+            ignore_eos, threads) -> None:
     """Open the terminal app: stream, inspect, perturb and step through chunks.
 
     Keys: F1 Model, F2 Stream, F3 Chunks, F4 Perturb, F5 Step, F6 Export; / focuses the pane's text field;
@@ -47,4 +48,4 @@ def tui_cmd(model_spec, dict_path, device, dtype, sequences_path, file_path, pro
     make_app(model_spec=model_spec, dict_path=dict_path, device=device, dtype=dtype,
              sequences_path=file_path or sequences_path, threads=threads, prompt=prompt,
              max_new_tokens=max_new_tokens, open_step=file_path is not None, stop_at_eos=not ignore_eos,
-             placement=placement_from_context()).run()
+             restore=restore, placement=placement_from_context()).run()

@@ -85,7 +85,30 @@ class RestartEngine(ModalScreen[bool]):
                 yield Button("Not now", id="restart-no", compact=True)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
         self.dismiss(event.button.id == "restart-yes")
+
+
+class Choice(ModalScreen[str]):
+    """A question with buttons; dismisses with the chosen button's id."""
+
+    def __init__(self, text: str, buttons: list[tuple[str, str, str]]) -> None:
+        super().__init__()
+        self.text, self.buttons = text, buttons  # (id, label, variant)
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="choice-box"):
+            yield Label(self.text, id="choice-text", markup=False)
+            with Horizontal(classes="form-row"):
+                for id_, label, variant in self.buttons:
+                    yield Button(label, id=id_, variant=variant, compact=True)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        event.stop()  # the app's own buttons share some of these names
+        self.dismiss(event.button.id)
+
+    def key_escape(self) -> None:
+        self.dismiss("cancel")
 
 
 class ChunkApp(App):
@@ -106,8 +129,11 @@ class ChunkApp(App):
                  sequences_path: str | None = None, show_timing: bool = True, autoload: bool = True,
                  threads: int | None = None, engine_mode: str = "process", prompt: str | None = None,
                  max_new_tokens: int | None = None, open_step: bool = False, stop_at_eos: bool = True,
-                 placement: dict | None = None) -> None:
+                 restore: bool = False, journal: bool = True, placement: dict | None = None) -> None:
         super().__init__()
+        self.restore_at_start, self.use_journal = restore, journal
+        self.journal = None  # engine.journal.Journal: the session as it happens, for a restart to restore
+        self.dirty = False  # the session holds work not exported yet
         self.stop_at_eos = stop_at_eos
         self.model_spec, self.device, self.dtype = model_spec, device, dtype
         self.placement = dict(placement or {})  # device_map, max_memory, offload_folder, offline (from the CLI)
@@ -177,6 +203,7 @@ class ChunkApp(App):
             self.action_open_sequences(quiet=True)
         if self.open_step:
             self.action_pane("step")
+        self._open_journal()
         self.start_engine()
 
     def start_engine(self) -> None:
@@ -191,6 +218,117 @@ class ChunkApp(App):
 
     async def on_unmount(self) -> None:
         self.engine.stop()
+        if self.journal is not None:
+            self.journal.close()
+
+    # ------------------------------------------------------------------ the session journal
+
+    def _open_journal(self) -> None:
+        from chunktui.engine.journal import Journal, journals, latest_unfinished, read_journal
+
+        if not self.use_journal:
+            return
+        try:
+            self.journal = Journal.new()
+        except OSError as err:
+            self.fail(f"The session cannot be journalled ({err}); it will be lost if the app is killed. "
+                      "Export it (F6) before you quit.", title="No journal", severity="warning")
+            return
+        try:
+            if self.restore_at_start:  # `chunktui tui --restore`: the newest earlier session, at once
+                earlier = [p for p in journals() if p != self.journal.path]
+                if not earlier:
+                    self.fail("There is no earlier session to restore.", title="Nothing to restore",
+                              severity="warning")
+                    return
+                self._restore(read_journal(earlier[0]))
+                return
+            found = latest_unfinished(exclude=self.journal.path)
+        except ChunkError as err:
+            self.fail(str(err), title="Session not restored", severity="warning")
+            return
+        if found is None:
+            return
+        s = found.session
+        when = _dt.datetime.fromtimestamp(found.path.stat().st_mtime).strftime("%H:%M on %d %b")
+        text = (f"The app stopped without closing at {when} ({len(s.traces)} texts, {len(s.runs)} perturbation "
+                f"runs{', exported' if found.exported else ', not exported'}). Restore that session?")
+        self.push_screen(Choice(text, [("restore", "Restore", "primary"), ("discard", "Discard", "error"),
+                                       ("cancel", "Not now", "default")]),
+                         lambda answer: self._restore_answer(answer, found))
+
+    def _restore_answer(self, answer: str, found) -> None:
+        if answer == "restore":
+            self._restore(found)
+        elif answer == "discard":
+            try:
+                with open(found.path, "a", encoding="utf-8") as fh:
+                    fh.write('{"type":"closed"}\n')
+            except OSError:
+                pass
+
+    def _restore(self, found) -> None:
+        restored = found.session
+        if not self.session.model and restored.model:
+            self.session.model = restored.model
+        if not self.session.labels and restored.labels:
+            self.session.labels, self.session.dictionary = list(restored.labels), restored.dictionary
+            if not self.colours:
+                self.colours = label_colours(restored.labels)
+        for trace in restored.traces:
+            self._next_trace += 1
+            trace.trace_id = self._next_trace  # the engine holds nothing for it: detail comes from the steps
+            self.traces[trace.trace_id] = trace
+            self.session.add_trace(trace)
+            if self.journal is not None:
+                self.journal.trace(trace)
+                self.journal.steps(trace, trace.steps)
+                self.journal.finished(trace)
+        for run in restored.runs:
+            self.session.add_run(run)
+            self.query_one(PerturbPane).add_run(run)
+            if self.journal is not None:
+                self.journal.run(run)
+        n_states = len(restored.traces[0].steps[0].norms) if restored.traces and restored.traces[0].steps else 1
+        streams = [t for t in restored.traces if t.kind == "stream"]
+        scans = [t for t in restored.traces if t.kind == "scan"]
+        if streams:
+            self.stream_trace = self.current_trace = streams[-1]
+            self.query_one("#stream-trace", TraceView).set_trace(streams[-1], self.colours, n_states)
+        if scans:
+            self.step_trace = scans[-1]
+            self.query_one("#step-trace", TraceView).set_trace(scans[-1], self.colours, n_states)
+        self.dirty = self.dirty or (not found.exported and not restored.is_empty())
+        more = f"; {found.skipped} damaged lines were left out" if found.skipped else ""
+        self.notify(f"Restored {len(restored.traces)} texts and {len(restored.runs)} runs from "
+                    f"{found.path.name}{more}.", title="Session restored", timeout=6, markup=False)
+
+    def _journal(self, method: str, *args) -> None:
+        if self.journal is not None:
+            try:
+                getattr(self.journal, method)(*args)
+            except OSError as err:  # a full disk: say it once, stop journalling, keep working
+                self.journal = None
+                self.fail(f"The session journal could not be written ({err}); journalling stopped. Export the "
+                          "session (F6) to keep it.", title="Journal stopped", severity="warning")
+
+    async def action_quit(self) -> None:
+        """Ctrl+Q: with work not exported, ask first (export, quit, cancel)."""
+        if not self.dirty or self.session.is_empty():
+            self.exit()
+            return
+        text = (f"This session holds {len(self.session.traces)} texts and {len(self.session.runs)} perturbation "
+                "runs that have not been exported. (They stay in the session journal; `chunktui tui --restore` "
+                "brings them back.)")
+        self.push_screen(Choice(text, [("export", "Export and quit", "primary"), ("quit", "Quit", "error"),
+                                       ("cancel", "Cancel", "default")]), self._quit_answer)
+
+    def _quit_answer(self, answer: str) -> None:
+        if answer == "quit":
+            self.exit()
+        elif answer == "export":
+            if self.action_export(then_quit=True) is False:
+                self.action_pane("export")
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
@@ -397,6 +535,7 @@ class ChunkApp(App):
     def _handle_loaded(self, event: p.Loaded) -> None:
         self.model = event
         self.session.model = event.card
+        self._journal("session", self.session)
         self.query_one(ModelPane).show_card(event.card, self.show_timing)
         self._set_busy(None)
         card = event.card
@@ -434,6 +573,7 @@ class ChunkApp(App):
         self.colours = label_colours(event.labels)
         self.session.dictionary = event.path
         self.session.labels = list(event.labels)
+        self._journal("session", self.session)
         self.query_one(ChunksPane).set_chunks(event.chunks)
         self.query_one(PerturbPane).set_labels(event.labels)
         self.query_one(StepPane).set_labels(event.labels)
@@ -473,17 +613,19 @@ class ChunkApp(App):
         trace = Trace(kind, title, columns, settings=settings)
         trace.trace_id = self._next_trace
         self.traces[trace.trace_id] = trace
+        self._journal("trace", trace)
         return trace
 
     def action_generate(self) -> None:
         if not self._need_model() or not self._need_idle():
             return
         try:
-            prompt, sampling, chat = self.query_one(StreamPane).request()
+            request = self.query_one(StreamPane).request()
         except ChunkError as err:
             self.fail(str(err), title="Cannot generate")
             return
-        sampling.stop_at_eos = self.stop_at_eos
+        request.sampling.stop_at_eos = self.stop_at_eos
+        prompt, sampling, chat = request.prompt, request.sampling, request.chat
         if self.dictionary is None:
             self.notify("No dictionary in use: tokens will not be coloured.", severity="warning", timeout=4)
         trace = self._new_trace("stream", prompt, dict(sampling.describe(), chat=chat))
@@ -494,7 +636,8 @@ class ChunkApp(App):
         self.buffer.reset()
         self.frames, self.frame_times, self.tokens_per_second = 0, [], None
         self._gen_started = time.perf_counter()
-        if self.send(p.Generate(trace.trace_id, prompt, sampling, chat)):
+        request.trace_id = trace.trace_id
+        if self.send(request):
             self._set_busy("generate")
 
     def _handle_tracestarted(self, event: p.TraceStarted) -> None:
@@ -511,6 +654,8 @@ class ChunkApp(App):
             trace = self.traces.get(trace_id)
             if trace is not None:
                 trace.extend(steps)
+                self._journal("steps", trace, steps)  # one record per trace per frame
+                self.dirty = True
         self.tokens_per_second = self.buffer.rate(self._gen_started)
         if self.stream_trace is not None and self.stream_trace.trace_id in arrived:
             self.query_one("#stream-trace", TraceView).grew()
@@ -527,8 +672,11 @@ class ChunkApp(App):
             trace.columns = event.columns
         if event.steps is not None:
             trace.replace_steps(event.steps)
+            self._journal("replace", trace)
         trace.finished = event.reason
         trace.elapsed = event.elapsed
+        self._journal("finished", trace)
+        self.dirty = self.dirty or bool(len(trace))
         if trace.kind == "stream":
             if len(trace):
                 self.session.add_trace(trace)
@@ -624,16 +772,18 @@ class ChunkApp(App):
             self.fail("Perturbing needs a dictionary: pick one in the Model pane (F1).", title="No dictionary")
             return
         try:
-            req = self.query_one(PerturbPane).request()
+            request = self.query_one(PerturbPane).request()
         except ChunkError as err:
             self.fail(str(err), title="Cannot perturb")
             return
-        if self.send(p.Compare(**req)):
+        if self.send(request):
             self._set_busy("perturb")
             self.query_one("#perturb-summary", Static).update("running the control and perturbed arms…")
 
     def _handle_rundone(self, event: p.RunDone) -> None:
         self.session.add_run(event.run)
+        self._journal("run", event.run)
+        self.dirty = True
         self._set_busy(None)
         self.query_one(PerturbPane).add_run(event.run)
 
@@ -667,26 +817,45 @@ class ChunkApp(App):
 
     # ------------------------------------------------------------------ export
 
-    def action_export(self) -> None:
+    def action_export(self, then_quit: bool = False, overwrite: bool = False) -> bool | None:
+        """Write the session in the Export pane's format; ask before replacing a file. False: nothing written."""
         from chunktui.engine.reports import write_report
 
         pane = self.query_one(ExportPane)
         fmt, path = pane.request()
         if not path:
             self.fail("Give a file name to export to.", title="No file")
-            return
+            return False
+        target = Path(path).expanduser()
+        if target.is_file() and not overwrite:
+            self.push_screen(Choice(f"{target} already exists. Replace it with this session's {fmt.upper()} "
+                                    "report?", [("overwrite", "Replace", "error"), ("cancel", "Cancel", "default")]),
+                             lambda answer: self.action_export(then_quit, overwrite=True)
+                             if answer == "overwrite" else pane.show_result("not written: the file exists",
+                                                                            ok=False))
+            return None
+        inputs = [p for p in (self.session.dictionary, self.sequences_path) if p]
+        if any(Path(i).expanduser().resolve() == target.resolve() for i in inputs):
+            self.fail(f"{target} is one of this session's inputs (the dictionary or the sequences file); "
+                      "export to another file.", title="Export refused")
+            return False
         if self.session.is_empty():
             self.notify("The session is empty; the report will only describe the model.", severity="warning",
                         timeout=4)
         try:
-            written = write_report(self.session.to_json(), fmt, path)
+            written = write_report(self.session.to_json(), fmt, str(target))
         except ChunkError as err:
             pane.show_result(str(err), ok=False)
             self.fail(str(err), title="Export failed")
-            return
+            return False
         pane.show_result(f"wrote {written} ({fmt})", ok=True)
         pane.show_summary(self.session)
         self.notify(f"Wrote {written}", title="Exported", timeout=4, markup=False)
+        self._journal("exported", str(written))
+        self.dirty = False
+        if then_quit:
+            self.exit()
+        return True
 
     # ------------------------------------------------------------------ benchmark hooks
 
@@ -719,7 +888,8 @@ def make_app(model_spec: str | None = None, dict_path: str | None = None, device
              dict_dirs: Iterable[str | Path] | None = None, sequences_path: str | None = None,
              show_timing: bool = True, autoload: bool = True, threads: int | None = None,
              engine_mode: str = "process", prompt: str | None = None, max_new_tokens: int | None = None,
-             open_step: bool = False, stop_at_eos: bool = True, placement: dict | None = None) -> ChunkApp:
+             open_step: bool = False, stop_at_eos: bool = True, restore: bool = False,
+             journal: bool = True, placement: dict | None = None) -> ChunkApp:
     """The app as users get it (the CLI and the benchmark call this); tests pass a tiny model, their own
     dictionary folder, show_timing=False and engine_mode="thread".
 
@@ -738,4 +908,5 @@ def make_app(model_spec: str | None = None, dict_path: str | None = None, device
     return ChunkApp(model_spec=model_spec or "smollm2-135m", dict_path=dict_path, device=device, dtype=dtype,
                     dict_dirs=dict_dirs, sequences_path=sequences_path, show_timing=show_timing, autoload=autoload,
                     threads=threads, engine_mode=engine_mode, prompt=prompt, max_new_tokens=max_new_tokens,
-                    open_step=open_step, stop_at_eos=stop_at_eos, placement=placement)
+                    open_step=open_step, stop_at_eos=stop_at_eos, restore=restore, journal=journal,
+                    placement=placement)

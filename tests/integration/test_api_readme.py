@@ -21,6 +21,8 @@ def test_the_readme_python_example_runs(capsys):
     assert engine.loaded.name == "smollm2-135m" and engine.dictionary is not None
     assert trace.n_generated == 16 or trace.finished == "eos"
     assert trace.text.startswith("<|im_start|>")  # the chat template, as the app uses it
+    ids = [s.token_id for s in trace.steps]  # incremental detokenisation adds up to decoding the whole text
+    assert trace.text == engine.loaded.tokenizer.decode(ids, skip_special_tokens=False)
     assert "cheese" in report.concepts and len(report.pairs) == 2
     out = capsys.readouterr().out.splitlines()
     assert len(out) >= 4 and "576" in out[-2]  # (T, 31, 576) states of the scan

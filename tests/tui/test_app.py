@@ -355,3 +355,73 @@ async def test_token_view_lays_out_only_new_tokens_and_scrolls_to_the_cursor(mak
         await pilot.press("end")
         last_line = text._line_of[view.cursor]
         assert text.scroll_offset.y <= last_line < text.scroll_offset.y + text.size.height
+
+
+async def test_a_killed_session_is_offered_back_and_restored(make_test_app):
+    from chunktui.tui.app import Choice
+
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await generate(app, pilot)
+        app.query_one("#prompt").value = "The dog"
+        app.query_one("#stream-tokens").value = "400"
+        app.action_generate()
+        await pilot.pause(0.3)
+        await pilot.press("escape")  # a cancelled stream is kept, marked as such
+        await settle(app, pilot)
+        first, cancelled = app.session.traces
+        assert cancelled.finished == "cancelled"
+        app.journal = None  # as if killed: the journal is never closed
+    again = make_test_app()
+    async with again.run_test(size=(100, 34)) as pilot:
+        await ready(again, pilot)
+        assert isinstance(again.screen, Choice) and "Restore that session" in again.screen.text
+        await pilot.click("#restore")
+        await settle(again, pilot)
+        texts = [(t.text, t.finished) for t in again.session.traces]
+        assert texts == [(first.text, "length"), (cancelled.text, "cancelled")]
+        assert again.stream_trace.text == cancelled.text
+        assert [s.hits for s in again.stream_trace.steps] == [s.hits for s in cancelled.steps]
+        assert again.dirty
+
+
+async def test_quit_with_unexported_work_asks_first(make_test_app, tmp_path):
+    from chunktui.tui.app import Choice
+
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await generate(app, pilot)
+        await pilot.press("ctrl+q")
+        assert isinstance(app.screen, Choice) and "not been exported" in app.screen.text
+        await pilot.click("#cancel")
+        assert app.is_running and not isinstance(app.screen, Choice)
+        app.query_one("#export-path").value = str(tmp_path / "kept.md")
+        app.query_one("#export-format").value = "md"
+        await pilot.press("ctrl+q")
+        await pilot.click("#export")  # export and quit
+        await pilot.pause()
+    assert (tmp_path / "kept.md").read_text().startswith("# chunktui session")
+    assert app.return_code == 0
+
+
+async def test_export_asks_before_replacing_a_file(make_test_app, tmp_path):
+    from chunktui.tui.app import Choice
+
+    target = tmp_path / "report.html"
+    target.write_text("precious")
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await generate(app, pilot)
+        await pilot.press("f6")
+        app.query_one("#export-path").value = str(target)
+        await pilot.press("enter")
+        assert isinstance(app.screen, Choice) and "already exists" in app.screen.text
+        await pilot.click("#cancel")
+        assert target.read_text() == "precious"
+        await pilot.press("enter")
+        await pilot.click("#overwrite")
+        await pilot.pause()
+        assert "<html" in target.read_text()

@@ -2,6 +2,8 @@
 
 import threading
 
+import pytest
+
 import torch
 
 from chunktui.engine.hidden import ResidualRecorder
@@ -81,3 +83,25 @@ def test_matches_arrive_with_each_token(tiny_model, tiny_dict):
     labels = [packed.chunks[int(c)].label if c >= 0 else None for c in scan.matches.token_chunk]
     words = {scan.texts[t].strip(): labels[t] for t in range(len(labels))}
     assert words["cheese"] == "cheese" and words["dog"] == "dog"
+
+
+@pytest.mark.parametrize("spec", ["random:llama-tiny", "random:gpt2-tiny"])
+def test_incremental_detokenisation_equals_decoding_the_whole_text(spec):
+    from chunktui.engine.models import load_model
+    from chunktui.engine.streaming import _Detokenizer
+
+    tok = load_model(spec, device="cpu").tokenizer
+    text = "Héllo wörld! 🧀 cheese-cake\n\n  spaced  out… The dog ate 中文 cheese.\tTab"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    for seq in (ids, [tok.eos_token_id] + ids + [tok.eos_token_id]):
+        detok = _Detokenizer(tok)
+        pieces = [detok.add(i) for i in seq]
+        assert detok._stream is not None  # the constant-time DecodeStream path
+        assert "".join(pieces) == detok.text == tok.decode(seq, skip_special_tokens=False)
+
+    class Slow:  # a tokenizer without a fast backend: the windowed fallback
+        def __init__(self, inner):
+            self.decode = inner.decode
+
+    detok = _Detokenizer(Slow(tok))
+    assert "".join(detok.add(i) for i in ids) == tok.decode(ids, skip_special_tokens=False)

@@ -14,6 +14,7 @@ from textual.widgets.option_list import Option
 
 from chunktui.engine.perturb_defaults import (DEFAULT_LAYERS, DEFAULT_MODE, DEFAULT_POSITIONS, DEFAULT_STRENGTH, MODES,
                                               POSITION_CHOICES, Positions)
+from chunktui.engine.protocol import Compare
 from chunktui.tui.colours import token_style
 from chunktui.tui.panes.stream_pane import DEFAULT_PROMPT, SamplingFields
 
@@ -61,7 +62,8 @@ class PerturbPane(Vertical):
     def set_labels(self, labels: list[str]) -> None:
         self.query_one("#perturb-chunks", Input).suggester = SuggestFromList(labels, case_sensitive=False)
 
-    def request(self) -> dict:
+    def request(self) -> Compare:
+        """The typed request for the engine; ChunkError on a bad field."""
         from chunktui.engine.errors import ChunkError
 
         q = lambda id_: self.query_one(f"#{id_}")
@@ -78,9 +80,9 @@ class PerturbPane(Vertical):
         if not prompt:
             raise ChunkError("The prompt is empty.")
         positions = str(Positions.parse(str(q("perturb-positions").value)))
-        return {"names": names, "mode": str(q("perturb-mode").value), "strength": strength,
-                "layers": q("perturb-layers").value.strip() or DEFAULT_LAYERS, "positions": positions,
-                "prompt": prompt, "sampling": self.query_one(SamplingFields).sampling(), "chat": q("perturb-chat").value}
+        return Compare(names=names, mode=str(q("perturb-mode").value), strength=strength,
+                       layers=q("perturb-layers").value.strip() or DEFAULT_LAYERS, positions=positions, prompt=prompt,
+                       sampling=self.query_one(SamplingFields).sampling(), chat=q("perturb-chat").value)
 
     def add_run(self, run: dict) -> None:
         self.runs.append(run)

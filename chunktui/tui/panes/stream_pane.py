@@ -8,7 +8,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Checkbox, Input, Label
 
 from chunktui.engine.errors import ChunkError
-from chunktui.engine.protocol import Sampling
+from chunktui.engine.protocol import Generate, Sampling
 from chunktui.tui.widgets.trace_view import TraceView
 
 DEFAULT_PROMPT = "What is your favourite food, and how do you cook it?"
@@ -62,11 +62,13 @@ class StreamPane(Vertical):
         yield TraceView(placeholder="Type a prompt and press Enter (or Generate). Tokens appear here, coloured "
                                     "by their strongest chunk.", id="stream-trace")
 
-    def request(self) -> tuple[str, Sampling, bool]:
+    def request(self) -> Generate:
+        """The typed request for the engine (the app gives it a trace id); ChunkError on a bad field."""
         prompt = self.query_one("#prompt", Input).value
         if not prompt.strip():
             raise ChunkError("The prompt is empty: type something to continue.")
-        return prompt, self.query_one(SamplingFields).sampling(), self.query_one("#chat", Checkbox).value
+        return Generate(trace_id=0, prompt=prompt, sampling=self.query_one(SamplingFields).sampling(),
+                        chat=self.query_one("#chat", Checkbox).value)
 
     def set_running(self, running: bool) -> None:
         self.query_one("#generate", Button).disabled = running

@@ -1,9 +1,15 @@
-"""The token-by-layer map: one row per token, one column per layer, glyph and colour by match strength."""
+"""The token-by-layer map: one row per token, one column per layer, glyph and colour by match strength.
+
+Drawn line by line (Textual's line API): only the rows on screen are built,
+with styles cached per (colour, emphasis), so a frame costs the same at any
+length of text.
+"""
 
 from __future__ import annotations
 
+from rich.segment import Segment
 from rich.style import Style
-from rich.text import Text
+from textual.strip import Strip
 from textual.widget import Widget
 
 from chunktui.engine.session import Trace
@@ -23,6 +29,8 @@ class LayerMap(Widget):
         self.layer_index: int | None = None
         self.n_states = 0
         self.label_width = 6
+        self._styles: dict[tuple, Style] = {}
+        self._styles_base: Style | None = None
 
     def show(self, trace: Trace | None, colours: dict[str, str], cursor: int | None, layer: int | None,
              n_states: int) -> None:
@@ -30,47 +38,63 @@ class LayerMap(Widget):
         self.trace, self.colours, self.cursor, self.layer_index, self.n_states = trace, colours, cursor, layer, n_states
         self.refresh(layout=resized)  # a layout pass only when the number of layers changes
 
-    def get_content_width_hint(self) -> int:
+    def get_content_width(self, container, viewport) -> int:
         return self.label_width + 1 + max(self.n_states, 1)
 
-    def get_content_width(self, container, viewport) -> int:
-        return self.get_content_width_hint()
+    def _style(self, base: Style, color: str | None = None, bold: bool = False, dim: bool = False,
+               reverse: bool = False) -> Style:
+        if base is not self._styles_base:  # the theme changed: styles are made again
+            self._styles, self._styles_base = {}, base
+        key = (color, bold, dim, reverse)
+        style = self._styles.get(key)
+        if style is None:
+            style = self._styles[key] = base + Style(color=color, bold=bold or None, dim=dim or None,
+                                                     reverse=reverse or None)
+        return style
 
-    def render(self) -> Text:
+    def _first_row(self, rows: int) -> int:
+        """Keep the cursor row in view, the newest tokens at the bottom while streaming."""
+        T = len(self.trace)
+        cursor = T - 1 if self.cursor is None else self.cursor
+        return max(0, min(cursor - rows // 2, T - rows))
+
+    def render_lines(self, crop):
+        self._base = self.rich_style  # computed once per pass: it costs about a millisecond each time
+        return super().render_lines(crop)
+
+    def render_line(self, y: int) -> Strip:
+        width = self.size.width
+        base = getattr(self, "_base", None) or self.rich_style
         S = self.n_states
-        out = Text(no_wrap=True, overflow="crop")
-        head = Text(" " * self.label_width + " ", style="dim")
-        for l in range(S):
-            if l == self.layer_index:
-                head.append("▼", style="bold")
-            else:
-                head.append(str(l // 10) if l % 10 == 0 and l else ("0" if l == 0 else ("·" if l % 5 == 0 else " ")),
-                            style="dim")
-        out.append_text(head)
+        if y == 0:  # the header: layer numbers
+            segments = [Segment(" " * (self.label_width + 1), self._style(base, dim=True))]
+            for l in range(S):
+                if l == self.layer_index:
+                    segments.append(Segment("▼", self._style(base, bold=True)))
+                else:
+                    mark = str(l // 10) if l % 10 == 0 and l else ("0" if l == 0 else ("·" if l % 5 == 0 else " "))
+                    segments.append(Segment(mark, self._style(base, dim=True)))
+            return Strip(segments).adjust_cell_length(width, base)
         trace = self.trace
         if trace is None or not len(trace):
-            out.append("\n" + "layers →".rjust(self.label_width + 9), style="dim")
-            return out
+            text = "layers →".rjust(self.label_width + 9) if y == 1 else ""
+            return Strip([Segment(text, self._style(base, dim=True))]).adjust_cell_length(width, base)
         rows = max(1, self.size.height - 1)
-        T = len(trace)
-        cursor = T - 1 if self.cursor is None else self.cursor
-        # keep the cursor row in view, the newest tokens at the bottom while streaming
-        start = max(0, min(cursor - rows // 2, T - rows))
+        t = self._first_row(rows) + y - 1
+        if t >= len(trace):
+            return Strip.blank(width, base)
+        cursor = len(trace) - 1 if self.cursor is None else self.cursor
+        step = trace.steps[t]
+        piece = step.text.replace("\n", "⏎").strip() or "␣"
+        name = piece[: self.label_width].rjust(self.label_width)
+        segments = [Segment(name, self._style(base, reverse=t == cursor, bold=t == cursor)), Segment(" ", base)]
         no_color = self.app.no_color
-        for t in range(start, min(T, start + rows)):
-            step = trace.steps[t]
-            piece = step.text.replace("\n", "⏎").strip() or "␣"
-            name = piece[: self.label_width].rjust(self.label_width)
-            line = Text("\n")
-            line.append(name, style=Style(reverse=(t == cursor), bold=(t == cursor)))
-            line.append(" ")
-            for l in range(S):
-                c = step.layer_chunk[l] if l < len(step.layer_chunk) else -1
-                if c < 0:
-                    line.append("·", style="dim" if l != self.layer_index else "bold")
-                    continue
-                label = trace.columns.labels[c]
-                colour = None if no_color else self.colours.get(label)
-                line.append(strength_glyph(step.layer_score[l]), style=Style(color=colour, bold=(l == self.layer_index)))
-            out.append_text(line)
-        return out
+        for l in range(S):
+            c = step.layer_chunk[l] if l < len(step.layer_chunk) else -1
+            chosen = l == self.layer_index
+            if c < 0:
+                segments.append(Segment("·", self._style(base, bold=True) if chosen else self._style(base, dim=True)))
+                continue
+            colour = None if no_color else self.colours.get(trace.columns.labels[c])
+            segments.append(Segment(strength_glyph(step.layer_score[l]), self._style(base, color=colour, bold=chosen)))
+        return Strip(segments).adjust_cell_length(width, base)

@@ -50,6 +50,7 @@ class TokenView(ScrollView, can_focus=False):
         self._laid = 0  # tokens laid out so far
         self._col = 0  # cells used on the last line
         self._width = 0  # the width the layout was made for
+        self._styles: dict[tuple, Style] = {}  # (colour, cursor, italic, no_color, base) -> style
 
     # ------------------------------------------------------------------ what to show
 
@@ -161,43 +162,63 @@ class TokenView(ScrollView, can_focus=False):
 
     # ------------------------------------------------------------------ drawing
 
-    def _style(self, t: int) -> Style:
+    def _style(self, t: int, base: Style) -> Style:
+        """A token's style: its chunk's colour, the cursor, italics for unmatched generated text (cached)."""
         trace = self.trace
         step = trace.steps[t]
         if self.only_column is not None:
             label = trace.columns.labels[self.only_column] if self.only_column in step.hits else None
         else:
             label = trace.label_at(t, self.shown_layer)
-        no_color = self.app.no_color
-        style = token_style(self.colours.get(label) if label else None, cursor=(t == self.cursor), no_color=no_color)
-        if step.generated and label is None and not no_color:
-            style += Style(italic=True)
-        return style + Style(meta={"@click": f"pick({t})"})
+        colour = self.colours.get(label) if label else None
+        key = (colour, t == self.cursor, step.generated and label is None, self.app.no_color, base)
+        style = self._styles.get(key)
+        if style is None:
+            style = token_style(colour, cursor=key[1], no_color=key[3])
+            if key[2] and not key[3]:
+                style += Style(italic=True)
+            style = self._styles[key] = base + style
+        return style
+
+    def on_click(self, event) -> None:
+        """Select the token under the mouse."""
+        line = event.y + self.scroll_offset.y
+        if self.trace is None or not 0 <= line < len(self._lines):
+            return
+        x, target = event.x + self.scroll_offset.x, None
+        for t, piece in self._lines[line]:
+            target = t
+            x -= cell_len(piece)
+            if x < 0:
+                break
+        if target is not None:
+            self.post_message(self.Selected(self, target))
+
+    def render_lines(self, crop):
+        self._base = self.rich_style  # computed once per pass: it costs about a millisecond each time
+        return super().render_lines(crop)
 
     def render_line(self, y: int) -> Strip:
         scroll_x, scroll_y = self.scroll_offset
         width = self.scrollable_content_region.width or self.size.width
+        base = getattr(self, "_base", None) or self.rich_style
         line = y + scroll_y
         if self.trace is None or not len(self.trace):
             lines = textwrap.wrap(self.placeholder, max(8, width)) or [""]
             text = lines[line] if line < len(lines) else ""
-            return Strip([Segment(text, self.rich_style + Style(dim=True))]).adjust_cell_length(width, self.rich_style)
+            return Strip([Segment(text, base + Style(dim=True))]).adjust_cell_length(width, base)
         if line >= len(self._lines):
-            return Strip.blank(width, self.rich_style)
+            return Strip.blank(width, base)
         segments = []
         for t, piece in self._lines[line]:
             if not piece:
                 if t == self.cursor:
-                    segments.append(Segment("⏎" if "\n" in self.trace.steps[t].text else "▯", self._style(t)))
+                    segments.append(Segment("⏎" if "\n" in self.trace.steps[t].text else "▯", self._style(t, base)))
                 continue
             if t == self.cursor and not piece.strip():
                 piece = "␣" * len(piece)
-            segments.append(Segment(piece, self._style(t)))
-        strip = Strip(segments).apply_style(self.rich_style).crop(scroll_x, scroll_x + width)
-        return strip.adjust_cell_length(width, self.rich_style)
-
-    def action_pick(self, index: int) -> None:
-        self.post_message(self.Selected(self, index))
+            segments.append(Segment(piece, self._style(t, base)))
+        return Strip(segments).crop(scroll_x, scroll_x + width).adjust_cell_length(width, base)
 
 
 def legend(labels: list[str], colours: dict[str, str], no_color: bool = False, empty: str = "no chunk matched") -> Text:
