@@ -252,6 +252,14 @@ class Scores:
 
 
 @dataclass
+class Memory:
+    """Device memory per device: weights, KV cache so far, what the engine keeps per token (engine.memory rows)."""
+
+    rows: list[dict]  # device, weights, kv_cache, states, free, total, peak, used (bytes)
+    kv_tokens: int = 0
+
+
+@dataclass
 class JobDone:
     """A long request finished (after its final event), whatever happened."""
 

@@ -127,6 +127,7 @@ class Server:
         self.send(p.Loaded(card=engine.card(), kind=engine.kind, n_states=engine.n_states,
                            can_perturb=engine.backend.can_perturb, suggested_prompt=suggested_prompt,
                            suggested_temperature=suggested_temperature))
+        self._memory(0)
         if engine.dictionary is not None:  # the RNN brings its own (DSC chunks)
             d = engine.dictionary
             self._announce_dictionary()
@@ -214,10 +215,28 @@ class Server:
             steps.append(step)
             self.send(p.Tokens(req.trace_id, [step]))
             reason = event.finished or reason
+            if len(steps) % 64 == 0:
+                self._memory(len(steps))
         if reason is None and self.cancel.is_set():
             reason = "cancelled"
         revised = engine.backend.revise(steps) if steps else None
         self.send(p.TraceDone(req.trace_id, reason or "length", time.perf_counter() - start, steps=revised))
+        self._memory(len(steps))
+
+    def _memory(self, kv_tokens: int) -> None:
+        """Device memory now: weights, the KV cache of `kv_tokens` tokens, and the per-token values kept here."""
+        rows = self.engine.memory(kv_tokens=kv_tokens) if self.engine is not None else []
+        with self.store_lock:
+            kept = sum(sum(v.numel() * v.element_size() for v in values) * 2 for _, values, _ in self.store.values())
+        if rows:
+            host = next((r for r in rows if r["device"] == "cpu"), None)
+            if host is None:
+                host = {"device": "cpu", "weights": 0, "kv_cache": 0, "states": 0, "free": None, "total": None,
+                        "peak": None, "used": 0}
+                rows.append(host)
+            host["states"] += kept  # deviations and scores per token and chunk (token detail, chunk plots)
+            host["used"] += kept
+        self.send(p.Memory(rows, kv_tokens))
 
     def _do_scan(self, req: p.Scan) -> None:
         from chunktui.engine.steps import scan_rows

@@ -48,6 +48,25 @@ FRAME_RATE = 20  # redraws per second while tokens stream
 LONG_REQUESTS = (p.Load, p.ListDictionaries, p.UseDictionary, p.Generate, p.Scan, p.Compare, p.BenchStream)
 
 
+def _gib(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def memory_summary(rows: list[dict]) -> str:
+    """The status bar's memory: per accelerator weights + KV cache + kept values and what is free; else the host."""
+    gpus = [r for r in rows if r["device"] not in ("cpu", "disk")]
+    shown = gpus or [r for r in rows if r["device"] == "cpu"]
+    parts = []
+    for r in shown:
+        text = f"{r['device']} {_gib(r['used'])} (w {_gib(r['weights'])}, kv {_gib(r['kv_cache'])})"
+        if r.get("free") is not None and r["device"] != "cpu":
+            text += f", {_gib(r['free'])} free"
+        parts.append(text)
+    return " · ".join(parts)
+
+
 def _rss_mb() -> float | None:
     try:
         with open("/proc/self/statm") as fh:
@@ -167,6 +186,7 @@ class ChunkApp(App):
         self.frame_times: list[float] = []
         self.tokens_per_second: float | None = None
         self.bench_result: p.BenchDone | None = None
+        self.memory: p.Memory | None = None
 
     @property
     def log_path(self) -> Path:
@@ -177,7 +197,7 @@ class ChunkApp(App):
     def compose(self) -> ComposeResult:
         with TabbedContent(initial="stream"):
             with TabPane("F1 Model", id="model"):
-                yield ModelPane(self.model_spec, self.device, self.dtype)
+                yield ModelPane(self.model_spec, self.device, self.dtype, placement=self.placement)
             with TabPane("F2 Stream", id="stream"):
                 yield StreamPane()
             with TabPane("F3 Chunks", id="chunks"):
@@ -409,6 +429,14 @@ class ChunkApp(App):
         self.engine.start()
         self.action_load()
 
+    def _handle_memory(self, event: p.Memory) -> None:
+        self.memory = event
+        if self.model is not None:
+            # machine-dependent figures (free memory) are left out where timings are (tests, snapshots)
+            self.query_one(ModelPane).show_card(self.model.card, self.show_timing,
+                                                event.rows if self.show_timing else None)
+        self.update_status()
+
     def _handle_jobdone(self, event: p.JobDone) -> None:
         self._jobs = max(0, self._jobs - 1)
 
@@ -446,6 +474,8 @@ class ChunkApp(App):
         if self.show_timing:
             if self.tokens_per_second is not None:
                 parts.append(f"{self.tokens_per_second:.1f} tok/s")
+            if self.memory is not None and self.model is not None:
+                parts.append(memory_summary(self.memory.rows))
             rss = _rss_mb()
             if rss is not None:
                 parts.append(f"ui {rss:.0f} MB")
@@ -528,7 +558,7 @@ class ChunkApp(App):
             return
         self.dictionary, self.model = None, None
         if self.send(p.Load(spec, device, dtype, dict_path=self.dict_path, candidates=self.dictionary_candidates(),
-                            **self.placement)):
+                            **self.query_one(ModelPane).placement_values())):
             self._set_busy("load")
             self.query_one(ModelPane).show_progress("resolve", 0.0, spec)
 

@@ -425,3 +425,31 @@ async def test_export_asks_before_replacing_a_file(make_test_app, tmp_path):
         await pilot.click("#overwrite")
         await pilot.pause()
         assert "<html" in target.read_text()
+
+
+async def test_model_pane_placement_fields_reach_the_engine_and_memory_is_shown(make_test_app):
+    from chunktui.engine import protocol as p
+
+    app = make_test_app(show_timing=True)
+    sent = []
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        card = str(app.query_one("#model-card").content)
+        assert "mem cpu" in card and "weights" in card and "KV cache" in card
+        assert "cpu" in str(app.query_one("#status").content)
+        original = app.engine.send
+        app.engine.send = lambda request: (sent.append(request), original(request))[1]
+        await pilot.press("f1")
+        app.query_one("#model-device-map").value = "sequential"
+        app.query_one("#model-max-memory").value = "cpu=1GiB"
+        app.query_one("#model-offload").value = "/tmp/offload-here"
+        app.action_load()
+        await settle(app, pilot)
+        load = next(r for r in sent if isinstance(r, p.Load))
+        assert (load.device_map, load.max_memory, load.offload_folder) == ("sequential", "cpu=1GiB", "/tmp/offload-here")
+        assert app.model is not None and "placement" in str(app.query_one("#model-card").content)
+        app.query_one("#model-max-memory").value = "cpu=lots"
+        app.action_load()
+        await settle(app, pilot)
+        assert app.model is None and app.is_running
+        assert any("max-memory" in str(n.message) or "cpu=lots" in str(n.message) for n in app._notifications)

@@ -9,12 +9,13 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.suggester import SuggestFromList
-from textual.widgets import Button, Input, Label, OptionList, ProgressBar, Select, Static
+from textual.widgets import Button, Checkbox, Input, Label, OptionList, ProgressBar, Select, Static
 from textual.widgets.option_list import Option
 
 # what the engine accepts; the engine process sends its own list once it is up (set_catalog)
 CATALOG = ["smollm2-135m", "random:llama-tiny", "random:gpt2-tiny", "random:neox-tiny", "random:qwen2-tiny",
            "rnn:flat", "rnn:context"]
+DEVICE_MAPS = ["none", "auto", "balanced", "balanced_low_0", "sequential"]
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 
@@ -22,9 +23,10 @@ DTYPES = ["auto", "float32", "bfloat16", "float16"]
 class ModelPane(Vertical):
     BINDINGS = [Binding("ctrl+l", "app.load", "load")]
 
-    def __init__(self, spec: str, device: str, dtype: str, **kwargs) -> None:
+    def __init__(self, spec: str, device: str, dtype: str, placement: dict | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.spec, self.device, self.dtype = spec, device, dtype
+        self.placement = dict(placement or {})  # device_map, max_memory, offload_folder, offline (from the CLI)
         self.entries: list = []  # protocol.DictionaryEntry
 
     def compose(self) -> ComposeResult:
@@ -38,6 +40,18 @@ class ModelPane(Vertical):
             yield Select([(d, d) for d in DTYPES], value=self.dtype if self.dtype in DTYPES else "auto",
                          allow_blank=False, id="model-dtype", compact=True)
             yield Button("Load", id="model-load", variant="primary", compact=True)
+        with Horizontal(classes="form-row"):  # placement, with accelerate's meanings (see the README)
+            yield Label("Shard", classes="field-label")
+            current = self.placement.get("device_map") or "none"
+            yield Select([(m, m) for m in DEVICE_MAPS], value=current if current in DEVICE_MAPS else "none",
+                         allow_blank=False, id="model-device-map", compact=True)
+            yield Label("max memory", classes="field-label short")
+            yield Input(self.placement.get("max_memory") or "", id="model-max-memory", placeholder="0=70GiB,cpu=200GiB",
+                        compact=True)
+            yield Label("offload", classes="field-label short")
+            yield Input(self.placement.get("offload_folder") or "", id="model-offload", placeholder="folder",
+                        compact=True)
+            yield Checkbox("offline", value=bool(self.placement.get("offline")), id="model-offline", compact=True)
         with Horizontal(classes="form-row"):
             yield ProgressBar(total=1.0, show_eta=False, id="load-progress")
             yield Label("", id="load-stage")
@@ -63,6 +77,14 @@ class ModelPane(Vertical):
         spec = self.query_one("#model-spec", Input).value.strip()
         return spec, str(self.query_one("#model-device", Select).value), str(self.query_one("#model-dtype", Select).value)
 
+    def placement_values(self) -> dict:
+        """The placement fields as load_model keywords (the engine checks them and explains bad ones)."""
+        device_map = str(self.query_one("#model-device-map", Select).value)
+        return {"device_map": None if device_map == "none" else device_map,
+                "max_memory": self.query_one("#model-max-memory", Input).value.strip() or None,
+                "offload_folder": self.query_one("#model-offload", Input).value.strip() or None,
+                "offline": bool(self.query_one("#model-offline", Checkbox).value)}
+
     def show_progress(self, stage: str, fraction: float | None, text: str) -> None:
         bar = self.query_one("#load-progress", ProgressBar)
         if fraction is None:
@@ -71,7 +93,7 @@ class ModelPane(Vertical):
             bar.update(total=1.0, progress=fraction)
         self.query_one("#load-stage", Label).update(f"{stage}: {text}")
 
-    def show_card(self, card: dict | None, show_timing: bool = True) -> None:
+    def show_card(self, card: dict | None, show_timing: bool = True, memory: list[dict] | None = None) -> None:
         if card is None:
             self.query_one("#model-card", Static).update("No model loaded.")
             return
@@ -80,6 +102,14 @@ class ModelPane(Vertical):
                 ("device", card["device"]), ("dtype", card["dtype"]), ("memory", f"{card['memory_mb']:.1f} MB"),
                 ("load time", f"{card['load_seconds']:.2f} s" if show_timing else "—"),
                 ("chat template", "yes" if card["chat_template"] else "no"), ("source", str(card.get("source", "")))]
+        if card.get("placement"):
+            rows.insert(6, ("placement", str(card["placement"])))
+        for r in memory or []:  # per device: weights, KV cache so far, values kept per token; free of total
+            gib = lambda n: "?" if n is None else f"{n / 2**30:.2f} GiB"  # noqa: E731
+            free = "" if r.get("free") is None else f"; {gib(r['free'])} free of {gib(r['total'])}"
+            peak = "" if not r.get("peak") else f"; peak {gib(r['peak'])}"
+            rows.append((f"mem {r['device']}", f"weights {gib(r['weights'])}, KV cache {gib(r['kv_cache'])}, "
+                                               f"kept {gib(r['states'])}{free}{peak}"))
         card_text = Text()
         for key, value in rows:
             card_text.append(f"{key:<14}", style="bold")
