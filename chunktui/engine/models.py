@@ -188,6 +188,13 @@ class LoadedModel:
     def n_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    @property
+    def context_length(self) -> int:
+        """Positions the model attends over (prompt + generated tokens, or one corpus window)."""
+        from chunktui.engine.context import context_length_of
+
+        return context_length_of(getattr(self.model, "config", None), self.tokenizer)
+
     def memory_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
@@ -429,6 +436,67 @@ def _convert_gguf(gguf: Path, out: Path, progress: ProgressFn) -> None:
         raise
 
 
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def check_gguf_file(path: Path) -> None:
+    """A specific message for a GGUF file that is not one, or is cut short (before the slow conversion)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if head[:4] != b"GGUF":
+        raise ModelLoadError(f"{path} does not start with the GGUF magic bytes, so it is not a GGUF file"
+                             + (" (it is empty)." if size == 0 else "."))
+    if len(head) < 24:
+        raise ModelLoadError(f"{path} is damaged: the GGUF header is cut short ({size} bytes).")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as err:  # the reader fails in many ways on a damaged file; all mean the same to a user
+        raise ModelLoadError(f"{path} is damaged or truncated: its GGUF header or tensor table cannot be read "
+                             f"({type(err).__name__}: {err}). Download the file again.") from None
+    if not reader.tensors:
+        raise ModelLoadError(f"{path} is a GGUF file with no tensors (a vocabulary-only file?), not a model.")
+    if end > size:
+        raise ModelLoadError(f"{path} is truncated: its tensors need {end} bytes, the file has {size}. "
+                             "Download it again.")
+
+
+def check_model_folder(path: Path) -> None:
+    """Specific messages for a Hugging Face model folder with a bad config, or no weights or tokenizer."""
+    config = path / "config.json"
+    try:
+        doc = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        why = err.msg if isinstance(err, json.JSONDecodeError) else (getattr(err, "strerror", None) or str(err))
+        raise ModelLoadError(f"{config} is damaged: not valid JSON ({why}).") from None
+    if not isinstance(doc, dict) or not (doc.get("model_type") or doc.get("architectures")):
+        raise ModelLoadError(f"{config} does not say which architecture the model is (no 'model_type'); "
+                             "it is not a Hugging Face model config.")
+    names = {p.name for p in path.iterdir()}
+    if not (names & set(_WEIGHT_FILES) or any(n.endswith(".safetensors") for n in names)):
+        raise ModelLoadError(f"{path} has a config.json but no weights (model.safetensors, pytorch_model.bin or "
+                             "a sharded index): the download is incomplete.")
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if index_name in names:
+            try:
+                index = json.loads((path / index_name).read_text(encoding="utf-8"))
+                shards = set(index["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                raise ModelLoadError(f"{path / index_name} is damaged: it lists no weight shards.") from None
+            missing = sorted(s for s in shards if not (path / s).is_file())
+            if missing:
+                raise ModelLoadError(f"{path} is missing weight shards listed in {index_name}: "
+                                     f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}.")
+    if not names & set(_TOKENIZER_FILES):
+        raise ModelLoadError(f"{path} has no tokenizer (tokenizer.json, tokenizer.model or vocab files): "
+                             "copy the tokenizer files from the model's download.")
+
+
 def _load_folder(path: str, dtype: torch.dtype, local_only: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -469,11 +537,19 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
             gguf = fetch_builtin(resolved.spec, progress) if resolved.kind == "builtin" else Path(resolved.detail)
             converted = _converted_dir(gguf)
             if not (converted / "model.safetensors").is_file():
-                _convert_gguf(gguf, converted, progress)
+                check_gguf_file(gguf)
+                try:
+                    _convert_gguf(gguf, converted, progress)
+                except (ModelLoadError, KeyboardInterrupt, torch.cuda.OutOfMemoryError):
+                    raise
+                except Exception as err:  # the GGUF parser and converter fail in many ways on odd files
+                    raise ModelLoadError(f"Could not convert {gguf.name}: it is damaged or uses an architecture "
+                                         f"transformers cannot read from GGUF ({type(err).__name__}: {err}).") from None
             progress("load", 0.5, "loading weights from the safetensors cache")
             model, tokenizer = _load_folder(str(converted), dt, local_only=True)
             source = str(gguf)
         elif resolved.kind == "folder":
+            check_model_folder(Path(resolved.detail))
             progress("load", 0.3, f"loading {resolved.detail}")
             model, tokenizer = _load_folder(resolved.detail, dt, local_only=True)
         else:  # hub
@@ -495,8 +571,11 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
             f"Out of memory on {dev} while loading {resolved.name}. Try --dtype bfloat16 or --device cpu.") from err
     except (ModelLoadError, DeviceMemoryError):
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise ModelLoadError(f"Could not load '{resolved.spec}': {err}") from err
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as err:
+        damaged = "safetensors" in type(err).__module__ or "header" in str(err).lower()
+        raise ModelLoadError(f"Could not load '{resolved.spec}'"
+                             + (" (a weights file is damaged or truncated)" if damaged else "")
+                             + f": {type(err).__name__}: {err}") from err
     layout = find_layout(model)
     if getattr(tokenizer, "pad_token", None) is None:
         tokenizer.pad_token = tokenizer.eos_token
