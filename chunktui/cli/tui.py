@@ -5,6 +5,16 @@ from __future__ import annotations
 import click
 
 
+def _threads(value: int) -> int:
+    from chunktui.engine.errors import ChunkError
+    from chunktui.engine.validate import non_negative_int
+
+    try:
+        return non_negative_int(value, "--threads", hi=1024)
+    except ChunkError as err:
+        raise click.BadParameter(str(err)) from None
+
+
 @click.command("tui")
 @click.option("--model", "-m", "model_spec", default="smollm2-135m", show_default=True,
               help="built-in alias, .gguf file, model folder, Hub id, random:NAME or rnn:flat|context "
@@ -15,7 +25,8 @@ import click
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--sequences", "sequences_path", default=None, type=click.Path(dir_okay=False),
               help="text or JSONL file for the Step pane (default: the sample sequences)")
-@click.option("--threads", default=0, help="torch threads (default: all cores but one, which the screen keeps)")
+@click.option("--threads", default=0, callback=lambda ctx, param, v: _threads(v),
+              help="torch threads (default 0: all cores but one, which the screen keeps)")
 def tui_cmd(model_spec, dict_path, device, dtype, sequences_path, threads) -> None:
     """Open the terminal app: stream, inspect, perturb and step through chunks.
 

@@ -466,6 +466,25 @@ def check_gguf_file(path: Path) -> None:
                              "Download it again.")
 
 
+def _check_safetensors(path: Path) -> None:
+    """The header parses and the tensors it lists lie inside the file (a cut download fails here)."""
+    import struct
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(fh.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError):
+        raise ModelLoadError(f"{path} is damaged: its safetensors header cannot be read. Download it again.") from None
+    if 8 + n + end > size:
+        raise ModelLoadError(f"{path} is truncated: its tensors need {8 + n + end} bytes, the file has {size}. "
+                             "Download it again.")
+
+
 def check_model_folder(path: Path) -> None:
     """Specific messages for a Hugging Face model folder with a bad config, or no weights or tokenizer."""
     config = path / "config.json"
@@ -492,6 +511,8 @@ def check_model_folder(path: Path) -> None:
             if missing:
                 raise ModelLoadError(f"{path} is missing weight shards listed in {index_name}: "
                                      f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}.")
+    for name in sorted(n for n in names if n.endswith(".safetensors")):
+        _check_safetensors(path / name)
     if not names & set(_TOKENIZER_FILES):
         raise ModelLoadError(f"{path} has no tokenizer (tokenizer.json, tokenizer.model or vocab files): "
                              "copy the tokenizer files from the model's download.")
@@ -576,6 +597,8 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
         raise ModelLoadError(f"Could not load '{resolved.spec}'"
                              + (" (a weights file is damaged or truncated)" if damaged else "")
                              + f": {type(err).__name__}: {err}") from err
+    except Exception as err:  # e.g. safetensors' own error type: still a file problem, never a traceback
+        raise ModelLoadError(f"Could not load '{resolved.spec}': {type(err).__name__}: {err}") from err
     layout = find_layout(model)
     if getattr(tokenizer, "pad_token", None) is None:
         tokenizer.pad_token = tokenizer.eos_token

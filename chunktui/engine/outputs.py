@@ -195,11 +195,24 @@ class OutputTarget:
         from chunktui.engine.io import _default
 
         try:
-            text = json.dumps(obj, indent=2, allow_nan=False, default=_default)
+            text = json.dumps(_finite(obj), indent=2, allow_nan=False, default=_default)
         except (TypeError, ValueError) as err:
             self.release()
             raise OutputError(f"Could not write {self.path}: {err}.") from None
         return self.write_text(text + "\n")
+
+
+def _finite(obj):
+    """JSON has no NaN or infinity: write them as null (the standard's reading of a missing number)."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def plan_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False,
@@ -234,10 +247,11 @@ def plan_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | No
     parent = target.parent
     existing = _nearest_existing(parent)
     if not existing.is_dir():
-        raise OutputError(f"{where}: {existing} is a file, not a folder, so {parent} cannot be created.")
+        raise OutputError(f"Could not write {where}: {existing} is a file, not a folder. Choose another path.")
     why = _probe_writable(existing)
     if why:
-        raise OutputError(f"{where}: cannot write in {existing} ({why}). Choose another folder.")
+        raise OutputError(f"Could not write {where}: cannot create files in {existing} ({why}). "
+                          "Choose another folder.")
     fd = _acquire_lock(target, option) if lock else None
     result = OutputTarget(path=target, overwrite=overwrite, option=option, _lock_fd=fd)
     # checked under the lock, so two chunktui commands cannot both pass it

@@ -294,6 +294,15 @@ def format_for_path(path: str | Path, default: str = "json") -> str:
     return suffix if suffix in FORMATS else default
 
 
-def write_report(session: dict, fmt: str, out: str | Path) -> Path:
-    """Render and write atomically; an unwritable path raises ExportError and leaves nothing behind."""
-    return atomic_write_text(out, render(session, fmt))
+def write_report(session: dict, fmt: str, out) -> Path:
+    """Render and write atomically; an unwritable path raises ExportError and leaves nothing behind.
+
+    `out` is a path (replaced if it exists) or an `engine.outputs.OutputTarget`
+    from `plan_output` (checked, locked, never replacing a file it may not).
+    """
+    from chunktui.engine.outputs import OutputTarget
+
+    text = render(session, fmt)
+    if isinstance(out, OutputTarget):
+        return out.write_text(text)
+    return atomic_write_text(out, text)
