@@ -7,9 +7,7 @@ from pathlib import Path
 import click
 from rich.text import Text
 
-from rich.markup import escape
-
-from chunktui.cli.common import (checked, console, err_console, friendly_errors, load_with_progress, model_inputs,
+from chunktui.cli.common import (checked, console, friendly_errors, load_with_progress, model_inputs,
                                  model_options, note, overwrite_option, plan_outputs)
 from chunktui.engine import validate
 from chunktui.palette import label_colours

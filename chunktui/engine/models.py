@@ -271,7 +271,10 @@ def resolve_device(device: str = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise ModelLoadError(f"--device {device}: no CUDA GPU is visible to PyTorch on this machine. Use --device cpu.")
         if ":" in device:
-            index = int(device.split(":", 1)[1])
+            text = device.split(":", 1)[1]
+            if not text.isdigit():
+                raise ModelLoadError(f"--device {device}: the CUDA device index must be a number (cuda:0, cuda:1, ...).")
+            index = int(text)
             if index >= torch.cuda.device_count():
                 raise ModelLoadError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible.")
         return torch.device(device)

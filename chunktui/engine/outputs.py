@@ -230,8 +230,6 @@ def plan_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | No
     where = _describe(option, target)
     if raw.endswith(("/", os.sep)) or target.is_dir():
         raise OutputError(f"{where} is a folder; give a file name inside it.")
-    if suffix and not target.name.endswith(suffix):
-        raise OutputError(f"{where}: the file name must end in {suffix}.")
     if target.name in ("", ".", ".."):
         raise OutputError(f"{where}: give a file name.")
     for item in inputs:
@@ -240,6 +238,8 @@ def plan_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | No
         if _same_file(target, Path(str(item)).expanduser()):
             raise OutputError(f"{where} is also an input of this command ({item}); writing it would destroy what "
                               "the command reads. Choose another file name (--overwrite does not apply here).")
+    if suffix and not target.name.endswith(suffix):
+        raise OutputError(f"{where}: the file name must end in {suffix}.")
     if os.path.lexists(target) and not target.exists():
         raise OutputError(f"{where} is a broken symbolic link; remove it or choose another file name.")
     if target.exists() and not target.is_file():
