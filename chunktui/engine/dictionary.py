@@ -325,6 +325,9 @@ def load_dictionary(path: str | Path, identity: dict | None = None) -> ChunkDict
         if isinstance(err, DictionaryError):
             raise
         raise DictionaryError(f"{path.name} could not be read: {err}") from None
+    except (TypeError, KeyError, AttributeError, IndexError, RuntimeError, OverflowError) as err:
+        # a header whose fields have the wrong types (a list where a name belongs, ...): damaged, whatever the field
+        raise DictionaryError(f"{path.name}: the dictionary header is malformed ({type(err).__name__}: {err}).") from None
     ids = [c.id for c in chunks]
     if len(set(ids)) != len(ids):
         raise DictionaryError(f"{path.name}: duplicate chunk ids.")
