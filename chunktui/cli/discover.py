@@ -102,6 +102,9 @@ def discover_cmd(model_spec, device, dtype, corpus, spans_path, layers, k, steps
     with progress:
         hs, spans = collect_for(loaded, source, layer_list, context_mode, progress=update)
         collect_seconds = time.perf_counter() - t0
+        if k > len(hs.tokens):
+            raise ChunkError(f"--k {k} is more chunks than the corpus has tokens ({len(hs.tokens)}); give a "
+                             "smaller --k or a longer corpus.")
         chunks, report = discover(hs, config, spans=spans, evaluate=evaluate, device=loaded.device, progress=update)
     added, replaced = merge_chunks(dictionary, chunks)
     if dictionary.layer_means is None:

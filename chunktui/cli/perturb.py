@@ -81,8 +81,9 @@ def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strengt
             prompts = prompts[:limit]
     target = plan_outputs(("--json", json_out, None), overwrite=overwrite,
                           inputs=[dict_path, prompts_file, *model_inputs(model_spec)])
+    dictionary = load_dictionary(dict_path)  # a damaged dictionary is reported before the model loads
     loaded = load_with_progress(model_spec, device, dtype)
-    dictionary = load_dictionary(dict_path, identity=loaded.identity())
+    dictionary.check_compatible(loaded.identity())
     if layers == "all":
         layer_list = list(range(loaded.n_layers))  # H[L] is the final norm's output: there is no block to edit
     else:

@@ -43,11 +43,15 @@ def token_records(texts, ids, matches, chunks) -> list[dict]:
     return records
 
 
-def _load_dict(path, loaded):
+def _load_dict(path, loaded, dictionary=None):
+    """The dictionary (read before the model loads, when given) checked against the model, and packed."""
     from chunktui.engine.dictionary import load_dictionary
     from chunktui.engine.matching import pack
 
-    dictionary = load_dictionary(path, identity=loaded.identity())
+    if dictionary is None:
+        dictionary = load_dictionary(path, identity=loaded.identity())
+    else:
+        dictionary.check_compatible(loaded.identity())
     return dictionary, pack(dictionary.chunks, loaded.hidden_size, loaded.layout.n_states, loaded.device)
 
 
@@ -89,10 +93,13 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
         validate.prompt_text(prompt, "--prompt")
     dict_path = dict_path or sample_path(DEFAULT_DICT_NAME)
     body = read_text(file_path) if file_path else text
+    from chunktui.engine.dictionary import load_dictionary
+
+    early = load_dictionary(dict_path)  # a damaged dictionary is reported before the model loads
     target = plan_outputs(("--json", json_out, None), overwrite=overwrite,
                           inputs=[dict_path, file_path, *model_inputs(model_spec)])
     loaded = load_with_progress(model_spec, device, dtype)
-    dictionary, packed = _load_dict(dict_path, loaded)
+    dictionary, packed = _load_dict(dict_path, loaded, early)
     keep = set(parse_layers(layers, loaded.layout.n_states))
     if prompt is not None:
         from chunktui.engine.context import fit_prompt
@@ -154,8 +161,11 @@ def demo_cmd(model_spec, device, dict_path) -> None:
     from chunktui.engine.hidden import iter_jsonl
     from chunktui.engine.streaming import scan_text
 
+    from chunktui.engine.dictionary import load_dictionary
+
+    early = load_dictionary(dict_path or sample_path(DEFAULT_DICT_NAME))
     loaded = load_with_progress(model_spec, device, "auto")
-    dictionary, packed = _load_dict(dict_path or sample_path(DEFAULT_DICT_NAME), loaded)
+    dictionary, packed = _load_dict(dict_path, loaded, early)
     colours = label_colours(dictionary.labels())
     seq_path = sample_path("sequences.jsonl")
     texts = [rec["text"] for _, rec in iter_jsonl(seq_path)] if Path(seq_path).is_file() else [

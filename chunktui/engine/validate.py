@@ -161,8 +161,10 @@ def layer_spec(spec: Any, name: str = "layers") -> str:
     if spec is None:
         return "all"
     text = str(spec).strip()
-    if text.lower() in ("", "all"):
+    if text.lower() == "all":
         return "all"
+    if not text:
+        raise InvalidValue(f"{name} is empty: give 'all', '5', '2-9' or '0,4,8-10'.")
     for part in text.split(","):
         m = _PART.match(part)
         if not m:
