@@ -45,6 +45,10 @@ def friendly_errors(func):
         except KeyboardInterrupt:
             err_console.print(Text("cancelled", style="yellow"))
             sys.exit(130)
+        except OSError as err:  # a file or device problem outside the checked paths: still one line, exit 2
+            where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+            print_error(f"{err.strerror or err}{where}.")
+            sys.exit(2)
         finally:
             while _planned:
                 _planned.pop().release()

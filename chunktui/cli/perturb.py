@@ -63,8 +63,7 @@ def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strengt
         raise CorpusError("Give exactly one of --prompt and --prompts.")
     strength = validate.strength(strength, mode, "--strength")
     where = Positions.parse(positions)
-    if not [n for n in chunk_names.split(",") if n.strip()]:
-        raise CorpusError("--chunk names no chunk: give a label (e.g. cheese) or a chunk id.")
+    validate.chunk_names(chunk_names, "--chunk")
     if seed + samples - 1 > validate.SEED_MAX:
         raise validate.InvalidValue(f"--seed {seed} with --samples {samples} runs past the largest seed "
                                     f"({validate.SEED_MAX}).")

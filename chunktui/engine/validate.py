@@ -199,6 +199,14 @@ def prompt_text(value: Any, name: str = "prompt") -> str:
     return str(value)
 
 
+def chunk_names(value: Any, name: str = "chunks") -> list[str]:
+    """'cheese, cake' -> ['cheese', 'cake']; at least one name."""
+    names = [n.strip() for n in str(value or "").split(",") if n.strip()]
+    if not names:
+        raise InvalidValue(f"Name at least one chunk in {name} (a label such as cheese, or a chunk id).")
+    return names
+
+
 def sampling(max_new: Any, temp: Any, p: Any, seed_value: Any, k: Any = 0):
     """A checked `Sampling` from raw values (what the app's Stream and Perturb panes collect)."""
     from chunktui.engine.streaming import Sampling

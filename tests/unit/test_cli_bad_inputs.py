@@ -101,7 +101,7 @@ CASES = [
     (["perturb", *M, "--dict", "{dict}", "--chunk", "cheese", "--prompts", "{empty}"], "is empty"),
     (["perturb", *M, "--dict", "{dict}", "--chunk", "cheese", "--prompts", "{comments}"], "holds no prompts"),
     (["perturb", *M, "--dict", "{dict}", "--chunk", "[x]", "--prompt", "x", "--layers", "1"], r"No chunk named '\[x\]'"),
-    (["perturb", *M, "--dict", "{dict}", "--chunk", ",", "--prompt", "x"], "names no chunk"),
+    (["perturb", *M, "--dict", "{dict}", "--chunk", ",", "--prompt", "x"], "Name at least one chunk"),
     (["perturb", *M, "--dict", "{dict}", "--chunk", "cheese", "--prompt", LONG, "--no-chat", "--layers", "1"],
      "context"),
     (["perturb", *M, "--dict", "{dict}", "--chunk", "cheese", "--prompt", "x", "--json", "{folder}"], "is a folder|is a directory"),

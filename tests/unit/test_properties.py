@@ -263,3 +263,19 @@ def test_report_inputs_render_or_raise_a_chunk_error(tmp_path_factory, obj, fmt)
         assert str(err)
     else:
         assert isinstance(text, str)
+
+
+def test_app_checks_are_covered_by_the_validators():
+    """What the app's Stream and Perturb panes check, the engine validators check the same way."""
+    s = validate.sampling("40", "0.7", "0.9", "3")
+    assert (s.max_new_tokens, s.temperature, s.top_p, s.seed) == (40, 0.7, 0.9, 3)
+    for bad in (("0", "0", "1", "0"), ("5", "-1", "1", "0"), ("5", "0", "0", "0"), ("5", "0", "1", "-1"),
+                ("x", "0", "1", "0"), ("5", "nan", "1", "0")):
+        with pytest.raises(validate.InvalidValue):
+            validate.sampling(*bad)
+    assert validate.chunk_names(" cheese, ,cake ") == ["cheese", "cake"]
+    with pytest.raises(validate.InvalidValue, match="at least one chunk"):
+        validate.chunk_names(" , ")
+    with pytest.raises(validate.InvalidValue, match="empty"):
+        validate.prompt_text("   ")
+    assert validate.strength("", "graft") is None and validate.strength("0.5", "freeze") == 0.5
