@@ -90,29 +90,42 @@ def _lock_dir() -> Path:
     raise OutputError("Could not create a lock file (neither the state folder nor the temp folder is writable).")
 
 
-def _acquire_lock(path: Path, option: str | None) -> int | None:
-    """An exclusive advisory lock on `path`'s real path, or OutputError if another writer holds it."""
+def _acquire_lock(path: Path, option: str | None) -> tuple[int, Path] | None:
+    """An exclusive advisory lock on `path`'s real path, or OutputError if another writer holds it.
+
+    The lock file is removed on release (while still locked); a writer that
+    locked a file just removed retries on the new one, so two writers never
+    both hold "the" lock.
+    """
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: no advisory locks, the existence check still holds
         return None
     key = hashlib.sha256(os.path.realpath(path).encode("utf-8", "surrogateescape")).hexdigest()[:24]
     lock_path = _lock_dir() / f"{key}.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        os.close(fd)
-        if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            raise OutputError(f"{_describe(option, path)}: another chunktui command is writing this file right now. "
-                              "Wait for it to finish, or choose another file name.") from None
-        raise OutputError(f"Could not lock {path}: {err.strerror or err}.") from None
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {os.path.realpath(path)}\n".encode("utf-8", "surrogateescape"))
-    except OSError:
-        pass
-    return fd
+    for _ in range(20):
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise OutputError(f"{_describe(option, path)}: another chunktui command is writing this file right "
+                                  "now. Wait for it to finish, or choose another file name.") from None
+            raise OutputError(f"Could not lock {path}: {err.strerror or err}.") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()} {os.path.realpath(path)}\n".encode("utf-8", "surrogateescape"))
+            except OSError:
+                pass
+            return fd, lock_path
+        os.close(fd)  # the holder removed it as we opened it: lock the new one
+    raise OutputError(f"Could not lock {path}: the lock file keeps changing.")
 
 
 @dataclass
@@ -123,7 +136,7 @@ class OutputTarget:
     overwrite: bool = False
     option: str | None = None
     existed: bool = False
-    _lock_fd: int | None = field(default=None, repr=False)
+    _lock: tuple[int, Path] | None = field(default=None, repr=False)
 
     def __enter__(self) -> "OutputTarget":
         return self
@@ -135,8 +148,13 @@ class OutputTarget:
         self.release()
 
     def release(self) -> None:
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            fd, lock_path = lock
+            try:
+                os.unlink(lock_path)  # still locked: nobody can hold it meanwhile
+            except OSError:
+                pass
             try:
                 os.close(fd)  # closing the descriptor drops the flock
             except OSError:
@@ -252,8 +270,8 @@ def plan_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | No
     if why:
         raise OutputError(f"Could not write {where}: cannot create files in {existing} ({why}). "
                           "Choose another folder.")
-    fd = _acquire_lock(target, option) if lock else None
-    result = OutputTarget(path=target, overwrite=overwrite, option=option, _lock_fd=fd)
+    held = _acquire_lock(target, option) if lock else None
+    result = OutputTarget(path=target, overwrite=overwrite, option=option, _lock=held)
     # checked under the lock, so two chunktui commands cannot both pass it
     if target.exists():
         if not overwrite:

@@ -72,6 +72,7 @@ def test_a_second_writer_is_refused_and_the_first_completes(tmp_path):
         plan_output(tmp_path / "." / "o.txt", overwrite=True)  # the same file under another spelling
     first.write_text("first")
     assert out.read_text() == "first"
+    assert list((tmp_path / "state" / "locks").iterdir()) == []  # the lock file goes with the lock
     with pytest.raises(OutputError, match="already exists"):  # the lock is gone; the file now exists
         plan_output(out)
 
