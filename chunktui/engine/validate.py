@@ -168,12 +168,14 @@ def layer_spec(spec: Any, name: str = "layers") -> str:
     for part in text.split(","):
         m = _PART.match(part)
         if not m:
-            raise InvalidValue(f"Bad layer spec '{text}' for {name}: use 'all', '5', '2-9' or '0,4,8-10' (-1 is the last layer).")
+            raise InvalidValue(f"Bad layer spec '{text}' for {name}: use 'all', '5', '2-9' or '0,4,8-10' "
+                               "(-1 is the last layer).")
         a, b = m.group(1), m.group(2)
         if b is not None:
             ia, ib = int(a), int(b)
             if (ia >= 0) == (ib >= 0) and ia > ib:
-                raise InvalidValue(f"Bad layer spec '{text}' for {name}: write ranges low-high ('{ib}-{ia}', not '{ia}-{ib}').")
+                raise InvalidValue(f"Bad layer spec '{text}' for {name}: write ranges low-high "
+                                   f"('{ib}-{ia}', not '{ia}-{ib}').")
     return text
 
 
