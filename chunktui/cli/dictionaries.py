@@ -92,7 +92,10 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
     for word, why in report.skipped.items():
         note("skipped", f"{word}: {why}")
     if dictionary.notes.get("windowed"):
-        note("note", dictionary.notes["windowed"])
+        note("note:", dictionary.notes["windowed"])
+    fewer = sorted({c.label for c in dictionary.chunks if isinstance(c.fit.get("n"), int) and c.fit["n"] < n})
+    if fewer:
+        note("note:", f"--n {n}: {', '.join(fewer)} had fewer positives, so every positive was drawn")
     console.print(f"wrote [bold]{escape(str(path))}[/]: {len(dictionary)} chunks, {len(dictionary.labels())} concepts x "
                   f"{len(report.layers)} layers; {report.tokens} tokens; collect {report.collect_seconds:.1f} s, "
                   f"fit {report.fit_seconds:.1f} s")
@@ -132,7 +135,7 @@ def evaluate_cmd(model_spec, device, dtype, dict_path, corpus, spans_path, json_
         records, hs = evaluate_dictionary(loaded, dictionary, source, batch_size=batch_size, progress=update)
     summary = summarise_by_label(records)
     if hs.windowing_note():
-        note("note", hs.windowing_note())
+        note("note:", hs.windowing_note())
     if by_layer:
         table = Table(title=escape(f"{dictionary.path.name} on {corpus or spans_path} (per chunk)"))
         for col in ("chunk", "layer", "positives", "TP rate", "FP rate", "accuracy"):

@@ -126,7 +126,7 @@ def discover_cmd(model_spec, device, dtype, corpus, spans_path, layers, k, steps
         "dead_fraction": {str(l): r["dead_fraction"] for l, r in report.layers.items()}})
     dictionary.notes["discovery"] = runs
     if hs.windowing_note():
-        note("note", hs.windowing_note())
+        note("note:", hs.windowing_note())
     if not existed:
         dictionary.notes["command"] = command_line()
     path = dictionary.save(target)
@@ -210,7 +210,7 @@ def import_cmd(model_spec, device, dtype, files, out, overwrite, append, label, 
     if corpus:
         calibration = collect(loaded, calibration_text)
         if calibration.windowing_note():
-            note("note", calibration.windowing_note())
+            note("note:", calibration.windowing_note())
     total = 0
     for f in files:
         result = import_file(f, loaded.identity(), label=label, layer=layer, layer_offset=layer_offset,
@@ -225,7 +225,7 @@ def import_cmd(model_spec, device, dtype, files, out, overwrite, append, label, 
         for key, why in result.skipped.items():
             note("skipped", f"{key}: {why}")
         if result.metadata.get("layer_count_mismatch"):
-            note("note", result.metadata["layer_count_mismatch"])
+            note("note:", result.metadata["layer_count_mismatch"])
     dictionary.notes.setdefault("imported", [])
     dictionary.notes["imported"] = list(dictionary.notes["imported"]) + [Path(f).name for f in files]
     path = dictionary.save(target)

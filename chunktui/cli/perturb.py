@@ -94,7 +94,7 @@ def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strengt
     fitted = [fit_prompt(loaded, p, max_new_tokens, chat=chat, truncate=truncate) for p in prompts]
     cut = [f for f in fitted if f.dropped_tokens]
     if cut:
-        note("note", f"{len(cut)} prompt{'s were' if len(cut) > 1 else ' was'} cut from the start to fit "
+        note("note:", f"{len(cut)} prompt{'s were' if len(cut) > 1 else ' was'} cut from the start to fit "
                      f"{loaded.name}'s context of {loaded.context_length} tokens (--truncate)")
     prompts = [f.text for f in fitted]
     if strength is None and mode == "graft":

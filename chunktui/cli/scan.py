@@ -106,7 +106,7 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
 
         fitted = fit_prompt(loaded, prompt, n_new, chat=chat, truncate=truncate)
         if fitted.note():
-            note("note", fitted.note())
+            note("note:", fitted.note())
         prompt = fitted.text
         events = list(generate_stream(loaded, prompt, Sampling(max_new_tokens=n_new, temperature=temperature,
                                                                 top_p=top_p, seed=seed), packed=packed, chat=chat))
