@@ -3,15 +3,34 @@
 from __future__ import annotations
 
 import functools
+import shlex
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.text import Text
 
 from chunktui.engine.errors import ChunkError
 
-console = Console(stderr=False, highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# No emoji codes (":x:" stays as typed) and no highlighting; markup only where a format string asks for it,
+# and user text (paths, labels, prompts, error messages) goes in escaped or as Text.
+console = Console(stderr=False, highlight=False, emoji=False)
+err_console = Console(stderr=True, highlight=False, emoji=False)
+
+# outputs planned (checked and locked) by the running command; released when it ends, however it ends
+_planned: list = []
+
+
+def print_error(message: str) -> None:
+    """One error line, printed exactly as written (no markup, no emoji codes)."""
+    err_console.print(Text("error: ", style="bold red") + Text(str(message)), soft_wrap=True)  # one line: paths stay whole
+
+
+def note(label: str, message: str, style: str = "yellow") -> None:
+    """A 'label: message' line on stderr with the message printed as written."""
+    err_console.print(Text(f"{label} ", style=style) + Text(str(message)), soft_wrap=True)
+
 
 def friendly_errors(func):
     """Turn user errors into one clear line and exit code 2; Ctrl-C into exit 130."""
@@ -21,11 +40,18 @@ def friendly_errors(func):
         try:
             return func(*args, **kwargs)
         except ChunkError as err:
-            err_console.print(f"[bold red]error:[/] {err}")
+            print_error(str(err))
             sys.exit(2)
         except KeyboardInterrupt:
-            err_console.print("[yellow]cancelled[/]")
+            err_console.print(Text("cancelled", style="yellow"))
             sys.exit(130)
+        except OSError as err:  # a file or device problem outside the checked paths: still one line, exit 2
+            where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+            print_error(f"{err.strerror or err}{where}.")
+            sys.exit(2)
+        finally:
+            while _planned:
+                _planned.pop().release()
 
     return wrapper
 
@@ -62,6 +88,81 @@ def placement_from_context() -> dict:
     given = dict(ctx.meta.get(_PLACEMENT, {})) if ctx is not None else {}
     return {key: given.get(key) for key in ("device_map", "max_memory", "offload_folder")} | {
         "offline": bool(given.get("offline"))}
+def plan_outputs(*outputs, inputs=(), overwrite: bool = False):
+    """Check and lock this command's outputs before any model loads: (option, path or None, suffix) each.
+
+    Returns one OutputTarget (or None) per output; see chunktui.engine.outputs.
+    """
+    from chunktui.engine.outputs import plan_outputs as plan
+
+    targets = plan(outputs, inputs=[i for i in inputs if i], overwrite=overwrite)
+    _planned.extend(t for t in targets if t is not None)
+    return targets if len(targets) > 1 else targets[0]
+
+
+def model_inputs(model_spec: str | None) -> list[str]:
+    """Files a model spec reads (a .gguf file, a model folder's files): no output may be one of them."""
+    if not model_spec:
+        return []
+    path = Path(model_spec).expanduser()
+    try:
+        if path.is_file():
+            return [str(path)]
+        if path.is_dir():
+            return [str(p) for p in path.iterdir() if p.is_file()]
+    except OSError:
+        pass
+    return []
+
+
+def overwrite_option(func):
+    return click.option("--overwrite", is_flag=True,
+                        help="replace an existing output file (never one of the command's inputs)")(func)
+
+
+def checked(validator, **kwargs):
+    """A click callback that runs an engine validator (engine.validate) before the command body."""
+
+    def callback(ctx, param, value):
+        if value is None:
+            return None
+        name = max(param.opts, key=len) if param.opts else param.name
+        try:
+            return validator(value, name=name, **kwargs)
+        except ChunkError as err:
+            raise click.BadParameter(str(err)) from None
+
+    return callback
+
+
+def command_line(ctx: click.Context | None = None) -> str:
+    """The full command that is running, every option spelled out, so it can be rerun from a file's header."""
+    ctx = ctx or click.get_current_context()
+    words = []
+    names = []
+    c = ctx
+    while c is not None:
+        if c.info_name:
+            names.append(c.info_name)
+        c = c.parent
+    words.append(" ".join(["chunktui"] + list(reversed(names[:-1])) if len(names) > 1 else ["chunktui"]))
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            values = value if isinstance(value, (list, tuple)) else [value]
+            words += [shlex.quote(str(v)) for v in values if v is not None]
+            continue
+        if not isinstance(param, click.Option) or value is None or param.name in ("overwrite", "append"):
+            continue
+        opt = max(param.opts, key=len)
+        if param.is_flag:
+            if param.secondary_opts:
+                words.append(opt if value else max(param.secondary_opts, key=len))
+            elif value:
+                words.append(opt)
+            continue
+        words.append(f"{opt} {shlex.quote(str(value))}")
+    return " ".join(words)
 
 
 def model_options(func):
@@ -85,7 +186,7 @@ def load_with_progress(model_spec: str, device: str, dtype: str, quiet: bool = F
     placement = placement_from_context()
     if quiet:
         return load_model(model_spec, device, dtype, **placement)
-    with Progress(TextColumn("[bold]{task.fields[stage]:>8}"), BarColumn(), TextColumn("{task.description}"),
+    with Progress(TextColumn("[bold]{task.fields[stage]:>8}"), BarColumn(), TextColumn("{task.description}", markup=False),
                   TimeElapsedColumn(), console=err_console, transient=True) as progress:
         task = progress.add_task("", total=1.0, stage="model")
 
@@ -94,8 +195,8 @@ def load_with_progress(model_spec: str, device: str, dtype: str, quiet: bool = F
                             completed=fraction if fraction is not None else None)
 
         loaded = load_model(model_spec, device, dtype, progress=update, **placement)
-    err_console.print(f"[dim]loaded {loaded.name} on {loaded.card()['placement']} ({loaded.card()['dtype']}) "
-                      f"in {loaded.load_seconds:.1f} s; weights {describe_weights(loaded)}[/]")
+    err_console.print(Text(f"loaded {loaded.name} on {loaded.card()['placement']} ({loaded.card()['dtype']}) "
+                           f"in {loaded.load_seconds:.1f} s; weights {describe_weights(loaded)}", style="dim"))
     return loaded
 
 
@@ -103,7 +204,7 @@ def stage_progress():
     """A rich progress bar and a (stage, fraction, message) callback that drives it."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    progress = Progress(TextColumn("[bold]{task.fields[stage]:>8}"), BarColumn(), TextColumn("{task.description}"),
+    progress = Progress(TextColumn("[bold]{task.fields[stage]:>8}"), BarColumn(), TextColumn("{task.description}", markup=False),
                         TimeElapsedColumn(), console=err_console, transient=True)
     tasks: dict[str, int] = {}
 

@@ -6,9 +6,13 @@ import time
 
 import click
 from rich.table import Table
+from rich.text import Text
 
-from chunktui.cli.common import (console, err_console, friendly_errors, load_with_progress, model_options,
-                                 stage_progress)
+from rich.markup import escape
+
+from chunktui.cli.common import (checked, command_line, console, friendly_errors, load_with_progress, model_inputs,
+                                 model_options, note, overwrite_option, plan_outputs, stage_progress)
+from chunktui.engine import validate
 
 
 @click.command("models")
@@ -30,40 +34,50 @@ def models_cmd() -> None:
 @click.option("--corpus", type=click.Path(dir_okay=False), help="training text (UTF-8)")
 @click.option("--words", help="comma-separated concept words, or @FILE with one word per line")
 @click.option("--spans", "spans_path", type=click.Path(dir_okay=False), help="JSONL file of labelled spans instead of words")
-@click.option("--layers", default="all", show_default=True, help="'all', '5', '2-9' or '0,4,8-10'")
-@click.option("--n", default=5, show_default=True, help="positives drawn for the template")
+@click.option("--layers", default="all", show_default=True, callback=checked(validate.layer_spec),
+              help="'all', '5', '2-9' or '0,4,8-10' (ranges low-high)")
+@click.option("--n", default=5, show_default=True, callback=checked(validate.count),
+              help="positives drawn for the template (>= 1)")
 @click.option("--criterion", default="accuracy", show_default=True, type=click.Choice(["accuracy", "f1", "balanced"]))
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, callback=checked(validate.seed))
 @click.option("--part-word", is_flag=True, help="also label tokens that contain or end the word")
-@click.option("--step", default=0, show_default=True, help="label the token STEP positions before each occurrence")
-@click.option("--min-count", default=5, show_default=True, help="skip words with fewer occurrences")
+@click.option("--step", default=0, show_default=True, callback=checked(validate.non_negative_int),
+              help="label the token STEP positions before each occurrence (>= 0)")
+@click.option("--min-count", default=5, show_default=True, callback=checked(validate.count),
+              help="skip words with fewer occurrences (>= 1)")
 @click.option("--context", "context_mode", default="sentence", show_default=True, type=click.Choice(["sentence", "window"]),
               help="one forward pass per sentence (the paper) or sliding windows")
-@click.option("--batch-size", default=16, show_default=True)
+@click.option("--batch-size", default=16, show_default=True, callback=checked(validate.count))
 @click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]),
               help="dtype of stored hidden states (float16 halves memory)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="NAME.chunks.safetensors")
+@overwrite_option
 @friendly_errors
 def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, criterion, seed, part_word, step,
-              min_count, context_mode, batch_size, store_dtype, out) -> None:
+              min_count, context_mode, batch_size, store_dtype, out, overwrite) -> None:
     """Build a chunk dictionary by population averaging (METHOD.md section 1)."""
     import torch
 
     from chunktui.engine.build import LabelSource, build_dictionary, read_text
     from chunktui.engine.errors import CorpusError
     from chunktui.engine.hidden import parse_layers
-    from chunktui.engine.labels import read_word_list
+    from chunktui.engine.labels import read_spans, read_word_list
 
-    if not out.endswith(".chunks.safetensors"):
-        raise click.BadParameter("the file name must end in .chunks.safetensors", param_hint="--out")
     if bool(words) == bool(spans_path):
         raise CorpusError("Give exactly one of --words and --spans.")
     if words and not corpus:
         raise CorpusError("--words needs a --corpus to find them in.")
+    word_file = words[1:] if words and words.startswith("@") else None
     word_list = None
     if words:
-        word_list = read_word_list(words[1:]) if words.startswith("@") else [w for w in words.split(",") if w.strip()]
+        word_list = read_word_list(word_file) if word_file else [w for w in words.split(",") if w.strip()]
+        if not word_list:
+            raise CorpusError("--words names no words.")
     text = read_text(corpus) if corpus else None
+    if spans_path:
+        read_spans(spans_path)  # a malformed span file is reported before the model loads
+    target = plan_outputs(("--out", out, ".chunks.safetensors"), overwrite=overwrite,
+                          inputs=[corpus, spans_path, word_file, *model_inputs(model_spec)])
     loaded = load_with_progress(model_spec, device, dtype)
     source = LabelSource(corpus=text, corpus_name=corpus or "", words=word_list, spans_path=spans_path,
                          label_mode="part-word" if part_word else "exact", step=step, min_count=min_count)
@@ -73,14 +87,16 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
             loaded, source, layers=parse_layers(layers, loaded.layout.n_states), n=n, criterion=criterion, seed=seed,
             context_mode=context_mode, batch_size=batch_size,
             store_dtype=torch.float16 if store_dtype == "float16" else torch.float32, progress=update)
-    dictionary.notes["command"] = "chunktui build " + " ".join(
-        f"--{k} {v}" for k, v in [("model", model_spec), ("corpus", corpus), ("spans", spans_path), ("layers", layers),
-                                  ("n", n), ("criterion", criterion), ("seed", seed), ("step", step),
-                                  ("context", context_mode)] if v not in (None, "")) + (" --part-word" if part_word else "")
-    path = dictionary.save(out)
+    dictionary.notes["command"] = command_line()
+    path = dictionary.save(target)
     for word, why in report.skipped.items():
-        err_console.print(f"[yellow]skipped[/] {word}: {why}")
-    console.print(f"wrote [bold]{path}[/]: {len(dictionary)} chunks, {len(dictionary.labels())} concepts x "
+        note("skipped", f"{word}: {why}")
+    if dictionary.notes.get("windowed"):
+        note("note:", dictionary.notes["windowed"])
+    fewer = sorted({c.label for c in dictionary.chunks if isinstance(c.fit.get("n"), int) and c.fit["n"] < n})
+    if fewer:
+        note("note:", f"--n {n}: {', '.join(fewer)} had fewer positives, so every positive was drawn")
+    console.print(f"wrote [bold]{escape(str(path))}[/]: {len(dictionary)} chunks, {len(dictionary.labels())} concepts x "
                   f"{len(report.layers)} layers; {report.tokens} tokens; collect {report.collect_seconds:.1f} s, "
                   f"fit {report.fit_seconds:.1f} s")
 
@@ -91,35 +107,44 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
 @click.option("--corpus", type=click.Path(dir_okay=False), help="held-out text for word chunks")
 @click.option("--spans", "spans_path", type=click.Path(dir_okay=False), help="held-out JSONL spans for span chunks")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write one record per chunk")
+@overwrite_option
 @click.option("--by-layer/--summary", default=False, help="print every chunk, not only the per-concept means")
-@click.option("--batch-size", default=16, show_default=True)
+@click.option("--batch-size", default=16, show_default=True, callback=checked(validate.count))
 @friendly_errors
-def evaluate_cmd(model_spec, device, dtype, dict_path, corpus, spans_path, json_out, by_layer, batch_size) -> None:
+def evaluate_cmd(model_spec, device, dtype, dict_path, corpus, spans_path, json_out, overwrite, by_layer,
+                 batch_size) -> None:
     """Evaluate a dictionary on held-out text: TP rate, FP rate, accuracy per chunk and layer."""
     from chunktui.engine.build import LabelSource, evaluate_dictionary, read_text, summarise_by_label
     from chunktui.engine.dictionary import load_dictionary
     from chunktui.engine.errors import CorpusError
-    from chunktui.engine.io import write_json
-
     if bool(corpus) == bool(spans_path):
         raise CorpusError("Give exactly one of --corpus and --spans.")
+    from chunktui.engine.labels import read_spans
+
     dictionary = load_dictionary(dict_path)
+    corpus_text = read_text(corpus) if corpus else None
+    if spans_path:
+        read_spans(spans_path)
+    target = plan_outputs(("--json", json_out, None), overwrite=overwrite,
+                          inputs=[dict_path, corpus, spans_path, *model_inputs(model_spec)])
     loaded = load_with_progress(model_spec, device, dtype)
-    source = LabelSource(corpus=read_text(corpus) if corpus else None, corpus_name=corpus or "", spans_path=spans_path)
+    source = LabelSource(corpus=corpus_text, corpus_name=corpus or "", spans_path=spans_path)
     progress, update = stage_progress()
     t0 = time.perf_counter()
     with progress:
         records, hs = evaluate_dictionary(loaded, dictionary, source, batch_size=batch_size, progress=update)
     summary = summarise_by_label(records)
+    if hs.windowing_note():
+        note("note:", hs.windowing_note())
     if by_layer:
-        table = Table(title=f"{dictionary.path.name} on {corpus or spans_path} (per chunk)")
+        table = Table(title=escape(f"{dictionary.path.name} on {corpus or spans_path} (per chunk)"))
         for col in ("chunk", "layer", "positives", "TP rate", "FP rate", "accuracy"):
             table.add_column(col, justify="right" if col != "chunk" else "left")
         for r in records:
             if r.get("tp_rate") is None:
-                table.add_row(r["id"], str(r["layer"]), "0", "-", "-", "-")
+                table.add_row(escape(r["id"]), str(r["layer"]), "0", "-", "-", "-")
             else:
-                table.add_row(r["id"], str(r["layer"]), str(r["positives"]), f"{r['tp_rate']:.3f}",
+                table.add_row(escape(r["id"]), str(r["layer"]), str(r["positives"]), f"{r['tp_rate']:.3f}",
                               f"{r['fp_rate']:.4f}", f"{r['accuracy']:.4f}")
         console.print(table)
     table = Table(title=f"Held-out evaluation: mean over layers ({len(hs.tokens)} tokens, "
@@ -127,16 +152,16 @@ def evaluate_cmd(model_spec, device, dtype, dict_path, corpus, spans_path, json_
     for col in ("concept", "layers", "positives", "TP rate", "FP rate", "accuracy"):
         table.add_column(col, justify="left" if col == "concept" else "right")
     for label, agg in summary.items():
-        table.add_row(label, str(agg["layers"]), str(agg["positives"]), f"{agg['tp_rate']:.3f}",
+        table.add_row(escape(label), str(agg["layers"]), str(agg["positives"]), f"{agg['tp_rate']:.3f}",
                       f"{agg['fp_rate']:.4f}", f"{agg['accuracy']:.4f}")
     console.print(table)
     missing = sorted({r["label"] for r in records if r.get("tp_rate") is None})
     if missing:
-        err_console.print(f"[yellow]not in the held-out text:[/] {', '.join(missing)}")
-    if json_out:
-        write_json(json_out, {"dictionary": str(dictionary.path), "corpus": corpus or spans_path,
+        note("not in the held-out text:", ", ".join(missing))
+    if target is not None:
+        target.write_json({"dictionary": str(dictionary.path), "corpus": corpus or spans_path,
                               "tokens": len(hs.tokens), "chunks": records, "by_label": summary})
-        console.print(f"wrote {json_out}")
+        console.print(f"wrote {escape(str(target.path))}")
 
 
 @click.command("inspect")
@@ -150,14 +175,14 @@ def inspect_cmd(dict_path, show_chunks, show_cards) -> None:
 
     d = load_dictionary(dict_path)
     m = d.model
-    console.print(f"[bold]{d.path.name}[/]  ({len(d)} chunks, created {d.created or '?'})")
-    console.print(f"model: {m.get('name')}  {m.get('architecture', '')}  width {m.get('hidden_size')}  "
-                  f"layers {m.get('n_layers')}  weights {m.get('fingerprint_digest')}")
+    console.print(f"[bold]{escape(d.path.name)}[/]  ({len(d)} chunks, created {escape(str(d.created or '?'))})")
+    console.print(escape(f"model: {m.get('name')}  {m.get('architecture', '')}  width {m.get('hidden_size')}  "
+                         f"layers {m.get('n_layers')}  weights {m.get('fingerprint_digest')}"))
     if d.notes:
-        console.print("built: " + ", ".join(f"{k}={v}" if not isinstance(v, (list, dict)) else f"{k}=({len(v)} records)"
-                                            for k, v in d.notes.items() if k != "command"))
+        console.print(Text("built: " + ", ".join(f"{k}={v}" if not isinstance(v, (list, dict)) else f"{k}=({len(v)} records)"
+                                            for k, v in d.notes.items() if k != "command")))
         if d.notes.get("command"):
-            console.print(f"[dim]{d.notes['command']}[/]")
+            console.print(Text(str(d.notes["command"]), style="dim"))
     table = Table(title="Concepts")
     for col in ("concept", "kind", "layers", "mean size", "mean fit TP", "mean fit FP"):
         table.add_column(col, justify="left" if col in ("concept", "kind") else "right")
@@ -169,7 +194,7 @@ def inspect_cmd(dict_path, show_chunks, show_cards) -> None:
         fps = [c.fit.get("fp_rate") for c in chunks if c.fit.get("fp_rate") is not None]
         layers = sorted(c.layer for c in chunks)
         span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
-        table.add_row(label, chunks[0].kind, f"{len(layers)} ({span})", f"{sum(c.size for c in chunks) / len(chunks):.0f}",
+        table.add_row(escape(label), chunks[0].kind, f"{len(layers)} ({span})", f"{sum(c.size for c in chunks) / len(chunks):.0f}",
                       f"{sum(tps) / len(tps):.3f}" if tps else "-", f"{sum(fps) / len(fps):.4f}" if fps else "-")
     console.print(table)
     if show_chunks:
@@ -177,7 +202,7 @@ def inspect_cmd(dict_path, show_chunks, show_cards) -> None:
         for col in ("id", "layer", "size", "threshold", "tolerance", "fit TP", "fit FP"):
             t.add_column(col)
         for c in d.chunks:
-            t.add_row(c.id, str(c.layer), str(c.size), f"{c.threshold:.4g}",
+            t.add_row(escape(c.id), str(c.layer), str(c.size), f"{c.threshold:.4g}",
                       f"{c.tolerance:.3g}" if c.tolerance is not None else "-",
                       f"{c.fit.get('tp_rate', float('nan')):.3f}", f"{c.fit.get('fp_rate', float('nan')):.4f}")
         console.print(t)

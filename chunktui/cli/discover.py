@@ -2,23 +2,43 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import click
 from rich.table import Table
 
-from chunktui.cli.common import console, err_console, friendly_errors, load_with_progress, model_options, stage_progress
+from rich.markup import escape
+
+from chunktui.cli.common import (checked, command_line, console, friendly_errors, load_with_progress, model_inputs,
+                                 model_options, note, plan_outputs, stage_progress)
+from chunktui.engine import validate
+from chunktui.engine.errors import ChunkError
 
 
-def _open_target(out: str, identity: dict, overwrite: bool):
-    """The dictionary to add chunks to: the existing file at `out` (unless overwrite), else a new one."""
+def _out_options(func):
+    func = click.option("--append", is_flag=True,
+                        help="add the chunks to the existing dictionary at --out (it must be for this model)")(func)
+    func = click.option("--overwrite", is_flag=True,
+                        help="replace an existing file at --out (or --json); never one of the inputs")(func)
+    return func
+
+
+def _check_out_mode(out: str, append: bool, overwrite: bool) -> None:
+    if append and overwrite:
+        raise ChunkError("Give at most one of --append (add to the dictionary at --out) and --overwrite (replace it).")
+    if not (append or overwrite) and os.path.lexists(Path(out).expanduser()) and not Path(out).expanduser().is_dir():
+        raise ChunkError(f"--out {out} already exists. Pass --append to add these chunks to it, or --overwrite to "
+                         "replace it, or choose another file name.")
+
+
+def _open_target(target, identity: dict, append: bool):
+    """The dictionary to add chunks to: the existing file at --out with --append, else a new one."""
     from chunktui.engine.dictionary import ChunkDictionary, load_dictionary
 
-    if not out.endswith(".chunks.safetensors"):
-        raise click.BadParameter("the file name must end in .chunks.safetensors", param_hint="--out")
-    if Path(out).exists() and not overwrite:
-        return load_dictionary(out, identity), True
+    if append and target.path.exists():
+        return load_dictionary(target.path, identity), True
     return ChunkDictionary(model=identity), False
 
 
@@ -27,46 +47,64 @@ def _open_target(out: str, identity: dict, overwrite: bool):
 @click.option("--corpus", type=click.Path(dir_okay=False), help="plain text to discover chunks in")
 @click.option("--spans", "spans_path", type=click.Path(dir_okay=False),
               help="JSONL spans (e.g. part-of-speech tags): its texts are the corpus, its labels score the chunks")
-@click.option("--layers", default="15", show_default=True, help="'all', '5', '2-9' or '0,4,8-10'")
-@click.option("--k", "k", default=256, show_default=True, help="chunks per layer")
-@click.option("--steps", default=300, show_default=True, help="Adam steps per layer")
-@click.option("--batch-size", "fit_batch", default=4096, show_default=True, help="tokens per Adam step")
-@click.option("--lr", default=0.03, show_default=True, help="Adam learning rate (cosine-decayed to lr / 10)")
+@click.option("--layers", default="15", show_default=True, callback=checked(validate.layer_spec),
+              help="'all', '5', '2-9' or '0,4,8-10' (ranges low-high)")
+@click.option("--k", "k", default=256, show_default=True, callback=checked(validate.count), help="chunks per layer")
+@click.option("--steps", default=300, show_default=True, callback=checked(validate.count), help="Adam steps per layer")
+@click.option("--batch-size", "fit_batch", default=4096, show_default=True, callback=checked(validate.count),
+              help="tokens per Adam step")
+@click.option("--lr", default=0.03, show_default=True, callback=checked(validate.number_in, lo=0.0, hi=10.0, lo_open=True),
+              help="Adam learning rate, 0 < lr <= 10 (cosine-decayed to lr / 10)")
 @click.option("--quantile", default=0.1, show_default=True,
-              help="each chunk's cosine threshold is this quantile of the cosines of the tokens it wins")
-@click.option("--seed", default=0, show_default=True)
+              callback=checked(validate.number_in, lo=0.0, hi=1.0, hi_open=True),
+              help="each chunk's cosine threshold is this quantile (in [0, 1)) of the cosines of the tokens it wins")
+@click.option("--seed", default=0, show_default=True, callback=checked(validate.seed))
 @click.option("--context", "context_mode", default="sentence", show_default=True,
               type=click.Choice(["sentence", "window"]), help="per-sentence contexts or sliding windows (--corpus)")
 @click.option("--evaluate/--no-evaluate", default=True, show_default=True,
               help="score against word identity (and the span labels) with k-means and random baselines")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
-              help="NAME.chunks.safetensors; an existing dictionary for this model gains the chunks")
-@click.option("--overwrite", is_flag=True, help="replace the file at --out instead of adding to it")
+              help="NAME.chunks.safetensors (an existing file needs --append or --overwrite)")
+@_out_options
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="per-layer dead fraction, NMI and purity")
 @friendly_errors
 def discover_cmd(model_spec, device, dtype, corpus, spans_path, layers, k, steps, fit_batch, lr, quantile, seed,
-                 context_mode, evaluate, out, overwrite, json_out) -> None:
+                 context_mode, evaluate, out, overwrite, append, json_out) -> None:
     """Discover chunks without labels (METHOD.md section 3): K directions per layer by max cosine."""
     from chunktui.engine.build import LabelSource, collect_for, read_text
     from chunktui.engine.errors import CorpusError
     from chunktui.engine.hidden import parse_layers
     from chunktui.engine.importing import merge_chunks
-    from chunktui.engine.io import write_json
     from chunktui.engine.ucd import DiscoveryConfig, discover
 
     if bool(corpus) == bool(spans_path):
         raise CorpusError("Give exactly one of --corpus and --spans.")
     config = DiscoveryConfig(k=k, steps=steps, batch_size=fit_batch, lr=lr, seed=seed, threshold_quantile=quantile)
     config.check()
+    _check_out_mode(out, append, overwrite)
+    from chunktui.engine.labels import read_spans
+
+    corpus_text = read_text(corpus) if corpus else None
+    if spans_path:
+        read_spans(spans_path)
+    inputs = [corpus, spans_path, *model_inputs(model_spec)]
+    target, json_target = plan_outputs(("--out", out, ".chunks.safetensors"), ("--json", json_out, None),
+                                       inputs=inputs, overwrite=overwrite or append)
+    if json_target is not None and append and not overwrite and json_target.existed:
+        raise ChunkError(f"--json {json_out} already exists (--append applies to --out only). Pass --overwrite to "
+                         "replace both, or choose another file name.")
     loaded = load_with_progress(model_spec, device, dtype)
-    dictionary, existed = _open_target(out, loaded.identity(), overwrite)
-    source = LabelSource(corpus=read_text(corpus) if corpus else None, corpus_name=corpus or "", spans_path=spans_path)
+    dictionary, existed = _open_target(target, loaded.identity(), append)
+    source = LabelSource(corpus=corpus_text, corpus_name=corpus or "", spans_path=spans_path)
     layer_list = parse_layers(layers, loaded.layout.n_states)
     progress, update = stage_progress()
     t0 = time.perf_counter()
     with progress:
         hs, spans = collect_for(loaded, source, layer_list, context_mode, progress=update)
         collect_seconds = time.perf_counter() - t0
+        if k > len(hs.tokens):
+            raise ChunkError(f"--k {k} is more chunks than the corpus has tokens ({len(hs.tokens)}); give a "
+                             "smaller --k or a longer corpus.")
         chunks, report = discover(hs, config, spans=spans, evaluate=evaluate, device=loaded.device, progress=update)
     added, replaced = merge_chunks(dictionary, chunks)
     if dictionary.layer_means is None:
@@ -87,18 +125,20 @@ def discover_cmd(model_spec, device, dtype, corpus, spans_path, layers, k, steps
         "corpus_digest": hs.digest, "config": config.to_json(), "layers": hs.layers,
         "dead_fraction": {str(l): r["dead_fraction"] for l, r in report.layers.items()}})
     dictionary.notes["discovery"] = runs
+    if hs.windowing_note():
+        note("note:", hs.windowing_note())
     if not existed:
-        dictionary.notes.setdefault("command", "chunktui discover")
-    path = dictionary.save(out)
+        dictionary.notes["command"] = command_line()
+    path = dictionary.save(target)
     _print_report(report, spans is not None and evaluate)
-    console.print(f"wrote [bold]{path}[/]: {added} chunks added, {replaced} replaced, {len(dictionary)} in all; "
+    console.print(f"wrote [bold]{escape(str(path))}[/]: {added} chunks added, {replaced} replaced, {len(dictionary)} in all; "
                   f"{len(hs.tokens)} tokens; collect {collect_seconds:.1f} s, discovery "
                   f"{sum(r['seconds'] for r in report.layers.values()):.1f} s")
-    if json_out:
+    if json_target is not None:
         doc = report.to_json()
         doc.update(dictionary=str(path), model=loaded.name, corpus=corpus or spans_path, context_mode=hs.context_mode)
-        write_json(json_out, doc)
-        console.print(f"wrote {json_out}")
+        json_target.write_json(doc)
+        console.print(f"wrote {escape(str(json_target.path))}")
 
 
 def _print_report(report, with_pos: bool) -> None:
@@ -126,32 +166,51 @@ def _print_report(report, with_pos: bool) -> None:
 @model_options
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
-              help="NAME.chunks.safetensors; an existing dictionary for this model gains the chunks")
-@click.option("--overwrite", is_flag=True, help="replace the file at --out instead of adding to it")
+              help="NAME.chunks.safetensors (an existing file needs --append or --overwrite)")
+@_out_options
 @click.option("--label", help="concept label for the imported chunks (default: the file name)")
-@click.option("--layer", type=int, help="hidden-state index H[l] for files that do not say (overrides the file)")
+@click.option("--layer", type=int, callback=checked(validate.non_negative_int),
+              help="hidden-state index H[l] for files that do not say (overrides the file)")
 @click.option("--layer-offset", type=int,
               help="added to layer numbers written in the file (default 1 for control-vector GGUF: llama.cpp's "
                    "direction.il edits block il's output, our H[il+1]; 0 otherwise)")
 @click.option("--corpus", type=click.Path(dir_okay=False),
               help="calibrate thresholds and typical projections on this text")
 @click.option("--match-rate", default=0.05, show_default=True,
-              help="with --corpus: the threshold makes each chunk match this share of the corpus tokens")
+              callback=checked(validate.number_in, lo=0.0, hi=1.0, lo_open=True),
+              help="with --corpus: the threshold makes each chunk match this share (0 < r <= 1) of the corpus tokens")
 @click.option("--threshold", "default_threshold", default=0.25, show_default=True,
-              help="cosine threshold when no --corpus is given")
+              callback=checked(validate.number_in, lo=-1.0, hi=1.0),
+              help="cosine threshold (-1..1) when no --corpus is given")
 @friendly_errors
-def import_cmd(model_spec, device, dtype, files, out, overwrite, label, layer, layer_offset, corpus, match_rate,
-               default_threshold) -> None:
+def import_cmd(model_spec, device, dtype, files, out, overwrite, append, label, layer, layer_offset, corpus,
+               match_rate, default_threshold) -> None:
     """Import directions made by other tools (.npy, .safetensors, llama.cpp control-vector .gguf) as chunks."""
     from chunktui.engine.build import read_text
     from chunktui.engine.hidden import collect
     from chunktui.engine.importing import import_file, merge_chunks
 
+    _check_out_mode(out, append, overwrite)
+    if label is not None and not label.strip():
+        raise ChunkError("--label is empty: give a concept name, or leave it out to use the file name.")
+    target = plan_outputs(("--out", out, ".chunks.safetensors"), overwrite=overwrite or append,
+                          inputs=[*files, corpus, *model_inputs(model_spec)])
+    for f in files:
+        if not Path(f).is_file():
+            raise ChunkError(f"{f} not found (or is a folder): give a .npy, .safetensors or control-vector .gguf file.")
+    if corpus:
+        calibration_text = read_text(corpus)
     loaded = load_with_progress(model_spec, device, dtype)
-    dictionary, _ = _open_target(out, loaded.identity(), overwrite)
+    if layer is not None:
+        validate.layers_in_model([layer], loaded.layout.n_states, "--layer")
+    dictionary, existed = _open_target(target, loaded.identity(), append)
+    if not existed:
+        dictionary.notes["command"] = command_line()
     calibration = None
     if corpus:
-        calibration = collect(loaded, read_text(corpus))
+        calibration = collect(loaded, calibration_text)
+        if calibration.windowing_note():
+            note("note:", calibration.windowing_note())
     total = 0
     for f in files:
         result = import_file(f, loaded.identity(), label=label, layer=layer, layer_offset=layer_offset,
@@ -160,14 +219,14 @@ def import_cmd(model_spec, device, dtype, files, out, overwrite, label, layer, l
         total += len(result.chunks)
         layers = sorted(c.layer for c in result.chunks)
         hint = result.metadata.get("model_hint")
-        console.print(f"{Path(f).name} ({result.format}{', model hint ' + hint if hint else ''}): "
-                      f"{len(result.chunks)} chunks '{result.chunks[0].label}' at layers "
-                      f"{', '.join(map(str, layers))}; {added} added, {replaced} replaced")
+        console.print(escape(f"{Path(f).name} ({result.format}{', model hint ' + hint if hint else ''}): "
+                             f"{len(result.chunks)} chunks '{result.chunks[0].label}' at layers "
+                             f"{', '.join(map(str, layers))}; {added} added, {replaced} replaced"))
         for key, why in result.skipped.items():
-            err_console.print(f"[yellow]skipped[/] {key}: {why}")
+            note("skipped", f"{key}: {why}")
         if result.metadata.get("layer_count_mismatch"):
-            err_console.print(f"[yellow]note[/] {result.metadata['layer_count_mismatch']}")
+            note("note:", result.metadata["layer_count_mismatch"])
     dictionary.notes.setdefault("imported", [])
     dictionary.notes["imported"] = list(dictionary.notes["imported"]) + [Path(f).name for f in files]
-    path = dictionary.save(out)
-    console.print(f"wrote [bold]{path}[/]: {total} chunks imported, {len(dictionary)} in all")
+    path = dictionary.save(target)
+    console.print(f"wrote [bold]{escape(str(path))}[/]: {total} chunks imported, {len(dictionary)} in all")

@@ -8,6 +8,11 @@ from rich.table import Table
 from chunktui.cli.common import (console, err_console, friendly_errors, load_with_progress, model_options,
                                  stage_progress)
 from chunktui.engine.perturb_defaults import DEFAULT_LAYERS, DEFAULT_POSITIONS, MODES
+from rich.markup import escape
+
+from chunktui.cli.common import (checked, console, friendly_errors, load_with_progress, model_inputs, model_options,
+                                 note, overwrite_option, plan_outputs, stage_progress)
+from chunktui.engine import validate
 from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 
 
@@ -20,67 +25,100 @@ from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 @click.option("--strength", type=float, default=None,
               help="a for graft/amplify, b for freeze/suppress (default: graft 0.05, amplify 2, freeze 1, suppress 0.5, "
                    "mean-ablate 1). The sample dictionary's chunks span the whole width, so a = 1 replaces the state "
-                   "and breaks the answer; 0.05 on every prompt token steers it")
-@click.option("--layers", default=DEFAULT_LAYERS, show_default=True, help="each layer uses the concept's chunk of that layer")
+                   "and breaks the answer; 0.05 on every prompt token steers it. Range: graft, amplify, mean-ablate "
+                   "0 < a <= 10; freeze, suppress 0 < b <= 1")
+@click.option("--layers", default=DEFAULT_LAYERS, show_default=True, callback=checked(validate.layer_spec),
+              help="each layer uses the concept's chunk of that layer; 'all' = every block (0..L-1), since the "
+                   "final norm's output L cannot be edited")
 @click.option("--positions", default=DEFAULT_POSITIONS, show_default=True,
               help="prompt, prompt-last:K, generated or all")
 @click.option("--prompt", help="one prompt")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), help="file of prompts, one per line")
-@click.option("--limit", default=0, help="use only the first N prompts of --prompts")
-@click.option("--samples", default=1, show_default=True, help="continuations per prompt (seeds seed..seed+N-1)")
-@click.option("--max-new-tokens", default=48, show_default=True)
-@click.option("--temperature", default=0.8, show_default=True)
-@click.option("--top-p", default=0.9, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--limit", default=0, callback=checked(validate.non_negative_int),
+              help="use only the first N prompts of --prompts (0: all)")
+@click.option("--samples", default=1, show_default=True, callback=checked(validate.samples),
+              help="continuations per prompt (seeds seed..seed+N-1)")
+@click.option("--max-new-tokens", default=48, show_default=True, callback=checked(validate.max_new_tokens))
+@click.option("--temperature", default=0.8, show_default=True, callback=checked(validate.temperature),
+              help="0 (greedy) to 10")
+@click.option("--top-p", default=0.9, show_default=True, callback=checked(validate.top_p), help="in (0, 1]")
+@click.option("--seed", default=0, show_default=True, callback=checked(validate.seed))
 @click.option("--chat/--no-chat", default=True, show_default=True)
-@click.option("--batch-size", default=16, show_default=True)
+@click.option("--truncate", is_flag=True,
+              help="cut prompts that leave no room for --max-new-tokens in the model's context, from the start")
+@click.option("--batch-size", default=16, show_default=True, callback=checked(validate.count))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
-@click.option("--show", default=3, show_default=True, help="print this many pairs of continuations")
+@overwrite_option
+@click.option("--show", default=3, show_default=True, callback=checked(validate.non_negative_int),
+              help="print this many pairs of continuations")
 @friendly_errors
 def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strength, layers, positions, prompt,
-                prompts_file, limit, samples, max_new_tokens, temperature, top_p, seed, chat, batch_size, json_out,
-                show) -> None:
+                prompts_file, limit, samples, max_new_tokens, temperature, top_p, seed, chat, truncate, batch_size,
+                json_out, overwrite, show) -> None:
     """Regenerate with chunks grafted or suppressed; identical sampling and seeds in both arms."""
     from chunktui.engine.dictionary import load_dictionary
     from chunktui.engine.errors import CorpusError
     from chunktui.engine.hidden import parse_layers
-    from chunktui.engine.io import write_json
     from chunktui.engine.perturb import Intervention, Positions, compare, select_chunks
     from chunktui.engine.streaming import Sampling
 
-    if bool(prompt) == bool(prompts_file):
+    if (prompt is None) == (prompts_file is None):
         raise CorpusError("Give exactly one of --prompt and --prompts.")
-    if prompt:
-        prompts = [prompt]
+    strength = validate.strength(strength, mode, "--strength")
+    where = Positions.parse(positions)
+    validate.chunk_names(chunk_names, "--chunk")
+    if seed + samples - 1 > validate.SEED_MAX:
+        raise validate.InvalidValue(f"--seed {seed} with --samples {samples} runs past the largest seed "
+                                    f"({validate.SEED_MAX}).")
+    dict_path = dict_path or sample_path(DEFAULT_DICT_NAME)
+    if prompts_file is None:
+        prompts = [validate.prompt_text(prompt, "--prompt")]
     else:
         from chunktui.engine.build import read_text
 
         prompts = [p.strip() for p in read_text(prompts_file).splitlines() if p.strip() and not p.startswith("#")]
+        if not prompts:
+            raise CorpusError(f"{prompts_file} holds no prompts (blank lines and lines starting with # are skipped).")
         if limit:
             prompts = prompts[:limit]
+    target = plan_outputs(("--json", json_out, None), overwrite=overwrite,
+                          inputs=[dict_path, prompts_file, *model_inputs(model_spec)])
+    dictionary = load_dictionary(dict_path)  # a damaged dictionary is reported before the model loads
     loaded = load_with_progress(model_spec, device, dtype)
-    dictionary = load_dictionary(dict_path or sample_path(DEFAULT_DICT_NAME), identity=loaded.identity())
-    layer_list = parse_layers(layers, loaded.layout.n_states)
+    dictionary.check_compatible(loaded.identity())
+    if layers == "all":
+        layer_list = list(range(loaded.n_layers))  # H[L] is the final norm's output: there is no block to edit
+    else:
+        layer_list = validate.editable_layers(parse_layers(layers, loaded.layout.n_states), loaded.n_layers,
+                                              "--layers")
     chunks = select_chunks(dictionary, chunk_names.split(","), layer_list)
-    intervention = Intervention(chunks=chunks, mode=mode, strength=strength, positions=Positions.parse(positions),
+    from chunktui.engine.context import fit_prompt
+
+    fitted = [fit_prompt(loaded, p, max_new_tokens, chat=chat, truncate=truncate) for p in prompts]
+    cut = [f for f in fitted if f.dropped_tokens]
+    if cut:
+        note("note:", f"{len(cut)} prompt{'s were' if len(cut) > 1 else ' was'} cut from the start to fit "
+                     f"{loaded.name}'s context of {loaded.context_length} tokens (--truncate)")
+    prompts = [f.text for f in fitted]
+    intervention = Intervention(chunks=chunks, mode=mode, strength=strength, positions=where,
                                 layer_means=dictionary.layer_means)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     progress, update = stage_progress()
     with progress:
         report = compare(loaded, intervention, prompts, samples, sampling, chat, batch_size,
                          progress=lambda stage, frac: update(stage, frac, f"{stage} arm"))
-    table = Table(title=f"{mode} x{intervention.strength:g} at layers {layers}, positions {positions} "
+    table = Table(title=f"{mode} x{intervention.strength:g} at layers {escape(layers)}, positions {escape(positions)} "
                         f"({len(prompts)} prompts x {samples} samples, T={temperature}, top-p={top_p})")
     for col in ("concept", "control rate", "perturbed rate", "change", "log p control", "log p perturbed", "change"):
         table.add_column(col, justify="left" if col == "concept" else "right")
     for label, c in report.concepts.items():
-        table.add_row(label, f"{c['control_rate']:.2f}", f"{c['perturbed_rate']:.2f}", f"{c['delta_rate']:+.2f}",
+        table.add_row(escape(label), f"{c['control_rate']:.2f}", f"{c['perturbed_rate']:.2f}", f"{c['delta_rate']:+.2f}",
                       f"{c['logprob_control']:.2f}", f"{c['logprob_perturbed']:.2f}", f"{c['delta_logprob']:+.2f}")
     console.print(table)
     for pair in report.pairs[:show]:
-        console.print(f"[bold]{pair['prompt']}[/] (seed {pair['seed']})")
-        console.print(f"  [dim]control  :[/] {pair['control'][:300]!s}")
-        console.print(f"  [dim]perturbed:[/] {pair['perturbed'][:300]!s}")
-    if json_out:
-        write_json(json_out, dict(report.to_json(), model=loaded.name, dictionary=str(dictionary.path)))
-        err_console.print(f"wrote {json_out}")
+        console.print(f"[bold]{escape(pair['prompt'])}[/] (seed {pair['seed']})")
+        console.print(f"  [dim]control  :[/] {escape(pair['control'][:300])}")
+        console.print(f"  [dim]perturbed:[/] {escape(pair['perturbed'][:300])}")
+    if target is not None:
+        target.write_json(dict(report.to_json(), model=loaded.name, dictionary=str(dictionary.path)))
+        note("wrote", str(target.path), style="default")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from chunktui.cli.common import err_console, friendly_errors
+from chunktui.cli.common import friendly_errors, note, overwrite_option, plan_outputs
 
 
 @click.command("report")
@@ -12,16 +12,18 @@ from chunktui.cli.common import err_console, friendly_errors
 @click.option("--format", "fmt", type=click.Choice(["md", "html", "csv", "json"]), default=None,
               help="output format (default: from --out's suffix, else html)")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="file to write (atomically)")
+@overwrite_option
 @friendly_errors
-def report_cmd(in_path, fmt, out_path) -> None:
+def report_cmd(in_path, fmt, out_path, overwrite) -> None:
     """Export a session (from the app), `scan --json` or `perturb --json` output as JSON, Markdown, HTML or CSV.
 
     HTML is one self-contained file, with tokens coloured as in the app.
     """
     from chunktui.engine.reports import format_for_path, read_input, write_report
 
-    session = read_input(in_path)
+    session = read_input(in_path)  # a missing or damaged input is reported first
+    target = plan_outputs(("--out", out_path, None), inputs=[in_path], overwrite=overwrite)
     fmt = fmt or format_for_path(out_path, default="html")
-    path = write_report(session, fmt, out_path)
+    path = write_report(session, fmt, target)
     n_traces, n_runs = len(session.get("traces", [])), len(session.get("runs", []))
-    err_console.print(f"wrote {path} ({fmt}: {n_traces} texts, {n_runs} perturbation runs)")
+    note("wrote", f"{path} ({fmt}: {n_traces} texts, {n_runs} perturbation runs)", style="default")

@@ -13,6 +13,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from chunktui.cli.common import checked, friendly_errors, overwrite_option, plan_outputs
+from chunktui.engine import validate
+
 # Off a terminal rich assumes 80 columns, which truncates the tables; allow a wider page.
 console = Console(width=None if sys.stdout.isatty() else 120)
 
@@ -31,10 +34,15 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
         raise
 
 
-def _maybe_json(out: str | None, data: dict) -> None:
-    if out:
-        write_json_atomic(out, data)
-        console.print(f"[dim]wrote {out}[/dim]")
+def _plan_json(out: str | None, overwrite: bool):
+    """Check and lock --json before any training (see chunktui.engine.outputs)."""
+    return plan_outputs(("--json", out, None), overwrite=overwrite)
+
+
+def _maybe_json(target, data: dict) -> None:
+    if target is not None:
+        target.write_json(data)
+        console.print(f"wrote {target.path}", style="dim", markup=False, emoji=False)
 
 
 def _config(seed: int, steps: int, cell: str):
@@ -43,13 +51,22 @@ def _config(seed: int, steps: int, cell: str):
     return TrainConfig(seed=seed, steps=steps, cell=cell, window=120)
 
 
-seed_opt = click.option("--seed", default=0, show_default=True, help="Seed for data, weights and windows.")
-json_opt = click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
-                        help="Also write the results as JSON to this file.")
-steps_opt = click.option("--steps", default=200, show_default=True, help="Training steps (Adam, lr 0.005).")
+seed_opt = click.option("--seed", default=0, show_default=True, callback=checked(validate.seed),
+                        help="Seed for data, weights and windows.")
+
+
+def json_opt(func):
+    func = overwrite_option(func)
+    return click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+                        help="Also write the results as JSON to this file.")(func)
+
+
+steps_opt = click.option("--steps", default=200, show_default=True, callback=checked(validate.count, hi=100_000),
+                         help="Training steps (Adam, lr 0.005).")
 cell_opt = click.option("--cell", type=click.Choice(["linear", "tanh", "gru"]), default="linear",
                         show_default=True, help="linear is the paper's h_t = W[x_t; h_{t-1}] + b.")
-k_opt = click.option("--k", default=4, show_default=True, help="k-means clusters per neuron (3-5).")
+k_opt = click.option("--k", default=4, show_default=True, callback=checked(validate.count, lo=2, hi=16),
+                     help="k-means clusters per neuron (3-5; 2..16 accepted).")
 
 
 @click.group()
@@ -75,15 +92,18 @@ def show_train(out: dict) -> None:
 @seed_opt
 @steps_opt
 @cell_opt
-@click.option("--words", default=600, show_default=True, help="Planted words in the training sequence.")
+@click.option("--words", default=600, show_default=True, callback=checked(validate.count, lo=50, hi=1_000_000),
+              help="Planted words in the training sequence (>= 50).")
 @json_opt
-def train_cmd(seed: int, steps: int, cell: str, words: int, json_out: str | None) -> None:
+@friendly_errors
+def train_cmd(seed: int, steps: int, cell: str, words: int, json_out: str | None, overwrite: bool) -> None:
     """Train the RNN on next-symbol prediction and plot its learning curve."""
     from chunktui.rnn.experiments import train_experiment
 
+    target = _plan_json(json_out, overwrite)
     out = train_experiment(words, seed, _config(seed, steps, cell))
     show_train(out)
-    _maybe_json(json_out, out)
+    _maybe_json(target, out)
 
 
 def show_reflect(out: dict) -> None:
@@ -133,37 +153,44 @@ def show_reflect(out: dict) -> None:
 
 @rnn.command("reflect")
 @seed_opt
-@click.option("--seeds", default=5, show_default=True, help="Seeds (seed, seed+1, ...), trained as one batch.")
-@click.option("--steps", default=250, show_default=True, help="Training steps.")
+@click.option("--seeds", default=5, show_default=True, callback=checked(validate.count, hi=1000),
+              help="Seeds (seed, seed+1, ...), trained as one batch.")
+@click.option("--steps", default=250, show_default=True, callback=checked(validate.count, hi=100_000),
+              help="Training steps.")
 @cell_opt
-@click.option("--k", default=3, show_default=True, help="k-means clusters per neuron (3-5).")
+@click.option("--k", default=3, show_default=True, callback=checked(validate.count, lo=2, hi=16),
+              help="k-means clusters per neuron (3-5; 2..16 accepted).")
 @click.option("--gain", default=0.9, show_default=True,
-              help="Init of both networks: recurrent block orthogonal × gain.")
-@click.option("--weight-decay", default=0.5, show_default=True,
-              help="AdamW decoupled weight decay (0: plain Adam, as in the paper).")
-@click.option("--rounds", default=1000, show_default=True, help="DSC chunk-learning rounds at most.")
-@click.option("--min-count", default=2, show_default=True, help="DSC: a pair must occur this often.")
-@click.option("--per-round", default=8, show_default=True, help="DSC: new chunks per round at most.")
+              callback=checked(validate.number_in, lo=0.0, hi=10.0, lo_open=True),
+              help="Init of both networks: recurrent block orthogonal × gain (0 < gain <= 10).")
+@click.option("--weight-decay", default=0.5, show_default=True, callback=checked(validate.number_in, lo=0.0, hi=10.0),
+              help="AdamW decoupled weight decay, 0..10 (0: plain Adam, as in the paper).")
+@click.option("--rounds", default=1000, show_default=True, callback=checked(validate.count),
+              help="DSC chunk-learning rounds at most.")
+@click.option("--min-count", default=2, show_default=True, callback=checked(validate.count),
+              help="DSC: a pair must occur this often.")
+@click.option("--per-round", default=8, show_default=True, callback=checked(validate.count),
+              help="DSC: new chunks per round at most.")
 @click.option("--kmeans", type=click.Choice(["exact", "robust"]), default="exact", show_default=True,
               help="Per-neuron clustering: exact 1-D k-means, or seeded robust k-medians.")
 @click.option("--default-init/--no-default-init", default=False, show_default=True,
               help="Also report the pairs at PyTorch's default init (one more training run).")
 @json_opt
+@friendly_errors
 def reflect_cmd(seed: int, seeds: int, steps: int, cell: str, k: int, gain: float, weight_decay: float,
                 rounds: int, min_count: int, per_round: int, kmeans: str, default_init: bool,
-                json_out: str | None) -> None:
+                json_out: str | None, overwrite: bool) -> None:
     """Decode the input from discretised states; DSC chunks; trained vs untrained (same init)."""
     from chunktui.rnn.dsc import ChunkParams
     from chunktui.rnn.experiments import reflect_experiment
     from chunktui.rnn.train import TrainConfig
 
-    if seeds < 1:
-        raise click.BadParameter("at least 1", param_hint="--seeds")
+    target = _plan_json(json_out, overwrite)
     cfg = TrainConfig(seed=seed, steps=steps, cell=cell, weight_decay=weight_decay)
     out = reflect_experiment(seed, k=k, params=ChunkParams(rounds, min_count, per_round), config=cfg,
                              recurrent_gain=gain, compare_default_init=default_init, seeds=seeds, kmeans=kmeans)
     show_reflect(out)
-    _maybe_json(json_out, out)
+    _maybe_json(target, out)
 
 
 def show_graft(out: dict) -> None:
@@ -185,13 +212,15 @@ def show_graft(out: dict) -> None:
 @click.option("--task", type=click.Choice(["flat", "context"]), default="flat", show_default=True,
               help="context: words share 'BC', so the continuation depends on the grafted state.")
 @json_opt
-def graft_cmd(seed: int, steps: int, cell: str, k: int, task: str, json_out: str | None) -> None:
+@friendly_errors
+def graft_cmd(seed: int, steps: int, cell: str, k: int, task: str, json_out: str | None, overwrite: bool) -> None:
     """Write a chunk prefix's state into the RNN, feed the next symbol, read the prediction."""
     from chunktui.rnn.experiments import graft_experiment
 
+    target = _plan_json(json_out, overwrite)
     out = graft_experiment(seed, task, k=k, config=_config(seed, steps, cell))
     show_graft(out)
-    _maybe_json(json_out, out)
+    _maybe_json(target, out)
 
 
 def show_transfer(out: dict) -> None:
@@ -216,27 +245,36 @@ def show_transfer(out: dict) -> None:
 
 @rnn.command("transfer")
 @seed_opt
-@click.option("--seeds", default=20, show_default=True, help="Independent seeds (each: pretrain + both arms).")
-@click.option("--steps", default=60, show_default=True, help="Steps on the new composition.")
-@click.option("--threshold", default=0.95, show_default=True, help="Accuracy to reach (within-word transitions).")
+@click.option("--seeds", default=20, show_default=True, callback=checked(validate.count, lo=2, hi=1000),
+              help="Independent seeds (each: pretrain + both arms; >= 2 for a spread).")
+@click.option("--steps", default=60, show_default=True, callback=checked(validate.count, hi=100_000),
+              help="Steps on the new composition.")
+@click.option("--threshold", default=0.95, show_default=True,
+              callback=checked(validate.number_in, lo=0.0, hi=1.0, lo_open=True),
+              help="Accuracy to reach (within-word transitions), 0 < t <= 1.")
 @json_opt
-def transfer_cmd(seed: int, seeds: int, steps: int, threshold: float, json_out: str | None) -> None:
+@friendly_errors
+def transfer_cmd(seed: int, seeds: int, steps: int, threshold: float, json_out: str | None, overwrite: bool) -> None:
     """Learn a new composition of known words, with and without grafting at the junction."""
     from chunktui.rnn.experiments import TransferConfig, transfer_experiment
 
+    target = _plan_json(json_out, overwrite)
     out = transfer_experiment(TransferConfig(seeds=seeds, steps=steps, threshold=threshold, seed=seed))
     show_transfer(out)
-    _maybe_json(json_out, out)
+    _maybe_json(target, out)
 
 
 @rnn.command("lab")
 @seed_opt
-@click.option("--seeds", default=20, show_default=True, help="Seeds for the transfer experiment.")
+@click.option("--seeds", default=20, show_default=True, callback=checked(validate.count, lo=2, hi=1000),
+              help="Seeds for the transfer experiment (>= 2).")
 @json_opt
-def lab_cmd(seed: int, seeds: int, json_out: str | None) -> None:
+@friendly_errors
+def lab_cmd(seed: int, seeds: int, json_out: str | None, overwrite: bool) -> None:
     """Run every experiment at default sizes and print the figures and total wall time."""
+    target = _plan_json(json_out, overwrite)
     out = run_lab(seed, seeds)
-    _maybe_json(json_out, out)
+    _maybe_json(target, out)
 
 
 def run_lab(seed: int = 0, seeds: int = 20) -> dict:

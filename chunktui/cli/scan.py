@@ -7,7 +7,9 @@ from pathlib import Path
 import click
 from rich.text import Text
 
-from chunktui.cli.common import console, err_console, friendly_errors, load_with_progress, model_options
+from chunktui.cli.common import (checked, console, friendly_errors, load_with_progress, model_inputs,
+                                 model_options, note, overwrite_option, plan_outputs)
+from chunktui.engine import validate
 from chunktui.palette import label_colours
 from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 
@@ -41,20 +43,25 @@ def token_records(texts, ids, matches, chunks) -> list[dict]:
     return records
 
 
-def _load_dict(path, loaded, optional: bool = False):
-    """The dictionary and its pack. `optional` (the default sample dictionary): a model it was not made for
-    scans with no chunks, and a note says how to build its own."""
+def _load_dict(path, loaded, dictionary=None, optional: bool = False):
+    """The dictionary (read before the model loads, when given) checked against the model, and packed.
+
+    `optional` (the default sample dictionary): a model it was not made for scans with no chunks, and a note
+    says how to build its own."""
     from chunktui.engine.dictionary import ChunkDictionary, load_dictionary
     from chunktui.engine.errors import IncompatibleDictionaryError
     from chunktui.engine.matching import pack
 
     try:
-        dictionary = load_dictionary(path, identity=loaded.identity())
+        if dictionary is None:
+            dictionary = load_dictionary(path, identity=loaded.identity())
+        else:
+            dictionary.check_compatible(loaded.identity())
     except IncompatibleDictionaryError:
         if not optional:
             raise
-        err_console.print(f"[dim]the sample dictionary is for the built-in model, not {loaded.name}: no chunks to "
-                          "match; build this model's own with `chunktui build` and pass it with --dict[/]")
+        note("note:", f"the sample dictionary is for the built-in model, not {loaded.name}: no chunks to match; "
+                      "build this model's own with `chunktui build` and pass it with --dict")
         dictionary = ChunkDictionary(model=loaded.identity(), chunks=[])
     return dictionary, pack(dictionary.chunks, loaded.hidden_size, loaded.layout.n_states, loaded.device)
 
@@ -65,34 +72,55 @@ def _load_dict(path, loaded, optional: bool = False):
 @click.option("--text", help="text to scan (teacher-forced)")
 @click.option("--file", "file_path", type=click.Path(dir_okay=False), help="scan a text file")
 @click.option("--prompt", help="generate from this prompt instead of scanning")
-@click.option("--generate", "n_new", default=40, show_default=True, help="tokens to generate with --prompt")
+@click.option("--generate", "n_new", default=40, show_default=True, callback=checked(validate.max_new_tokens),
+              help="tokens to generate with --prompt (>= 1)")
 @click.option("--chat/--no-chat", default=True, show_default=True, help="apply the chat template to --prompt")
-@click.option("--temperature", default=0.0, show_default=True)
-@click.option("--top-p", default=1.0, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--layers", default="all", show_default=True, help="only count matches at these layers for colouring")
+@click.option("--temperature", default=0.0, show_default=True, callback=checked(validate.temperature),
+              help="0 (greedy) to 10")
+@click.option("--top-p", default=1.0, show_default=True, callback=checked(validate.top_p), help="in (0, 1]")
+@click.option("--seed", default=0, show_default=True, callback=checked(validate.seed))
+@click.option("--truncate", is_flag=True,
+              help="cut a --prompt that leaves no room for --generate tokens in the model's context, from the start")
+@click.option("--layers", default="all", show_default=True, callback=checked(validate.layer_spec),
+              help="only count matches at these layers for colouring")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write per-token, per-layer matches")
+@overwrite_option
 @friendly_errors
 def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_new, chat, temperature, top_p, seed,
-             layers, json_out) -> None:
+             truncate, layers, json_out, overwrite) -> None:
     """Print text with each token coloured by its strongest chunk, and a legend."""
     import torch
 
     from chunktui.engine.build import read_text
     from chunktui.engine.errors import CorpusError
     from chunktui.engine.hidden import parse_layers
-    from chunktui.engine.io import write_json
-    from chunktui.engine.streaming import Sampling, generate_stream, scan_text
+    from chunktui.engine.streaming import Sampling, encode_prompt, generate_stream, scan_text
 
     if sum(x is not None for x in (text, file_path, prompt)) != 1:
         raise CorpusError("Give exactly one of --text, --file and --prompt.")
+    if text is not None and not text.strip():
+        raise CorpusError("--text is empty: there is nothing to scan.")
+    if prompt is not None:
+        validate.prompt_text(prompt, "--prompt")
+    default_dict = dict_path is None
+    dict_path = dict_path or sample_path(DEFAULT_DICT_NAME)
+    body = read_text(file_path) if file_path else text
+    from chunktui.engine.dictionary import load_dictionary
+
+    early = load_dictionary(dict_path)  # a damaged dictionary is reported before the model loads
+    target = plan_outputs(("--json", json_out, None), overwrite=overwrite,
+                          inputs=[dict_path, file_path, *model_inputs(model_spec)])
     loaded = load_with_progress(model_spec, device, dtype)
-    dictionary, packed = _load_dict(dict_path or sample_path(DEFAULT_DICT_NAME), loaded, optional=dict_path is None)
+    dictionary, packed = _load_dict(dict_path, loaded, early, optional=default_dict)
     keep = set(parse_layers(layers, loaded.layout.n_states))
     if prompt is not None:
+        from chunktui.engine.context import fit_prompt
         from chunktui.engine.memory import ensure_fits
-        from chunktui.engine.streaming import encode_prompt
 
+        fitted = fit_prompt(loaded, prompt, n_new, chat=chat, truncate=truncate)
+        if fitted.note():
+            note("note:", fitted.note())
+        prompt = fitted.text
         n_prompt = len(encode_prompt(loaded, prompt, chat))
         ensure_fits(loaded, "generating", n_prompt, n_new, kept_states=n_prompt + n_new)  # every state is kept
         events = list(generate_stream(loaded, prompt, Sampling(max_new_tokens=n_new, temperature=temperature,
@@ -105,7 +133,6 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
         matches = MatchResult(*(torch.cat([getattr(e.matches, f) for e in events]).cpu() for f in fields))
         generated = [e.generated for e in events]
     else:
-        body = read_text(file_path) if file_path else text
         result = scan_text(loaded, body, packed)
         texts, ids, matches = result.texts, result.ids, result.matches
         generated = [False] * len(ids)
@@ -132,11 +159,11 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
     hits = int(matches.hit.any(-1).sum())
     console.print(f"[dim]{len(ids)} tokens, {hits} with at least one match, {len(chunks)} chunks at "
                   f"{len(dictionary.layers())} layers; generated tokens: {sum(generated)}[/]")
-    if json_out:
-        write_json(json_out, {"model": loaded.name, "dictionary": str(dictionary.path), "text": "".join(texts),
+    if target is not None:
+        target.write_json({"model": loaded.name, "dictionary": str(dictionary.path), "text": "".join(texts),
                               "tokens": token_records(texts, ids, matches, chunks),
                               "generated": generated})
-        err_console.print(f"wrote {json_out}")
+        note("wrote", str(target.path), style="default")
 
 
 @click.command("demo")
@@ -149,14 +176,22 @@ def demo_cmd(model_spec, device, dict_path) -> None:
     from chunktui.engine.hidden import iter_jsonl
     from chunktui.engine.streaming import scan_text
 
+    from chunktui.engine.dictionary import load_dictionary
+
+    early = load_dictionary(dict_path or sample_path(DEFAULT_DICT_NAME))
     loaded = load_with_progress(model_spec, device, "auto")
-    dictionary, packed = _load_dict(dict_path or sample_path(DEFAULT_DICT_NAME), loaded)
+    dictionary, packed = _load_dict(dict_path, loaded, early)
     colours = label_colours(dictionary.labels())
     seq_path = sample_path("sequences.jsonl")
     texts = [rec["text"] for _, rec in iter_jsonl(seq_path)] if Path(seq_path).is_file() else [
         "I had a slice of cheese cake by the river while the rain fell."]
     seen: set[str] = set()
     for body in texts[:6]:
+        n_tokens = len(loaded.tokenizer(body, add_special_tokens=False)["input_ids"]) + 1
+        if n_tokens > loaded.context_length:
+            note("skipped", f"a {n_tokens}-token sequence: longer than {loaded.name}'s context "
+                            f"({loaded.context_length} tokens)")
+            continue
         result = scan_text(loaded, body, packed)
         labels = [packed.chunks[int(c)].label if int(c) >= 0 else None for c in result.matches.token_chunk]
         skip = 1 if result.ids[0] == loaded.tokenizer.bos_token_id else 0  # the BOS we added

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import click
 
-from chunktui.cli.common import placement_from_context, placement_options
+from chunktui.cli.common import checked, placement_from_context, placement_options
+from chunktui.engine import validate
+
+
+def _threads(value: int) -> int:
+    from chunktui.engine.errors import ChunkError
+    from chunktui.engine.validate import non_negative_int
+
+    try:
+        return non_negative_int(value, "--threads", hi=1024)
+    except ChunkError as err:
+        raise click.BadParameter(str(err)) from None
 
 
 @click.command("tui")
@@ -20,11 +31,11 @@ from chunktui.cli.common import placement_from_context, placement_options
 @click.option("--file", "file_path", default=None, type=click.Path(dir_okay=False),
               help="open the Step pane on this text or JSONL file")
 @click.option("--prompt", default=None, help="start streaming this prompt as soon as the model is loaded")
-@click.option("--max-new-tokens", type=click.IntRange(1, 100_000), default=None,
+@click.option("--max-new-tokens", type=int, default=None, callback=checked(validate.max_new_tokens),
               help="tokens to generate (the Stream pane's 'tokens' field)")
 @click.option("--restore", is_flag=True, help="restore the previous session (from its journal) at start")
 @click.option("--ignore-eos", is_flag=True, help="keep generating past the end-of-sequence token (to --max-new-tokens)")
-@click.option("--threads", type=click.IntRange(0, 1024), default=0,
+@click.option("--threads", default=0, callback=lambda ctx, param, v: _threads(v),
               help="torch threads of the engine process (default: all cores)")
 @placement_options
 def tui_cmd(model_spec, dict_path, device, dtype, sequences_path, file_path, prompt, max_new_tokens, restore,

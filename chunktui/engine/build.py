@@ -127,6 +127,8 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
     notes = {"context_mode": hs.context_mode, "label_mode": labels.mode, "step": labels.step, "n": n,
              "criterion": criterion, "seed": seed, "tolerances": len(tolerances), "corpus": source.corpus_name or source.spans_path,
              "tokens": len(hs.tokens), "corpus_digest": digest, "label_source": "spans" if spans is not None else "words"}
+    if hs.windowing_note():
+        notes["windowed"] = hs.windowing_note()
     means = torch.full((loaded.layout.n_states, loaded.hidden_size), float("nan"))
     means[hs.layers] = hs.H.float().mean(0)
     return ChunkDictionary(model=loaded.identity(), chunks=chunks, notes=notes, layer_means=means), report

@@ -129,9 +129,15 @@ class ChunkDictionary:
                     f"the loaded model {identity.get('name')} has width {identity.get('hidden_size')} and "
                     f"{identity.get('n_layers')} layers")
         if not fingerprints_match(mine.get("fingerprint", []), identity.get("fingerprint", [])):
-            return (f"made for {mine.get('name')} (weights {mine.get('fingerprint_digest')}); the loaded model "
-                    f"{identity.get('name')} has the same shape but different weights "
-                    f"({identity.get('fingerprint_digest')})")
+            # name each side once: equal names or equal (coarse) digests are not repeated
+            theirs = "the loaded model" if identity.get("name") == mine.get("name") else \
+                f"the loaded model {identity.get('name')}"
+            if identity.get("fingerprint_digest") and identity.get("fingerprint_digest") != mine.get("fingerprint_digest"):
+                weights = f"different weights ({identity.get('fingerprint_digest')})"
+            else:
+                weights = "weights that differ by more than the 2% fingerprint tolerance"
+            return (f"made for {mine.get('name')} (weights {mine.get('fingerprint_digest')}); {theirs} has the "
+                    f"same shape but {weights}")
         return None
 
     def check_compatible(self, identity: dict) -> None:
@@ -142,11 +148,18 @@ class ChunkDictionary:
 
     # ------------------------------------------------------------------ io
 
-    def save(self, path: str | Path) -> Path:
-        """Write atomically (temp file in the same folder, then rename)."""
-        from safetensors.torch import save_file
+    def save(self, path) -> Path:
+        """Write atomically (temp file in the same folder, then rename).
 
-        path = Path(path)
+        `path` is a path (replaced if it exists) or an `engine.outputs.OutputTarget`
+        (checked and locked before the work; never replaces a file it was not allowed to).
+        """
+        from safetensors.torch import save, save_file
+
+        from chunktui.engine.outputs import OutputTarget
+
+        target = path if isinstance(path, OutputTarget) else None
+        path = target.path if target is not None else Path(path)
         if not path.name.endswith(".safetensors"):
             raise DictionaryError(f"Dictionary files end in .chunks.safetensors; got '{path.name}'.")
         tensors: dict[str, torch.Tensor] = {}
@@ -179,6 +192,10 @@ class ChunkDictionary:
             text = json.dumps(meta, allow_nan=False, default=_json_default)
         if not tensors:  # safetensors needs at least one entry to carry metadata reliably
             tensors["_empty"] = torch.zeros(1)
+        if target is not None:
+            target.write_bytes(save(tensors, metadata={METADATA_KEY: text}))
+            self.path = path
+            return path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -308,6 +325,9 @@ def load_dictionary(path: str | Path, identity: dict | None = None) -> ChunkDict
         if isinstance(err, DictionaryError):
             raise
         raise DictionaryError(f"{path.name} could not be read: {err}") from None
+    except (TypeError, KeyError, AttributeError, IndexError, RuntimeError, OverflowError) as err:
+        # a header whose fields have the wrong types (a list where a name belongs, ...): damaged, whatever the field
+        raise DictionaryError(f"{path.name}: the dictionary header is malformed ({type(err).__name__}: {err}).") from None
     ids = [c.id for c in chunks]
     if len(set(ids)) != len(ids):
         raise DictionaryError(f"{path.name}: duplicate chunk ids.")

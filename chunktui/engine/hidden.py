@@ -131,6 +131,17 @@ class HiddenStates:
     contexts: list[tuple[int, int]]
     context_mode: str
     model_name: str
+    windowed_contexts: int = 0  # contexts longer than the model's, read in overlapping windows
+    context_length: int = 0
+
+    def windowing_note(self) -> str | None:
+        """What the user should be told when long contexts were split (None when none were)."""
+        if not self.windowed_contexts:
+            return None
+        what = "record" if self.context_mode == "records" else "sentence" if self.context_mode == "sentence" else "window"
+        return (f"{self.windowed_contexts} {what}{'s' if self.windowed_contexts > 1 else ''} longer than the model's "
+                f"context ({self.context_length} tokens) {'were' if self.windowed_contexts > 1 else 'was'} read in "
+                "overlapping windows of that size")
 
     @property
     def digest(self) -> str:
@@ -223,7 +234,21 @@ def collect(loaded: LoadedModel, text: str, mode: str = "sentence", layers: Sequ
         rows = [(ids, offs, 0) for ids, offs in _encode_contexts(tokenizer, text, spans)]
     else:
         spans, rows = build_contexts(tokenizer, text, mode, window, stride)
-    rows = [(ids, offs, keep, ci) for ci, (ids, offs, keep) in enumerate(rows) if ids]
+    # a context longer than the model's (BOS included) is read in overlapping windows of the context's size;
+    # each token is kept from the window that gives it the most left context, so the table has no repeats
+    limit = max(2, loaded.context_length - (1 if _bos_id(tokenizer) is not None else 0))
+    split = 0
+    fitted = []
+    for ci, (ids, offs, keep) in enumerate(rows):
+        if len(ids) <= limit:
+            fitted.append((ids, offs, keep, ci))
+            continue
+        split += 1
+        for a, b, keep_from in _windows(ids, offs, limit, max(1, limit // 2)):
+            keep_from = max(keep_from, keep - a)  # a sliding-window row keeps its own context-only prefix
+            if keep_from < b - a:
+                fitted.append((ids[a:b], offs[a:b], keep_from, ci))
+    rows = [r for r in fitted if r[0]]
     if not rows:
         raise CorpusError("The corpus has no tokens after splitting into contexts.")
     bos = _bos_id(tokenizer)
@@ -279,30 +304,35 @@ def collect(loaded: LoadedModel, text: str, mode: str = "sentence", layers: Sequ
             table.position.append(p)
     H = torch.cat(parts, dim=0)
     return HiddenStates(H=H, layers=layers, tokens=table, source=text, contexts=spans,
-                        context_mode=mode if contexts is None else "records", model_name=loaded.name)
+                        context_mode=mode if contexts is None else "records", model_name=loaded.name,
+                        windowed_contexts=split, context_length=loaded.context_length)
 
 
 def parse_layers(spec: str | None, n_states: int) -> list[int]:
-    """'all', '3', '2-9', '0,5,10-12' or negative indices ('-1' = last) -> sorted layer list."""
-    if spec is None or spec.strip().lower() in ("", "all"):
+    """'all', '3', '2-9', '0,5,10-12' or negative indices ('-1' = last) -> sorted layer list.
+
+    Ranges are written low-high: '9-2' is refused, not flipped (see engine.validate).
+    """
+    from chunktui.engine.validate import layer_spec, layers_in_model
+
+    spec = layer_spec(spec)
+    if spec == "all":
         return list(range(n_states))
     out: set[int] = set()
     for part in spec.split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(-?\d+)\s*(?:-|\.\.)\s*(-?\d+)", part)
-        try:
-            if m:
-                a, b = int(m.group(1)), int(m.group(2))
-                a, b = (a % n_states if a < 0 else a), (b % n_states if b < 0 else b)
-                out.update(range(min(a, b), max(a, b) + 1))
-            else:
-                v = int(part)
-                out.add(v % n_states if v < 0 else v)
-        except ValueError:
-            raise CorpusError(f"Bad layer spec '{spec}': use 'all', '5', '2-9' or '0,4,8-10'.") from None
-    bad = sorted(l for l in out if not 0 <= l < n_states)
-    if bad:
-        raise CorpusError(f"Layers {bad} out of range: this model has hidden states 0..{n_states - 1}.")
+        m = re.fullmatch(r"\s*(-?\d+)\s*(?:(?:-|\.\.)\s*(-?\d+)\s*)?", part)
+        a = int(m.group(1))
+        a = a + n_states if a < 0 else a
+        if m.group(2) is None:
+            out.add(a)
+            continue
+        b = int(m.group(2))
+        b = b + n_states if b < 0 else b
+        if a > b:
+            raise CorpusError(f"Bad layer spec '{spec}': write ranges low-high ({part.strip()} runs from {a} down "
+                              f"to {b} in this model of hidden states 0..{n_states - 1}).")
+        out.update(range(a, b + 1))
+    layers_in_model(sorted(out), n_states, "Layers")
     return sorted(out)
 
 

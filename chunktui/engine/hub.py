@@ -261,6 +261,16 @@ def fetch_hub_model(repo_id: str, revision: str | None = None, offline: bool = F
                     progress=None) -> Path:
     """A local folder with `repo_id`'s config, safetensors weights and tokenizer, downloading what is missing."""
     progress = progress or (lambda *a: None)
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(repo_id)
+    except ImportError:
+        pass
+    except Exception:  # HFValidationError: a name the Hub could never hold
+        raise ModelLoadError(f"'{repo_id}' is not a model chunktui knows (see `chunktui models`) and not a valid "
+                             "Hugging Face id: owner/name, with letters, digits, '-', '_' and '.' only "
+                             f"(as `hf download {repo_id}` would say).") from None
     cache = hub_cache_dir()
     offline = offline or env_offline()
     patterns = META_PATTERNS + ["*.safetensors", "*.safetensors.index.json"]

@@ -198,6 +198,13 @@ class LoadedModel:
     def n_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    @property
+    def context_length(self) -> int:
+        """Positions the model attends over (prompt + generated tokens, or one corpus window)."""
+        from chunktui.engine.context import context_length_of
+
+        return context_length_of(getattr(self.model, "config", None), self.tokenizer)
+
     def memory_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
@@ -288,7 +295,10 @@ def resolve_device(device: str = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise ModelLoadError(f"--device {device}: no CUDA GPU is visible to PyTorch on this machine. Use --device cpu.")
         if ":" in device:
-            index = int(device.split(":", 1)[1])
+            text = device.split(":", 1)[1]
+            if not text.isdigit():
+                raise ModelLoadError(f"--device {device}: the CUDA device index must be a number (cuda:0, cuda:1, ...).")
+            index = int(text)
             if index >= torch.cuda.device_count():
                 raise ModelLoadError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible.")
         return torch.device(device)
@@ -527,6 +537,88 @@ def _convert_gguf(gguf: Path, out: Path, progress: ProgressFn) -> None:
         raise
 
 
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def check_gguf_file(path: Path) -> None:
+    """A specific message for a GGUF file that is not one, or is cut short (before the slow conversion)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if head[:4] != b"GGUF":
+        raise ModelLoadError(f"{path} does not start with the GGUF magic bytes, so it is not a GGUF file"
+                             + (" (it is empty)." if size == 0 else "."))
+    if len(head) < 24:
+        raise ModelLoadError(f"{path} is damaged: the GGUF header is cut short ({size} bytes).")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as err:  # the reader fails in many ways on a damaged file; all mean the same to a user
+        raise ModelLoadError(f"{path} is damaged or truncated: its GGUF header or tensor table cannot be read "
+                             f"({type(err).__name__}: {err}). Download the file again.") from None
+    if not reader.tensors:
+        raise ModelLoadError(f"{path} is a GGUF file with no tensors (a vocabulary-only file?), not a model.")
+    if end > size:
+        raise ModelLoadError(f"{path} is truncated: its tensors need {end} bytes, the file has {size}. "
+                             "Download it again.")
+
+
+def _check_safetensors(path: Path) -> None:
+    """The header parses and the tensors it lists lie inside the file (a cut download fails here)."""
+    import struct
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(fh.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError):
+        raise ModelLoadError(f"{path} is damaged: its safetensors header cannot be read. Download it again.") from None
+    if 8 + n + end > size:
+        raise ModelLoadError(f"{path} is truncated: its tensors need {8 + n + end} bytes, the file has {size}. "
+                             "Download it again.")
+
+
+def check_model_folder(path: Path) -> None:
+    """Specific messages for a Hugging Face model folder with a bad config, or no weights or tokenizer."""
+    config = path / "config.json"
+    try:
+        doc = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        why = err.msg if isinstance(err, json.JSONDecodeError) else (getattr(err, "strerror", None) or str(err))
+        raise ModelLoadError(f"{config} is damaged: not valid JSON ({why}).") from None
+    if not isinstance(doc, dict) or not (doc.get("model_type") or doc.get("architectures")):
+        raise ModelLoadError(f"{config} does not say which architecture the model is (no 'model_type'); "
+                             "it is not a Hugging Face model config.")
+    names = {p.name for p in path.iterdir()}
+    if not (names & set(_WEIGHT_FILES) or any(n.endswith(".safetensors") for n in names)):
+        raise ModelLoadError(f"{path} has a config.json but no weights (model.safetensors, pytorch_model.bin or "
+                             "a sharded index): the download is incomplete.")
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if index_name in names:
+            try:
+                index = json.loads((path / index_name).read_text(encoding="utf-8"))
+                shards = set(index["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                raise ModelLoadError(f"{path / index_name} is damaged: it lists no weight shards.") from None
+            missing = sorted(s for s in shards if not (path / s).is_file())
+            if missing:
+                raise ModelLoadError(f"{path} is missing weight shards listed in {index_name}: "
+                                     f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}.")
+    for name in sorted(n for n in names if n.endswith(".safetensors")):
+        _check_safetensors(path / name)
+    if not names & set(_TOKENIZER_FILES):
+        raise ModelLoadError(f"{path} has no tokenizer (tokenizer.json, tokenizer.model or vocab files): "
+                             "copy the tokenizer files from the model's download.")
+
+
 def _load_folder(path: str, dtype: torch.dtype, local_only: bool, placement: dict | None = None):
     """Tokenizer and model from a local folder; `placement` (device_map, max_memory, offload_folder) puts the
     weights straight where they will compute."""
@@ -651,11 +743,19 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
             gguf = fetch_builtin(resolved.spec, progress) if resolved.kind == "builtin" else Path(resolved.detail)
             converted = _converted_dir(gguf)
             if not (converted / "model.safetensors").is_file():
-                _convert_gguf(gguf, converted, progress)
+                check_gguf_file(gguf)
+                try:
+                    _convert_gguf(gguf, converted, progress)
+                except (ModelLoadError, KeyboardInterrupt, torch.cuda.OutOfMemoryError):
+                    raise
+                except Exception as err:  # the GGUF parser and converter fail in many ways on odd files
+                    raise ModelLoadError(f"Could not convert {gguf.name}: it is damaged or uses an architecture "
+                                         f"transformers cannot read from GGUF ({type(err).__name__}: {err}).") from None
             progress("load", 0.5, f"loading weights from the safetensors cache onto {where}")
             model, tokenizer = _load_folder(str(converted), dt, local_only=True, placement=placement)
             source = str(gguf)
         elif resolved.kind == "folder":
+            check_model_folder(Path(resolved.detail))
             progress("load", 0.3, f"loading {resolved.detail} onto {where}")
             model, tokenizer = _load_folder(resolved.detail, dt, local_only=True, placement=placement)
         else:  # hub: the local cache, or a download
@@ -672,12 +772,17 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
             "(with --max-memory and --offload-folder to spill to CPU and disk), or --device cpu.") from err
     except (ModelLoadError, DeviceMemoryError):
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as err:
         if "offload" in str(err) and "folder" in str(err):
             raise ModelLoadError(
                 f"With --device-map {device_map} and these memory caps, part of {resolved.name} must go to disk: "
                 "give a folder for it with --offload-folder DIR (or raise --max-memory).") from err
-        raise ModelLoadError(f"Could not load '{resolved.spec}': {err}") from err
+        damaged = "safetensors" in type(err).__module__ or "header" in str(err).lower()
+        raise ModelLoadError(f"Could not load '{resolved.spec}'"
+                             + (" (a weights file is damaged or truncated)" if damaged else "")
+                             + f": {type(err).__name__}: {err}") from err
+    except Exception as err:  # e.g. safetensors' own error type: still a file problem, never a traceback
+        raise ModelLoadError(f"Could not load '{resolved.spec}': {type(err).__name__}: {err}") from err
     layout = find_layout(model)
     if getattr(tokenizer, "pad_token", None) is None:
         tokenizer.pad_token = tokenizer.eos_token

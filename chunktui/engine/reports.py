@@ -27,7 +27,42 @@ FORMATS = ("json", "md", "html", "csv")
 
 
 def normalise(obj: dict, source: str = "") -> dict:
-    """Any accepted input -> a session dict (format chunktui.session)."""
+    """Any accepted input -> a session dict (format chunktui.session); a malformed one raises ExportError."""
+    try:
+        session = _normalise(obj, source)
+    except (TypeError, KeyError, AttributeError, ValueError, IndexError) as err:
+        raise ExportError(f"{source or 'The input'} is malformed: a field has an unexpected type or is missing "
+                          f"({type(err).__name__}: {err}).") from None
+    _check_shape(session, source)
+    return session
+
+
+def _check_shape(session: dict, source: str) -> None:
+    """The containers every renderer walks: lists of objects, tokens with text."""
+    where = source or "The input"
+
+    def bad(what: str):
+        raise ExportError(f"{where} is malformed: {what}.")
+
+    if not isinstance(session.get("traces"), list) or not all(isinstance(t, dict) for t in session["traces"]):
+        bad("'traces' must be a list of objects")
+    if not isinstance(session.get("runs"), list) or not all(isinstance(r, dict) for r in session["runs"]):
+        bad("'runs' must be a list of objects")
+    for i, trace in enumerate(session["traces"], 1):
+        tokens = trace.get("tokens", [])
+        if not isinstance(tokens, list) or not all(isinstance(t, dict) for t in tokens):
+            bad(f"trace {i}: 'tokens' must be a list of objects")
+        if not all(isinstance(t.get("text", ""), str) for t in tokens):
+            bad(f"trace {i}: every token's 'text' must be a string")
+    for i, run in enumerate(session["runs"], 1):
+        for key, kind in (("pairs", list), ("concepts", dict), ("intervention", dict), ("settings", dict)):
+            if key in run and not isinstance(run[key], kind):
+                bad(f"run {i}: '{key}' must be a {'list' if kind is list else 'JSON object'}")
+    if not isinstance(session.get("labels", []), list):
+        bad("'labels' must be a list")
+
+
+def _normalise(obj: dict, source: str = "") -> dict:
     if not isinstance(obj, dict):
         raise ExportError(f"{source or 'The input'} is not a JSON object; expected a chunktui session, "
                           "`chunktui scan --json` or `chunktui perturb --json` output.")
@@ -35,6 +70,7 @@ def normalise(obj: dict, source: str = "") -> dict:
         session = dict(obj)
         session.setdefault("traces", [])
         session.setdefault("runs", [])
+        _check_shape(dict(session, labels=[]), source)
         session.setdefault("labels", sorted({t.get("strongest_label") for tr in session["traces"]
                                              for t in tr.get("tokens", []) if t.get("strongest_label")}))
         return session
@@ -43,7 +79,11 @@ def normalise(obj: dict, source: str = "") -> dict:
     base = {"format": SESSION_FORMAT, "version": SESSION_VERSION, "created": obj.get("created", ""), "model": model,
             "dictionary": obj.get("dictionary"), "traces": [], "runs": []}
     if "tokens" in obj and isinstance(obj["tokens"], list):  # chunktui scan --json
+        if not all(isinstance(t, dict) for t in obj["tokens"]):
+            raise ExportError(f"{source or 'The input'} is malformed: 'tokens' must be a list of objects.")
         generated = obj.get("generated") or [False] * len(obj["tokens"])
+        if not isinstance(generated, list):
+            raise ExportError(f"{source or 'The input'} is malformed: 'generated' must be a list.")
         tokens = []
         for tok, gen in zip(obj["tokens"], generated):
             tokens.append({"index": tok.get("index"), "token_id": tok.get("token_id"), "text": tok.get("text", ""),
@@ -285,7 +325,12 @@ def render(session: dict, fmt: str) -> str:
     fmt = {"markdown": "md", "htm": "html"}.get(fmt, fmt)
     if fmt not in FORMATS:
         raise ExportError(f"Unknown report format '{fmt}': use one of {', '.join(FORMATS)}.")
-    return {"json": render_json, "md": render_markdown, "html": render_html, "csv": render_csv}[fmt](session)
+    try:
+        return {"json": render_json, "md": render_markdown, "html": render_html, "csv": render_csv}[fmt](session)
+    except (TypeError, KeyError, AttributeError, ValueError, IndexError) as err:
+        # an input file edited by hand or from another tool: a field of the wrong type, whichever it is
+        raise ExportError(f"The input is malformed: a field has an unexpected type or is missing "
+                          f"({type(err).__name__}: {err}). Export it again from chunktui.") from None
 
 
 def format_for_path(path: str | Path, default: str = "json") -> str:
@@ -294,6 +339,15 @@ def format_for_path(path: str | Path, default: str = "json") -> str:
     return suffix if suffix in FORMATS else default
 
 
-def write_report(session: dict, fmt: str, out: str | Path) -> Path:
-    """Render and write atomically; an unwritable path raises ExportError and leaves nothing behind."""
-    return atomic_write_text(out, render(session, fmt))
+def write_report(session: dict, fmt: str, out) -> Path:
+    """Render and write atomically; an unwritable path raises ExportError and leaves nothing behind.
+
+    `out` is a path (replaced if it exists) or an `engine.outputs.OutputTarget`
+    from `plan_output` (checked, locked, never replacing a file it may not).
+    """
+    from chunktui.engine.outputs import OutputTarget
+
+    text = render(session, fmt)
+    if isinstance(out, OutputTarget):
+        return out.write_text(text)
+    return atomic_write_text(out, text)

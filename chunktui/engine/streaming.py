@@ -343,7 +343,7 @@ def scan_text(loaded: LoadedModel, text: str | list[int], packed: PackedDictiona
 
     if not ids:
         raise CorpusError("Nothing to scan: the text is empty.")
-    limit = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 0) or 2048
+    limit = loaded.context_length
     if len(ids) > limit:
         raise CorpusError(f"The text is {len(ids)} tokens; one scan reads at most {limit} (the model's context). "
                           "Split it into parts, or use `chunktui evaluate`, which reads a corpus sentence by sentence.")

@@ -148,13 +148,18 @@ def test_import_cli_adds_to_an_existing_dictionary(tmp_path, tiny_dict):
     target.write_bytes(path.read_bytes())
     g = torch.Generator().manual_seed(0)
     write_control_vector(tmp_path / "mood.gguf", {1: torch.randn(WIDTH, generator=g), 2: torch.randn(WIDTH, generator=g)})
+    before = target.read_bytes()
     r = CliRunner().invoke(main, ["import", "--model", "random:llama-tiny", str(tmp_path / "mood.gguf"), "--out",
                                   str(target)])
+    assert r.exit_code == 2 and "--append" in r.output, r.output  # an existing file is never changed unasked
+    assert target.read_bytes() == before
+    r = CliRunner().invoke(main, ["import", "--model", "random:llama-tiny", str(tmp_path / "mood.gguf"), "--out",
+                                  str(target), "--append"])
     assert r.exit_code == 0, r.output
     d = load_dictionary(target)
     assert sorted(c.layer for c in d.chunks if c.kind == "direction") == [2, 3]
     kinds = {c.kind for c in d.chunks}
     assert kinds == {"pa", "direction"} and len(d) == len(dictionary) + 2
     r = CliRunner().invoke(main, ["import", "--model", "random:llama-tiny", str(tmp_path / "missing.npy"), "--out",
-                                  str(target)])
+                                  str(target), "--append"])
     assert r.exit_code == 2 and "not found" in r.output

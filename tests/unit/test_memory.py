@@ -63,10 +63,11 @@ def test_unknown_free_memory_refuses_nothing(tiny_model, monkeypatch):
     assert list(generate_stream(tiny_model, "The dog", Sampling(max_new_tokens=2)))
 
 
-def test_cli_refuses_a_generation_larger_than_memory(tiny_dict):
+def test_cli_refuses_a_generation_larger_than_memory(tiny_dict, monkeypatch):
     _, path = tiny_dict
+    monkeypatch.setattr(memory, "available_bytes", lambda where: 64 * 1024)  # a nearly full device
     r = CliRunner().invoke(main, ["scan", "--model", "random:llama-tiny", "--dict", str(path), "--prompt", "hi",
-                                  "--generate", str(10**10)])
+                                  "--generate", "400"])
     assert r.exit_code == 2 and "Not started: generating" in r.output and "Traceback" not in r.output
 
 

@@ -165,9 +165,12 @@ def test_discover_cli_writes_dictionary_and_json(tmp_path):
     d = load_dictionary(out)
     assert len(d) == 8 - layer["dead"] and {c.layer for c in d.chunks} == {2}
     assert "discovery" in d.notes and d.layer_means is not None
-    # running again adds to the same file, replacing chunks with the same ids
+    # running again with --append adds to the same file, replacing chunks with the same ids; without it, refused
     r = CliRunner().invoke(main, ["discover", "--model", "random:llama-tiny", "--spans", str(spans), "--layers", "1",
                                   "--k", "4", "--steps", "20", "--no-evaluate", "--out", str(out)])
+    assert r.exit_code == 2 and "--append" in r.output, r.output
+    r = CliRunner().invoke(main, ["discover", "--model", "random:llama-tiny", "--spans", str(spans), "--layers", "1",
+                                  "--k", "4", "--steps", "20", "--no-evaluate", "--out", str(out), "--append"])
     assert r.exit_code == 0, r.output
     assert {c.layer for c in load_dictionary(out).chunks} == {1, 2}
     r = CliRunner().invoke(main, ["discover", "--model", "random:llama-tiny", "--layers", "1", "--out", str(out)])
