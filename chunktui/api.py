@@ -138,6 +138,13 @@ class Engine:
         """Token events (prompt tokens first, then generated ones), each with every layer's state and matches."""
         sampling = sampling or Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                         top_k=top_k, seed=seed)
+        if self.kind == "lm" and isinstance(prompt, str):  # refused up front when prompt + answer exceed the context
+            from chunktui.engine.context import check_fits
+            from chunktui.engine.streaming import encode_prompt
+
+            ids = encode_prompt(self.loaded, prompt, chat)
+            check_fits(self.loaded, len(ids), sampling.max_new_tokens)
+            return self.backend.stream(ids, sampling, self.packed, cancel, chat)
         return self.backend.stream(prompt, sampling, self.packed, cancel, chat)
 
     def generate(self, prompt: str, **kwargs) -> Trace:
@@ -181,9 +188,13 @@ class Engine:
                              "`chunktui rnn graft` (and `chunktui rnn transfer`).")
         if self.dictionary is None:
             raise ChunkError("Perturbing needs a dictionary: load one first.")
+        from chunktui.engine.validate import editable_layers
+
         names = [chunks] if isinstance(chunks, str) else list(chunks)
         names = [n.strip() for name in names for n in name.split(",") if n.strip()]
-        layer_list = parse_layers(layers, self.n_states)
+        n_blocks = self.n_states - 1  # edits go into the stream entering blocks 0..L-1 ('all' means those)
+        layer_list = list(range(n_blocks)) if str(layers).strip().lower() == "all" else \
+            editable_layers(parse_layers(layers, self.n_states), n_blocks)
         return Intervention(chunks=select_chunks(self.dictionary, names, layer_list), mode=mode, strength=strength,
                             positions=Positions.parse(positions), layer_means=self.dictionary.layer_means)
 

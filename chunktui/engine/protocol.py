@@ -91,7 +91,7 @@ class Scan:
 class Compare:
     names: list[str]
     mode: str
-    strength: float
+    strength: float | None  # None: the mode's default (engine.perturb_defaults)
     layers: str
     positions: str
     prompt: str

@@ -211,7 +211,7 @@ def chunk_names(value: Any, name: str = "chunks") -> list[str]:
 
 def sampling(max_new: Any, temp: Any, p: Any, seed_value: Any, k: Any = 0):
     """A checked `Sampling` from raw values (what the app's Stream and Perturb panes collect)."""
-    from chunktui.engine.streaming import Sampling
+    from chunktui.engine.protocol import Sampling  # torch-free: the app calls this
 
     return Sampling(max_new_tokens=max_new_tokens(max_new), temperature=temperature(temp), top_p=top_p(p),
                     top_k=top_k(k), seed=seed(seed_value))

@@ -856,6 +856,8 @@ class ChunkApp(App):
         if not path:
             self.fail("Give a file name to export to.", title="No file")
             return False
+        from chunktui.engine.outputs import plan_output
+
         target = Path(path).expanduser()
         if target.is_file() and not overwrite:
             self.push_screen(Choice(f"{target} already exists. Replace it with this session's {fmt.upper()} "
@@ -864,16 +866,13 @@ class ChunkApp(App):
                              if answer == "overwrite" else pane.show_result("not written: the file exists",
                                                                             ok=False))
             return None
-        inputs = [p for p in (self.session.dictionary, self.sequences_path) if p]
-        if any(Path(i).expanduser().resolve() == target.resolve() for i in inputs):
-            self.fail(f"{target} is one of this session's inputs (the dictionary or the sequences file); "
-                      "export to another file.", title="Export refused")
-            return False
         if self.session.is_empty():
             self.notify("The session is empty; the report will only describe the model.", severity="warning",
                         timeout=4)
-        try:
-            written = write_report(self.session.to_json(), fmt, str(target))
+        try:  # the same checks as every CLI output: not an input, not a folder, writable, locked while written
+            planned = plan_output(target, inputs=[self.session.dictionary, self.sequences_path, self.log_path],
+                                  overwrite=overwrite)
+            written = write_report(self.session.to_json(), fmt, planned)
         except ChunkError as err:
             pane.show_result(str(err), ok=False)
             self.fail(str(err), title="Export failed")

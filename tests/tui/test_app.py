@@ -453,3 +453,18 @@ async def test_model_pane_placement_fields_reach_the_engine_and_memory_is_shown(
         await settle(app, pilot)
         assert app.model is None and app.is_running
         assert any("max-memory" in str(n.message) or "cpu=lots" in str(n.message) for n in app._notifications)
+
+
+async def test_a_prompt_that_cannot_hold_its_answer_is_refused_with_a_message(make_test_app):
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        app.query_one("#stream-tokens").value = "4000"  # the tiny model's context is 512 tokens
+        app.action_generate()
+        await settle(app, pilot)
+        assert any("at most" in n and "new tokens" in n for n in _notes(app)), _notes(app)
+        assert app._busy is None and app.is_running and app.session.traces == []
+        app.query_one("#stream-tokens").value = "nan"
+        app.action_generate()
+        await pilot.pause()
+        assert any("tokens" in n.lower() and "nan" in n for n in _notes(app)), _notes(app)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -14,6 +12,7 @@ from textual.widgets.option_list import Option
 
 from chunktui.engine.perturb_defaults import (DEFAULT_LAYERS, DEFAULT_MODE, DEFAULT_POSITIONS, DEFAULT_STRENGTH, MODES,
                                               POSITION_CHOICES, Positions)
+from chunktui.engine import validate
 from chunktui.engine.protocol import Compare
 from chunktui.tui.colours import token_style
 from chunktui.tui.panes.stream_pane import DEFAULT_PROMPT, SamplingFields
@@ -63,25 +62,15 @@ class PerturbPane(Vertical):
         self.query_one("#perturb-chunks", Input).suggester = SuggestFromList(labels, case_sensitive=False)
 
     def request(self) -> Compare:
-        """The typed request for the engine; ChunkError on a bad field."""
-        from chunktui.engine.errors import ChunkError
-
-        q = lambda id_: self.query_one(f"#{id_}")
-        names = [n.strip() for n in q("perturb-chunks").value.split(",") if n.strip()]
-        if not names:
-            raise ChunkError("Name at least one chunk to perturb (e.g. cheese).")
-        try:
-            strength = float(q("perturb-strength").value)
-        except ValueError:
-            raise ChunkError(f"Strength must be a number, not '{q('perturb-strength').value}'.") from None
-        if not math.isfinite(strength) or strength < 0:
-            raise ChunkError(f"Strength must be a finite number >= 0, not '{q('perturb-strength').value}'.")
-        prompt = q("perturb-prompt").value.strip()
-        if not prompt:
-            raise ChunkError("The prompt is empty.")
+        """The typed request for the engine, checked by the engine's validators; ChunkError on a bad field."""
+        q = lambda id_: self.query_one(f"#{id_}")  # noqa: E731
+        names = validate.chunk_names(q("perturb-chunks").value)
+        mode = str(q("perturb-mode").value)
+        strength = validate.strength(q("perturb-strength").value, mode)  # blank: the mode's default
+        prompt = validate.prompt_text(q("perturb-prompt").value.strip())
+        layers = validate.layer_spec(q("perturb-layers").value.strip() or DEFAULT_LAYERS)
         positions = str(Positions.parse(str(q("perturb-positions").value)))
-        return Compare(names=names, mode=str(q("perturb-mode").value), strength=strength,
-                       layers=q("perturb-layers").value.strip() or DEFAULT_LAYERS, positions=positions, prompt=prompt,
+        return Compare(names=names, mode=mode, strength=strength, layers=layers, positions=positions, prompt=prompt,
                        sampling=self.query_one(SamplingFields).sampling(), chat=q("perturb-chat").value)
 
     def add_run(self, run: dict) -> None:

@@ -7,21 +7,11 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Checkbox, Input, Label
 
-from chunktui.engine.errors import ChunkError
+from chunktui.engine import validate
 from chunktui.engine.protocol import Generate, Sampling
 from chunktui.tui.widgets.trace_view import TraceView
 
 DEFAULT_PROMPT = "What is your favourite food, and how do you cook it?"
-
-
-def _number(widget: Input, kind, name: str, lo: float, hi: float):
-    try:
-        value = kind(widget.value.strip())
-    except ValueError:
-        raise ChunkError(f"{name} must be a number, not '{widget.value}'.") from None
-    if not lo <= value <= hi:
-        raise ChunkError(f"{name} must be between {lo:g} and {hi:g}.")
-    return value
 
 
 class SamplingFields(Horizontal):
@@ -41,11 +31,9 @@ class SamplingFields(Horizontal):
             yield Input(str(value), id=f"{self.prefix}-{name}", compact=True, classes=f"num w{width}")
 
     def sampling(self) -> Sampling:
-        q = lambda name: self.query_one(f"#{self.prefix}-{name}", Input)
-        return Sampling(max_new_tokens=_number(q("tokens"), int, "tokens", 1, 4096),
-                        temperature=_number(q("temp"), float, "temperature", 0, 10),
-                        top_p=_number(q("top-p"), float, "top-p", 0.01, 1.0),
-                        seed=_number(q("seed"), int, "seed", 0, 2**31 - 1))
+        """Checked by the engine's validators (the same rules as the CLI's options)."""
+        q = lambda name: self.query_one(f"#{self.prefix}-{name}", Input).value.strip()  # noqa: E731
+        return validate.sampling(q("tokens"), q("temp"), q("top-p"), q("seed"))
 
 
 class StreamPane(Vertical):
@@ -64,9 +52,7 @@ class StreamPane(Vertical):
 
     def request(self) -> Generate:
         """The typed request for the engine (the app gives it a trace id); ChunkError on a bad field."""
-        prompt = self.query_one("#prompt", Input).value
-        if not prompt.strip():
-            raise ChunkError("The prompt is empty: type something to continue.")
+        prompt = validate.prompt_text(self.query_one("#prompt", Input).value)
         return Generate(trace_id=0, prompt=prompt, sampling=self.query_one(SamplingFields).sampling(),
                         chat=self.query_one("#chat", Checkbox).value)
 
