@@ -191,26 +191,39 @@ def _bos_id(tokenizer) -> int | None:
     return tokenizer.bos_token_id
 
 
-@torch.no_grad()
-def collect(loaded: LoadedModel, text: str, mode: str = "sentence", layers: Sequence[int] | None = None,
-            batch_size: int = 16, store_dtype: torch.dtype = torch.float32, window: int = 128, stride: int = 64,
-            contexts: list[tuple[int, int]] | None = None,
-            progress: Callable[[int, int], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> HiddenStates:
-    """Hidden states H[l, t] of every token of `text`, stored on the CPU.
+@dataclass
+class Corpus:
+    """A text split into model contexts and tokenised, without running the model.
 
-    Each context is fed as its own forward pass, with BOS when the tokenizer
-    has one, so nothing crosses contexts. `contexts` overrides the split (e.g.
-    one context per JSONL record).
+    `rows[i]` is one forward pass: (token ids, character offsets, keep_from,
+    context index); its recorded tokens are rows[i] ids[keep_from:], and they
+    are tokens `row_start[i]` .. `row_start[i] + n_kept - 1` of `tokens`.
     """
+
+    source: str
+    contexts: list[tuple[int, int]]
+    rows: list[tuple[list[int], list[tuple[int, int]], int, int]]
+    row_start: list[int]
+    tokens: TokenTable
+    context_mode: str
+
+    @property
+    def digest(self) -> str:
+        return corpus_digest(self.source, self.context_mode)
+
+    def token_rows(self) -> torch.Tensor:
+        """(T,) index of the row each token was read in."""
+        out = torch.empty(len(self.tokens), dtype=torch.long)
+        for i, (ids, _, keep, _) in enumerate(self.rows):
+            out[self.row_start[i]:self.row_start[i] + len(ids) - keep] = i
+        return out
+
+
+def prepare_corpus(tokenizer, text: str, mode: str = "sentence", window: int = 128, stride: int = 64,
+                   contexts: list[tuple[int, int]] | None = None) -> Corpus:
+    """Split and tokenise a corpus (no model): the token table labels are computed on."""
     if not text.strip():
         raise CorpusError("The corpus is empty: there is no text to read.")
-    layout = loaded.layout
-    layers = list(range(layout.n_states)) if layers is None else sorted(set(layers))
-    bad = [l for l in layers if not 0 <= l <= layout.n_layers]
-    if bad:
-        raise CorpusError(f"Layers {bad} out of range: this model has hidden states 0..{layout.n_layers}.")
-    tokenizer = loaded.tokenizer
     if contexts is not None:
         spans = contexts
         rows = [(ids, offs, 0) for ids, offs in _encode_contexts(tokenizer, text, spans)]
@@ -219,43 +232,10 @@ def collect(loaded: LoadedModel, text: str, mode: str = "sentence", layers: Sequ
     rows = [(ids, offs, keep, ci) for ci, (ids, offs, keep) in enumerate(rows) if ids]
     if not rows:
         raise CorpusError("The corpus has no tokens after splitting into contexts.")
-    bos = _bos_id(tokenizer)
-    lead = 1 if bos is not None else 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # longest first keeps padding small within a batch
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-    chunks_by_row: dict[int, torch.Tensor] = {}
-    total = sum(len(r[0]) for r in rows)
-    done = 0
-    device = loaded.device
-    for b in range(0, len(order), batch_size):
-        if should_stop is not None and should_stop():
-            raise GenerationCancelled("Hidden-state collection cancelled; nothing was saved.")
-        batch = [rows[i] for i in order[b:b + batch_size]]
-        width = max(len(r[0]) for r in batch) + lead
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for k, (ids, _, _, _) in enumerate(batch):
-            seq = ([bos] if lead else []) + ids
-            input_ids[k, :len(seq)] = torch.tensor(seq)
-            mask[k, :len(seq)] = 1
-        try:
-            with ResidualRecorder(layout, layers) as rec:
-                loaded.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            states = rec.states()  # (batch, width, S, d)
-        except torch.cuda.OutOfMemoryError as err:
-            raise DeviceMemoryError(out_of_memory_message("collecting hidden states", str(device))) from err
-        states = states.to("cpu", store_dtype)
-        for k, i in enumerate(order[b:b + batch_size]):
-            n = len(rows[i][0])
-            chunks_by_row[i] = states[k, lead + rows[i][2]:lead + n]
-            done += n
-        if progress is not None:
-            progress(done, total)
     table = TokenTable()
-    parts = []
-    for i, (ids, offs, keep, ci) in enumerate(rows):
-        parts.append(chunks_by_row[i])
+    row_start = []
+    for ids, offs, keep, ci in rows:
+        row_start.append(len(table.ids))
         for p in range(keep, len(ids)):
             table.ids.append(ids[p])
             table.starts.append(offs[p][0])
@@ -263,9 +243,104 @@ def collect(loaded: LoadedModel, text: str, mode: str = "sentence", layers: Sequ
             # a sliding window is not a context boundary: the text runs on (labels may shift across windows)
             table.context.append(0 if mode == "window" and contexts is None else ci)
             table.position.append(p)
-    H = torch.cat(parts, dim=0)
-    return HiddenStates(H=H, layers=layers, tokens=table, source=text, contexts=spans,
-                        context_mode=mode if contexts is None else "records", model_name=loaded.name)
+    return Corpus(source=text, contexts=spans, rows=rows, row_start=row_start, tokens=table,
+                  context_mode=mode if contexts is None else "records")
+
+
+def schedule(corpus: Corpus, batch_size: int, rows: Sequence[int] | None = None) -> list[list[int]]:
+    """Batches of row indices, longest first (little padding within a batch).
+
+    The schedule depends only on the corpus, the batch size and the rows asked
+    for, never on the number of processes: every rank computes each batch
+    exactly as a single process would, so sharded results are bitwise equal.
+    """
+    if batch_size < 1:
+        raise CorpusError(f"--batch-size must be at least 1, got {batch_size}.")
+    rows = range(len(corpus.rows)) if rows is None else rows
+    order = sorted(rows, key=lambda i: (-len(corpus.rows[i][0]), i))
+    return [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def run_batch(loaded: LoadedModel, corpus: Corpus, batch: Sequence[int], layers: Sequence[int]):
+    """One forward pass over the rows in `batch`: (token indices (t,), states (t, S, d) on the model's device)."""
+    layout = loaded.layout
+    tokenizer = loaded.tokenizer
+    bos = _bos_id(tokenizer)
+    lead = 1 if bos is not None else 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = [corpus.rows[i] for i in batch]
+    width = max(len(r[0]) for r in rows) + lead
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, (ids, _, _, _) in enumerate(rows):
+        seq = ([bos] if lead else []) + ids
+        input_ids[k, :len(seq)] = torch.tensor(seq)
+        mask[k, :len(seq)] = 1
+    device = loaded.device
+    try:
+        with ResidualRecorder(layout, layers) as rec:
+            loaded.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False,
+                         **_states_only(loaded.model))
+        states = rec.states()  # (batch, width, S, d)
+    except torch.cuda.OutOfMemoryError as err:
+        raise DeviceMemoryError(out_of_memory_message("collecting hidden states", str(device))) from err
+    parts, index = [], []
+    for k, i in enumerate(batch):
+        ids, _, keep, _ = corpus.rows[i]
+        parts.append(states[k, lead + keep:lead + len(ids)])
+        start = corpus.row_start[i]
+        index.append(torch.arange(start, start + len(ids) - keep))
+    return torch.cat(index), torch.cat(parts)
+
+
+def _states_only(model) -> dict:
+    """Only the hidden states are wanted: ask for the last position's logits only, where the model allows it."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+def check_layers(layers: Sequence[int] | None, layout: ModelLayout) -> list[int]:
+    layers = list(range(layout.n_states)) if layers is None else sorted(set(layers))
+    bad = [l for l in layers if not 0 <= l <= layout.n_layers]
+    if bad:
+        raise CorpusError(f"Layers {bad} out of range: this model has hidden states 0..{layout.n_layers}.")
+    return layers
+
+
+@torch.no_grad()
+def collect(loaded: LoadedModel, text: str, mode: str = "sentence", layers: Sequence[int] | None = None,
+            batch_size: int = 16, store_dtype: torch.dtype = torch.float32, window: int = 128, stride: int = 64,
+            contexts: list[tuple[int, int]] | None = None,
+            progress: Callable[[int, int], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> HiddenStates:
+    """Hidden states H[l, t] of every token of `text`, stored on the CPU (memory grows with the corpus).
+
+    Each context is fed as its own forward pass, with BOS when the tokenizer
+    has one, so nothing crosses contexts. `contexts` overrides the split (e.g.
+    one context per JSONL record). Building and evaluating dictionaries stream
+    instead (engine/build.py); this is for small texts, discovery and tests.
+    """
+    layers = check_layers(layers, loaded.layout)
+    corpus = prepare_corpus(loaded.tokenizer, text, mode, window, stride, contexts)
+    T = len(corpus.tokens)
+    H = torch.empty(T, len(layers), loaded.hidden_size, dtype=store_dtype)
+    done = 0
+    for batch in schedule(corpus, batch_size):
+        if should_stop is not None and should_stop():
+            raise GenerationCancelled("Hidden-state collection cancelled; nothing was saved.")
+        index, states = run_batch(loaded, corpus, batch, layers)
+        H[index] = states.to("cpu", store_dtype)
+        done += len(index)
+        if progress is not None:
+            progress(done, T)
+    return HiddenStates(H=H, layers=layers, tokens=corpus.tokens, source=text, contexts=corpus.contexts,
+                        context_mode=corpus.context_mode, model_name=loaded.name)
 
 
 def parse_layers(spec: str | None, n_states: int) -> list[int]:
