@@ -159,7 +159,7 @@ class _Rate:
         return min(self.done / max(self.total, 1), 1.0), f"{min(self.done, self.total)}/{self.total} tokens, {rate:,.0f} tok/s, ETA {eta}"
 
 
-def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int] | None = None, n: int | None = 5,
+def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int] | None = None, n: int | None = None,
                      criterion: str = "accuracy", seed: int = 0, context_mode: str = "sentence",
                      tolerances: tuple[float, ...] = PAPER_TOLERANCES, batch_size: int = 16,
                      store_dtype: torch.dtype = torch.float32, progress: StageFn = _quiet,

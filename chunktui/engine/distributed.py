@@ -109,6 +109,8 @@ def launch(procs: int, argv: list[str]) -> int:
     """Run `python -m chunktui ARGV` in `procs` processes with torchrun's launcher (torch.distributed.run)."""
     from torch.distributed.run import get_args_parser, run
 
+    # torchrun would set 1 thread per worker (with a warning); share the cores out instead
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))
     args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(procs), "--module", "chunktui", *argv])
     try:
         run(args)
