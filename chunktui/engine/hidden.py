@@ -343,6 +343,76 @@ def collect(loaded: LoadedModel, text: str, mode: str = "sentence", layers: Sequ
                         context_mode=corpus.context_mode, model_name=loaded.name)
 
 
+class StateCache:
+    """Hidden states of a corpus on disk, in safetensors shards; read back one layer at a time.
+
+    Shard i holds `index` (t,) token indices and `states` (t, S, d) float32.
+    Reading a layer slices every shard (safetensors reads only that slice), so
+    memory holds one layer, (T, d), never the corpus's (T, S, d).
+    """
+
+    def __init__(self, folder, layers: list[int], n_tokens: int, width: int, shards: list):
+        self.folder, self.layers, self.n_tokens, self.width, self.shards = folder, layers, n_tokens, width, shards
+
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in self.shards)
+
+    def layer(self, layer: int) -> torch.Tensor:
+        from safetensors import safe_open
+
+        s = self.layers.index(layer)
+        out = torch.empty(self.n_tokens, self.width)
+        for path in self.shards:
+            with safe_open(str(path), "pt") as fh:
+                index = fh.get_tensor("index")
+                out[index] = fh.get_slice("states")[:, s:s + 1].squeeze(1)
+        return out
+
+
+@torch.no_grad()
+def cache_states(loaded: LoadedModel, corpus: Corpus, layers: Sequence[int], folder, batch_size: int = 16,
+                 shard_bytes: int = 1 << 28, progress: Callable[[int, int], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> StateCache:
+    """Stream the corpus through the model once, writing its states to safetensors shards in `folder`."""
+    from pathlib import Path
+
+    from safetensors.torch import save
+
+    from chunktui.engine.io import atomic_write_bytes
+
+    folder = Path(folder)
+    layers = check_layers(layers, loaded.layout)
+    per_token = len(layers) * loaded.hidden_size * 4
+    shards, index_parts, state_parts, held, done = [], [], [], 0, 0
+    T = len(corpus.tokens)
+
+    def flush():
+        nonlocal held
+        if not index_parts:
+            return
+        path = folder / f"states-{len(shards):05d}.safetensors"
+        atomic_write_bytes(path, save({"index": torch.cat(index_parts), "states": torch.cat(state_parts)}))
+        shards.append(path)
+        index_parts.clear()
+        state_parts.clear()
+        held = 0
+
+    for batch in schedule(corpus, batch_size):
+        if should_stop is not None and should_stop():
+            raise GenerationCancelled("Hidden-state collection cancelled.")
+        index, states = run_batch(loaded, corpus, batch, layers)
+        index_parts.append(index)
+        state_parts.append(states.to("cpu", torch.float32))
+        held += len(index) * per_token
+        done += len(index)
+        if held >= shard_bytes:
+            flush()
+        if progress is not None:
+            progress(done, T)
+    flush()
+    return StateCache(folder, layers, T, loaded.hidden_size, shards)
+
+
 def parse_layers(spec: str | None, n_states: int) -> list[int]:
     """'all', '3', '2-9', '0,5,10-12' or negative indices ('-1' = last) -> sorted layer list."""
     if spec is None or spec.strip().lower() in ("", "all"):

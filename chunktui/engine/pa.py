@@ -1,4 +1,4 @@
-"""Population averaging (METHOD.md section 1): chunks from labelled tokens.
+"""Population averaging (docs/method.md section 1): chunks from labelled tokens.
 
 For one concept, all layers and all tolerances are fitted together:
 

@@ -133,3 +133,13 @@ def test_resume_after_interruption_gives_the_same_dictionary(tiny_model, tiny_co
     assert report.resumed_batches > 0
     assert_same_chunks(resumed, full)
     assert torch.allclose(resumed.layer_means, full.layer_means)
+
+
+def test_state_cache_on_disk_reads_back_each_layer(tiny_model, tiny_corpus, tmp_path):
+    from chunktui.engine.hidden import cache_states, collect, prepare_corpus
+
+    corpus = prepare_corpus(tiny_model.tokenizer, tiny_corpus)
+    cache = cache_states(tiny_model, corpus, [1, 3], tmp_path, batch_size=16, shard_bytes=50_000)
+    assert len(cache.shards) > 3 and all(p.suffix == ".safetensors" for p in cache.shards)
+    hs = collect(tiny_model, tiny_corpus, layers=[1, 3], batch_size=16)
+    assert torch.equal(cache.layer(1), hs.H[:, 0]) and torch.equal(cache.layer(3), hs.H[:, 1])
