@@ -1,4 +1,4 @@
-"""Does grafting a concept's chunks make the model talk about it? (METHOD.md section 2)
+"""Does grafting a concept's chunks make the model talk about it? (docs/method.md section 3)
 
 One control arm (no intervention) and one grafted arm per concept, identical
 prompts, sampling settings and seeds. Prints, per concept, the occurrence rate

@@ -1,20 +1,33 @@
-"""Population averaging at scale on the built-in model, and its held-out quality.
+"""Population averaging on the built-in model: the paper's threshold against the calibrated one, on held-out text.
 
-Prints (1) the time to collect hidden states for the training text against the
-time to fit every concept at every layer over the paper's 40 tolerances (the
-baseline is the collection, measured in the same run), and (2) held-out TP/FP
-per word and per layer for each --n given.
+Each configuration is built with the streaming build on the training text and
+evaluated unchanged on the held-out text. Printed side by side, per
+configuration: mean over words (each word's TP and FP averaged over its
+layers) of the held-out TP and FP rates, the worst word's FP, and how many
+words reach TP >= 0.75 and >= 0.9; then per word.
 
-    python benchmarks/pa_fit.py [--n 5 --n 20] [--json out.json]
+    python benchmarks/pa_fit.py [--config accuracy:5 --config fp-budget:0.001 ...] [--json out.json]
+
+A configuration is CRITERION[:N] for the paper's rule (accuracy, f1,
+balanced; N positives drawn, default 5) or fp-budget:B[:N] (template from all
+positives unless N is given).
 """
 
 from __future__ import annotations
 
-import json
 import time
 
 import click
 import torch
+
+DEFAULT_CONFIGS = ("accuracy:5", "accuracy:10", "fp-budget:0.0005", "fp-budget:0.001")
+
+
+def parse_config(text: str) -> tuple[str, int | None]:
+    parts = text.split(":")
+    if parts[0] == "fp-budget":
+        return f"fp-budget:{parts[1]}", int(parts[2]) if len(parts) > 2 else None
+    return parts[0], int(parts[1]) if len(parts) > 1 else 5
 
 
 @click.command()
@@ -22,56 +35,58 @@ import torch
 @click.option("--train", default="sample_data/train.txt")
 @click.option("--heldout", default="sample_data/heldout.txt")
 @click.option("--words", default="@sample_data/concepts.txt")
-@click.option("--n", "ns", multiple=True, type=int, default=[5, 20])
-@click.option("--criterion", default="accuracy")
+@click.option("--config", "configs", multiple=True, default=DEFAULT_CONFIGS, show_default=True)
 @click.option("--threads", default=2)
 @click.option("--json", "json_out", default=None)
-def main(model, train, heldout, words, ns, criterion, threads, json_out):
-    from chunktui.engine.build import LabelSource, collect_for, evaluate_hidden, read_text, summarise_by_label
-    from chunktui.engine.dictionary import Chunk, ChunkDictionary, chunk_id
+def main(model, train, heldout, words, configs, threads, json_out):
+    from chunktui.engine.build import (LabelSource, build_dictionary, collect_for, evaluate_hidden, read_text,
+                                       summarise_by_label)
     from chunktui.engine.labels import read_word_list
     from chunktui.engine.models import load_model
-    from chunktui.engine.pa import PAPER_TOLERANCES, fit_concept
 
     torch.set_num_threads(threads)
     word_list = read_word_list(words[1:]) if words.startswith("@") else words.split(",")
     word_list = [w + "*" if w == "cheesecake" else w for w in word_list]  # split by the tokenizer: part-word
     loaded = load_model(model)
-    src_tr = LabelSource(corpus=read_text(train), words=word_list)
+    train_text = read_text(train)
     src_ho = LabelSource(corpus=read_text(heldout), words=word_list, min_count=1)
-    t0 = time.perf_counter()
-    hs_tr, _ = collect_for(loaded, src_tr, None)
-    collect_s = time.perf_counter() - t0
-    hs_ho, _ = collect_for(loaded, src_ho, None)
-    lab_tr, lab_ho = src_tr.labels(hs_tr, None), src_ho.labels(hs_ho, None)
-    T, S, d = hs_tr.H.shape
-    print(f"model {loaded.name}: {T} training tokens, {S} layers, width {d}, {len(lab_tr.masks)} concepts, "
-          f"{len(PAPER_TOLERANCES)} tolerances, {threads} threads")
-    out = {"tokens": T, "layers": S, "concepts": len(lab_tr.masks), "collect_seconds": collect_s, "runs": {}}
-    for n in ns:
-        t1 = time.perf_counter()
-        chunks = []
-        for label, mask in lab_tr.masks.items():
-            fits, _ = fit_concept(hs_tr.H, mask, hs_tr.layers, n=n, seed=0, criterion=criterion)
-            chunks += [Chunk(id=chunk_id(label, f.layer), label=label, layer=f.layer, neurons=f.neurons,
-                             template=f.template, threshold=f.threshold) for f in fits if f.neurons.numel()]
-        fit_s = time.perf_counter() - t1
-        print(f"\nn={n}: fit {len(lab_tr.masks)} concepts x {S} layers x {len(PAPER_TOLERANCES)} tolerances in "
-              f"{fit_s:.1f} s; collecting the hidden states took {collect_s:.1f} s (fit/collect = {fit_s / collect_s:.2f})")
-        records = evaluate_hidden(ChunkDictionary(model=loaded.identity(), chunks=chunks), hs_ho, lab_ho,
-                                  loaded.hidden_size)
+    hs_ho, _ = collect_for(loaded, src_ho, None)  # the held-out states once, shared by every configuration
+    lab_ho = src_ho.labels(hs_ho, None)
+    print(f"model {loaded.name}: held-out {len(hs_ho.tokens)} tokens, {len(hs_ho.layers)} layers, {threads} threads")
+    out = {"heldout_tokens": len(hs_ho.tokens), "runs": {}}
+    rows = []
+    for config in configs:
+        criterion, n = parse_config(config)
+        t0 = time.perf_counter()
+        dictionary, report = build_dictionary(loaded, LabelSource(corpus=train_text, words=word_list), n=n,
+                                              criterion=criterion)
+        seconds = time.perf_counter() - t0
+        records = evaluate_hidden(dictionary, hs_ho, lab_ho, loaded.hidden_size)
         summary = summarise_by_label(records)
-        print(f"{'concept':<12}{'pos':>5}{'TP':>7}{'FP':>9}   TP rate by layer 0..{S - 1}")
-        for label, agg in summary.items():
-            per_layer = [r["tp_rate"] for r in records if r["label"] == label]
-            print(f"{label:<12}{agg['positives']:>5}{agg['tp_rate']:>7.3f}{agg['fp_rate']:>9.5f}   "
-                  + " ".join(f"{v:.2f}" for v in per_layer))
         tps = [a["tp_rate"] for a in summary.values()]
         fps = [a["fp_rate"] for a in summary.values()]
-        print(f"all concepts: mean TP {sum(tps) / len(tps):.3f}, mean FP {sum(fps) / len(fps):.5f}, "
-              f"words with TP >= 0.75: {sum(t >= 0.75 for t in tps)}/{len(tps)}, "
-              f"FP <= 0.002: {sum(f <= 0.002 for f in fps)}/{len(fps)}")
-        out["runs"][str(n)] = {"fit_seconds": fit_s, "by_label": summary, "chunks": records}
+        sizes = [c.size for c in dictionary.chunks]
+        row = {"config": config, "build_seconds": seconds, "train_tokens": report.tokens, "words": len(tps),
+               "mean_tp": sum(tps) / len(tps), "mean_fp": sum(fps) / len(fps), "max_fp": max(fps),
+               "tp_ge_075": sum(t >= 0.75 for t in tps), "tp_ge_090": sum(t >= 0.9 for t in tps),
+               "mean_size": sum(sizes) / len(sizes), "chunks": len(dictionary.chunks)}
+        rows.append(row)
+        out["runs"][config] = dict(row, by_label=summary)
+        print(f"built {config} in {seconds:.0f} s ({report.tokens} training tokens, {len(dictionary.chunks)} chunks)")
+    print(f"\n{'configuration':<20}{'mean TP':>9}{'mean FP':>10}{'max FP':>9}{'TP>=0.75':>10}{'TP>=0.9':>9}"
+          f"{'mean |M|':>10}")
+    for r in rows:
+        print(f"{r['config']:<20}{r['mean_tp']:>9.3f}{r['mean_fp']:>10.5f}{r['max_fp']:>9.5f}"
+              f"{r['tp_ge_075']:>7}/{r['words']:<2}{r['tp_ge_090']:>6}/{r['words']:<2}{r['mean_size']:>10.0f}")
+    labels = list(out["runs"][rows[0]["config"]]["by_label"])
+    print(f"\nheld-out TP (FP) per word, mean over layers")
+    print(f"{'word':<12}" + "".join(f"{r['config']:>22}" for r in rows))
+    for label in labels:
+        cells = []
+        for r in rows:
+            agg = out["runs"][r["config"]]["by_label"].get(label)
+            cells.append(f"{agg['tp_rate']:.3f} ({agg['fp_rate']:.4f})" if agg else "-")
+        print(f"{label:<12}" + "".join(f"{c:>22}" for c in cells))
     if json_out:
         from chunktui.engine.io import write_json
 

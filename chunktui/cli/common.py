@@ -201,10 +201,13 @@ def load_with_progress(model_spec: str, device: str, dtype: str, quiet: bool = F
 
 
 def stage_progress():
-    """A rich progress bar and a (stage, fraction, message) callback that drives it."""
+    """A rich progress bar and a (stage, fraction, message) callback that drives it.
+
+    The engine's messages carry tokens/s and the ETA for long jobs (build, evaluate).
+    """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    progress = Progress(TextColumn("[bold]{task.fields[stage]:>8}"), BarColumn(), TextColumn("{task.description}", markup=False),
+    progress = Progress(TextColumn("[bold]{task.fields[stage]:>9}"), BarColumn(), TextColumn("{task.description}", markup=False),
                         TimeElapsedColumn(), console=err_console, transient=True)
     tasks: dict[str, int] = {}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import click
@@ -36,9 +37,11 @@ def models_cmd() -> None:
 @click.option("--spans", "spans_path", type=click.Path(dir_okay=False), help="JSONL file of labelled spans instead of words")
 @click.option("--layers", default="all", show_default=True, callback=checked(validate.layer_spec),
               help="'all', '5', '2-9' or '0,4,8-10' (ranges low-high)")
-@click.option("--n", default=5, show_default=True, callback=checked(validate.count),
-              help="positives drawn for the template (>= 1)")
-@click.option("--criterion", default="accuracy", show_default=True, type=click.Choice(["accuracy", "f1", "balanced"]))
+@click.option("--n", default=None, type=int, callback=checked(validate.count),
+              help="positives drawn for the template (>= 1)  [default: 5; fp-budget: all positives]")
+@click.option("--criterion", default="accuracy", show_default=True,
+              help="accuracy, f1 or balanced (the paper's threshold: the largest deviation among the n drawn), "
+                   "or fp-budget:B (threshold calibrated to a training FP rate <= B, e.g. fp-budget:0.001)")
 @click.option("--seed", default=0, show_default=True, callback=checked(validate.seed))
 @click.option("--part-word", is_flag=True, help="also label tokens that contain or end the word")
 @click.option("--step", default=0, show_default=True, callback=checked(validate.non_negative_int),
@@ -49,25 +52,47 @@ def models_cmd() -> None:
               help="one forward pass per sentence (the paper) or sliding windows")
 @click.option("--batch-size", default=16, show_default=True, callback=checked(validate.count))
 @click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]),
-              help="dtype of stored hidden states (float16 halves memory)")
+              help="kept for old scripts: the build streams and stores no hidden states")
+@click.option("--procs", default=1, show_default=True, type=int,
+              help="processes (one per GPU on CUDA), launched with torchrun's launcher; gloo on CPU, nccl on CUDA")
+@click.option("--resume", is_flag=True, help="continue a killed build from its checkpoint (OUT.partial/)")
+@click.option("--checkpoint-every", default=500, show_default=True, type=int,
+              help="save the counts every N contexts (per process) to OUT.partial/, for --resume")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False),
+              help="write a summary: seconds, tokens, peak memory, world size")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="NAME.chunks.safetensors")
 @overwrite_option
 @friendly_errors
 def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, criterion, seed, part_word, step,
-              min_count, context_mode, batch_size, store_dtype, out, overwrite) -> None:
-    """Build a chunk dictionary by population averaging (METHOD.md section 1)."""
-    import torch
+              min_count, context_mode, batch_size, store_dtype, procs, resume, checkpoint_every, json_out, out,
+              overwrite) -> None:
+    """Build a chunk dictionary by population averaging (docs/method.md), streaming over the corpus.
 
-    from chunktui.engine.build import LabelSource, build_dictionary, read_text
+    Hidden states are never kept: pass 1 runs the contexts holding the drawn
+    positives, pass 2 runs every context once and counts matches. With
+    --procs K (or under `torchrun --nproc-per-node K -m chunktui build ...`)
+    the contexts are split across K processes and the counts merged; the
+    dictionary is the same as with one.
+    """
+    from pathlib import Path
+
+    from chunktui.engine.build import Checkpoint, LabelSource, build_dictionary, read_text
+    from chunktui.engine.distributed import launch, launched_by_torchrun, process_group, rank_device
     from chunktui.engine.errors import CorpusError
     from chunktui.engine.hidden import parse_layers
     from chunktui.engine.labels import read_spans, read_word_list
+    from chunktui.engine.pa import parse_criterion
 
     if bool(words) == bool(spans_path):
         raise CorpusError("Give exactly one of --words and --spans.")
     if words and not corpus:
         raise CorpusError("--words needs a --corpus to find them in.")
     word_file = words[1:] if words and words.startswith("@") else None
+    if procs < 1:
+        raise CorpusError(f"--procs must be at least 1, got {procs}.")
+    if checkpoint_every < 1:
+        raise CorpusError(f"--checkpoint-every must be at least 1 context, got {checkpoint_every}.")
+    crit = parse_criterion(criterion)
     word_list = None
     if words:
         word_list = read_word_list(word_file) if word_file else [w for w in words.split(",") if w.strip()]
@@ -76,29 +101,85 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
     text = read_text(corpus) if corpus else None
     if spans_path:
         read_spans(spans_path)  # a malformed span file is reported before the model loads
-    target = plan_outputs(("--out", out, ".chunks.safetensors"), overwrite=overwrite,
-                          inputs=[corpus, spans_path, word_file, *model_inputs(model_spec)])
-    loaded = load_with_progress(model_spec, device, dtype)
-    source = LabelSource(corpus=text, corpus_name=corpus or "", words=word_list, spans_path=spans_path,
-                         label_mode="part-word" if part_word else "exact", step=step, min_count=min_count)
-    progress, update = stage_progress()
-    with progress:
-        dictionary, report = build_dictionary(
-            loaded, source, layers=parse_layers(layers, loaded.layout.n_states), n=n, criterion=criterion, seed=seed,
-            context_mode=context_mode, batch_size=batch_size,
-            store_dtype=torch.float16 if store_dtype == "float16" else torch.float32, progress=update)
-    dictionary.notes["command"] = command_line()
-    path = dictionary.save(target)
-    for word, why in report.skipped.items():
-        note("skipped", f"{word}: {why}")
-    if dictionary.notes.get("windowed"):
-        note("note:", dictionary.notes["windowed"])
-    fewer = sorted({c.label for c in dictionary.chunks if isinstance(c.fit.get("n"), int) and c.fit["n"] < n})
-    if fewer:
-        note("note:", f"--n {n}: {', '.join(fewer)} had fewer positives, so every positive was drawn")
-    console.print(f"wrote [bold]{escape(str(path))}[/]: {len(dictionary)} chunks, {len(dictionary.labels())} concepts x "
-                  f"{len(report.layers)} layers; {report.tokens} tokens; collect {report.collect_seconds:.1f} s, "
-                  f"fit {report.fit_seconds:.1f} s")
+    out_inputs = [corpus, spans_path, word_file, *model_inputs(model_spec)]
+    if procs > 1 and not launched_by_torchrun():
+        from chunktui.engine.outputs import plan_outputs as check
+
+        for target in check([("--out", out, ".chunks.safetensors"), ("--json", json_out, None)], inputs=out_inputs,
+                            overwrite=overwrite):  # checked here, before any model loads; rank 0 locks them
+            if target is not None:
+                target.release()
+        ctx = click.get_current_context()
+        code = launch(procs, ["build", *_argv_without(ctx, "procs")])
+        sys.exit(code)
+
+    group = process_group(device)
+    try:
+        main = group.is_main
+        targets = (plan_outputs(("--out", out, ".chunks.safetensors"), ("--json", json_out, None),
+                                overwrite=overwrite, inputs=out_inputs) if main else (None, None))
+        out_target, json_target = targets
+        loaded = load_with_progress(model_spec, rank_device(device), dtype, quiet=not main)
+        source = LabelSource(corpus=text, corpus_name=corpus or "", words=word_list, spans_path=spans_path,
+                             label_mode="part-word" if part_word else "exact", step=step, min_count=min_count)
+        checkpoint = Checkpoint(out + ".partial", every=checkpoint_every, resume=resume)
+        progress, update = stage_progress()
+        if not main:
+            update = lambda *a: None  # noqa: E731  one bar, on rank 0
+        with progress if main else _nothing():
+            dictionary, report = build_dictionary(
+                loaded, source, layers=parse_layers(layers, loaded.layout.n_states), n=n, criterion=str(crit),
+                seed=seed, context_mode=context_mode, batch_size=batch_size, progress=update, group=group,
+                checkpoint=checkpoint)
+        dictionary.notes["command"] = command_line()  # every option, so the file can be rebuilt
+        dictionary.notes["world_size"] = group.world_size
+        group.barrier()  # every rank has finished with its checkpoint before it is removed
+        if main:
+            path = dictionary.save(out_target)
+        checkpoint.clear()
+        if not main:
+            return
+        for word, why in report.skipped.items():
+            note("skipped", f"{word}: {why}")
+        if dictionary.notes.get("windowed"):
+            note("note:", dictionary.notes["windowed"])
+        if n is not None:
+            fewer = sorted({c.label for c in dictionary.chunks if isinstance(c.fit.get("n"), int) and c.fit["n"] < n})
+            if fewer:
+                note("note:", f"--n {n}: {', '.join(fewer)} had fewer positives, so every positive was drawn")
+        console.print(f"wrote [bold]{escape(str(path))}[/]: {len(dictionary)} chunks, {len(dictionary.labels())} "
+                      f"concepts x {len(report.layers)} layers ({escape(str(crit))}); {report.tokens} tokens in "
+                      f"{report.seconds:.1f} s (templates {report.collect_seconds:.1f} s, counting "
+                      f"{report.fit_seconds:.1f} s) on {group.world_size} process{'es' if group.world_size > 1 else ''}")
+        if json_target is not None:
+            json_target.write_json(dict(report.summary(), dictionary=str(path), criterion=str(crit),
+                                        device=str(loaded.device)))
+            console.print(f"wrote {json_out}", markup=False)
+    finally:
+        group.close()
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _argv_without(ctx: click.Context, *skip: str) -> list[str]:
+    """The command's options as given (from the parsed values), less `skip`: what torchrun's workers run."""
+    argv: list[str] = []
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name in skip:
+            continue
+        value = ctx.params.get(param.name)
+        if param.is_flag:
+            if value:
+                argv.append(param.opts[0])
+        elif value is not None:
+            argv += [param.opts[0], str(value)]
+    return argv
 
 
 @click.command("evaluate")

@@ -67,13 +67,18 @@ def _open_target(target, identity: dict, append: bool):
               help="NAME.chunks.safetensors (an existing file needs --append or --overwrite)")
 @_out_options
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="per-layer dead fraction, NMI and purity")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="where the states are cached (safetensors shards, removed afterwards)  [default: the temp folder]")
 @friendly_errors
 def discover_cmd(model_spec, device, dtype, corpus, spans_path, layers, k, steps, fit_batch, lr, quantile, seed,
-                 context_mode, evaluate, out, overwrite, append, json_out) -> None:
-    """Discover chunks without labels (METHOD.md section 3): K directions per layer by max cosine."""
-    from chunktui.engine.build import LabelSource, collect_for, read_text
+                 context_mode, evaluate, out, overwrite, append, json_out, cache_dir) -> None:
+    """Discover chunks without labels (docs/method.md section 4): K directions per layer by max cosine."""
+    import tempfile
+
+    from chunktui.engine.build import LabelSource, read_text
+
     from chunktui.engine.errors import CorpusError
-    from chunktui.engine.hidden import parse_layers
+    from chunktui.engine.hidden import HiddenStates, cache_states, parse_layers, prepare_corpus
     from chunktui.engine.importing import merge_chunks
     from chunktui.engine.ucd import DiscoveryConfig, discover
 
@@ -97,46 +102,74 @@ def discover_cmd(model_spec, device, dtype, corpus, spans_path, layers, k, steps
     dictionary, existed = _open_target(target, loaded.identity(), append)
     source = LabelSource(corpus=corpus_text, corpus_name=corpus or "", spans_path=spans_path)
     layer_list = parse_layers(layers, loaded.layout.n_states)
+    text, contexts, spans = source.read()
+    corpus_states = prepare_corpus(loaded.tokenizer, text, context_mode, contexts=contexts,
+                                   context_length=loaded.context_length)
+    if cache_dir:
+        Path(cache_dir).expanduser().mkdir(parents=True, exist_ok=True)
     progress, update = stage_progress()
     t0 = time.perf_counter()
-    with progress:
-        hs, spans = collect_for(loaded, source, layer_list, context_mode, progress=update)
-        collect_seconds = time.perf_counter() - t0
-        if k > len(hs.tokens):
-            raise ChunkError(f"--k {k} is more chunks than the corpus has tokens ({len(hs.tokens)}); give a "
-                             "smaller --k or a longer corpus.")
-        chunks, report = discover(hs, config, spans=spans, evaluate=evaluate, device=loaded.device, progress=update)
+    with tempfile.TemporaryDirectory(prefix="chunktui-states.", dir=cache_dir) as folder:
+        with progress:
+            # the corpus's states go to disk once (safetensors shards); discovery reads one layer at a time
+            cache = cache_states(loaded, corpus_states, layer_list, folder,
+                                 progress=lambda done, total: update("collect", done / max(total, 1),
+                                                                     f"{done}/{total} tokens to disk"))
+            collect_seconds = time.perf_counter() - t0
+            if k > len(corpus_states.tokens):
+                raise ChunkError(f"--k {k} is more chunks than the corpus has tokens ({len(corpus_states.tokens)}); "
+                                 "give a smaller --k or a longer corpus.")
+            note("states:", f"cached on disk: {len(cache.shards)} safetensors shard(s), "
+                            f"{cache.nbytes() / 2**20:.0f} MB in {folder}; one layer in memory at a time", style="dim")
+            chunks, layer_means = [], {}
+            report = None
+            for layer in layer_list:
+                X = cache.layer(layer)
+                hs = HiddenStates(H=X[:, None], layers=[layer], tokens=corpus_states.tokens, source=text,
+                                  contexts=corpus_states.contexts, context_mode=corpus_states.context_mode,
+                                  model_name=loaded.name)
+                found, part = discover(hs, config, spans=spans, evaluate=evaluate, device=loaded.device,
+                                       progress=update)
+                chunks += found
+                layer_means[layer] = X.double().mean(0).float()
+                if report is None:
+                    report = part
+                else:
+                    report.layers.update(part.layers)
+                del X, hs
     added, replaced = merge_chunks(dictionary, chunks)
     if dictionary.layer_means is None:
         import torch
 
         dictionary.layer_means = torch.full((loaded.layout.n_states, loaded.hidden_size), float("nan"))
-    missing = [l for l in hs.layers if not bool(dictionary.layer_means[l].isfinite().all())]
-    if missing:
-        dictionary.layer_means[missing] = hs.H[:, [hs.layers.index(l) for l in missing]].float().mean(0)
+    for layer, mean in layer_means.items():
+        if not bool(dictionary.layer_means[layer].isfinite().all()):
+            dictionary.layer_means[layer] = mean
     # one record per discovery run: a dictionary can gain layers from several runs
     runs = [r for r in dictionary.notes.get("discovery", []) if isinstance(r, dict)] \
         if isinstance(dictionary.notes.get("discovery"), list) else []
     runs.append({
-        "states": "raw (not centred): matching and grafting use the raw cosine and projection",
+        "centring": "raw (not centred): matching and grafting use the raw cosine and projection",
         "objective": "max cosine, Adam projected to the unit sphere, dead chunks re-seeded from worst-covered tokens",
         "threshold": f"quantile {config.threshold_quantile} of the cosines of the tokens each chunk wins",
-        "corpus": corpus or spans_path, "context_mode": hs.context_mode, "tokens": len(hs.tokens),
-        "corpus_digest": hs.digest, "config": config.to_json(), "layers": hs.layers,
+        "corpus": corpus or spans_path, "context_mode": corpus_states.context_mode,
+        "tokens": len(corpus_states.tokens), "corpus_digest": corpus_states.digest, "config": config.to_json(),
+        "layers": layer_list, "states": "cached on disk in safetensors shards, read one layer at a time",
         "dead_fraction": {str(l): r["dead_fraction"] for l, r in report.layers.items()}})
     dictionary.notes["discovery"] = runs
-    if hs.windowing_note():
-        note("note:", hs.windowing_note())
+    if corpus_states.windowing_note():
+        note("note:", corpus_states.windowing_note())
     if not existed:
         dictionary.notes["command"] = command_line()
     path = dictionary.save(target)
     _print_report(report, spans is not None and evaluate)
     console.print(f"wrote [bold]{escape(str(path))}[/]: {added} chunks added, {replaced} replaced, {len(dictionary)} in all; "
-                  f"{len(hs.tokens)} tokens; collect {collect_seconds:.1f} s, discovery "
+                  f"{len(corpus_states.tokens)} tokens; collect {collect_seconds:.1f} s, discovery "
                   f"{sum(r['seconds'] for r in report.layers.values()):.1f} s")
     if json_target is not None:
         doc = report.to_json()
-        doc.update(dictionary=str(path), model=loaded.name, corpus=corpus or spans_path, context_mode=hs.context_mode)
+        doc.update(dictionary=str(path), model=loaded.name, corpus=corpus or spans_path,
+                   context_mode=corpus_states.context_mode, states="cached on disk (safetensors shards)")
         json_target.write_json(doc)
         console.print(f"wrote {escape(str(json_target.path))}")
 

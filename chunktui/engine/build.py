@@ -6,14 +6,17 @@ meet; the CLI, the app and the benchmarks all call these two functions.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from chunktui.engine.dictionary import Chunk, ChunkDictionary, chunk_id
-from chunktui.engine.errors import CorpusError
+from chunktui.engine.errors import CorpusError, GenerationCancelled
 from chunktui.engine.hidden import HiddenStates, collect
 from chunktui.engine.texts import read_sequences, read_text  # noqa: F401  (re-exported)
 from chunktui.engine.labels import Labels, read_spans, span_labels, word_labels
@@ -50,8 +53,8 @@ class LabelSource:
             raise CorpusError(f"The corpus {self.corpus_name or ''} is empty.".replace("  ", " "))
         return self.corpus, None, None
 
-    def labels(self, hs: HiddenStates, spans) -> Labels:
-        """Masks per label. A word ending in '*' is matched in part-word mode ("cheesecake*")."""
+    def labels(self, hs, spans) -> Labels:
+        """Masks per label over `hs.tokens` (HiddenStates or a tokenised Corpus). A word ending in '*' is matched in part-word mode ("cheesecake*")."""
         if spans is not None:
             return span_labels(hs.tokens, hs.source, spans, self.min_count)
         words = self.words or []
@@ -69,18 +72,32 @@ class LabelSource:
 
 @dataclass
 class BuildReport:
-    collect_seconds: float = 0.0
-    fit_seconds: float = 0.0
+    collect_seconds: float = 0.0  # pass 1: the template positives' states
+    fit_seconds: float = 0.0  # pass 2: every token's deviation, counted
     tokens: int = 0
     layers: list[int] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     empty: list[str] = field(default_factory=list)  # label@layer with no stable subpopulation
+    world_size: int = 1
+    seconds: float = 0.0
+    pass1_tokens: int = 0
+    peak_memory: dict = field(default_factory=dict)
+    resumed_batches: int = 0
+
+    def summary(self) -> dict:
+        return {"seconds": round(self.seconds, 3), "tokens": self.tokens, "pass1_tokens": self.pass1_tokens,
+                "pass1_seconds": round(self.collect_seconds, 3), "pass2_seconds": round(self.fit_seconds, 3),
+                "tokens_per_second": round(self.tokens / self.fit_seconds, 1) if self.fit_seconds else None,
+                "peak_memory_bytes": self.peak_memory, "world_size": self.world_size, "layers": len(self.layers),
+                "concepts": len(self.counts), "skipped": self.skipped, "empty": len(self.empty),
+                "resumed_batches": self.resumed_batches}
 
 
 def collect_for(loaded: LoadedModel, source: LabelSource, layers: list[int] | None, context_mode: str = "sentence",
                 batch_size: int = 16, store_dtype: torch.dtype = torch.float32, progress: StageFn = _quiet,
                 should_stop=None):
+    """All hidden states of a source in memory (the reference path: small texts, tests, benchmarks)."""
     text, contexts, spans = source.read()
     hs = collect(loaded, text, mode=context_mode, layers=layers, batch_size=batch_size, store_dtype=store_dtype,
                  contexts=contexts, should_stop=should_stop,
@@ -88,50 +105,254 @@ def collect_for(loaded: LoadedModel, source: LabelSource, layers: list[int] | No
     return hs, spans
 
 
-def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int] | None = None, n: int = 5,
-                     criterion: str = "accuracy", seed: int = 0, context_mode: str = "sentence",
-                     tolerances: tuple[float, ...] = PAPER_TOLERANCES, batch_size: int = 16,
-                     store_dtype: torch.dtype = torch.float32, progress: StageFn = _quiet,
-                     should_stop=None) -> tuple[ChunkDictionary, BuildReport]:
-    """Collect hidden states, label them, and fit one PA chunk per concept per layer."""
+def build_dictionary_in_memory(loaded: LoadedModel, source: LabelSource, layers: list[int] | None = None, n: int = 5,
+                               criterion: str = "accuracy", seed: int = 0, context_mode: str = "sentence",
+                               tolerances: tuple[float, ...] = PAPER_TOLERANCES, batch_size: int = 16,
+                               store_dtype: torch.dtype = torch.float32) -> tuple[ChunkDictionary, BuildReport]:
+    """The reference build: every state in memory, `fit_concept` per concept (paper criteria only).
+
+    Kept so tests can check that the streaming build gives the same dictionary.
+    """
     report = BuildReport()
-    t0 = time.perf_counter()
-    hs, spans = collect_for(loaded, source, layers, context_mode, batch_size, store_dtype, progress, should_stop)
-    report.collect_seconds = time.perf_counter() - t0
+    hs, spans = collect_for(loaded, source, layers, context_mode, batch_size, store_dtype)
     report.tokens = len(hs.tokens)
     report.layers = hs.layers
     labels = source.labels(hs, spans)
+    report.counts = labels.counts()
+    chunks: list[Chunk] = []
+    for label, mask in labels.masks.items():
+        fits, drawn = fit_concept(hs.H, mask, hs.layers, n=n, seed=seed, tolerances=tolerances, criterion=criterion)
+        chunks += _chunks_for(label, fits, drawn, labels, int(mask.sum()), len(hs.tokens), criterion, seed,
+                              hs.digest, report)
+    means = torch.full((loaded.layout.n_states, loaded.hidden_size), float("nan"))
+    means[hs.layers] = hs.H.double().mean(0).float()
+    return ChunkDictionary(model=loaded.identity(), chunks=chunks, notes={}, layer_means=means), report
+
+
+def _chunks_for(label, fits, drawn, labels: Labels, positives: int, tokens: int, criterion: str, seed: int,
+                digest: str, report: BuildReport) -> list[Chunk]:
+    chunks = []
+    for fit in fits:
+        if fit.neurons.numel() == 0:
+            report.empty.append(f"{label}@{fit.layer}")
+            continue
+        stats = dict(fit.stats, n=len(drawn), positives=positives, tokens=tokens,
+                     label_mode="part-word" if label in labels.part_word else labels.mode, drawn=drawn.tolist())
+        chunks.append(Chunk(id=chunk_id(label, fit.layer, labels.step), label=label, layer=fit.layer, kind="pa",
+                            neurons=fit.neurons, template=fit.template.float(), threshold=fit.threshold,
+                            tolerance=fit.tolerance, step=labels.step, method="population-averaging",
+                            criterion=criterion, seed=seed, corpus_digest=digest, fit=stats))
+    return chunks
+
+
+class _Rate:
+    """Tokens per second and time left, for the progress bar."""
+
+    def __init__(self, total: int, world: int):
+        self.total, self.world, self.t0, self.done = total, world, time.perf_counter(), 0
+
+    def step(self, tokens: int) -> tuple[float, str]:
+        self.done += tokens * self.world  # every rank moves at about the same pace
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        rate = self.done / elapsed
+        left = max(self.total - self.done, 0) / rate if rate > 0 else float("inf")
+        eta = f"{int(left // 60)}:{int(left % 60):02d}" if left != float("inf") else "?"
+        return min(self.done / max(self.total, 1), 1.0), f"{min(self.done, self.total)}/{self.total} tokens, {rate:,.0f} tok/s, ETA {eta}"
+
+
+def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int] | None = None, n: int | None = None,
+                     criterion: str = "accuracy", seed: int = 0, context_mode: str = "sentence",
+                     tolerances: tuple[float, ...] = PAPER_TOLERANCES, batch_size: int = 16,
+                     store_dtype: torch.dtype = torch.float32, progress: StageFn = _quiet,
+                     should_stop=None, group=None, checkpoint: "Checkpoint | None" = None,
+                     ) -> tuple[ChunkDictionary, BuildReport]:
+    """Fit one PA chunk per concept per layer, streaming: no corpus-sized state is ever held.
+
+    Pass 1 tokenises and labels the corpus without the model, draws R per
+    concept and runs the model on the contexts holding R only: templates,
+    spreads, subpopulations and the paper's thresholds. Pass 2 runs every
+    context once and counts matches per (layer, tolerance), or keeps the
+    smallest negative deviations for `fp-budget:B`. With a process `group`
+    the batches are dealt out across ranks and the counts merged; every rank
+    returns the same dictionary. `n=None` makes the template the mean of all
+    positives (the default for fp-budget). `store_dtype` is accepted for
+    compatibility: nothing is stored.
+    """
+    from chunktui.engine.distributed import SingleProcess, peak_memory_bytes
+    from chunktui.engine.hidden import check_layers, prepare_corpus, run_batch, schedule
+    from chunktui.engine.pa import StreamingFit, draw_positives, parse_criterion
+
+    group = group or SingleProcess()
+    crit = parse_criterion(criterion)
+    if n is None and not crit.calibrated:
+        n = 5
+    if n is not None and n < 1:
+        raise CorpusError(f"--n must be at least 1, got {n}.")
+    report = BuildReport(world_size=group.world_size)
+    t_start = time.perf_counter()
+    layers = check_layers(layers, loaded.layout)
+    text, contexts, spans = source.read()
+    corpus = prepare_corpus(loaded.tokenizer, text, context_mode, contexts=contexts, context_length=loaded.context_length)
+    report.tokens = len(corpus.tokens)
+    report.layers = layers
+    labels = source.labels(corpus, spans)
     report.counts = labels.counts()
     report.skipped = dict(labels.skipped)
     if not labels.masks:
         reasons = "; ".join(f"{k}: {v}" for k, v in labels.skipped.items())
         raise CorpusError(f"No concept has enough occurrences to fit a chunk ({reasons}).")
+    draws = {label: draw_positives(mask, n if n is not None else int(mask.sum()), seed)
+             for label, mask in labels.masks.items()}
+    fit = StreamingFit(labels.masks, draws, layers, tolerances, crit, device=loaded.device)
+    S, d = len(layers), loaded.hidden_size
+
+    def stop_check():
+        if should_stop is not None and should_stop():
+            raise GenerationCancelled("Build cancelled; counts up to the last checkpoint were kept."
+                                      if checkpoint else "Build cancelled; nothing was saved.")
+
+    # pass 1: the states of every R, from the contexts that hold them
+    needed = fit.needed_tokens()
+    token_rows = corpus.token_rows()
+    batches1 = schedule(corpus, batch_size, token_rows[needed].unique().tolist())
+    X = torch.zeros(len(needed), S, d)
+    tokens1 = sum(len(corpus.rows[i][0]) for b in batches1 for i in b)
+    report.pass1_tokens = tokens1
+    rate = _Rate(tokens1, group.world_size)
+    for j in range(group.rank, len(batches1), group.world_size):
+        stop_check()
+        index, states = run_batch(loaded, corpus, batches1[j], layers)
+        hit = torch.isin(index, needed)
+        X[torch.searchsorted(needed, index[hit])] = states[hit.to(states.device)].float().cpu()
+        progress("templates", *rate.step(len(index)))
+    X = group.all_sum(X)  # each state was filled by one rank, zeros elsewhere: the sum is exact
+    fit.set_positives(needed, X)
+    del X
+    report.collect_seconds = time.perf_counter() - t_start
+
+    # pass 2: every token once
     t1 = time.perf_counter()
-    chunks: list[Chunk] = []
-    digest = hs.digest
-    for i, (label, mask) in enumerate(labels.masks.items()):
-        progress("fit", i / len(labels.masks), f"fitting '{label}' ({int(mask.sum())} positives)")
-        fits, drawn = fit_concept(hs.H, mask, hs.layers, n=n, seed=seed, tolerances=tolerances, criterion=criterion)
-        for fit in fits:
-            if fit.neurons.numel() == 0:
-                report.empty.append(f"{label}@{fit.layer}")
-                continue
-            stats = dict(fit.stats, n=len(drawn), positives=int(mask.sum()), tokens=len(hs.tokens),
-                         label_mode="part-word" if label in labels.part_word else labels.mode, drawn=drawn.tolist())
-            chunks.append(Chunk(id=chunk_id(label, fit.layer, labels.step), label=label, layer=fit.layer, kind="pa",
-                                neurons=fit.neurons, template=fit.template.float(), threshold=fit.threshold,
-                                tolerance=fit.tolerance, step=labels.step, method="population-averaging",
-                                criterion=criterion, seed=seed, corpus_digest=digest, fit=stats))
+    batches = schedule(corpus, batch_size)
+    mine = list(range(group.rank, len(batches), group.world_size))
+    sums = torch.zeros(S, d, dtype=torch.float64)  # for the layer means (mean ablation)
+    start = 0
+    if checkpoint is not None:
+        checkpoint.bind(group, {"corpus": corpus.digest, "labels": sorted(labels.masks), "layers": layers, "n": n,
+                                "criterion": str(crit), "seed": seed, "batch_size": batch_size,
+                                "tolerances": list(tolerances), "model": loaded.identity()["fingerprint_digest"],
+                                "batches": len(batches)})
+        restored = checkpoint.restore()
+        if restored is not None:
+            start, tensors = restored
+            fit.load_state_tensors(tensors)
+            sums = tensors["layer_sums"]
+            report.resumed_batches = start
+    rate = _Rate(report.tokens, group.world_size)
+    rate.done = sum(len(batches[j]) for j in mine[:start])  # approximate: contexts, not tokens, until it moves
+    since = 0
+    for pos in range(start, len(mine)):
+        stop_check()
+        index, states = run_batch(loaded, corpus, batches[mine[pos]], layers)
+        fit.update(index, states)
+        sums += states.double().sum(0).cpu()
+        progress("build", *rate.step(len(index)))
+        since += len(batches[mine[pos]])
+        if checkpoint is not None and since >= checkpoint.every:
+            checkpoint.save(pos + 1, dict(fit.state_tensors(), layer_sums=sums))
+            since = 0
+    fit.merge(group)
+    sums = group.all_sum(sums)
     report.fit_seconds = time.perf_counter() - t1
-    progress("fit", 1.0, f"{len(chunks)} chunks")
-    notes = {"context_mode": hs.context_mode, "label_mode": labels.mode, "step": labels.step, "n": n,
-             "criterion": criterion, "seed": seed, "tolerances": len(tolerances), "corpus": source.corpus_name or source.spans_path,
-             "tokens": len(hs.tokens), "corpus_digest": digest, "label_source": "spans" if spans is not None else "words"}
-    if hs.windowing_note():
-        notes["windowed"] = hs.windowing_note()
-    means = torch.full((loaded.layout.n_states, loaded.hidden_size), float("nan"))
-    means[hs.layers] = hs.H.float().mean(0)
+
+    chunks: list[Chunk] = []
+    for label, fits in fit.finish().items():
+        chunks += _chunks_for(label, fits, draws[label], labels, int(labels.masks[label].sum()), report.tokens,
+                              str(crit), seed, corpus.digest, report)
+    progress("build", 1.0, f"{len(chunks)} chunks")
+    notes = {"context_mode": corpus.context_mode, "label_mode": labels.mode, "step": labels.step,
+             "n": n if n is not None else "all", "criterion": str(crit), "seed": seed, "tolerances": len(tolerances),
+             "corpus": source.corpus_name or source.spans_path, "tokens": report.tokens,
+             "corpus_digest": corpus.digest, "label_source": "spans" if spans is not None else "words"}
+    if corpus.windowing_note():
+        notes["windowed"] = corpus.windowing_note()
+    means = torch.full((loaded.layout.n_states, d), float("nan"))
+    means[layers] = (sums / report.tokens).float()
+    report.seconds = time.perf_counter() - t_start
+    report.peak_memory = peak_memory_bytes(loaded.device)
     return ChunkDictionary(model=loaded.identity(), chunks=chunks, notes=notes, layer_means=means), report
+
+
+class Checkpoint:
+    """Counts saved every `every` contexts (safetensors + JSON, written atomically), one pair per rank.
+
+    `folder` holds rank{r}.safetensors and rank{r}.json; the JSON records the
+    build's settings, so a resume with other settings is refused rather than
+    silently mixed. `resume=False` starts afresh (any old checkpoint is
+    replaced at the first save).
+    """
+
+    def __init__(self, folder: str | Path, every: int = 200, resume: bool = False):
+        if every < 1:
+            raise CorpusError(f"--checkpoint-every must be at least 1 context, got {every}.")
+        self.folder = Path(folder)
+        self.every = every
+        self.resume = resume
+        self.rank, self.world, self.config = 0, 1, {}
+
+    def bind(self, group, config: dict) -> None:
+        self.rank, self.world = group.rank, group.world_size
+        self.config = dict(config, world_size=self.world)
+
+    def _paths(self) -> tuple[Path, Path]:
+        return self.folder / f"rank{self.rank}.safetensors", self.folder / f"rank{self.rank}.json"
+
+    def restore(self):
+        """(batches done by this rank, tensors) from a matching checkpoint, or None."""
+        from safetensors.torch import load_file
+
+        if not self.resume:
+            return None
+        tensors_path, meta_path = self._paths()
+        if not meta_path.is_file() or not tensors_path.is_file():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise CorpusError(f"The checkpoint {meta_path} is unreadable ({err}); delete {self.folder} "
+                              "to start afresh.") from None
+        saved = json.loads(json.dumps(meta.get("config")))
+        if saved != json.loads(json.dumps(self.config)):
+            changed = sorted(k for k in set(saved or {}) | set(self.config)
+                             if (saved or {}).get(k) != json.loads(json.dumps(self.config)).get(k))
+            raise CorpusError(f"The checkpoint in {self.folder} was made with other settings ({', '.join(changed)}); "
+                              "resume with the same command, or delete the folder to start afresh.")
+        if meta.get("digest") != _file_digest(tensors_path):
+            raise CorpusError(f"The checkpoint {tensors_path} does not match its JSON (half written?); "
+                              f"delete {self.folder} to start afresh.")
+        return int(meta["batches_done"]), load_file(str(tensors_path))
+
+    def save(self, batches_done: int, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save
+
+        from chunktui.engine.io import atomic_write_bytes, atomic_write_text
+
+        tensors_path, meta_path = self._paths()
+        data = save({k: v.contiguous().cpu() for k, v in tensors.items()})
+        atomic_write_bytes(tensors_path, data)
+        atomic_write_text(meta_path, json.dumps({"config": self.config, "batches_done": batches_done,
+                                                 "digest": hashlib.sha256(data).hexdigest()}, indent=1))
+
+    def clear(self) -> None:
+        for path in (*self._paths(),):
+            path.unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()
+        except OSError:
+            pass  # other ranks' files are still there, or it was never made
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def evaluate_hidden(dictionary: ChunkDictionary, hs: HiddenStates, labels: Labels, width: int) -> list[dict]:
@@ -161,8 +382,16 @@ def evaluate_hidden(dictionary: ChunkDictionary, hs: HiddenStates, labels: Label
 
 def evaluate_dictionary(loaded: LoadedModel, dictionary: ChunkDictionary, source: LabelSource,
                         context_mode: str | None = None, batch_size: int = 16, progress: StageFn = _quiet,
-                        should_stop=None) -> tuple[list[dict], HiddenStates]:
-    """Held-out evaluation with the dictionary's own labelling settings (mode, step)."""
+                        should_stop=None, group=None):
+    """Held-out evaluation with the dictionary's own labelling settings (mode, step), streaming.
+
+    Every context runs once; per chunk only its TP and FP counts are kept.
+    Returns (records, corpus): one record per chunk, and the tokenised corpus.
+    """
+    from chunktui.engine.distributed import SingleProcess
+    from chunktui.engine.hidden import check_layers, prepare_corpus, run_batch, schedule
+
+    group = group or SingleProcess()
     dictionary.check_compatible(loaded.identity())
     notes = dictionary.notes
     if source.words is None and source.spans_path is None:
@@ -175,9 +404,48 @@ def evaluate_dictionary(loaded: LoadedModel, dictionary: ChunkDictionary, source
     source.min_count = 1
     mode = context_mode or notes.get("context_mode", "sentence")
     mode = mode if mode in ("sentence", "window") else "sentence"
-    hs, spans = collect_for(loaded, source, dictionary.layers(), mode, batch_size, torch.float32, progress, should_stop)
-    labels = source.labels(hs, spans)
-    return evaluate_hidden(dictionary, hs, labels, loaded.hidden_size), hs
+    text, contexts, spans = source.read()
+    layers = check_layers(dictionary.layers(), loaded.layout)
+    corpus = prepare_corpus(loaded.tokenizer, text, mode, contexts=contexts, context_length=loaded.context_length)
+    labels = source.labels(corpus, spans)
+    packed = PackedDictionary(dictionary.chunks, loaded.hidden_size, layers, device=loaded.device)
+    names = sorted(labels.masks)
+    T = len(corpus.tokens)
+    label_masks = torch.stack([labels.masks[k] for k in names]) if names else torch.zeros(0, T, dtype=torch.bool)
+    column = torch.tensor([names.index(c.label) if c.label in labels.masks else -1 for c in packed.chunks],
+                          dtype=torch.long)
+    present = column >= 0
+    tp = torch.zeros(len(packed), dtype=torch.long)
+    fp = torch.zeros(len(packed), dtype=torch.long)
+    batches = schedule(corpus, batch_size)
+    rate = _Rate(T, group.world_size)
+    for j in range(group.rank, len(batches), group.world_size):
+        if should_stop is not None and should_stop():
+            raise GenerationCancelled("Evaluation cancelled.")
+        index, states = run_batch(loaded, corpus, batches[j], layers)
+        hit = packed.match(states).hit.cpu()  # (t, C)
+        pos = torch.zeros_like(hit)
+        if names:
+            pos[:, present] = label_masks[:, index].T[:, column[present]]
+        tp += (hit & pos).sum(0)
+        fp += (hit & ~pos).sum(0)
+        progress("evaluate", *rate.step(len(index)))
+    tp, fp = group.all_sum(tp), group.all_sum(fp)
+    records = []
+    for c, chunk in enumerate(packed.chunks):
+        mask = labels.masks.get(chunk.label)
+        record = {"id": chunk.id, "label": chunk.label, "layer": chunk.layer, "kind": chunk.kind, "tokens": T}
+        if mask is None:
+            record.update(positives=0, tp_rate=None, fp_rate=None, accuracy=None,
+                          note=labels.skipped.get(chunk.label, "label not present in the held-out text"))
+        else:
+            n_pos = int(mask.sum())
+            s = confusion_scores(tp[c], fp[c], n_pos, T - n_pos)
+            record.update(positives=n_pos, negatives=T - n_pos, tp=int(tp[c]), fp=int(fp[c]),
+                          tp_rate=float(s["tp_rate"]), fp_rate=float(s["fp_rate"]), accuracy=float(s["accuracy"]),
+                          f1=float(s["f1"]), balanced=float(s["balanced"]))
+        records.append(record)
+    return records, corpus
 
 
 def summarise_by_label(records: list[dict]) -> dict[str, dict]:

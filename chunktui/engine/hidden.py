@@ -209,26 +209,46 @@ def _bos_id(tokenizer) -> int | None:
     return tokenizer.bos_token_id
 
 
-@torch.no_grad()
-def collect(loaded: LoadedModel, text: str, mode: str = "sentence", layers: Sequence[int] | None = None,
-            batch_size: int = 16, store_dtype: torch.dtype = torch.float32, window: int = 128, stride: int = 64,
-            contexts: list[tuple[int, int]] | None = None,
-            progress: Callable[[int, int], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> HiddenStates:
-    """Hidden states H[l, t] of every token of `text`, stored on the CPU.
+@dataclass
+class Corpus:
+    """A text split into model contexts and tokenised, without running the model.
 
-    Each context is fed as its own forward pass, with BOS when the tokenizer
-    has one, so nothing crosses contexts. `contexts` overrides the split (e.g.
-    one context per JSONL record).
+    `rows[i]` is one forward pass: (token ids, character offsets, keep_from,
+    context index); its recorded tokens are rows[i] ids[keep_from:], and they
+    are tokens `row_start[i]` .. `row_start[i] + n_kept - 1` of `tokens`.
     """
+
+    source: str
+    contexts: list[tuple[int, int]]
+    rows: list[tuple[list[int], list[tuple[int, int]], int, int]]
+    row_start: list[int]
+    tokens: TokenTable
+    context_mode: str
+    windowed_contexts: int = 0  # contexts longer than the model's, read in overlapping windows
+    context_length: int = 0
+
+    def windowing_note(self) -> str | None:
+        return HiddenStates.windowing_note(self)  # the same words for a corpus and its states
+
+    @property
+    def digest(self) -> str:
+        return corpus_digest(self.source, self.context_mode)
+
+    def token_rows(self) -> torch.Tensor:
+        """(T,) index of the row each token was read in."""
+        out = torch.empty(len(self.tokens), dtype=torch.long)
+        for i, (ids, _, keep, _) in enumerate(self.rows):
+            out[self.row_start[i]:self.row_start[i] + len(ids) - keep] = i
+        return out
+
+
+def prepare_corpus(tokenizer, text: str, mode: str = "sentence", window: int = 128, stride: int = 64,
+                   contexts: list[tuple[int, int]] | None = None, context_length: int | None = None) -> Corpus:
+    """Split and tokenise a corpus (no model): the token table labels are computed on.
+
+    With `context_length` (the model's), a context longer than it is read in overlapping windows."""
     if not text.strip():
         raise CorpusError("The corpus is empty: there is no text to read.")
-    layout = loaded.layout
-    layers = list(range(layout.n_states)) if layers is None else sorted(set(layers))
-    bad = [l for l in layers if not 0 <= l <= layout.n_layers]
-    if bad:
-        raise CorpusError(f"Layers {bad} out of range: this model has hidden states 0..{layout.n_layers}.")
-    tokenizer = loaded.tokenizer
     if contexts is not None:
         spans = contexts
         rows = [(ids, offs, 0) for ids, offs in _encode_contexts(tokenizer, text, spans)]
@@ -236,7 +256,7 @@ def collect(loaded: LoadedModel, text: str, mode: str = "sentence", layers: Sequ
         spans, rows = build_contexts(tokenizer, text, mode, window, stride)
     # a context longer than the model's (BOS included) is read in overlapping windows of the context's size;
     # each token is kept from the window that gives it the most left context, so the table has no repeats
-    limit = max(2, loaded.context_length - (1 if _bos_id(tokenizer) is not None else 0))
+    limit = max(2, context_length - (1 if _bos_id(tokenizer) is not None else 0)) if context_length else 1 << 62
     split = 0
     fitted = []
     for ci, (ids, offs, keep) in enumerate(rows):
@@ -251,50 +271,10 @@ def collect(loaded: LoadedModel, text: str, mode: str = "sentence", layers: Sequ
     rows = [r for r in fitted if r[0]]
     if not rows:
         raise CorpusError("The corpus has no tokens after splitting into contexts.")
-    bos = _bos_id(tokenizer)
-    lead = 1 if bos is not None else 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # longest first keeps padding small within a batch
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-    chunks_by_row: dict[int, torch.Tensor] = {}
-    total = sum(len(r[0]) for r in rows)
-    done = 0
-    device = loaded.device
-    ensure_host_fits(total * len(layers) * layout.hidden_size * torch.tensor([], dtype=store_dtype).element_size(),
-                     f"collecting the hidden states of {total} tokens at {len(layers)} layers")
-    longest = max(len(r[0]) for r in rows) + lead
-    ensure_fits(loaded, "collecting hidden states for", longest, batch=min(batch_size, len(rows)),
-                kept_states=longest * len(layers) // layout.n_states)
-    for b in range(0, len(order), batch_size):
-        if should_stop is not None and should_stop():
-            raise GenerationCancelled("Hidden-state collection cancelled; nothing was saved.")
-        batch = [rows[i] for i in order[b:b + batch_size]]
-        width = max(len(r[0]) for r in batch) + lead
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for k, (ids, _, _, _) in enumerate(batch):
-            seq = ([bos] if lead else []) + ids
-            input_ids[k, :len(seq)] = torch.tensor(seq)
-            mask[k, :len(seq)] = 1
-        try:
-            with ResidualRecorder(layout, layers) as rec:
-                # logits_to_keep=1: only the states are wanted, not (B, T, vocab) logits
-                loaded.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False,
-                             logits_to_keep=1)
-            states = rec.states()  # (batch, width, S, d)
-        except torch.cuda.OutOfMemoryError as err:
-            raise DeviceMemoryError(out_of_memory_message("collecting hidden states", str(device))) from err
-        states = states.to("cpu", store_dtype)
-        for k, i in enumerate(order[b:b + batch_size]):
-            n = len(rows[i][0])
-            chunks_by_row[i] = states[k, lead + rows[i][2]:lead + n]
-            done += n
-        if progress is not None:
-            progress(done, total)
     table = TokenTable()
-    parts = []
-    for i, (ids, offs, keep, ci) in enumerate(rows):
-        parts.append(chunks_by_row[i])
+    row_start = []
+    for ids, offs, keep, ci in rows:
+        row_start.append(len(table.ids))
         for p in range(keep, len(ids)):
             table.ids.append(ids[p])
             table.starts.append(offs[p][0])
@@ -302,10 +282,179 @@ def collect(loaded: LoadedModel, text: str, mode: str = "sentence", layers: Sequ
             # a sliding window is not a context boundary: the text runs on (labels may shift across windows)
             table.context.append(0 if mode == "window" and contexts is None else ci)
             table.position.append(p)
-    H = torch.cat(parts, dim=0)
-    return HiddenStates(H=H, layers=layers, tokens=table, source=text, contexts=spans,
-                        context_mode=mode if contexts is None else "records", model_name=loaded.name,
-                        windowed_contexts=split, context_length=loaded.context_length)
+    return Corpus(source=text, contexts=spans, rows=rows, row_start=row_start, tokens=table,
+                  context_mode=mode if contexts is None else "records", windowed_contexts=split,
+                  context_length=context_length or 0)
+
+
+def schedule(corpus: Corpus, batch_size: int, rows: Sequence[int] | None = None) -> list[list[int]]:
+    """Batches of row indices, longest first (little padding within a batch).
+
+    The schedule depends only on the corpus, the batch size and the rows asked
+    for, never on the number of processes: every rank computes each batch
+    exactly as a single process would, so sharded results are bitwise equal.
+    """
+    if batch_size < 1:
+        raise CorpusError(f"--batch-size must be at least 1, got {batch_size}.")
+    rows = range(len(corpus.rows)) if rows is None else rows
+    order = sorted(rows, key=lambda i: (-len(corpus.rows[i][0]), i))
+    return [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def run_batch(loaded: LoadedModel, corpus: Corpus, batch: Sequence[int], layers: Sequence[int]):
+    """One forward pass over the rows in `batch`: (token indices (t,), states (t, S, d) on the model's device)."""
+    layout = loaded.layout
+    tokenizer = loaded.tokenizer
+    bos = _bos_id(tokenizer)
+    lead = 1 if bos is not None else 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = [corpus.rows[i] for i in batch]
+    width = max(len(r[0]) for r in rows) + lead
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, (ids, _, _, _) in enumerate(rows):
+        seq = ([bos] if lead else []) + ids
+        input_ids[k, :len(seq)] = torch.tensor(seq)
+        mask[k, :len(seq)] = 1
+    device = loaded.device
+    try:
+        with ResidualRecorder(layout, layers) as rec:
+            loaded.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False,
+                         **_states_only(loaded.model))
+        states = rec.states()  # (batch, width, S, d)
+    except torch.cuda.OutOfMemoryError as err:
+        raise DeviceMemoryError(out_of_memory_message("collecting hidden states", str(device))) from err
+    parts, index = [], []
+    for k, i in enumerate(batch):
+        ids, _, keep, _ = corpus.rows[i]
+        parts.append(states[k, lead + keep:lead + len(ids)])
+        start = corpus.row_start[i]
+        index.append(torch.arange(start, start + len(ids) - keep))
+    return torch.cat(index), torch.cat(parts)
+
+
+def _states_only(model) -> dict:
+    """Only the hidden states are wanted: ask for the last position's logits only, where the model allows it."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+def check_layers(layers: Sequence[int] | None, layout: ModelLayout) -> list[int]:
+    layers = list(range(layout.n_states)) if layers is None else sorted(set(layers))
+    bad = [l for l in layers if not 0 <= l <= layout.n_layers]
+    if bad:
+        raise CorpusError(f"Layers {bad} out of range: this model has hidden states 0..{layout.n_layers}.")
+    return layers
+
+
+@torch.no_grad()
+def collect(loaded: LoadedModel, text: str, mode: str = "sentence", layers: Sequence[int] | None = None,
+            batch_size: int = 16, store_dtype: torch.dtype = torch.float32, window: int = 128, stride: int = 64,
+            contexts: list[tuple[int, int]] | None = None,
+            progress: Callable[[int, int], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> HiddenStates:
+    """Hidden states H[l, t] of every token of `text`, stored on the CPU (memory grows with the corpus).
+
+    Each context is fed as its own forward pass, with BOS when the tokenizer
+    has one, so nothing crosses contexts. `contexts` overrides the split (e.g.
+    one context per JSONL record). Building and evaluating dictionaries stream
+    instead (engine/build.py); this is for small texts, discovery and tests.
+    """
+    layers = check_layers(layers, loaded.layout)
+    corpus = prepare_corpus(loaded.tokenizer, text, mode, window, stride, contexts,
+                            context_length=loaded.context_length)
+    T = len(corpus.tokens)
+    ensure_host_fits(T * len(layers) * loaded.hidden_size * torch.tensor([], dtype=store_dtype).element_size(),
+                     f"collecting the hidden states of {T} tokens at {len(layers)} layers")
+    H = torch.empty(T, len(layers), loaded.hidden_size, dtype=store_dtype)
+    done = 0
+    for batch in schedule(corpus, batch_size):
+        if should_stop is not None and should_stop():
+            raise GenerationCancelled("Hidden-state collection cancelled; nothing was saved.")
+        index, states = run_batch(loaded, corpus, batch, layers)
+        H[index] = states.to("cpu", store_dtype)
+        done += len(index)
+        if progress is not None:
+            progress(done, T)
+    return HiddenStates(H=H, layers=layers, tokens=corpus.tokens, source=text, contexts=corpus.contexts,
+                        context_mode=corpus.context_mode, model_name=loaded.name,
+                        windowed_contexts=corpus.windowed_contexts, context_length=corpus.context_length)
+
+
+class StateCache:
+    """Hidden states of a corpus on disk, in safetensors shards; read back one layer at a time.
+
+    Shard i holds `index` (t,) token indices and `states` (t, S, d) float32.
+    Reading a layer slices every shard (safetensors reads only that slice), so
+    memory holds one layer, (T, d), never the corpus's (T, S, d).
+    """
+
+    def __init__(self, folder, layers: list[int], n_tokens: int, width: int, shards: list):
+        self.folder, self.layers, self.n_tokens, self.width, self.shards = folder, layers, n_tokens, width, shards
+
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in self.shards)
+
+    def layer(self, layer: int) -> torch.Tensor:
+        from safetensors import safe_open
+
+        s = self.layers.index(layer)
+        out = torch.empty(self.n_tokens, self.width)
+        for path in self.shards:
+            with safe_open(str(path), "pt") as fh:
+                index = fh.get_tensor("index")
+                out[index] = fh.get_slice("states")[:, s:s + 1].squeeze(1)
+        return out
+
+
+@torch.no_grad()
+def cache_states(loaded: LoadedModel, corpus: Corpus, layers: Sequence[int], folder, batch_size: int = 16,
+                 shard_bytes: int = 1 << 28, progress: Callable[[int, int], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> StateCache:
+    """Stream the corpus through the model once, writing its states to safetensors shards in `folder`."""
+    from pathlib import Path
+
+    from safetensors.torch import save
+
+    from chunktui.engine.io import atomic_write_bytes
+
+    folder = Path(folder)
+    layers = check_layers(layers, loaded.layout)
+    per_token = len(layers) * loaded.hidden_size * 4
+    shards, index_parts, state_parts, held, done = [], [], [], 0, 0
+    T = len(corpus.tokens)
+
+    def flush():
+        nonlocal held
+        if not index_parts:
+            return
+        path = folder / f"states-{len(shards):05d}.safetensors"
+        atomic_write_bytes(path, save({"index": torch.cat(index_parts), "states": torch.cat(state_parts)}))
+        shards.append(path)
+        index_parts.clear()
+        state_parts.clear()
+        held = 0
+
+    for batch in schedule(corpus, batch_size):
+        if should_stop is not None and should_stop():
+            raise GenerationCancelled("Hidden-state collection cancelled.")
+        index, states = run_batch(loaded, corpus, batch, layers)
+        index_parts.append(index)
+        state_parts.append(states.to("cpu", torch.float32))
+        held += len(index) * per_token
+        done += len(index)
+        if held >= shard_bytes:
+            flush()
+        if progress is not None:
+            progress(done, T)
+    flush()
+    return StateCache(folder, layers, T, loaded.hidden_size, shards)
 
 
 def parse_layers(spec: str | None, n_states: int) -> list[int]:

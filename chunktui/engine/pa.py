@@ -1,4 +1,4 @@
-"""Population averaging (METHOD.md section 1): chunks from labelled tokens.
+"""Population averaging (docs/method.md section 1): chunks from labelled tokens.
 
 For one concept, all layers and all tolerances are fitted together:
 
@@ -16,6 +16,7 @@ processed in blocks so memory stays bounded on long corpora.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,23 @@ def confusion_scores(tp: torch.Tensor, fp: torch.Tensor, n_pos: int, n_neg: int)
             "accuracy": accuracy, "f1": 2 * tp / denom, "balanced": (tp_rate + (1 - fp_rate)) / 2}
 
 
+def rowwise_deviations64(rows: torch.Tensor, mu64: torch.Tensor, Mf64: torch.Tensor, inv64: torch.Tensor) -> torch.Tensor:
+    """Float64 deviations (S, u, K) of rows (u, S, d), one row at a time.
+
+    A batched matmul may round a row differently depending on how many rows
+    share the call (kernels are chosen by shape). Thresholds and decisions on
+    ties (a token whose state equals a drawn positive's, e.g. a repeated
+    sentence) must not depend on batching or on the number of processes, so
+    the float64 deviations that decide them always come from the same
+    one-row call.
+    """
+    out = torch.empty(Mf64.shape[0], rows.shape[0], Mf64.shape[2], dtype=torch.float64, device=Mf64.device)
+    for r in range(rows.shape[0]):
+        d2 = (rows[r].to(Mf64.device, torch.float64) - mu64).square_()  # (S, d)
+        out[:, r, :] = torch.bmm(d2[:, None, :], Mf64)[:, 0, :]
+    return out * inv64[:, None, :]
+
+
 @torch.no_grad()
 def fit_concept(H: torch.Tensor, positives: torch.Tensor, layers: list[int], n: int = 5, seed: int = 0,
                 tolerances: tuple[float, ...] = PAPER_TOLERANCES, criterion: str = "accuracy",
@@ -94,8 +112,7 @@ def fit_concept(H: torch.Tensor, positives: torch.Tensor, layers: list[int], n: 
     mu64, Mf64, inv64 = mu.double(), Mf.double(), inv_count.double()
 
     def deviations64(rows: torch.Tensor) -> torch.Tensor:
-        d2 = (rows.double() - mu64).square_().transpose(0, 1)
-        return torch.bmm(d2, Mf64) * inv64[:, None, :]
+        return rowwise_deviations64(rows, mu64, Mf64, inv64)
 
     # theta in float64, the precision matching uses, so a drawn positive always matches its own chunk;
     # tokens whose float32 deviation lands within rounding of theta are decided again in float64
@@ -129,3 +146,263 @@ def fit_concept(H: torch.Tensor, positives: torch.Tensor, layers: list[int], n: 
         fits.append(LayerFit(layer=layer, neurons=neurons, template=mu[s, neurons].clone(),
                              threshold=float(theta[s, k]), tolerance=float(taus[k]), stats=stats))
     return fits, R
+
+
+# --------------------------------------------------------------------------- streaming (two passes)
+#
+# The in-memory `fit_concept` above needs every token's state at once. The
+# streaming fit below gives the same chunks without holding the corpus:
+#
+#   pass 1  the states of the drawn positives R only  -> mu, spread, M_k, theta
+#   pass 2  every token once, in batches             -> TP/FP counts per (layer, tolerance)
+#
+# and, for the calibrated criterion, the k smallest negative deviations per
+# (layer, tolerance), an exact order statistic that merges across processes.
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """How a tolerance (and, for fp-budget, the threshold) is chosen."""
+
+    name: str  # accuracy | f1 | balanced | fp-budget
+    budget: float | None = None  # fp-budget: the largest FP rate allowed on the training negatives
+
+    def __str__(self) -> str:
+        return self.name if self.budget is None else f"fp-budget:{self.budget:g}"
+
+    @property
+    def calibrated(self) -> bool:
+        return self.name == "fp-budget"
+
+
+def parse_criterion(spec: str) -> Criterion:
+    """'accuracy', 'f1', 'balanced' (the paper's threshold) or 'fp-budget:B' (calibrated threshold)."""
+    text = str(spec).strip().lower()
+    if text in CRITERIA:
+        return Criterion(text)
+    if text.startswith("fp-budget"):
+        _, _, value = text.partition(":")
+        try:
+            budget = float(value)
+        except ValueError:
+            raise CorpusError(f"Bad criterion '{spec}': give the FP budget as a number, e.g. fp-budget:0.001.") from None
+        if not 0.0 <= budget < 1.0:  # NaN fails this too
+            raise CorpusError(f"The FP budget must be at least 0 and below 1, got {value}.")
+        return Criterion("fp-budget", budget)
+    raise CorpusError(f"Unknown criterion '{spec}': use accuracy, f1, balanced or fp-budget:B (e.g. fp-budget:0.001).")
+
+
+# a threshold sits this far (relative) below the first negative it must exclude, so the float64
+# expansion used for matching (rounding ~1e-11 relative) never admits that negative
+CALIBRATION_MARGIN = 1e-6
+
+
+class ConceptTemplate:
+    """One concept's template, spread and subpopulations at every layer and tolerance (pass 1).
+
+    X  (n, S, d)  states of the positives R the template is made from.
+    """
+
+    def __init__(self, label: str, R: torch.Tensor, X: torch.Tensor, taus: torch.Tensor, device):
+        self.label = label
+        self.R = R
+        X = X.to(device, torch.float32)
+        self.taus = taus.to(device)
+        self.mu = X.mean(0)  # (S, d)
+        spread = (X - self.mu).abs().amax(0)  # (S, d)
+        self.M = spread[None] < self.taus[:, None, None]  # (K, S, d)
+        self.count = self.M.sum(-1).float()  # (K, S)
+        self.Mf = self.M.permute(1, 2, 0).float()  # (S, d, K)
+        self.inv = torch.where(self.count > 0, 1.0 / self.count.clamp(min=1),
+                               torch.full_like(self.count, float("nan"))).T  # (S, K)
+        self.mu64, self.Mf64, self.inv64 = self.mu.double(), self.Mf.double(), self.inv.double()
+        self.devR = self.deviations64(X)  # (S, n, K)
+        self.theta = self.devR.amax(1)  # (S, K) the paper's threshold: the largest deviation among R
+
+    def deviations(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (t, S, d) -> (S, t, K) float32; NaN where M is empty (never matches)."""
+        d2 = (rows.float() - self.mu).square_().transpose(0, 1)  # (S, t, d)
+        return torch.bmm(d2, self.Mf) * self.inv[:, None, :]
+
+    def deviations64(self, rows: torch.Tensor) -> torch.Tensor:
+        """The same in float64, one row at a time: the precision thresholds and decisions are taken in."""
+        return rowwise_deviations64(rows, self.mu64, self.Mf64, self.inv64)
+
+
+class StreamingFit:
+    """Accumulates pass 2 for every concept; `finish` picks the chunk per layer.
+
+    masks   label -> (T,) bool positives over the whole corpus (labels need no model)
+    draws   label -> (n,) token indices of the positives R the template is made from
+    """
+
+    def __init__(self, masks: dict[str, torch.Tensor], draws: dict[str, torch.Tensor], layers: list[int],
+                 tolerances: tuple[float, ...], criterion: Criterion, device="cpu"):
+        self.labels = list(masks)
+        self.masks = masks
+        self.draws = draws
+        self.criterion = criterion
+        self.device = torch.device(device)
+        self.taus = torch.tensor(tolerances, dtype=torch.float32)
+        self.T = len(next(iter(masks.values())))
+        self.layers = list(layers)
+        S, K = len(self.layers), len(tolerances)
+        self.S, self.K = S, K
+        self.templates: dict[str, ConceptTemplate] = {}
+        self.drawn = {}
+        for label in self.labels:
+            m = torch.zeros(self.T, dtype=torch.bool)
+            m[draws[label]] = True
+            self.drawn[label] = m
+        # pass-2 accumulators (int64 counts, float64 order statistics), on the CPU between batches
+        self.tp = {label: torch.zeros(S, K, dtype=torch.long) for label in self.labels}
+        self.fp = {label: torch.zeros(S, K, dtype=torch.long) for label in self.labels}
+        self.keep = {}
+        self.posdev = {}
+        self.pos_index = {label: masks[label].nonzero().flatten() for label in self.labels}
+        if criterion.calibrated:
+            for label in self.labels:
+                n_neg = self.T - len(self.pos_index[label])
+                k = min(self.allowed_fp(n_neg) + 1, max(n_neg, 1))
+                self.keep[label] = torch.full((S, k, K), float("inf"), dtype=torch.float64)
+                self.posdev[label] = torch.zeros(S, len(self.pos_index[label]), K, dtype=torch.float64)
+
+    def allowed_fp(self, n_neg: int) -> int:
+        """The most training negatives a calibrated chunk may match: floor(B * negatives)."""
+        return int(math.floor(self.criterion.budget * n_neg + 1e-9))
+
+    def needed_tokens(self) -> torch.Tensor:
+        """Token indices whose states pass 1 needs (every concept's R), sorted."""
+        return torch.cat([self.draws[label] for label in self.labels]).unique()
+
+    def set_positives(self, index: torch.Tensor, X: torch.Tensor) -> None:
+        """Pass 1: the states X (P, S, d) of tokens `index` (sorted, covering every R)."""
+        for label in self.labels:
+            R = self.draws[label]
+            rows = torch.searchsorted(index, R)
+            self.templates[label] = ConceptTemplate(label, R, X[rows], self.taus, self.device)
+
+    @torch.no_grad()
+    def update(self, index: torch.Tensor, states: torch.Tensor) -> None:
+        """Pass 2: one batch, token indices (t,) and states (t, S, d) on the device."""
+        for label in self.labels:
+            tpl = self.templates[label]
+            pos = self.masks[label][index]
+            own = self.drawn[label][index]  # R's deviations come from pass 1, where theta was taken
+            if self.criterion.calibrated:
+                self._update_calibrated(label, tpl, index, states, pos, own)
+                continue
+            dev = tpl.deviations(states)  # (S, t, K)
+            theta = tpl.theta.to(dev.dtype)
+            match = dev <= theta[:, None, :]  # NaN compares False
+            near = ((dev - theta[:, None, :]).abs() <= 1e-4 * theta[:, None, :] + 1e-12).any(-1).any(0)  # (t,)
+            if near.any():
+                idx = near.nonzero().flatten()
+                match[:, idx, :] = tpl.deviations64(states[idx]) <= tpl.theta[:, None, :]
+            pos_d = (pos & ~own).to(match.device).view(1, -1, 1)
+            neg_d = (~pos).to(match.device).view(1, -1, 1)
+            self.tp[label] += (match & pos_d).sum(1).cpu()
+            self.fp[label] += (match & neg_d).sum(1).cpu()
+
+    def _update_calibrated(self, label, tpl, index, states, pos, own) -> None:
+        keep = self.keep[label]
+        neg_rows = (~pos).nonzero().flatten()
+        if len(neg_rows):
+            # only negatives that can enter the k smallest need their exact float64 deviation
+            dev = tpl.deviations(states[neg_rows.to(states.device)])  # (S, u, K) float32
+            kth = keep[:, -1, :].to(dev.device, torch.float32)  # (S, K) the current k-th smallest
+            cand = (dev <= kth[:, None, :] * (1 + 1e-4) + 1e-12).any(-1).any(0)
+            rows = neg_rows[cand.cpu()]
+            if len(rows):
+                d64 = tpl.deviations64(states[rows.to(states.device)]).cpu()  # (S, u, K)
+                d64 = torch.nan_to_num(d64, nan=float("inf"))
+                merged = torch.cat([keep, d64], dim=1)
+                self.keep[label] = merged.topk(keep.shape[1], dim=1, largest=False, sorted=True).values
+        pos_rows = (pos & ~own).nonzero().flatten()
+        if len(pos_rows):
+            d64 = tpl.deviations64(states[pos_rows.to(states.device)]).cpu()
+            slots = torch.searchsorted(self.pos_index[label], index[pos_rows])
+            self.posdev[label][:, slots, :] = d64
+
+    # ---- checkpoints and merging across processes
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, label in enumerate(self.labels):
+            out[f"{i}.tp"], out[f"{i}.fp"] = self.tp[label], self.fp[label]
+            if self.criterion.calibrated:
+                out[f"{i}.keep"], out[f"{i}.posdev"] = self.keep[label], self.posdev[label]
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for i, label in enumerate(self.labels):
+            self.tp[label], self.fp[label] = tensors[f"{i}.tp"].long(), tensors[f"{i}.fp"].long()
+            if self.criterion.calibrated:
+                self.keep[label], self.posdev[label] = tensors[f"{i}.keep"].double(), tensors[f"{i}.posdev"].double()
+
+    def merge(self, group) -> None:
+        """Sum counts and merge order statistics over all processes (a no-op in one process)."""
+        for label in self.labels:
+            self.tp[label] = group.all_sum(self.tp[label])
+            self.fp[label] = group.all_sum(self.fp[label])
+            if self.criterion.calibrated:
+                self.posdev[label] = group.all_sum(self.posdev[label])  # each positive was filled by one process
+                keep = self.keep[label]
+                gathered = group.all_cat(keep, dim=1)
+                self.keep[label] = gathered.topk(keep.shape[1], dim=1, largest=False, sorted=True).values
+
+    # ---- the chosen chunks
+
+    def finish(self) -> dict[str, list[LayerFit]]:
+        out = {}
+        for label in self.labels:
+            tpl = self.templates[label]
+            mask = self.masks[label]
+            n_pos = int(mask.sum())
+            n_neg = self.T - n_pos
+            count = tpl.count.cpu()
+            devR = tpl.devR.cpu()  # (S, n, K)
+            if self.criterion.calibrated:
+                theta, tp, fp = self._calibrate(label, devR, n_neg)
+                name = "accuracy"  # the tolerance with the best accuracy at FP <= B (TP decides)
+            else:
+                theta = tpl.theta.cpu()
+                tp = self.tp[label] + (devR <= theta[:, None, :]).sum(1)
+                fp = self.fp[label]
+                name = self.criterion.name
+            scores = confusion_scores(tp, fp, n_pos, n_neg)
+            crit = scores[name].clone()
+            crit[(count == 0).T] = -1.0  # an empty subpopulation is never chosen
+            best = crit.argmax(1)  # (S,) first maximum: the largest tolerance among ties
+            fits = []
+            M = tpl.M.cpu()
+            mu = tpl.mu.cpu()
+            for s in range(self.S):
+                k = int(best[s])
+                neurons = M[k, s].nonzero().flatten()
+                stats = {key: float(v[s, k]) for key, v in scores.items()}
+                for key in ("tp", "fp", "tn", "fn"):
+                    stats[key] = int(stats[key])
+                fits.append(LayerFit(layer=self.layers[s], neurons=neurons, template=mu[s, neurons].clone(),
+                                     threshold=float(theta[s, k]), tolerance=float(self.taus[k]), stats=stats))
+            out[label] = fits
+        return out
+
+    def _calibrate(self, label: str, devR: torch.Tensor, n_neg: int):
+        """theta just below the (m+1)-th smallest negative deviation, m = floor(B * negatives)."""
+        keep = self.keep[label]  # (S, k, K) sorted ascending
+        m = self.allowed_fp(n_neg)
+        if m >= keep.shape[1]:  # the budget allows every negative
+            first_out = torch.full(keep.shape[::2], float("inf"), dtype=torch.float64)
+        else:
+            first_out = keep[:, m, :]
+        theta = torch.where(first_out > 0, first_out * (1 - CALIBRATION_MARGIN),
+                            torch.full_like(first_out, -1.0))  # a negative equal to the template: match nothing
+        theta = torch.where(torch.isinf(first_out), torch.full_like(first_out, torch.finfo(torch.float64).max), theta)
+        posdev = self.posdev[label].clone()
+        slots = torch.searchsorted(self.pos_index[label], self.draws[label])
+        posdev[:, slots, :] = devR
+        posdev = torch.nan_to_num(posdev, nan=float("inf"))
+        tp = (posdev <= theta[:, None, :]).sum(1)
+        fp = (keep <= theta[:, None, :]).sum(1)
+        return theta, tp, fp

@@ -1,4 +1,4 @@
-"""Unsupervised chunk discovery (METHOD.md section 3): chunks without labels.
+"""Unsupervised chunk discovery (docs/method.md section 4): chunks without labels.
 
 At one layer, K learnable unit vectors u_k are fitted to the states h_t by the
 max-cosine objective

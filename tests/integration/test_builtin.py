@@ -64,6 +64,25 @@ def test_population_averaging_protocol(smol):
     assert sum(early) / len(early) >= 0.85  # early layers are near 1; the last layers fall off
 
 
+def test_calibrated_threshold_on_held_out_text(smol):
+    """fp-budget:0.001: at most 0.1% of training negatives match; held-out TP well above the paper's rule."""
+    words = ["cheese", "cake", "cheesecake*"]
+    dictionary, report = build_dictionary(smol, LabelSource(corpus=read_text(sample_path("train.txt")), words=words),
+                                          criterion="fp-budget:0.001", seed=0)
+    assert len(dictionary) == 3 * 31
+    for chunk in dictionary.chunks:
+        assert chunk.criterion == "fp-budget:0.001"
+        assert chunk.fit["fp_rate"] <= 0.001
+        assert chunk.fit["n"] == report.counts[chunk.label]  # the template is the mean of all positives
+    records, _ = evaluate_dictionary(smol, dictionary, LabelSource(corpus=read_text(sample_path("heldout.txt"))))
+    summary = summarise_by_label(records)
+    tps = [summary[label]["tp_rate"] for label in ("cheese", "cake", "cheesecake")]
+    assert sum(tps) / 3 >= 0.85  # 0.891 measured (cheese 0.903, cake 0.867, cheesecake 0.903)
+    for label in ("cheese", "cake", "cheesecake"):
+        assert summary[label]["tp_rate"] >= 0.8, label
+        assert summary[label]["fp_rate"] <= 0.003, label
+
+
 QUESTIONS = ["What is a good snack for a long walk?", "What should I make for lunch today?",
              "What can I bring to a picnic?", "What goes well with a glass of wine?",
              "What is your favourite thing to eat?", "What should I put on my sandwich?"]

@@ -19,7 +19,7 @@ def test_layout_of_each_family(spec, blocks):
 
 @pytest.mark.parametrize("spec", ["random:llama-tiny", "random:gpt2-tiny", "random:neox-tiny"])
 def test_recorder_matches_hugging_face_hidden_states(spec):
-    """H[l] for l < L is the stream entering block l; H[L] is the final-norm output, as in METHOD.md."""
+    """H[l] for l < L is the stream entering block l; H[L] is the final-norm output, as in docs/method.md."""
     loaded = load_model(spec)
     ids = torch.tensor([[5, 17, 42, 99, 3, 8]])
     with ResidualRecorder(loaded.layout) as rec:

@@ -1,0 +1,142 @@
+"""The streaming build at scale: peak memory, speed against a plain forward pass, 1 process against 2.
+
+Generates a corpus of about --tokens tokens from the sample text (the
+training and held-out paragraphs' sentences, shuffled and repeated with a
+seed), then:
+
+1. builds a dictionary of --words concepts at every layer in a subprocess
+   (`python -m chunktui build --json`), which reports its own peak RSS;
+2. runs a plain forward pass over the same contexts, in the same batches, with
+   the hidden states recorded and dropped (the baseline, in this process), and
+   prints build tokens/s against it (target: ratio >= 0.8);
+3. builds again with `--procs 2` and prints the wall times side by side.
+
+    python benchmarks/pa_scale.py [--tokens 100000] [--words 30] [--no-procs]
+
+The state matrix the in-memory build would hold is printed for comparison:
+tokens x layers x width x 4 bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_corpus(tokenizer, target: int, seed: int = 0) -> str:
+    from chunktui.engine.hidden import split_sentences
+
+    text = "\n".join((ROOT / "sample_data" / name).read_text(encoding="utf-8") for name in ("train.txt", "heldout.txt"))
+    sentences = [text[a:b] for a, b in split_sentences(text)]
+    lengths = [len(ids) for ids in tokenizer(sentences, add_special_tokens=False)["input_ids"]]
+    rng = random.Random(seed)
+    order, total, lines = list(range(len(sentences))), 0, []
+    while total < target:
+        rng.shuffle(order)
+        para = []
+        for i in order:
+            para.append(sentences[i])
+            total += lengths[i]
+            if len(para) == 8:
+                lines.append(" ".join(para))
+                para = []
+            if total >= target:
+                break
+        if para:
+            lines.append(" ".join(para))
+    return "\n".join(lines) + "\n"
+
+
+@click.command()
+@click.option("--model", default="smollm2-135m")
+@click.option("--tokens", default=100_000, show_default=True)
+@click.option("--words", "n_words", default=30, show_default=True, help="the first N concepts of concepts.txt")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--procs/--no-procs", "compare_procs", default=True, help="also build with --procs 2")
+@click.option("--json", "json_out", default=None)
+def main(model, tokens, n_words, batch_size, compare_procs, json_out):
+    from chunktui.engine.hidden import prepare_corpus, run_batch, schedule
+    from chunktui.engine.labels import read_word_list
+    from chunktui.engine.models import load_model
+
+    words = read_word_list(str(ROOT / "sample_data" / "concepts.txt"))[:n_words]
+    words = [w + "*" if w == "cheesecake" else w for w in words]
+    loaded = load_model(model)
+    threads = torch.get_num_threads()
+    work = Path(tempfile.mkdtemp(prefix="pa_scale."))
+    corpus_path = work / "corpus.txt"
+    text = make_corpus(loaded.tokenizer, tokens)
+    corpus_path.write_text(text, encoding="utf-8")
+    corpus = prepare_corpus(loaded.tokenizer, text)
+    T, S, d = len(corpus.tokens), loaded.layout.n_states, loaded.hidden_size
+    print(f"model {loaded.name}: corpus of {T} tokens in {len(corpus.rows)} sentences ({corpus_path}), "
+          f"{len(words)} words x {S} layers, batch {batch_size}, {threads} threads, {os.cpu_count()} cores")
+    print(f"the state matrix an in-memory build would hold: {T * S * d * 4 / 2**30:.2f} GiB (float32)")
+    out = {"tokens": T, "words": len(words), "layers": S, "threads": threads,
+           "state_matrix_bytes": T * S * d * 4}
+
+    def build(procs: int, name: str) -> dict:
+        summary = work / f"{name}.json"
+        cmd = [sys.executable, "-m", "chunktui", "build", "--model", model, "--corpus", str(corpus_path),
+               "--words", ",".join(words), "--batch-size", str(batch_size), "--procs", str(procs),
+               "--out", str(work / f"{name}.chunks.safetensors"), "--json", str(summary)]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env)
+        wall = time.perf_counter() - t0
+        record = json.loads(summary.read_text())
+        record["wall_seconds"] = wall
+        return record
+
+    one = build(1, "one")
+    out["build_1"] = one
+    rss = one["peak_memory_bytes"]["rss"]
+    print(f"\n1 process: {one['seconds']:.0f} s build ({one['wall_seconds']:.0f} s with model load), "
+          f"pass 1 {one['pass1_tokens']} tokens in {one['pass1_seconds']:.0f} s, pass 2 {T} tokens in "
+          f"{one['pass2_seconds']:.0f} s; peak RSS {rss / 2**30:.2f} GiB")
+
+    # the baseline: the same contexts, the same batches, states recorded and dropped
+    layers = list(range(S))
+    t0 = time.perf_counter()
+    for batch in schedule(corpus, batch_size):
+        run_batch(loaded, corpus, batch, layers)
+    forward = time.perf_counter() - t0
+    out["forward_seconds"] = forward
+    fwd_rate = T / forward
+    pass2_rate = T / one["pass2_seconds"]
+    build_rate = T / one["seconds"]
+    out.update(forward_tok_s=fwd_rate, pass2_tok_s=pass2_rate, build_tok_s=build_rate)
+    print(f"plain forward: {fwd_rate:.0f} tok/s; pass 2: {pass2_rate:.0f} tok/s (ratio {pass2_rate / fwd_rate:.2f}); "
+          f"whole build incl. pass 1: {build_rate:.0f} tok/s (ratio {build_rate / fwd_rate:.2f}; target >= 0.8)")
+
+    if compare_procs:
+        two = build(2, "two")
+        out["build_2"] = two
+        print(f"2 processes: {two['seconds']:.0f} s build ({two['wall_seconds']:.0f} s with launch and load) "
+              f"against {one['seconds']:.0f} s ({one['wall_seconds']:.0f} s); speed-up {one['seconds'] / two['seconds']:.2f}x, "
+              f"peak RSS per process {two['peak_memory_bytes']['rss'] / 2**30:.2f} GiB")
+        from safetensors.torch import load_file
+
+        a, b = load_file(str(work / "one.chunks.safetensors")), load_file(str(work / "two.chunks.safetensors"))
+        same = a.keys() == b.keys() and all(torch.equal(a[k].nan_to_num(), b[k].nan_to_num()) for k in a)
+        out["two_equals_one"] = same
+        print(f"2-process dictionary tensors equal the 1-process build's: {same}")
+    if json_out:
+        from chunktui.engine.io import write_json
+
+        write_json(json_out, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Work across processes with torch.distributed: one rank per GPU on CUDA (nccl), processes on CPU (gloo).
+
+A build started by `torchrun --nproc-per-node K -m chunktui build ...` (or
+`chunktui build --procs K`, which calls torchrun's own launcher) finds the
+usual torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...);
+`process_group()` joins it. Without that environment everything runs in one
+process through the same interface, so the engine has one code path.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+
+class SingleProcess:
+    """The one-process group: every collective is the identity."""
+
+    rank = 0
+    world_size = 1
+    backend = "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_cat(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return tensor
+
+    def all_max(self, value: float) -> float:
+        return value
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TorchGroup(SingleProcess):
+    """The default torch.distributed process group. Tensors travel on the backend's device."""
+
+    def __init__(self, backend: str):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.backend = backend
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.comm_device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.to(self.comm_device).clone()
+        self.dist.all_reduce(out, op=self.dist.ReduceOp.SUM)
+        return out.to(tensor.device)
+
+    def all_cat(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        local = tensor.to(self.comm_device).contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        self.dist.all_gather(parts, local)
+        return torch.cat(parts, dim=dim).to(tensor.device)
+
+    def all_max(self, value: float) -> float:
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.comm_device)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def close(self) -> None:
+        if self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def process_group(device: str = "auto") -> SingleProcess:
+    """Join the torchrun group when launched by it (gloo on CPU, nccl on CUDA); else one process."""
+    if not launched_by_torchrun():
+        return SingleProcess()
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device not in ("cpu",) and not str(device).startswith("mps")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return TorchGroup(backend)
+
+
+def rank_device(device: str) -> str:
+    """One GPU per rank: 'auto' or 'cuda' becomes cuda:LOCAL_RANK under torchrun."""
+    if launched_by_torchrun() and torch.cuda.is_available() and device in ("auto", "cuda"):
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+def launch(procs: int, argv: list[str]) -> int:
+    """Run `python -m chunktui ARGV` in `procs` processes with torchrun's launcher (torch.distributed.run)."""
+    from torch.distributed.run import get_args_parser, run
+
+    # torchrun would set 1 thread per worker (with a warning); share the cores out instead
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))
+    args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(procs), "--module", "chunktui", *argv])
+    try:
+        run(args)
+    except Exception as err:  # torchrun's ChildFailedError carries the failing rank's exit code
+        failures = getattr(err, "failures", None) or {}
+        codes = [getattr(f, "exitcode", 1) for f in failures.values()]
+        return max([c for c in codes if isinstance(c, int) and c > 0] or [1])
+    return 0
+
+
+def peak_memory_bytes(device: torch.device | str | None = None) -> dict[str, int]:
+    """Peak resident memory of this process (and peak CUDA memory when on a GPU)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"rss": int(rss if sys.platform == "darwin" else rss * 1024)}
+    if device is not None and torch.device(device).type == "cuda":
+        out["cuda"] = int(torch.cuda.max_memory_allocated(torch.device(device)))
+    return out

@@ -1,0 +1,145 @@
+"""The streaming build: the same dictionary as the in-memory reference, the calibrated criterion, resuming."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from chunktui.engine.build import (Checkpoint, LabelSource, build_dictionary, build_dictionary_in_memory, collect_for,
+                                   evaluate_dictionary, evaluate_hidden)
+from chunktui.engine.errors import CorpusError, GenerationCancelled
+from chunktui.engine.matching import PackedDictionary
+from chunktui.engine.pa import PAPER_TOLERANCES, ConceptTemplate, parse_criterion
+
+WORDS = ["cheese", "cake", "dog", "rain"]
+
+
+def chunk_record(chunk):
+    return (chunk.id, chunk.neurons.tolist(), chunk.template.tolist(), chunk.threshold, chunk.tolerance,
+            {k: v for k, v in chunk.fit.items()})
+
+
+def assert_same_chunks(a, b):
+    assert [c.id for c in a.chunks] == [c.id for c in b.chunks]
+    for x, y in zip(a.chunks, b.chunks):
+        assert chunk_record(x) == chunk_record(y), x.id
+
+
+def test_streaming_equals_in_memory_reference(tiny_model, tiny_corpus, monkeypatch):
+    # batch size 1: every context is computed alone in both builds, so the states are bitwise equal
+    ref, _ = build_dictionary_in_memory(tiny_model, LabelSource(corpus=tiny_corpus, words=WORDS), n=5, batch_size=1)
+    import chunktui.engine.hidden as hidden
+
+    def no_collect(*a, **k):
+        raise AssertionError("the streaming build must not collect the corpus's states")
+
+    monkeypatch.setattr(hidden, "collect", no_collect)
+    streamed, report = build_dictionary(tiny_model, LabelSource(corpus=tiny_corpus, words=WORDS), n=5, batch_size=1)
+    assert len(streamed.chunks) == len(ref.chunks) > 10
+    assert_same_chunks(streamed, ref)
+    assert torch.allclose(streamed.layer_means, ref.layer_means, atol=1e-6)
+    assert report.pass1_tokens < report.tokens / 3  # pass 1 ran only the contexts holding drawn positives
+
+
+def test_streaming_evaluation_equals_in_memory(tiny_model, tiny_dict):
+    from conftest import make_corpus
+
+    dictionary, _ = tiny_dict
+    heldout = make_corpus(seed=5, sentences=40)
+    records, corpus = evaluate_dictionary(tiny_model, dictionary, LabelSource(corpus=heldout))
+    source = LabelSource(corpus=heldout, words=dictionary.labels(), min_count=1)
+    hs, _ = collect_for(tiny_model, source, dictionary.layers())
+    reference = evaluate_hidden(dictionary, hs, source.labels(hs, None), tiny_model.hidden_size)
+    assert len(corpus.tokens) == len(hs.tokens)
+    assert records == reference
+    assert any(r.get("tp", 0) > 0 for r in records)
+
+
+def test_fp_budget_threshold_is_the_order_statistic(tiny_model, tiny_corpus):
+    budget = 0.002
+    d, _ = build_dictionary(tiny_model, LabelSource(corpus=tiny_corpus, words=WORDS), criterion=f"fp-budget:{budget}",
+                            batch_size=5)
+    assert d.notes["criterion"] == "fp-budget:0.002" and d.notes["n"] == "all"
+    source = LabelSource(corpus=tiny_corpus, words=WORDS)
+    hs, _ = collect_for(tiny_model, source, None, batch_size=5)
+    labels = source.labels(hs, None)
+    packed = PackedDictionary(d.chunks, tiny_model.hidden_size, hs.layers)
+    hit = packed.match(hs.H).hit
+    checked = 0
+    for c, chunk in enumerate(packed.chunks):
+        mask = labels.masks[chunk.label]
+        n_neg = int((~mask).sum())
+        allowed = math.floor(budget * n_neg)
+        assert chunk.criterion == "fp-budget:0.002"
+        assert chunk.fit["n"] == int(mask.sum())  # the template is the mean of all positives
+        assert chunk.fit["fp"] <= allowed
+        # the stored counts are what matching the stored chunk gives on the training text
+        assert int((hit[:, c] & mask).sum()) == chunk.fit["tp"], chunk.id
+        assert int((hit[:, c] & ~mask).sum()) == chunk.fit["fp"], chunk.id
+        # by brute force (one layer, to stay quick): theta sits just below the (allowed + 1)-th smallest
+        # negative deviation (the template's last bits differ: pass 1 ran the positives in other batches)
+        if chunk.layer != hs.layers[-1]:
+            continue
+        checked += 1
+        s = hs.layers.index(chunk.layer)
+        X = hs.H[mask.nonzero().flatten()]
+        k = min(range(len(PAPER_TOLERANCES)), key=lambda i: abs(PAPER_TOLERANCES[i] - chunk.tolerance))
+        tpl = ConceptTemplate(chunk.label, mask.nonzero().flatten(), X, torch.tensor(PAPER_TOLERANCES), "cpu")
+        negatives = tpl.deviations64(hs.H[~mask])[s, :, k].sort().values
+        first_out = float(negatives[allowed])
+        assert chunk.threshold == pytest.approx(first_out * (1 - 1e-6), rel=1e-7) or (
+            first_out == 0 and chunk.threshold == -1.0)
+    assert checked == len(WORDS)
+
+
+def test_fp_budget_takes_drawn_template_when_n_given(tiny_model, tiny_corpus):
+    d, _ = build_dictionary(tiny_model, LabelSource(corpus=tiny_corpus, words=["cheese"]), n=5,
+                            criterion="fp-budget:0.01")
+    assert {c.fit["n"] for c in d.chunks} == {5}
+
+
+@pytest.mark.parametrize("spec, message", [("fp-budget", "as a number"), ("fp-budget:-0.1", "at least 0"),
+                                           ("fp-budget:1", "below 1"), ("fp-budget:nan", "below 1"),
+                                           ("precision", "Unknown criterion")])
+def test_bad_criteria(spec, message):
+    with pytest.raises(CorpusError, match=message):
+        parse_criterion(spec)
+
+
+def test_resume_after_interruption_gives_the_same_dictionary(tiny_model, tiny_corpus, tmp_path):
+    source = lambda: LabelSource(corpus=tiny_corpus, words=WORDS)  # noqa: E731
+    full, _ = build_dictionary(tiny_model, source(), batch_size=4, criterion="fp-budget:0.003")
+    counted = {"batches": 0}
+
+    def progress(stage, fraction, message):
+        counted["batches"] += stage == "build"
+
+    def kill_after_some_batches():  # stops like a kill: between batches, partway through pass 2
+        return counted["batches"] >= 25
+
+    folder = tmp_path / "x.partial"
+    with pytest.raises(GenerationCancelled):
+        build_dictionary(tiny_model, source(), batch_size=4, criterion="fp-budget:0.003", should_stop=kill_after_some_batches,
+                         progress=progress, checkpoint=Checkpoint(folder, every=8))
+    assert (folder / "rank0.safetensors").is_file() and (folder / "rank0.json").is_file()
+    # other settings are refused, not mixed in
+    with pytest.raises(CorpusError, match="other settings"):
+        build_dictionary(tiny_model, source(), batch_size=4, criterion="fp-budget:0.01",
+                         checkpoint=Checkpoint(folder, every=8, resume=True))
+    resumed, report = build_dictionary(tiny_model, source(), batch_size=4, criterion="fp-budget:0.003",
+                                       checkpoint=Checkpoint(folder, every=8, resume=True))
+    assert report.resumed_batches > 0
+    assert_same_chunks(resumed, full)
+    assert torch.allclose(resumed.layer_means, full.layer_means)
+
+
+def test_state_cache_on_disk_reads_back_each_layer(tiny_model, tiny_corpus, tmp_path):
+    from chunktui.engine.hidden import cache_states, collect, prepare_corpus
+
+    corpus = prepare_corpus(tiny_model.tokenizer, tiny_corpus)
+    cache = cache_states(tiny_model, corpus, [1, 3], tmp_path, batch_size=16, shard_bytes=50_000)
+    assert len(cache.shards) > 3 and all(p.suffix == ".safetensors" for p in cache.shards)
+    hs = collect(tiny_model, tiny_corpus, layers=[1, 3], batch_size=16)
+    assert torch.equal(cache.layer(1), hs.H[:, 0]) and torch.equal(cache.layer(3), hs.H[:, 1])
