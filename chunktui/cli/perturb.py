@@ -24,8 +24,8 @@ from chunktui.paths import DEFAULT_DICT_NAME, sample_path
               type=click.Choice(list(MODES)))
 @click.option("--strength", type=float, default=None,
               help="a for graft/amplify, b for freeze/suppress (default: graft 0.05, amplify 2, freeze 1, suppress 0.5, "
-                   "mean-ablate 1). The sample dictionary's chunks span the whole width, so a = 1 replaces the state "
-                   "and breaks the answer; 0.05 on every prompt token steers it. Range: graft, amplify, mean-ablate "
+                   "mean-ablate 1). The sample dictionary's chunks are wide (most neurons), so a = 1 all but "
+                   "replaces the state and breaks the answer; 0.05 on every prompt token steers it. Range: graft, amplify, mean-ablate "
                    "0 < a <= 10; freeze, suppress 0 < b <= 1")
 @click.option("--layers", default=DEFAULT_LAYERS, show_default=True, callback=checked(validate.layer_spec),
               help="each layer uses the concept's chunk of that layer; 'all' = every block (0..L-1), since the "

@@ -1,4 +1,4 @@
-"""Perturbation (METHOD.md section 2): grafting and suppressing chunks in the residual stream.
+"""Perturbation (docs/method.md section 3): grafting and suppressing chunks in the residual stream.
 
 An `Intervention` edits H[l] (the stream entering block l) through a forward
 pre-hook on block l, so the residual connection carries the edit forward and

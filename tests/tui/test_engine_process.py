@@ -77,14 +77,14 @@ def test_the_engine_loads_streams_and_answers_detail_in_another_process(engine):
 
 def test_cancel_stops_within_a_token_and_a_killed_engine_is_reported(engine):
     client, rec, buffer, _ = engine
-    client.send(p.Generate(2, "The dog", p.Sampling(max_new_tokens=5000, stop_at_eos=False), chat=False))
+    client.send(p.Generate(2, "The dog", p.Sampling(max_new_tokens=480, stop_at_eos=False), chat=False))
     deadline = time.monotonic() + 60
     while buffer.arrived < 20 and time.monotonic() < deadline:
         time.sleep(0.01)
     client.send(p.Cancel())
     done = rec.wait_for(p.TraceDone)[-1]
     produced = sum(s.generated for s in buffer.drain()[2])
-    assert done.reason == "cancelled" and 20 <= produced < 5000
+    assert done.reason == "cancelled" and 20 <= produced < 480
     client.kill()
     code = rec.died.get(timeout=30)
     assert code is not None and code < 0  # killed by a signal, as the app reports it
