@@ -63,6 +63,16 @@ class Engine:
             engine.use_dictionary(dictionary)
         return engine
 
+    @classmethod
+    def from_loaded(cls, loaded, dictionary=None) -> "Engine":
+        """The facade over a model already loaded (the CLI loads with its own progress bar)."""
+        from chunktui.engine.backend import LanguageModel
+
+        engine = cls(LanguageModel(loaded))
+        if dictionary is not None:
+            engine.use_dictionary(dictionary)
+        return engine
+
     @property
     def loaded(self):
         return self.backend.loaded
@@ -200,11 +210,14 @@ class Engine:
 
     def compare(self, chunks, prompts: str | Sequence[str], *, mode: str = "graft", strength: float | None = None,
                 layers: str = "2-9", positions: str = "prompt", samples: int = 1, sampling: Sampling | None = None,
-                chat: bool = True, batch_size: int = 16, cancel: threading.Event | None = None, progress=None):
-        """Control and perturbed arms with identical prompts, sampling and seeds (a ComparisonReport)."""
+                chat: bool = True, batch_size: int = 16, cancel: threading.Event | None = None, progress=None,
+                intervention=None):
+        """Control and perturbed arms with identical prompts, sampling and seeds (a ComparisonReport).
+
+        `intervention` (from `engine.intervention(...)`) replaces chunks/mode/strength/layers/positions."""
         from chunktui.engine.perturb import compare
 
-        intervention = self.intervention(chunks, mode, strength, layers, positions)
+        intervention = intervention or self.intervention(chunks, mode, strength, layers, positions)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         sampling = sampling or Sampling(max_new_tokens=48, temperature=0.8, top_p=0.9)
         kwargs = {"progress": progress} if progress is not None else {}

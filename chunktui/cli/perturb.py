@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import click
-from rich.table import Table
-
-from chunktui.cli.common import (console, err_console, friendly_errors, load_with_progress, model_options,
-                                 stage_progress)
-from chunktui.engine.perturb_defaults import DEFAULT_LAYERS, DEFAULT_POSITIONS, MODES
 from rich.markup import escape
+from rich.table import Table
 
 from chunktui.cli.common import (checked, console, friendly_errors, load_with_progress, model_inputs, model_options,
                                  note, overwrite_option, plan_outputs, stage_progress)
 from chunktui.engine import validate
+from chunktui.engine.perturb_defaults import DEFAULT_LAYERS, DEFAULT_POSITIONS, MODES
 from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 
 
@@ -56,10 +53,10 @@ def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strengt
                 prompts_file, limit, samples, max_new_tokens, temperature, top_p, seed, chat, truncate, batch_size,
                 json_out, overwrite, show) -> None:
     """Regenerate with chunks grafted or suppressed; identical sampling and seeds in both arms."""
+    from chunktui.api import Engine
     from chunktui.engine.dictionary import load_dictionary
     from chunktui.engine.errors import CorpusError
-    from chunktui.engine.hidden import parse_layers
-    from chunktui.engine.perturb import Intervention, Positions, compare, select_chunks
+    from chunktui.engine.perturb import Positions
     from chunktui.engine.streaming import Sampling
 
     if (prompt is None) == (prompts_file is None):
@@ -86,12 +83,8 @@ def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strengt
     dictionary = load_dictionary(dict_path)  # a damaged dictionary is reported before the model loads
     loaded = load_with_progress(model_spec, device, dtype)
     dictionary.check_compatible(loaded.identity())
-    if layers == "all":
-        layer_list = list(range(loaded.n_layers))  # H[L] is the final norm's output: there is no block to edit
-    else:
-        layer_list = validate.editable_layers(parse_layers(layers, loaded.layout.n_states), loaded.n_layers,
-                                              "--layers")
-    chunks = select_chunks(dictionary, chunk_names.split(","), layer_list)
+    engine = Engine.from_loaded(loaded, dictionary)  # the same facade as the app's engine process and notebooks
+    intervention = engine.intervention(chunk_names, mode, strength, layers, str(where))  # 'all': blocks 0..L-1
     from chunktui.engine.context import fit_prompt
 
     fitted = [fit_prompt(loaded, p, max_new_tokens, chat=chat, truncate=truncate) for p in prompts]
@@ -100,13 +93,12 @@ def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strengt
         note("note:", f"{len(cut)} prompt{'s were' if len(cut) > 1 else ' was'} cut from the start to fit "
                      f"{loaded.name}'s context of {loaded.context_length} tokens (--truncate)")
     prompts = [f.text for f in fitted]
-    intervention = Intervention(chunks=chunks, mode=mode, strength=strength, positions=where,
-                                layer_means=dictionary.layer_means)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     progress, update = stage_progress()
     with progress:
-        report = compare(loaded, intervention, prompts, samples, sampling, chat, batch_size,
-                         progress=lambda stage, frac: update(stage, frac, f"{stage} arm"))
+        report = engine.compare(None, prompts, intervention=intervention, samples=samples, sampling=sampling,
+                                chat=chat, batch_size=batch_size,
+                                progress=lambda stage, frac: update(stage, frac, f"{stage} arm"))
     table = Table(title=f"{mode} x{intervention.strength:g} at layers {escape(layers)}, positions {escape(positions)} "
                         f"({len(prompts)} prompts x {samples} samples, T={temperature}, top-p={top_p})")
     for col in ("concept", "control rate", "perturbed rate", "change", "log p control", "log p perturbed", "change"):

@@ -44,13 +44,13 @@ def token_records(texts, ids, matches, chunks) -> list[dict]:
 
 
 def _load_dict(path, loaded, dictionary=None, optional: bool = False):
-    """The dictionary (read before the model loads, when given) checked against the model, and packed.
+    """The engine facade over `loaded` with the dictionary (read before the model loads, when given) checked
+    against the model and packed: (engine, dictionary, packed).
 
     `optional` (the default sample dictionary): a model it was not made for scans with no chunks, and a note
     says how to build its own."""
     from chunktui.engine.dictionary import ChunkDictionary, load_dictionary
     from chunktui.engine.errors import IncompatibleDictionaryError
-    from chunktui.engine.matching import pack
 
     try:
         if dictionary is None:
@@ -63,7 +63,10 @@ def _load_dict(path, loaded, dictionary=None, optional: bool = False):
         note("note:", f"the sample dictionary is for the built-in model, not {loaded.name}: no chunks to match; "
                       "build this model's own with `chunktui build` and pass it with --dict")
         dictionary = ChunkDictionary(model=loaded.identity(), chunks=[])
-    return dictionary, pack(dictionary.chunks, loaded.hidden_size, loaded.layout.n_states, loaded.device)
+    from chunktui.api import Engine
+
+    engine = Engine.from_loaded(loaded, dictionary)  # the facade the app's engine process and notebooks use
+    return engine, dictionary, engine.packed
 
 
 @click.command("scan")
@@ -94,7 +97,7 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
     from chunktui.engine.build import read_text
     from chunktui.engine.errors import CorpusError
     from chunktui.engine.hidden import parse_layers
-    from chunktui.engine.streaming import Sampling, encode_prompt, generate_stream, scan_text
+    from chunktui.engine.streaming import Sampling, encode_prompt
 
     if sum(x is not None for x in (text, file_path, prompt)) != 1:
         raise CorpusError("Give exactly one of --text, --file and --prompt.")
@@ -111,7 +114,7 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
     target = plan_outputs(("--json", json_out, None), overwrite=overwrite,
                           inputs=[dict_path, file_path, *model_inputs(model_spec)])
     loaded = load_with_progress(model_spec, device, dtype)
-    dictionary, packed = _load_dict(dict_path, loaded, early, optional=default_dict)
+    engine, dictionary, packed = _load_dict(dict_path, loaded, early, optional=default_dict)
     keep = set(parse_layers(layers, loaded.layout.n_states))
     if prompt is not None:
         from chunktui.engine.context import fit_prompt
@@ -123,8 +126,8 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
         prompt = fitted.text
         n_prompt = len(encode_prompt(loaded, prompt, chat))
         ensure_fits(loaded, "generating", n_prompt, n_new, kept_states=n_prompt + n_new)  # every state is kept
-        events = list(generate_stream(loaded, prompt, Sampling(max_new_tokens=n_new, temperature=temperature,
-                                                                top_p=top_p, seed=seed), packed=packed, chat=chat))
+        events = list(engine.stream(prompt, sampling=Sampling(max_new_tokens=n_new, temperature=temperature,
+                                                              top_p=top_p, seed=seed), chat=chat))
         texts = [e.text for e in events]
         ids = [e.token_id for e in events]
         from chunktui.engine.matching import MatchResult
@@ -133,7 +136,7 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
         matches = MatchResult(*(torch.cat([getattr(e.matches, f) for e in events]).cpu() for f in fields))
         generated = [e.generated for e in events]
     else:
-        result = scan_text(loaded, body, packed)
+        result = engine.scan(body)
         texts, ids, matches = result.texts, result.ids, result.matches
         generated = [False] * len(ids)
     chunks = packed.chunks
@@ -174,13 +177,12 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
 def demo_cmd(model_spec, device, dict_path) -> None:
     """Headless demo: scan the sample sequences and print highlighted tokens."""
     from chunktui.engine.hidden import iter_jsonl
-    from chunktui.engine.streaming import scan_text
 
     from chunktui.engine.dictionary import load_dictionary
 
     early = load_dictionary(dict_path or sample_path(DEFAULT_DICT_NAME))
     loaded = load_with_progress(model_spec, device, "auto")
-    dictionary, packed = _load_dict(dict_path, loaded, early)
+    engine, dictionary, packed = _load_dict(dict_path, loaded, early)
     colours = label_colours(dictionary.labels())
     seq_path = sample_path("sequences.jsonl")
     texts = [rec["text"] for _, rec in iter_jsonl(seq_path)] if Path(seq_path).is_file() else [
@@ -192,7 +194,7 @@ def demo_cmd(model_spec, device, dict_path) -> None:
             note("skipped", f"a {n_tokens}-token sequence: longer than {loaded.name}'s context "
                             f"({loaded.context_length} tokens)")
             continue
-        result = scan_text(loaded, body, packed)
+        result = engine.scan(body)
         labels = [packed.chunks[int(c)].label if int(c) >= 0 else None for c in result.matches.token_chunk]
         skip = 1 if result.ids[0] == loaded.tokenizer.bos_token_id else 0  # the BOS we added
         console.print(render_tokens(result.texts[skip:], labels[skip:], colours))

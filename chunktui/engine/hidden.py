@@ -370,6 +370,9 @@ def collect(loaded: LoadedModel, text: str, mode: str = "sentence", layers: Sequ
     corpus = prepare_corpus(loaded.tokenizer, text, mode, window, stride, contexts,
                             context_length=loaded.context_length)
     T = len(corpus.tokens)
+    longest = max(len(r[0]) for r in corpus.rows) + 1
+    ensure_fits(loaded, "collecting hidden states for", longest, batch=min(batch_size, len(corpus.rows)),
+                kept_states=longest * len(layers) // loaded.layout.n_states)  # refused up front, not half way
     ensure_host_fits(T * len(layers) * loaded.hidden_size * torch.tensor([], dtype=store_dtype).element_size(),
                      f"collecting the hidden states of {T} tokens at {len(layers)} layers")
     H = torch.empty(T, len(layers), loaded.hidden_size, dtype=store_dtype)

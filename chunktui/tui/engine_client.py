@@ -17,7 +17,6 @@ without paying a torch import per app instance).
 from __future__ import annotations
 
 import multiprocessing
-import os
 import socket
 import subprocess
 import sys

@@ -89,12 +89,21 @@ class LayerMap(Widget):
         name = piece[: self.label_width].rjust(self.label_width)
         segments = [Segment(name, self._style(base, reverse=t == cursor, bold=t == cursor)), Segment(" ", base)]
         no_color = self.app.no_color
+        run, run_style = "", None  # neighbouring cells with one style travel as one segment (most are dim dots)
         for l in range(S):
             c = step.layer_chunk[l] if l < len(step.layer_chunk) else -1
             chosen = l == self.layer_index
             if c < 0:
-                segments.append(Segment("·", self._style(base, bold=True) if chosen else self._style(base, dim=True)))
+                glyph, style = "·", self._style(base, bold=True) if chosen else self._style(base, dim=True)
+            else:
+                colour = None if no_color else self.colours.get(trace.columns.labels[c])
+                glyph, style = strength_glyph(step.layer_score[l]), self._style(base, color=colour, bold=chosen)
+            if style is run_style:
+                run += glyph
                 continue
-            colour = None if no_color else self.colours.get(trace.columns.labels[c])
-            segments.append(Segment(strength_glyph(step.layer_score[l]), self._style(base, color=colour, bold=chosen)))
+            if run:
+                segments.append(Segment(run, run_style))
+            run, run_style = glyph, style
+        if run:
+            segments.append(Segment(run, run_style))
         return Strip(segments).adjust_cell_length(width, base)

@@ -9,6 +9,8 @@ cursor settles on it).
 
 from __future__ import annotations
 
+import time
+
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -24,6 +26,8 @@ from chunktui.tui.widgets.token_view import TokenView, legend
 
 class TraceView(Widget, can_focus=True):
     """Keyboard: ← → move a token, Home/End, [ ] change layer (all = strongest over layers), n/p next match."""
+
+    LIVE_DETAIL_SECONDS = 0.25  # how often the detail of the newest token is redrawn while a stream runs
 
     BINDINGS = [
         Binding("left", "move(-1)", "Token ←", show=False),
@@ -65,6 +69,7 @@ class TraceView(Widget, can_focus=True):
         self.placeholder = placeholder
         self.detail = None  # the engine's Detail for (cursor, layer), when it came
         self._legend_key = None
+        self._detail_drawn = 0.0
 
     def compose(self) -> ComposeResult:
         with Horizontal(classes="trace-body"):
@@ -123,9 +128,14 @@ class TraceView(Widget, can_focus=True):
                 line.append(f" · n: next {self.jump_label}", style="dim")
             self.query_one(".legend", Static).update(line, layout=False)  # fixed height: no layout pass
         self.query_one(LayerMap).show(trace, colours, self.cursor, self.layer_index, self.n_states)
-        detail = self.detail if self.detail is not None and self.detail.index == self.cursor and \
-            self.detail.layer == self.layer_index else None
-        self.query_one(TokenDetail).show(trace, colours, self.cursor, self.layer_index, detail)
+        live = self.follow and trace is not None and trace.finished is None
+        now = time.monotonic()
+        if not live or now - self._detail_drawn >= self.LIVE_DETAIL_SECONDS:
+            # riding a running stream, the newest token's detail changes every frame: draw it a few times a second
+            self._detail_drawn = now
+            detail = self.detail if self.detail is not None and self.detail.index == self.cursor and \
+                self.detail.layer == self.layer_index else None
+            self.query_one(TokenDetail).show(trace, colours, self.cursor, self.layer_index, detail)
         if self.cursor is not None:
             text.scroll_to_token(self.cursor)
 
