@@ -333,7 +333,9 @@ async def test_file_option_opens_step_on_that_file(make_test_app, tmp_path):
 
 
 async def test_token_view_lays_out_only_new_tokens_and_scrolls_to_the_cursor(make_test_app):
-    from chunktui.tui.widgets.token_view import TokenView
+    from rich.cells import cell_len
+
+    from chunktui.tui.widgets.token_view import TokenView, printable
 
     app = make_test_app()
     async with app.run_test(size=(80, 24)) as pilot:
@@ -344,7 +346,11 @@ async def test_token_view_lays_out_only_new_tokens_and_scrolls_to_the_cursor(mak
         trace = app.stream_trace
         # the incremental layout equals a layout of the whole text at once
         lines = ["".join(piece for _, piece in line) for line in text._lines]
-        assert "".join(lines) == trace.text.replace("\n", "")
+        assert "".join(lines) == printable(trace.text).replace("\n", "")
+        # every line fits the width it is drawn in (the scrollbar's gutter is kept free from the start)
+        assert text._width == text.scrollable_content_region.width
+        assert max(cell_len(line) for line in lines) <= text._width
+        assert printable("a\x19\tb") == "a\u2419    b"
         fresh = TokenView()
         fresh.trace, fresh._width = trace, text._width
         fresh._extend()

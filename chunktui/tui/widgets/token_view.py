@@ -24,10 +24,18 @@ from chunktui.engine.session import Trace
 from chunktui.tui.colours import token_style
 
 
+_CONTROL = {c: chr(0x2400 + c) for c in range(32) if c != 10} | {9: "    ", 127: "\u2421"}
+
+
+def printable(text: str) -> str:
+    """A token's text as the screen can show it: tabs as spaces, control bytes as their visible symbols (␙)."""
+    return text.translate(_CONTROL) if any(ord(ch) < 32 or ord(ch) == 127 for ch in text) else text
+
+
 class TokenView(ScrollView, can_focus=False):
     """Renders tokens; the widget above decides the cursor, the layer and which chunk to show."""
 
-    DEFAULT_CSS = "TokenView { width: 1fr; height: 1fr; }"
+    DEFAULT_CSS = "TokenView { width: 1fr; height: 1fr; scrollbar-gutter: stable; }"  # the wrap width never changes
 
     class Selected(Message):
         """A token was clicked."""
@@ -117,7 +125,7 @@ class TokenView(ScrollView, can_focus=False):
         first = len(self._lines) - 1
         lines, col = self._lines, self._col
         for t in range(self._laid, len(trace)):
-            text = trace.steps[t].text
+            text = printable(trace.steps[t].text)
             self._line_of.append(len(lines) - 1)
             parts = text.split("\n")
             for i, part in enumerate(parts):
