@@ -361,21 +361,28 @@ def evaluate_hidden(dictionary: ChunkDictionary, hs: HiddenStates, labels: Label
     result = packed.match(hs.H)
     hit = result.hit  # (T, C)
     T = hit.shape[0]
+    tp = torch.stack([(hit[:, c] & labels.masks[ch.label]).sum() if ch.label in labels.masks else torch.tensor(0)
+                      for c, ch in enumerate(packed.chunks)]) if packed.chunks else torch.zeros(0, dtype=torch.long)
+    fp = torch.stack([(hit[:, c] & ~labels.masks[ch.label]).sum() if ch.label in labels.masks else torch.tensor(0)
+                      for c, ch in enumerate(packed.chunks)]) if packed.chunks else torch.zeros(0, dtype=torch.long)
+    return evaluation_records(packed.chunks, labels, tp, fp, T)
+
+
+def evaluation_records(chunks, labels: Labels, tp: torch.Tensor, fp: torch.Tensor, T: int) -> list[dict]:
+    """One record per chunk from its match counts over T held-out tokens: TP, FP and the rates (or why none)."""
     records = []
-    for c, chunk in enumerate(packed.chunks):
+    for c, chunk in enumerate(chunks):
         mask = labels.masks.get(chunk.label)
         record = {"id": chunk.id, "label": chunk.label, "layer": chunk.layer, "kind": chunk.kind, "tokens": T}
         if mask is None:
             record.update(positives=0, tp_rate=None, fp_rate=None, accuracy=None,
                           note=labels.skipped.get(chunk.label, "label not present in the held-out text"))
         else:
-            tp = int((hit[:, c] & mask).sum())
-            fp = int((hit[:, c] & ~mask).sum())
             n_pos = int(mask.sum())
-            s = confusion_scores(torch.tensor(tp), torch.tensor(fp), n_pos, T - n_pos)
-            record.update(positives=n_pos, negatives=T - n_pos, tp=tp, fp=fp, tp_rate=float(s["tp_rate"]),
-                          fp_rate=float(s["fp_rate"]), accuracy=float(s["accuracy"]), f1=float(s["f1"]),
-                          balanced=float(s["balanced"]))
+            s = confusion_scores(tp[c], fp[c], n_pos, T - n_pos)
+            record.update(positives=n_pos, negatives=T - n_pos, tp=int(tp[c]), fp=int(fp[c]),
+                          tp_rate=float(s["tp_rate"]), fp_rate=float(s["fp_rate"]), accuracy=float(s["accuracy"]),
+                          f1=float(s["f1"]), balanced=float(s["balanced"]))
         records.append(record)
     return records
 
@@ -431,21 +438,7 @@ def evaluate_dictionary(loaded: LoadedModel, dictionary: ChunkDictionary, source
         fp += (hit & ~pos).sum(0)
         progress("evaluate", *rate.step(len(index)))
     tp, fp = group.all_sum(tp), group.all_sum(fp)
-    records = []
-    for c, chunk in enumerate(packed.chunks):
-        mask = labels.masks.get(chunk.label)
-        record = {"id": chunk.id, "label": chunk.label, "layer": chunk.layer, "kind": chunk.kind, "tokens": T}
-        if mask is None:
-            record.update(positives=0, tp_rate=None, fp_rate=None, accuracy=None,
-                          note=labels.skipped.get(chunk.label, "label not present in the held-out text"))
-        else:
-            n_pos = int(mask.sum())
-            s = confusion_scores(tp[c], fp[c], n_pos, T - n_pos)
-            record.update(positives=n_pos, negatives=T - n_pos, tp=int(tp[c]), fp=int(fp[c]),
-                          tp_rate=float(s["tp_rate"]), fp_rate=float(s["fp_rate"]), accuracy=float(s["accuracy"]),
-                          f1=float(s["f1"]), balanced=float(s["balanced"]))
-        records.append(record)
-    return records, corpus
+    return evaluation_records(packed.chunks, labels, tp, fp, T), corpus
 
 
 def summarise_by_label(records: list[dict]) -> dict[str, dict]:

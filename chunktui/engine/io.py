@@ -17,19 +17,29 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+def write_temp_beside(path: Path, data: bytes) -> str:
+    """`data` in a synced temporary file next to `path`, with a normal file's mode: ready to rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, _umask_mode())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise ExportError(f"{path} is a folder; give a file name.")
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _umask_mode())
+        tmp = write_temp_beside(path, data)
         os.replace(tmp, path)
         tmp = None
     except OSError as err:

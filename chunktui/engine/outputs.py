@@ -162,20 +162,14 @@ class OutputTarget:
 
     def write_bytes(self, data: bytes) -> Path:
         """Atomic write (temp file, fsync, rename); releases the lock. Refuses a file that appeared meanwhile."""
-        from chunktui.engine.io import _umask_mode
+        from chunktui.engine.io import write_temp_beside
 
         path = self.path
         tmp = None
         try:
             if path.is_dir():
                 raise OutputError(f"{_describe(self.option, path)} is a folder; give a file name.")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, _umask_mode())
+            tmp = write_temp_beside(path, data)
             if self.overwrite:
                 os.replace(tmp, path)
             else:
