@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from chunktui.cli.common import console, friendly_errors
+from chunktui.cli.common import checked, console, friendly_errors, overwrite_option, plan_outputs
+from chunktui.engine import validate
 
 
 @click.group("bench")
@@ -19,15 +20,19 @@ def bench() -> None:
 @click.option("--tokens", type=click.IntRange(1, 100_000), default=1000, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="torch threads of the engine process (the same for both runs)")
-@click.option("--interval", type=click.FloatRange(0.01, 10), default=0.1, show_default=True,
-              help="seconds between key presses while streaming")
+@click.option("--interval", default=0.1, show_default=True,
+              callback=checked(validate.number_in, lo=0.01, hi=10.0),
+              help="seconds between key presses while streaming (0.01 to 10)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the figures as JSON")
+@overwrite_option
 @friendly_errors
-def bench_app_cmd(model_spec, dict_path, device, tokens, threads, interval, json_out) -> None:
+def bench_app_cmd(model_spec, dict_path, device, tokens, threads, interval, json_out, overwrite) -> None:
     """Engine-alone vs in-app tok/s (ratio), key latency, frame rate and UI memory, in one run."""
     from rich.table import Table
 
     from chunktui.tui.bench import bench_app
+
+    target = plan_outputs(("--json", json_out, None), overwrite=overwrite, inputs=[dict_path])  # before any work
 
     result = bench_app(model=model_spec, dict_path=dict_path, tokens=tokens, threads=threads, device=device,
                        interval=interval, say=lambda text: console.print(text, markup=False))
@@ -46,8 +51,6 @@ def bench_app_cmd(model_spec, dict_path, device, tokens, threads, interval, json
     for name, value in rows:
         table.add_row(name, "—" if value is None else str(value))
     console.print(table)
-    if json_out:
-        from chunktui.engine.io import write_json
-
-        write_json(json_out, result)
-        console.print(f"wrote {json_out}", markup=False)
+    if target is not None:
+        target.write_json(result)
+        console.print(f"wrote {target.path}", markup=False)

@@ -46,7 +46,7 @@ async def run_bench(model: str = "smollm2-135m", dict_path: str | None = None, t
     from chunktui.tui.widgets.trace_view import TraceView
 
     app = make_app(model_spec=model, dict_path=dict_path, device=device, threads=threads, show_timing=True,
-                   stop_at_eos=False)
+                   stop_at_eos=False, journal=False)  # a benchmark is no session to offer back
     presses: list[tuple[float, int]] = []  # (sent at, tokens so far)
     latencies: list[tuple[float, int]] = []  # (seconds, tokens so far when pressed)
     waiting: dict = {}
