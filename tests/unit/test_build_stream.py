@@ -44,7 +44,7 @@ def test_streaming_equals_in_memory_reference(tiny_model, tiny_corpus, monkeypat
 
 
 def test_streaming_evaluation_equals_in_memory(tiny_model, tiny_dict):
-    from conftest import make_corpus
+    from tests.conftest import make_corpus
 
     dictionary, _ = tiny_dict
     heldout = make_corpus(seed=5, sentences=40)
