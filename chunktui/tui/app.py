@@ -14,6 +14,7 @@ session on screen stays and the app offers to restart it.
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import os
 import time
 from pathlib import Path
@@ -225,6 +226,10 @@ class ChunkApp(App):
             self.action_pane("step")
         self._open_journal()
         self.start_engine()
+        # the screen allocates many short-lived objects per frame; the objects made so far live for the whole
+        # sitting, so the collector leaves them out, and young collections run less often (fewer pauses mid-key)
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 20)
 
     def start_engine(self) -> None:
         try:
