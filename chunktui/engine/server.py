@@ -227,7 +227,9 @@ class Server:
         """Device memory now: weights, the KV cache of `kv_tokens` tokens, and the per-token values kept here."""
         rows = self.engine.memory(kv_tokens=kv_tokens) if self.engine is not None else []
         with self.store_lock:
-            kept = sum(sum(v.numel() * v.element_size() for v in values) * 2 for _, values, _ in self.store.values())
+            # deviation and score rows, (C,) float32 each, per token held: no walk over the tokens
+            kept = sum(2 * len(values) * values[0].numel() * values[0].element_size()
+                       for _, values, _ in self.store.values() if values)
         if rows:
             host = next((r for r in rows if r["device"] == "cpu"), None)
             if host is None:
@@ -294,7 +296,9 @@ class Server:
             if held is None or not held[2]:
                 return p.Scores(req.trace_id, req.column, [], available=False)
             rows = list(held[2])
-        return p.Scores(req.trace_id, req.column, [float(r[req.column]) for r in rows])
+        import torch
+
+        return p.Scores(req.trace_id, req.column, torch.stack(rows)[:, req.column].tolist())  # (T,) in one op
 
 
 def _chunk_info(chunk) -> p.ChunkInfo:
