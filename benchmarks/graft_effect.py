@@ -39,10 +39,10 @@ import torch
 def main(spec, dict_path, concepts, questions, n_prompts, samples, layers, positions, mode, strength, max_new_tokens,
          temperature, top_p, seed, batch_size, threads, inviting, json_out):
     from chunktui.engine.dictionary import load_dictionary
-    from chunktui.engine.hidden import parse_layers
+    from chunktui.shared.validate import parse_layers
     from chunktui.engine.models import load_model
     from chunktui.engine.perturb import Intervention, Positions, compare, run_arm, select_chunks
-    from chunktui.engine.streaming import Sampling
+    from chunktui.shared.settings import Sampling
 
     torch.set_num_threads(threads)
     loaded = load_model(spec)
@@ -91,7 +91,7 @@ def main(spec, dict_path, concepts, questions, n_prompts, samples, layers, posit
           f"samples, T={temperature}, top-p={top_p}, same seeds in both arms")
     print(f"mean change in occurrence rate over {len(rows)} concepts: {mean:+.3f}")
     if json_out:
-        from chunktui.engine.io import write_json
+        from chunktui.shared.io import write_json
 
         write_json(json_out, {"mean_delta_rate": mean, "reports": reports, "freeze": freeze})
 

@@ -47,7 +47,8 @@ def run_child(spec: str, env: dict) -> dict:
 @click.option("--model", "spec", default="smollm2-135m")
 @click.option("--repeats", default=3)
 def main(spec, repeats):
-    from chunktui.engine.models import BUILTIN_MODELS, cache_dir, fetch_builtin
+    from chunktui.engine.models import cache_dir, fetch_builtin
+    from chunktui.shared.specs import BUILTIN_MODELS
 
     gguf = fetch_builtin(spec) if spec in BUILTIN_MODELS else Path(spec)
     with tempfile.TemporaryDirectory() as tmp:

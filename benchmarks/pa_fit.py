@@ -39,8 +39,8 @@ def parse_config(text: str) -> tuple[str, int | None]:
 @click.option("--threads", default=2)
 @click.option("--json", "json_out", default=None)
 def main(model, train, heldout, words, configs, threads, json_out):
-    from chunktui.engine.build import (LabelSource, build_dictionary, collect_for, evaluate_hidden, read_text,
-                                       summarise_by_label)
+    from chunktui.engine.build import LabelSource, build_dictionary, collect_for, evaluate_hidden, summarise_by_label
+    from chunktui.shared.texts import read_text
     from chunktui.engine.labels import read_word_list
     from chunktui.engine.models import load_model
 
@@ -88,7 +88,7 @@ def main(model, train, heldout, words, configs, threads, json_out):
             cells.append(f"{agg['tp_rate']:.3f} ({agg['fp_rate']:.4f})" if agg else "-")
         print(f"{label:<12}" + "".join(f"{c:>22}" for c in cells))
     if json_out:
-        from chunktui.engine.io import write_json
+        from chunktui.shared.io import write_json
 
         write_json(json_out, out)
 

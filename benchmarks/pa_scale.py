@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_corpus(tokenizer, target: int, seed: int = 0) -> str:
-    from chunktui.engine.hidden import split_sentences
+    from chunktui.engine.corpus import split_sentences
 
     text = "\n".join((ROOT / "sample_data" / name).read_text(encoding="utf-8") for name in ("train.txt", "heldout.txt"))
     sentences = [text[a:b] for a, b in split_sentences(text)]
@@ -66,7 +66,7 @@ def make_corpus(tokenizer, target: int, seed: int = 0) -> str:
 @click.option("--procs/--no-procs", "compare_procs", default=True, help="also build with --procs 2")
 @click.option("--json", "json_out", default=None)
 def main(model, tokens, n_words, batch_size, compare_procs, json_out):
-    from chunktui.engine.hidden import prepare_corpus, run_batch, schedule
+    from chunktui.engine.corpus import prepare_corpus, run_batch, schedule
     from chunktui.engine.labels import read_word_list
     from chunktui.engine.models import load_model
 
@@ -133,7 +133,7 @@ def main(model, tokens, n_words, batch_size, compare_procs, json_out):
         out["two_equals_one"] = same
         print(f"2-process dictionary tensors equal the 1-process build's: {same}")
     if json_out:
-        from chunktui.engine.io import write_json
+        from chunktui.shared.io import write_json
 
         write_json(json_out, out)
 

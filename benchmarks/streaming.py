@@ -25,7 +25,9 @@ def measure(loaded, packed, dictionary, tokens: int = 128, repeats: int = 3) -> 
     Returns tok/s medians and the per-repeat figures; interleaved, so drift in machine load hits all arms alike.
     """
     from chunktui.engine.perturb import Intervention, Positions, intervene, select_chunks
-    from chunktui.engine.streaming import PhaseFlag, Sampling, decode, encode_prompt, generate_stream
+    from chunktui.engine.streaming import PhaseFlag, decode, generate_stream
+    from chunktui.shared.settings import Sampling
+    from chunktui.engine.tokens import encode_prompt
 
     ids = encode_prompt(loaded, "Tell me about your favourite foods and where they come from.", chat=True)
     sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)

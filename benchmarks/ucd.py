@@ -25,8 +25,8 @@ import torch
 
 def _states(loaded_fn, path: str, layer: int, cache_dir: str | None):
     """(X (T, d), word ids (T,), seconds to collect) for one corpus; .jsonl files are span files (their texts)."""
-    from chunktui.engine.build import read_text
-    from chunktui.engine.hidden import collect
+    from chunktui.shared.texts import read_text
+    from chunktui.engine.corpus import collect
     from chunktui.engine.labels import read_spans
     from chunktui.engine.ucd import word_identity
 

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
-from chunktui.engine.errors import ChunkError
-from chunktui.engine.protocol import Sampling
-from chunktui.engine.session import ChunkColumns, Trace
-
-ProgressFn = Callable[[str, "float | None", str], None]
-
+from chunktui.shared.errors import ChunkError
+from chunktui.shared.settings import ProgressFn, Sampling
+from chunktui.shared.session import ChunkColumns, Trace
+from chunktui.shared.specs import DEFAULT_MODEL
 
 class Engine:
     """A loaded model (language model or reflection RNN), its dictionary, and what you can do with them."""
@@ -40,7 +38,7 @@ class Engine:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, model: str = "smollm2-135m", *, dictionary: str | Path | None = None, device: str = "auto",
+    def load(cls, model: str = DEFAULT_MODEL, *, dictionary: str | Path | None = None, device: str = "auto",
              dtype: str = "auto", threads: int | None = None, progress: ProgressFn | None = None,
              device_map: str | dict | None = None, max_memory: str | dict | None = None,
              offload_folder: str | None = None, offline: bool = False) -> "Engine":
@@ -52,7 +50,7 @@ class Engine:
             import torch
 
             torch.set_num_threads(int(threads))
-        from chunktui.engine.backend import load_backend
+        from chunktui.backends import load_backend
 
         placement = dict(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, offline=offline)
         engine = cls(load_backend(model, device, dtype, progress=progress, placement=placement), threads=threads)
@@ -66,9 +64,9 @@ class Engine:
     @classmethod
     def from_loaded(cls, loaded, dictionary=None) -> "Engine":
         """The facade over a model already loaded (the CLI loads with its own progress bar)."""
-        from chunktui.engine.backend import LanguageModel
+        from chunktui.backends import LanguageModelBackend
 
-        engine = cls(LanguageModel(loaded))
+        engine = cls(LanguageModelBackend(loaded))
         if dictionary is not None:
             engine.use_dictionary(dictionary)
         return engine
@@ -101,7 +99,7 @@ class Engine:
     def check_dictionary(self, path: str | Path) -> tuple[object | None, str | None]:
         """(dictionary, None) when the file fits this model, else (None or the dictionary, the reason)."""
         from chunktui.engine.dictionary import load_dictionary
-        from chunktui.engine.errors import DictionaryError
+        from chunktui.shared.errors import DictionaryError
 
         if not Path(path).is_file():
             return None, "file not found"
@@ -123,7 +121,7 @@ class Engine:
                 path = sample_path(DEFAULT_DICT_NAME)
             found, problem = self.check_dictionary(path)
             if problem is not None:
-                from chunktui.engine.errors import DictionaryError
+                from chunktui.shared.errors import DictionaryError
 
                 raise DictionaryError(f"{Path(path).name}: {problem}")
             dictionary = found
@@ -150,7 +148,7 @@ class Engine:
                                         top_k=top_k, seed=seed)
         if self.kind == "lm" and isinstance(prompt, str):  # refused up front when prompt + answer exceed the context
             from chunktui.engine.context import check_fits
-            from chunktui.engine.streaming import encode_prompt
+            from chunktui.engine.tokens import encode_prompt
 
             ids = encode_prompt(self.loaded, prompt, chat)
             check_fits(self.loaded, len(ids), sampling.max_new_tokens)
@@ -190,7 +188,7 @@ class Engine:
     def intervention(self, chunks: str | Sequence[str], mode: str = "graft", strength: float | None = None,
                      layers: str = "2-9", positions: str = "prompt"):
         """An Intervention from names: labels or chunk ids, each layer of `layers` using its own chunk."""
-        from chunktui.engine.hidden import parse_layers
+        from chunktui.shared.validate import parse_layers
         from chunktui.engine.perturb import Intervention, Positions, select_chunks
 
         if not self.backend.can_perturb:
@@ -198,7 +196,7 @@ class Engine:
                              "`chunktui rnn graft` (and `chunktui rnn transfer`).")
         if self.dictionary is None:
             raise ChunkError("Perturbing needs a dictionary: load one first.")
-        from chunktui.engine.validate import editable_layers
+        from chunktui.shared.validate import editable_layers
 
         names = [chunks] if isinstance(chunks, str) else list(chunks)
         names = [n.strip() for name in names for n in name.split(",") if n.strip()]

@@ -1,4 +1,4 @@
-"""The `chunktui` command line: one click group, one module per area."""
+"""The `chunktui` command line (click): the top floor; may import every floor below it, torch only inside commands that load a model."""
 
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from chunktui.cli.common import checked, console, friendly_errors, overwrite_option, plan_outputs
-from chunktui.engine import validate
+from chunktui.shared import validate
+from chunktui.shared.specs import DEFAULT_MODEL
 
 
 @click.group("bench")
@@ -14,7 +15,7 @@ def bench() -> None:
 
 
 @bench.command("app")
-@click.option("--model", "-m", "model_spec", default="smollm2-135m", show_default=True)
+@click.option("--model", "-m", "model_spec", default=DEFAULT_MODEL, show_default=True)
 @click.option("--dict", "dict_path", default=None, help="dictionary (default: the sample dictionary)")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--tokens", type=click.IntRange(1, 100_000), default=1000, show_default=True)

@@ -11,7 +11,8 @@ import click
 from rich.console import Console
 from rich.text import Text
 
-from chunktui.engine.errors import ChunkError
+from chunktui.shared.errors import ChunkError
+from chunktui.shared.specs import DEFAULT_MODEL, DEVICE_MAPS, DTYPE_CHOICES
 
 # No emoji codes (":x:" stays as typed) and no highlighting; markup only where a format string asks for it,
 # and user text (paths, labels, prompts, error messages) goes in escaped or as Text.
@@ -75,7 +76,7 @@ def placement_options(func):
     func = click.option("--max-memory", default=None, expose_value=False, callback=_remember_placement,
                         metavar="DEVICE=SIZE,...",
                         help="with --device-map: caps per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB")(func)
-    func = click.option("--device-map", type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
+    func = click.option("--device-map", type=click.Choice(DEVICE_MAPS),
                         default=None, expose_value=False, callback=_remember_placement,
                         help="shard the model across GPUs with CPU/disk offload (accelerate); "
                              "default: everything on --device")(func)
@@ -91,9 +92,9 @@ def placement_from_context() -> dict:
 def plan_outputs(*outputs, inputs=(), overwrite: bool = False):
     """Check and lock this command's outputs before any model loads: (option, path or None, suffix) each.
 
-    Returns one OutputTarget (or None) per output; see chunktui.engine.outputs.
+    Returns one OutputTarget (or None) per output; see chunktui.shared.outputs.
     """
-    from chunktui.engine.outputs import plan_outputs as plan
+    from chunktui.shared.outputs import plan_outputs as plan
 
     targets = plan(outputs, inputs=[i for i in inputs if i], overwrite=overwrite)
     _planned.extend(t for t in targets if t is not None)
@@ -121,7 +122,7 @@ def overwrite_option(func):
 
 
 def checked(validator, **kwargs):
-    """A click callback that runs an engine validator (engine.validate) before the command body."""
+    """A click callback that runs an engine validator (shared.validate) before the command body."""
 
     def callback(ctx, param, value):
         if value is None:
@@ -168,11 +169,11 @@ def command_line(ctx: click.Context | None = None) -> str:
 def model_options(func):
     func = placement_options(func)
     func = click.option("--dtype", default="auto", show_default=True,
-                        type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+                        type=click.Choice(DTYPE_CHOICES),
                         help="auto: bfloat16 on CUDA, float32 elsewhere")(func)
     func = click.option("--device", default="auto", show_default=True,
                         help="auto, cpu, cuda, cuda:N or mps")(func)
-    func = click.option("--model", "-m", "model_spec", default="smollm2-135m", show_default=True,
+    func = click.option("--model", "-m", "model_spec", default=DEFAULT_MODEL, show_default=True,
                         help="built-in alias, .gguf file, model folder, Hub id or random:NAME (see `chunktui models`)")(func)
     return func
 

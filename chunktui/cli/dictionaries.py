@@ -13,13 +13,14 @@ from rich.markup import escape
 
 from chunktui.cli.common import (checked, command_line, console, friendly_errors, load_with_progress, model_inputs,
                                  model_options, note, overwrite_option, plan_outputs, stage_progress)
-from chunktui.engine import validate
+from chunktui.shared import validate
 
 
 @click.command("models")
 def models_cmd() -> None:
     """List the model specs chunktui accepts."""
-    from chunktui.engine.models import cache_dir, describe_specs
+    from chunktui.engine.models import cache_dir
+    from chunktui.shared.specs import describe_specs
 
     table = Table(title="Model specs", show_lines=False)
     table.add_column("spec", style="bold cyan")
@@ -76,10 +77,11 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
     """
     from pathlib import Path
 
-    from chunktui.engine.build import Checkpoint, LabelSource, build_dictionary, read_text
+    from chunktui.engine.build import Checkpoint, LabelSource, build_dictionary
+    from chunktui.shared.texts import read_text
     from chunktui.engine.distributed import launch, launched_by_torchrun, process_group, rank_device
-    from chunktui.engine.errors import CorpusError
-    from chunktui.engine.hidden import parse_layers
+    from chunktui.shared.errors import CorpusError
+    from chunktui.shared.validate import parse_layers
     from chunktui.engine.labels import read_spans, read_word_list
     from chunktui.engine.pa import parse_criterion
 
@@ -103,7 +105,7 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
         read_spans(spans_path)  # a malformed span file is reported before the model loads
     out_inputs = [corpus, spans_path, word_file, *model_inputs(model_spec)]
     if procs > 1 and not launched_by_torchrun():
-        from chunktui.engine.outputs import plan_outputs as check
+        from chunktui.shared.outputs import plan_outputs as check
 
         for target in check([("--out", out, ".chunks.safetensors"), ("--json", json_out, None)], inputs=out_inputs,
                             overwrite=overwrite):  # checked here, before any model loads; rank 0 locks them
@@ -195,9 +197,10 @@ def _argv_without(ctx: click.Context, *skip: str) -> list[str]:
 def evaluate_cmd(model_spec, device, dtype, dict_path, corpus, spans_path, json_out, overwrite, by_layer,
                  batch_size) -> None:
     """Evaluate a dictionary on held-out text: TP rate, FP rate, accuracy per chunk and layer."""
-    from chunktui.engine.build import LabelSource, evaluate_dictionary, read_text, summarise_by_label
+    from chunktui.engine.build import LabelSource, evaluate_dictionary, summarise_by_label
+    from chunktui.shared.texts import read_text
     from chunktui.engine.dictionary import load_dictionary
-    from chunktui.engine.errors import CorpusError
+    from chunktui.shared.errors import CorpusError
     if bool(corpus) == bool(spans_path):
         raise CorpusError("Give exactly one of --corpus and --spans.")
     from chunktui.engine.labels import read_spans

@@ -13,8 +13,8 @@ from rich.markup import escape
 
 from chunktui.cli.common import (checked, command_line, console, friendly_errors, load_with_progress, model_inputs,
                                  model_options, note, plan_outputs, stage_progress)
-from chunktui.engine import validate
-from chunktui.engine.errors import ChunkError
+from chunktui.shared import validate
+from chunktui.shared.errors import ChunkError
 
 
 def _out_options(func):
@@ -75,10 +75,12 @@ def discover_cmd(model_spec, device, dtype, corpus, spans_path, layers, k, steps
     """Discover chunks without labels (docs/method.md section 4): K directions per layer by max cosine."""
     import tempfile
 
-    from chunktui.engine.build import LabelSource, read_text
+    from chunktui.engine.build import LabelSource
+    from chunktui.shared.texts import read_text
 
-    from chunktui.engine.errors import CorpusError
-    from chunktui.engine.hidden import HiddenStates, cache_states, parse_layers, prepare_corpus
+    from chunktui.shared.errors import CorpusError
+    from chunktui.engine.corpus import HiddenStates, cache_states, prepare_corpus
+    from chunktui.shared.validate import parse_layers
     from chunktui.engine.importing import merge_chunks
     from chunktui.engine.ucd import DiscoveryConfig, discover
 
@@ -219,8 +221,8 @@ def _print_report(report, with_pos: bool) -> None:
 def import_cmd(model_spec, device, dtype, files, out, overwrite, append, label, layer, layer_offset, corpus,
                match_rate, default_threshold) -> None:
     """Import directions made by other tools (.npy, .safetensors, llama.cpp control-vector .gguf) as chunks."""
-    from chunktui.engine.build import read_text
-    from chunktui.engine.hidden import collect
+    from chunktui.shared.texts import read_text
+    from chunktui.engine.corpus import collect
     from chunktui.engine.importing import import_file, merge_chunks
 
     _check_out_mode(out, append, overwrite)

@@ -8,8 +8,8 @@ from rich.table import Table
 
 from chunktui.cli.common import (checked, console, friendly_errors, load_with_progress, model_inputs, model_options,
                                  note, overwrite_option, plan_outputs, stage_progress)
-from chunktui.engine import validate
-from chunktui.engine.perturb_defaults import DEFAULT_LAYERS, DEFAULT_POSITIONS, MODES
+from chunktui.shared import validate
+from chunktui.shared.settings import DEFAULT_LAYERS, DEFAULT_POSITIONS, MODES
 from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 
 
@@ -55,9 +55,9 @@ def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strengt
     """Regenerate with chunks grafted or suppressed; identical sampling and seeds in both arms."""
     from chunktui.api import Engine
     from chunktui.engine.dictionary import load_dictionary
-    from chunktui.engine.errors import CorpusError
+    from chunktui.shared.errors import CorpusError
     from chunktui.engine.perturb import Positions
-    from chunktui.engine.streaming import Sampling
+    from chunktui.shared.settings import Sampling
 
     if (prompt is None) == (prompts_file is None):
         raise CorpusError("Give exactly one of --prompt and --prompts.")
@@ -71,7 +71,7 @@ def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strengt
     if prompts_file is None:
         prompts = [validate.prompt_text(prompt, "--prompt")]
     else:
-        from chunktui.engine.build import read_text
+        from chunktui.shared.texts import read_text
 
         prompts = [p.strip() for p in read_text(prompts_file).splitlines() if p.strip() and not p.startswith("#")]
         if not prompts:

@@ -19,7 +19,7 @@ def report_cmd(in_path, fmt, out_path, overwrite) -> None:
 
     HTML is one self-contained file, with tokens coloured as in the app.
     """
-    from chunktui.engine.reports import format_for_path, read_input, write_report
+    from chunktui.shared.reports import format_for_path, read_input, write_report
 
     session = read_input(in_path)  # a missing or damaged input is reported first
     target = plan_outputs(("--out", out_path, None), inputs=[in_path], overwrite=overwrite)

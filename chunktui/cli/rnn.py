@@ -2,40 +2,30 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import click
+
+from chunktui.shared.io import write_json
 from rich.console import Console
 from rich.table import Table
 
 from chunktui.cli.common import checked, friendly_errors, overwrite_option, plan_outputs
-from chunktui.engine import validate
+from chunktui.shared import validate
 
 # Off a terminal rich assumes 80 columns, which truncates the tables; allow a wider page.
 console = Console(width=None if sys.stdout.isatty() else 120)
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write JSON to a temp file next to ``path`` and rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON to a temp file next to ``path`` and rename it over ``path`` (`shared.io.write_json`)."""
+    write_json(path, data)
 
 
 def _plan_json(out: str | None, overwrite: bool):
-    """Check and lock --json before any training (see chunktui.engine.outputs)."""
+    """Check and lock --json before any training (see chunktui.shared.outputs)."""
     return plan_outputs(("--json", out, None), overwrite=overwrite)
 
 

@@ -9,7 +9,8 @@ from rich.text import Text
 
 from chunktui.cli.common import (checked, console, friendly_errors, load_with_progress, model_inputs,
                                  model_options, note, overwrite_option, plan_outputs)
-from chunktui.engine import validate
+from chunktui.shared import validate
+from chunktui.shared.specs import DEFAULT_MODEL
 from chunktui.palette import label_colours
 from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 
@@ -50,7 +51,7 @@ def _load_dict(path, loaded, dictionary=None, optional: bool = False):
     `optional` (the default sample dictionary): a model it was not made for scans with no chunks, and a note
     says how to build its own."""
     from chunktui.engine.dictionary import ChunkDictionary, load_dictionary
-    from chunktui.engine.errors import IncompatibleDictionaryError
+    from chunktui.shared.errors import IncompatibleDictionaryError
 
     try:
         if dictionary is None:
@@ -94,10 +95,11 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
     """Print text with each token coloured by its strongest chunk, and a legend."""
     import torch
 
-    from chunktui.engine.build import read_text
-    from chunktui.engine.errors import CorpusError
-    from chunktui.engine.hidden import parse_layers
-    from chunktui.engine.streaming import Sampling, encode_prompt
+    from chunktui.shared.texts import read_text
+    from chunktui.shared.errors import CorpusError
+    from chunktui.shared.validate import parse_layers
+    from chunktui.shared.settings import Sampling
+    from chunktui.engine.tokens import encode_prompt
 
     if sum(x is not None for x in (text, file_path, prompt)) != 1:
         raise CorpusError("Give exactly one of --text, --file and --prompt.")
@@ -170,13 +172,13 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
 
 
 @click.command("demo")
-@click.option("--model", "-m", "model_spec", default="smollm2-135m", show_default=True)
+@click.option("--model", "-m", "model_spec", default=DEFAULT_MODEL, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dict", "dict_path", default=None, help="dictionary (default: the sample dictionary)")
 @friendly_errors
 def demo_cmd(model_spec, device, dict_path) -> None:
     """Headless demo: scan the sample sequences and print highlighted tokens."""
-    from chunktui.engine.hidden import iter_jsonl
+    from chunktui.shared.texts import iter_jsonl
 
     from chunktui.engine.dictionary import load_dictionary
 

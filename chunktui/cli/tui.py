@@ -5,12 +5,13 @@ from __future__ import annotations
 import click
 
 from chunktui.cli.common import checked, placement_from_context, placement_options
-from chunktui.engine import validate
+from chunktui.shared import validate
+from chunktui.shared.specs import DEFAULT_MODEL, DTYPE_CHOICES
 
 
 def _threads(value: int) -> int:
-    from chunktui.engine.errors import ChunkError
-    from chunktui.engine.validate import non_negative_int
+    from chunktui.shared.errors import ChunkError
+    from chunktui.shared.validate import non_negative_int
 
     try:
         return non_negative_int(value, "--threads", hi=1024)
@@ -19,13 +20,13 @@ def _threads(value: int) -> int:
 
 
 @click.command("tui")
-@click.option("--model", "-m", "model_spec", default="smollm2-135m", show_default=True,
+@click.option("--model", "-m", "model_spec", default=DEFAULT_MODEL, show_default=True,
               help="built-in alias, .gguf file, model folder, Hub id, random:NAME or rnn:flat|context "
                    "(see `chunktui models`)")
 @click.option("--dict", "dict_path", default=None, help="dictionary (default: the sample dictionary)")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps")
 @click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+              type=click.Choice(DTYPE_CHOICES))
 @click.option("--sequences", "sequences_path", default=None, type=click.Path(dir_okay=False),
               help="text or JSONL file for the Step pane (default: the sample sequences)")
 @click.option("--file", "file_path", default=None, type=click.Path(dir_okay=False),
@@ -50,13 +51,15 @@ def tui_cmd(model_spec, dict_path, device, dtype, sequences_path, file_path, pro
     from pathlib import Path
 
     from chunktui.tui.app import make_app
+    from chunktui.tui.options import AppOptions
 
     if prompt is not None and not prompt.strip():
         raise click.BadParameter("the prompt is empty", param_hint="--prompt")
     if file_path is not None and not Path(file_path).is_file():
         raise click.BadParameter(f"{file_path} does not exist", param_hint="--file")
     threads = threads or (os.cpu_count() or 1)
-    make_app(model_spec=model_spec, dict_path=dict_path, device=device, dtype=dtype,
-             sequences_path=file_path or sequences_path, threads=threads, prompt=prompt,
-             max_new_tokens=max_new_tokens, open_step=file_path is not None, stop_at_eos=not ignore_eos,
-             restore=restore, placement=placement_from_context()).run()
+    options = AppOptions.for_users(model_spec=model_spec, dict_path=dict_path, device=device, dtype=dtype,
+                                   sequences_path=file_path or sequences_path, threads=threads, prompt=prompt,
+                                   max_new_tokens=max_new_tokens, open_step=file_path is not None,
+                                   stop_at_eos=not ignore_eos, restore=restore, placement=placement_from_context())
+    make_app(options).run()

@@ -11,20 +11,19 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+
 
 import torch
 
 from chunktui.engine.dictionary import Chunk, ChunkDictionary, chunk_id
-from chunktui.engine.errors import CorpusError, GenerationCancelled
-from chunktui.engine.hidden import HiddenStates, collect
-from chunktui.engine.texts import read_sequences, read_text  # noqa: F401  (re-exported)
+from chunktui.shared.errors import CorpusError, GenerationCancelled
+from chunktui.shared.settings import ProgressFn
+from chunktui.engine.corpus import HiddenStates, collect
 from chunktui.engine.labels import Labels, read_spans, span_labels, word_labels
 from chunktui.engine.matching import PackedDictionary
 from chunktui.engine.models import LoadedModel
 from chunktui.engine.pa import PAPER_TOLERANCES, confusion_scores, fit_concept
 
-StageFn = Callable[[str, float | None, str], None]
 
 
 def _quiet(stage: str, fraction: float | None, message: str) -> None:
@@ -95,7 +94,7 @@ class BuildReport:
 
 
 def collect_for(loaded: LoadedModel, source: LabelSource, layers: list[int] | None, context_mode: str = "sentence",
-                batch_size: int = 16, store_dtype: torch.dtype = torch.float32, progress: StageFn = _quiet,
+                batch_size: int = 16, store_dtype: torch.dtype = torch.float32, progress: ProgressFn = _quiet,
                 should_stop=None):
     """All hidden states of a source in memory (the reference path: small texts, tests, benchmarks)."""
     text, contexts, spans = source.read()
@@ -163,7 +162,7 @@ class _Rate:
 def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int] | None = None, n: int | None = None,
                      criterion: str = "accuracy", seed: int = 0, context_mode: str = "sentence",
                      tolerances: tuple[float, ...] = PAPER_TOLERANCES, batch_size: int = 16,
-                     store_dtype: torch.dtype = torch.float32, progress: StageFn = _quiet,
+                     store_dtype: torch.dtype = torch.float32, progress: ProgressFn = _quiet,
                      should_stop=None, group=None, checkpoint: "Checkpoint | None" = None,
                      ) -> tuple[ChunkDictionary, BuildReport]:
     """Fit one PA chunk per concept per layer, streaming: no corpus-sized state is ever held.
@@ -179,7 +178,7 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
     compatibility: nothing is stored.
     """
     from chunktui.engine.distributed import SingleProcess, peak_memory_bytes
-    from chunktui.engine.hidden import check_layers, prepare_corpus, run_batch, schedule
+    from chunktui.engine.corpus import check_layers, prepare_corpus, run_batch, schedule
     from chunktui.engine.pa import StreamingFit, draw_positives, parse_criterion
 
     group = group or SingleProcess()
@@ -334,7 +333,7 @@ class Checkpoint:
     def save(self, batches_done: int, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save
 
-        from chunktui.engine.io import atomic_write_bytes, atomic_write_text
+        from chunktui.shared.io import atomic_write_bytes, atomic_write_text
 
         tensors_path, meta_path = self._paths()
         data = save({k: v.contiguous().cpu() for k, v in tensors.items()})
@@ -388,7 +387,7 @@ def evaluation_records(chunks, labels: Labels, tp: torch.Tensor, fp: torch.Tenso
 
 
 def evaluate_dictionary(loaded: LoadedModel, dictionary: ChunkDictionary, source: LabelSource,
-                        context_mode: str | None = None, batch_size: int = 16, progress: StageFn = _quiet,
+                        context_mode: str | None = None, batch_size: int = 16, progress: ProgressFn = _quiet,
                         should_stop=None, group=None):
     """Held-out evaluation with the dictionary's own labelling settings (mode, step), streaming.
 
@@ -396,7 +395,7 @@ def evaluate_dictionary(loaded: LoadedModel, dictionary: ChunkDictionary, source
     Returns (records, corpus): one record per chunk, and the tokenised corpus.
     """
     from chunktui.engine.distributed import SingleProcess
-    from chunktui.engine.hidden import check_layers, prepare_corpus, run_batch, schedule
+    from chunktui.engine.corpus import check_layers, prepare_corpus, run_batch, schedule
 
     group = group or SingleProcess()
     dictionary.check_compatible(loaded.identity())

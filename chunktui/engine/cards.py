@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from chunktui.engine.dictionary import Chunk
-from chunktui.engine.hidden import HiddenStates
+from chunktui.engine.corpus import HiddenStates
 from chunktui.engine.matching import PackedDictionary
 
 LABEL_TOKENS = 3  # at most this many token texts in an automatic label

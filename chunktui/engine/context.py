@@ -1,7 +1,7 @@
 """A model's context length, and what to do with text that does not fit in it.
 
 Every path that runs a model asks here: corpora are read in windows of at
-most `context_length` tokens (see `hidden.collect`), and a prompt that cannot
+most `context_length` tokens (see `corpus.collect`), and a prompt that cannot
 hold its answer (prompt + max new tokens > context) is refused, or cut from
 the left when the user asked for that (`fit_prompt(..., truncate=True)`).
 """
@@ -10,31 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from chunktui.engine.errors import ChunkError
-
-# When a config names no limit (rare: some custom models), assume this many positions.
-FALLBACK_CONTEXT = 2048
-_CONFIG_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length",
-                "max_seq_len", "model_max_length")
+from chunktui.shared.errors import ChunkError
 
 
 class ContextError(ChunkError):
     """A text or prompt does not fit in the model's context."""
-
-
-def context_length_of(config, tokenizer=None) -> int:
-    """Positions the model can attend over: from its config, else a sane tokenizer limit, else 2048."""
-    for cfg in (config, getattr(config, "text_config", None)):
-        if cfg is None:
-            continue
-        for key in _CONFIG_KEYS:
-            value = getattr(cfg, key, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and 0 < limit < 10_000_000:  # tokenizers say 1e30 when they do not know
-        return limit
-    return FALLBACK_CONTEXT
 
 
 def context_problem(loaded, n_prompt_tokens: int, max_new_tokens: int) -> str | None:
@@ -75,7 +55,7 @@ def fit_prompt(loaded, prompt: str, max_new_tokens: int, chat: bool = False, tru
 
     With the chat template, only the user's text is cut (the template stays whole).
     """
-    from chunktui.engine.streaming import encode_prompt
+    from chunktui.engine.tokens import encode_prompt
 
     ids = encode_prompt(loaded, prompt, chat)
     limit = loaded.context_length

@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from chunktui.engine.errors import DictionaryError, IncompatibleDictionaryError
+from chunktui.shared.io import DICTIONARY_METADATA_KEY, atomic_write_bytes
+from chunktui.shared.errors import DictionaryError, ExportError, IncompatibleDictionaryError
 
 FORMAT = "chunktui.chunks"
 VERSION = 1
-METADATA_KEY = "chunktui"
+METADATA_KEY = DICTIONARY_METADATA_KEY
 KINDS = ("pa", "direction")
 
 
@@ -121,7 +120,7 @@ class ChunkDictionary:
 
     def compatibility_problem(self, identity: dict) -> str | None:
         """None if this dictionary fits the model with `identity`, else why not (one sentence)."""
-        from chunktui.engine.models import fingerprints_match
+        from chunktui.engine.identity import fingerprints_match
 
         mine = self.model
         if mine.get("hidden_size") != identity.get("hidden_size") or mine.get("n_layers") != identity.get("n_layers"):
@@ -151,12 +150,12 @@ class ChunkDictionary:
     def save(self, path) -> Path:
         """Write atomically (temp file in the same folder, then rename).
 
-        `path` is a path (replaced if it exists) or an `engine.outputs.OutputTarget`
+        `path` is a path (replaced if it exists) or an `shared.outputs.OutputTarget`
         (checked and locked before the work; never replaces a file it was not allowed to).
         """
-        from safetensors.torch import save, save_file
+        from safetensors.torch import save
 
-        from chunktui.engine.outputs import OutputTarget
+        from chunktui.shared.outputs import OutputTarget
 
         target = path if isinstance(path, OutputTarget) else None
         path = target.path if target is not None else Path(path)
@@ -197,20 +196,9 @@ class ChunkDictionary:
             self.path = path
             return path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-            try:
-                save_file(tensors, tmp, metadata={METADATA_KEY: text})
-                from chunktui.engine.io import _umask_mode
-
-                os.chmod(tmp, _umask_mode())
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        except OSError as err:
-            raise DictionaryError(f"Could not write {path}: {err.strerror or err}. Nothing was changed.") from err
+            atomic_write_bytes(path, save(tensors, metadata={METADATA_KEY: text}))
+        except ExportError as err:
+            raise DictionaryError(f"{err} Nothing was changed.") from err
         self.path = path
         return path
 

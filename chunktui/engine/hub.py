@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from chunktui.engine.errors import ModelLoadError
+from chunktui.shared.errors import ModelLoadError
 
 # Everything a causal LM needs besides its weights. Pickled weights (*.bin, *.pth) are never fetched.
 META_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 
 from chunktui.engine.dictionary import Chunk, ChunkDictionary, chunk_id
-from chunktui.engine.errors import ChunkError, DictionaryError
-from chunktui.engine.hidden import HiddenStates
+from chunktui.shared.errors import ChunkError, DictionaryError
+from chunktui.engine.corpus import HiddenStates
 from chunktui.engine.ucd import COSINE_SLACK
 
 FORMATS = {".npy": "npy", ".safetensors": "safetensors", ".gguf": "gguf-control-vector"}

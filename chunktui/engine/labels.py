@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from chunktui.engine.errors import CorpusError
-from chunktui.engine.hidden import TokenTable, iter_jsonl
+from chunktui.shared.errors import CorpusError
+from chunktui.engine.corpus import TokenTable
+from chunktui.shared.texts import iter_jsonl
 
 MAX_JOIN = 4  # part-word mode: a token may end the word together with up to 4 preceding tokens
 

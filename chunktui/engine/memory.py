@@ -20,13 +20,18 @@ what the device has free, so anything refused would not have fitted.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from chunktui.engine.errors import DeviceMemoryError
-from chunktui.engine.models import LoadedModel, module_device
+from chunktui.engine.devices import module_device
+from chunktui.shared.errors import DeviceMemoryError
+
+if TYPE_CHECKING:
+    from chunktui.engine.models import LoadedModel
+
+
 
 _GiB = 2**30
 

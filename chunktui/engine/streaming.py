@@ -21,12 +21,13 @@ from typing import Iterator, Sequence
 
 import torch
 
-from chunktui.engine.errors import DeviceMemoryError, out_of_memory_message
-from chunktui.engine.hidden import ResidualRecorder
+from chunktui.engine.hooks import ResidualRecorder
 from chunktui.engine.matching import MatchResult, PackedDictionary
+from chunktui.engine.devices import out_of_memory
 from chunktui.engine.memory import ensure_fits
 from chunktui.engine.models import LoadedModel
-from chunktui.engine.protocol import Sampling  # noqa: F401  (re-exported: the engine's sampling settings)
+from chunktui.engine.tokens import Detokenizer, encode_prompt, eos_ids
+from chunktui.shared.settings import Sampling
 
 
 @dataclass
@@ -53,35 +54,6 @@ def _cache_arg(model) -> str:
 def _cache_out(out):
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
-
-
-def encode_prompt(loaded: LoadedModel, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
-    """Token ids for a prompt, through the chat template when asked (and the tokenizer has one)."""
-    tok = loaded.tokenizer
-    if chat and getattr(tok, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
-    ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    if tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
-        ids = [tok.bos_token_id] + ids
-    return ids
-
-
-def eos_ids(loaded: LoadedModel) -> set[int]:
-    ids = set()
-    tok = loaded.tokenizer
-    if tok.eos_token_id is not None:
-        ids.add(int(tok.eos_token_id))
-    gen = getattr(loaded.model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif isinstance(eos, (list, tuple)):
-        ids.update(int(e) for e in eos)
-    return ids
 
 
 def pick_tokens(logits: torch.Tensor, sampling: Sampling, generators: Sequence[torch.Generator] | None) -> torch.Tensor:
@@ -167,7 +139,7 @@ def decode(loaded: LoadedModel, rows: list[list[int]], sampling: Sampling, seeds
     cache_arg = _cache_arg(model)
     phase = phase or PhaseFlag()
     layout = loaded.layout
-    try:
+    with out_of_memory("generating", device):
         phase.phase = "prefill"
         if record or prefill_states is not None:
             with ResidualRecorder(layout) as rec:
@@ -202,52 +174,6 @@ def decode(loaded: LoadedModel, rows: list[list[int]], sampling: Sampling, seeds
             logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
             yield DecodeStep(tokens=tokens, logprobs=tok_logp, next_logits=logits, hidden=hidden)
-    except torch.cuda.OutOfMemoryError as err:
-        raise DeviceMemoryError(out_of_memory_message("generating", str(device))) from err
-
-
-class _Detokenizer:
-    """Incremental text, one token at a time, byte-pair safe.
-
-    With a fast tokenizer this is `tokenizers`' DecodeStream: constant work per
-    token, however long the text. Otherwise (slow tokenizers, the RNN) the
-    fallback decodes a short window of recent ids and emits what is new.
-    """
-
-    WINDOW = 8  # ids of context the fallback re-decodes (enough for any multi-byte character)
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.text = ""
-        self._ids: list[int] = []
-        self._emitted = 0  # ids whose text is already in self.text
-        self._stream = None
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            try:
-                from tokenizers.decoders import DecodeStream
-
-                self._stream, self._backend = DecodeStream(skip_special_tokens=False), backend
-            except ImportError:
-                self._stream = None
-
-    def add(self, token_id: int) -> str:
-        if self._stream is not None:
-            piece = self._stream.step(self._backend, int(token_id)) or ""
-        else:
-            piece = self._add_window(int(token_id))
-        self.text += piece
-        return piece
-
-    def _add_window(self, token_id: int) -> str:
-        self._ids.append(token_id)
-        start = max(0, self._emitted - self.WINDOW)
-        before = self.tokenizer.decode(self._ids[start:self._emitted], skip_special_tokens=False)
-        after = self.tokenizer.decode(self._ids[start:], skip_special_tokens=False)
-        if after.endswith("\ufffd") or not after.startswith(before):  # an incomplete UTF-8 sequence: wait
-            return ""
-        self._emitted = len(self._ids)
-        return after[len(before):]
 
 
 def generate_stream(loaded: LoadedModel, prompt: str | list[int], sampling: Sampling | None = None,
@@ -265,7 +191,7 @@ def generate_stream(loaded: LoadedModel, prompt: str | list[int], sampling: Samp
     prefill: list = []
     steps = decode(loaded, [ids], sampling, record=True, cancel=cancel, phase=phase, prefill_states=prefill)
     stops = eos_ids(loaded) if sampling.stop_at_eos else set()
-    detok = _Detokenizer(tok)
+    detok = Detokenizer(tok)
     try:
         first = next(steps, None)
         if include_prompt and prefill:
@@ -339,7 +265,7 @@ def scan_text(loaded: LoadedModel, text: str | list[int], packed: PackedDictiona
             ids = [tok.bos_token_id] + ids
     else:
         ids = list(text)
-    from chunktui.engine.errors import CorpusError
+    from chunktui.shared.errors import CorpusError
 
     if not ids:
         raise CorpusError("Nothing to scan: the text is empty.")
@@ -348,15 +274,13 @@ def scan_text(loaded: LoadedModel, text: str | list[int], packed: PackedDictiona
         raise CorpusError(f"The text is {len(ids)} tokens; one scan reads at most {limit} (the model's context). "
                           "Split it into parts, or use `chunktui evaluate`, which reads a corpus sentence by sentence.")
     ensure_fits(loaded, "scanning", len(ids), full_logits=True)
-    try:
+    with out_of_memory("scanning", loaded.device):
         with ResidualRecorder(loaded.layout) as rec:
             out = loaded.model(input_ids=torch.tensor([ids], device=loaded.device), use_cache=False)
         states = rec.states()[0]
-    except torch.cuda.OutOfMemoryError as err:
-        raise DeviceMemoryError(out_of_memory_message("scanning", str(loaded.device))) from err
     matches = packed.match(states).to("cpu") if packed is not None else None
     logp = out.logits[0].float().log_softmax(-1)
     logprobs = [None] + [float(logp[t - 1, ids[t]]) for t in range(1, len(ids))]
-    detok = _Detokenizer(tok)
+    detok = Detokenizer(tok)
     texts = [detok.add(i) for i in ids]
     return ScanResult(ids=ids, texts=texts, hidden=states.to("cpu", torch.float32), matches=matches, logprobs=logprobs)

@@ -60,7 +60,7 @@ def build_random_model(spec: str):
     """`random:NAME[:SEED]` -> (model, tokenizer), weights drawn with the seed."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from chunktui.engine.models import RANDOM_MODELS
+    from chunktui.shared.specs import RANDOM_MODELS
 
     name, _, seed = spec[len("random:"):].partition(":")
     family, kwargs = RANDOM_MODELS[name]

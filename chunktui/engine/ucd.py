@@ -52,12 +52,12 @@ from typing import Callable, Sequence
 import torch
 
 from chunktui.engine.dictionary import Chunk, chunk_id
-from chunktui.engine.errors import CorpusError
-from chunktui.engine.hidden import HiddenStates, TokenTable
+from chunktui.shared.errors import CorpusError
+from chunktui.shared.settings import ProgressFn
+from chunktui.engine.corpus import HiddenStates, TokenTable
 
 METHOD_NAME = "unsupervised-discovery"
 COSINE_SLACK = 1e-5  # thresholds sit this far below the calibrating cosine (float32 vs float64 rounding)
-StageFn = Callable[[str, "float | None", str], None]
 
 
 def _quiet(stage: str, fraction: float | None, message: str) -> None:
@@ -416,7 +416,7 @@ class DiscoveryReport:
 
 def discover(hs: HiddenStates, config: DiscoveryConfig, spans: Sequence[tuple[int, int, str]] | None = None,
              evaluate: bool = True, device: torch.device | str = "cpu", card_examples: int = 3,
-             progress: StageFn = _quiet) -> tuple[list[Chunk], DiscoveryReport]:
+             progress: ProgressFn = _quiet) -> tuple[list[Chunk], DiscoveryReport]:
     """Discover config.k direction chunks at every layer of hs; evaluate against labels; write cards.
 
     Dead chunks (that win no token) are reported and left out of the result.

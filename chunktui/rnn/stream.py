@@ -40,12 +40,21 @@ def stream(model: ReflectionRNN, symbols: Iterable[str], alphabet: Alphabet,
     net = model if model.replicas == 1 else model.replica(replica)
     h = net.init_state(1) if state is None else torch.as_tensor(state, dtype=net.W_h.dtype).view(1, 1, -1)
     for t, sym in enumerate(symbols):
-        x = torch.tensor([[[alphabet.symbols.index(sym)]]])               # (1,1,1)
-        logits, states = net(x, h0=h)
-        probs = torch.softmax(logits[0, 0, 0], -1)
-        yield Step(t, sym, h[0, 0].numpy().copy(), states[0, 0, 0].numpy().copy(),
+        h_next, logits = advance(net, alphabet.symbols.index(sym), h)
+        probs = torch.softmax(logits, -1)
+        yield Step(t, sym, h[0, 0].numpy().copy(), h_next[0, 0].numpy().copy(),
                    {s: float(p) for s, p in zip(alphabet.symbols, probs)})
-        h = states[:, :, 0]                                                # (1,1,H)
+        h = h_next
+
+
+@torch.no_grad()
+def advance(net: ReflectionRNN, symbol_id: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of one replica: read symbol `symbol_id` in state h (1,1,H) -> (new state (1,1,H), next logits (V,)).
+
+    The one step function of the live RNN: `stream` here and the app's backend (`rnn.runtime.rnn_stream`) both use it.
+    """
+    logits, states = net(torch.tensor([[[symbol_id]]]), h0=h)  # x: (1,1,1)
+    return states[:, :, 0], logits[0, 0, 0]
 
 
 def chunk_per_step(dsc: DSC, states: np.ndarray) -> list[tuple[int, ...] | None]:

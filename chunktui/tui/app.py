@@ -1,8 +1,8 @@
 """The chunktui terminal app: Model, Stream, Chunks, Perturb, Step and Export panes.
 
 The app never imports torch. The model, the dictionary and every tensor live
-in an engine process (`engine/server.py`, spawned at start); panes post typed
-requests (`engine/protocol.py`) through `EngineClient`, and events come back:
+in an engine process (`chunktui/server.py`, spawned at start); panes post typed
+requests (`shared/protocol.py`) through `EngineClient`, and events come back:
 token steps into a `TokenBuffer` that a 20 Hz timer drains (one redraw per
 frame however fast tokens come), everything else as `EngineEvent` messages
 handled here. Every failure, in the engine or the app, goes through `fail`,
@@ -13,9 +13,9 @@ session on screen stays and the app offers to restart it.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import gc
-import os
 import time
 from pathlib import Path
 from typing import Iterable
@@ -23,14 +23,14 @@ from typing import Iterable
 from textual import on
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, DataTable, Footer, Input, Label, OptionList, Static, TabbedContent, TabPane
+from textual.screen import Screen
+from textual.widgets import Button, DataTable, Footer, Input, OptionList, Static, TabbedContent, TabPane
 
-from chunktui.engine import protocol as p
-from chunktui.engine.errors import ChunkError
-from chunktui.engine.session import ChunkColumns, Session, Trace
+from chunktui.shared import protocol as p
+from chunktui.shared.dispatch import Handlers
+from chunktui.shared.errors import ChunkError
+from chunktui.shared.session import ChunkColumns, Session, Trace
 from chunktui.palette import label_colours
 from chunktui.paths import state_dir
 from chunktui.tui.engine_client import EngineClient
@@ -40,40 +40,20 @@ from chunktui.tui.panes.model_pane import ModelPane
 from chunktui.tui.panes.perturb_pane import PerturbPane
 from chunktui.tui.panes.step_pane import StepPane
 from chunktui.tui.panes.stream_pane import StreamPane
+from chunktui.tui.journal_keeper import JournalKeeper
+from chunktui.tui.options import AppOptions
+from chunktui.tui.screens import Choice, RestartEngine
+from chunktui.tui.status import StatusBar
 from chunktui.tui.token_buffer import TokenBuffer
 from chunktui.tui.widgets.trace_view import TraceView
 
 PANES = [("model", "Model", "f1"), ("stream", "Stream", "f2"), ("chunks", "Chunks", "f3"), ("perturb", "Perturb", "f4"),
          ("step", "Step", "f5"), ("export", "Export", "f6")]
 FRAME_RATE = 20  # redraws per second while tokens stream
+# The app's handler for each engine event, keyed by class (tests check every event has exactly one);
+# token steps never come here: the client's reader thread puts them in the TokenBuffer (engine_client.BUFFERED).
+ON_EVENT = Handlers("the app")
 LONG_REQUESTS = (p.Load, p.ListDictionaries, p.UseDictionary, p.Generate, p.Scan, p.Compare, p.BenchStream)
-
-
-def _gib(n: int | None) -> str:
-    if n is None:
-        return "?"
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
-def memory_summary(rows: list[dict]) -> str:
-    """The status bar's memory: per accelerator weights + KV cache + kept values and what is free; else the host."""
-    gpus = [r for r in rows if r["device"] not in ("cpu", "disk")]
-    shown = gpus or [r for r in rows if r["device"] == "cpu"]
-    parts = []
-    for r in shown:
-        text = f"{r['device']} {_gib(r['used'])} (w {_gib(r['weights'])}, kv {_gib(r['kv_cache'])})"
-        if r.get("free") is not None and r["device"] != "cpu":
-            text += f", {_gib(r['free'])} free"
-        parts.append(text)
-    return " · ".join(parts)
-
-
-def _rss_mb() -> float | None:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 class EngineEvent(Message):
@@ -90,47 +70,6 @@ class EngineDied(Message):
         self.exitcode = exitcode
 
 
-class RestartEngine(ModalScreen[bool]):
-    """The engine process stopped: restart it (and reload the model), or carry on without."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="restart-box"):
-            yield Label(self.text, id="restart-text")
-            with Horizontal(classes="form-row"):
-                yield Button("Restart engine", id="restart-yes", variant="primary", compact=True)
-                yield Button("Not now", id="restart-no", compact=True)
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        event.stop()
-        self.dismiss(event.button.id == "restart-yes")
-
-
-class Choice(ModalScreen[str]):
-    """A question with buttons; dismisses with the chosen button's id."""
-
-    def __init__(self, text: str, buttons: list[tuple[str, str, str]]) -> None:
-        super().__init__()
-        self.text, self.buttons = text, buttons  # (id, label, variant)
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="choice-box"):
-            yield Label(self.text, id="choice-text", markup=False)
-            with Horizontal(classes="form-row"):
-                for id_, label, variant in self.buttons:
-                    yield Button(label, id=id_, variant=variant, compact=True)
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        event.stop()  # the app's own buttons share some of these names
-        self.dismiss(event.button.id)
-
-    def key_escape(self) -> None:
-        self.dismiss("cancel")
-
-
 class ChunkApp(App):
     """Stream a model's hidden states, see its chunks, graft them, step through texts, export."""
 
@@ -144,27 +83,29 @@ class ChunkApp(App):
         Binding("slash", "focus_input", "prompt", key_display="/"),
     ]
 
-    def __init__(self, model_spec: str = "smollm2-135m", dict_path: str | None = None, device: str = "auto",
-                 dtype: str = "auto", dict_dirs: Iterable[str | Path] | None = None,
-                 sequences_path: str | None = None, show_timing: bool = True, autoload: bool = True,
-                 threads: int | None = None, engine_mode: str = "process", prompt: str | None = None,
-                 max_new_tokens: int | None = None, open_step: bool = False, stop_at_eos: bool = True,
-                 restore: bool = False, journal: bool = True, placement: dict | None = None) -> None:
+    def __init__(self, options: AppOptions | None = None, **fields) -> None:
+        """Start from `options` (an `AppOptions`), or from its fields as keywords (a bare start)."""
+        if options is None:
+            options = AppOptions(**fields)
+        elif fields:
+            options = dataclasses.replace(options, **fields)
         super().__init__()
-        self.restore_at_start, self.use_journal = restore, journal
-        self.journal = None  # engine.journal.Journal: the session as it happens, for a restart to restore
+        self.options = options
+        o = options
+        self.restore_at_start, self.use_journal = o.restore, o.journal
+        self.keeper = JournalKeeper(self)  # the session as it happens, for a restart to restore
         self.dirty = False  # the session holds work not exported yet
-        self.stop_at_eos = stop_at_eos
-        self.model_spec, self.device, self.dtype = model_spec, device, dtype
-        self.placement = dict(placement or {})  # device_map, max_memory, offload_folder, offline (from the CLI)
-        self.dict_path = str(dict_path) if dict_path else None
-        self.dict_dirs = [Path(d) for d in dict_dirs] if dict_dirs is not None else []
+        self.stop_at_eos = o.stop_at_eos
+        self.model_spec, self.device, self.dtype = o.model_spec, o.device, o.dtype
+        self.placement = dict(o.placement)  # device_map, max_memory, offload_folder, offline (from the CLI)
+        self.dict_path = o.dict_path
+        self.dict_dirs = list(o.dict_dirs)
         self.extra_dicts: list[str] = []
-        self.sequences_path = sequences_path or ""
-        self.show_timing = show_timing
-        self.autoload = autoload
-        self.threads = threads
-        self.start_prompt, self.start_tokens, self.open_step = prompt, max_new_tokens, open_step
+        self.sequences_path = o.sequences_path
+        self.show_timing = o.show_timing
+        self.autoload = o.autoload
+        self.threads = o.threads
+        self.start_prompt, self.start_tokens, self.open_step = o.prompt, o.max_new_tokens, o.open_step
         self.model: p.Loaded | None = None  # what the engine loaded
         self.dictionary: p.DictionaryInUse | None = None
         self.colours: dict[str, str] = {}
@@ -175,8 +116,8 @@ class ChunkApp(App):
         self.current_trace: Trace | None = None
         self.chosen_chunk_id: str | None = None
         self.buffer = TokenBuffer()
-        self.engine = EngineClient(self._engine_event, self._engine_died, self.buffer, mode=engine_mode,
-                                   threads=threads, log_path=self.log_path)
+        self.engine = EngineClient(self._engine_event, self._engine_died, self.buffer, mode=o.engine_mode,
+                                   threads=o.threads, log_path=self.log_path)
         self._busy: str | None = None  # "load", "generate", "perturb", "scan"
         self._jobs = 0  # long requests sent and not yet done
         self._asks = 0  # detail/score requests not yet answered
@@ -188,6 +129,15 @@ class ChunkApp(App):
         self.tokens_per_second: float | None = None
         self.bench_result: p.BenchDone | None = None
         self.memory: p.Memory | None = None
+
+    @property
+    def journal(self):
+        """The open `shared.journal.Journal`, or None (not journalling, or stopped after a write failed)."""
+        return self.keeper.journal
+
+    @journal.setter
+    def journal(self, value) -> None:
+        self.keeper.journal = value
 
     @property
     def log_path(self) -> Path:
@@ -209,7 +159,7 @@ class ChunkApp(App):
                 yield StepPane(self.sequences_path)
             with TabPane("F6 Export", id="export"):
                 yield ExportPane()
-        yield Static(id="status")
+        yield StatusBar(id="status")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -224,7 +174,7 @@ class ChunkApp(App):
             self.action_open_sequences(quiet=True)
         if self.open_step:
             self.action_pane("step")
-        self._open_journal()
+        self.keeper.open()
         self.start_engine()
         # the screen allocates many short-lived objects per frame; the objects made so far live for the whole
         # sitting, so the collector leaves them out, and young collections run less often (fewer pauses mid-key)
@@ -243,56 +193,12 @@ class ChunkApp(App):
 
     async def on_unmount(self) -> None:
         self.engine.stop()
-        if self.journal is not None:
-            self.journal.close()
+        self.keeper.close()
 
     # ------------------------------------------------------------------ the session journal
 
-    def _open_journal(self) -> None:
-        from chunktui.engine.journal import Journal, journals, latest_unfinished, read_journal
-
-        if not self.use_journal:
-            return
-        try:
-            self.journal = Journal.new()
-        except OSError as err:
-            self.fail(f"The session cannot be journalled ({err}); it will be lost if the app is killed. "
-                      "Export it (F6) before you quit.", title="No journal", severity="warning")
-            return
-        try:
-            if self.restore_at_start:  # `chunktui tui --restore`: the newest earlier session, at once
-                earlier = [p for p in journals() if p != self.journal.path]
-                if not earlier:
-                    self.fail("There is no earlier session to restore.", title="Nothing to restore",
-                              severity="warning")
-                    return
-                self._restore(read_journal(earlier[0]))
-                return
-            found = latest_unfinished(exclude=self.journal.path)
-        except ChunkError as err:
-            self.fail(str(err), title="Session not restored", severity="warning")
-            return
-        if found is None:
-            return
-        s = found.session
-        when = _dt.datetime.fromtimestamp(found.path.stat().st_mtime).strftime("%H:%M on %d %b")
-        text = (f"The app stopped without closing at {when} ({len(s.traces)} texts, {len(s.runs)} perturbation "
-                f"runs{', exported' if found.exported else ', not exported'}). Restore that session?")
-        self.push_screen(Choice(text, [("restore", "Restore", "primary"), ("discard", "Discard", "error"),
-                                       ("cancel", "Not now", "default")]),
-                         lambda answer: self._restore_answer(answer, found))
-
-    def _restore_answer(self, answer: str, found) -> None:
-        if answer == "restore":
-            self._restore(found)
-        elif answer == "discard":
-            try:
-                with open(found.path, "a", encoding="utf-8") as fh:
-                    fh.write('{"type":"closed"}\n')
-            except OSError:
-                pass
-
-    def _restore(self, found) -> None:
+    def restore_session(self, found) -> None:
+        """Bring back a journalled session (`journal.read_journal`'s result): its texts, runs and labels."""
         restored = found.session
         if not self.session.model and restored.model:
             self.session.model = restored.model
@@ -327,15 +233,6 @@ class ChunkApp(App):
         more = f"; {found.skipped} damaged lines were left out" if found.skipped else ""
         self.notify(f"Restored {len(restored.traces)} texts and {len(restored.runs)} runs from "
                     f"{found.path.name}{more}.", title="Session restored", timeout=6, markup=False)
-
-    def _journal(self, method: str, *args) -> None:
-        if self.journal is not None:
-            try:
-                getattr(self.journal, method)(*args)
-            except OSError as err:  # a full disk: say it once, stop journalling, keep working
-                self.journal = None
-                self.fail(f"The session journal could not be written ({err}); journalling stopped. Export the "
-                          "session (F6) to keep it.", title="Journal stopped", severity="warning")
 
     async def action_quit(self) -> None:
         """Ctrl+Q: with work not exported, ask first (export, quit, cancel)."""
@@ -406,10 +303,7 @@ class ChunkApp(App):
         return self._jobs == 0 and self._asks == 0 and self._busy is None
 
     def on_engine_event(self, message: EngineEvent) -> None:
-        event = message.event
-        handler = getattr(self, f"_handle_{type(event).__name__.lower()}", None)
-        if handler is not None:
-            handler(event)
+        ON_EVENT.dispatch(self, message.event)
 
     def on_engine_died(self, message: EngineDied) -> None:
         how = f"exit code {message.exitcode}" if message.exitcode is not None else "no exit code"
@@ -434,6 +328,7 @@ class ChunkApp(App):
         self.engine.start()
         self.action_load()
 
+    @ON_EVENT(p.Memory)
     def _handle_memory(self, event: p.Memory) -> None:
         self.memory = event
         if self.model is not None:
@@ -442,19 +337,23 @@ class ChunkApp(App):
                                                 event.rows if self.show_timing else None)
         self.update_status()
 
+    @ON_EVENT(p.JobDone)
     def _handle_jobdone(self, event: p.JobDone) -> None:
         self._jobs = max(0, self._jobs - 1)
 
+    @ON_EVENT(p.Ready)
     def _handle_ready(self, event: p.Ready) -> None:
         self.engine_ready = event
         self.query_one(ModelPane).set_catalog(event.catalog)
 
+    @ON_EVENT(p.Progress)
     def _handle_progress(self, event: p.Progress) -> None:
         text = event.text if self.show_timing or event.stage != "done" else "loaded"  # no timings in tests
         self.query_one(ModelPane).show_progress(event.stage, event.fraction, text)
         self._progress = text
         self.update_status()
 
+    @ON_EVENT(p.Failed)
     def _handle_failed(self, event: p.Failed) -> None:
         if event.task == "load":
             self.query_one(ModelPane).show_progress("failed", 0.0, event.title)
@@ -465,28 +364,7 @@ class ChunkApp(App):
     # ------------------------------------------------------------------ status
 
     def update_status(self) -> None:
-        parts = []
-        if self.model is None:
-            parts.append("loading model…" if self._busy == "load" else "no model")
-        else:
-            parts.append(f"{self.model.card['name']} on {self.model.card['device']}")
-        parts.append(f"dict {self.dictionary.name} ({len(self.dictionary.chunks)} chunks)" if self.dictionary
-                     else "no dictionary")
-        if self._busy == "load":
-            parts.append(getattr(self, "_progress", "starting the engine"))
-        elif self._busy:
-            parts.append(f"{self._busy}… (Esc stops)")
-        if self.show_timing:
-            if self.tokens_per_second is not None:
-                parts.append(f"{self.tokens_per_second:.1f} tok/s")
-            if self.memory is not None and self.model is not None:
-                parts.append(memory_summary(self.memory.rows))
-            rss = _rss_mb()
-            if rss is not None:
-                parts.append(f"ui {rss:.0f} MB")
-        else:
-            parts.append("tok/s —")
-        self.query_one("#status", Static).update(" · ".join(parts), layout=False)  # one line: no layout pass
+        self.query_one(StatusBar).show(self)
 
     def _set_busy(self, what: str | None) -> None:
         self._busy = what
@@ -567,10 +445,11 @@ class ChunkApp(App):
             self._set_busy("load")
             self.query_one(ModelPane).show_progress("resolve", 0.0, spec)
 
+    @ON_EVENT(p.Loaded)
     def _handle_loaded(self, event: p.Loaded) -> None:
         self.model = event
         self.session.model = event.card
-        self._journal("session", self.session)
+        self.keeper.record("session", self.session)
         self.query_one(ModelPane).show_card(event.card, self.show_timing)
         self._set_busy(None)
         card = event.card
@@ -596,6 +475,7 @@ class ChunkApp(App):
                         found.append(str(path))
         return found
 
+    @ON_EVENT(p.DictionariesListed)
     def _handle_dictionarieslisted(self, event: p.DictionariesListed) -> None:
         self.query_one(ModelPane).show_dictionaries(event.entries, event.select)
         if self.start_prompt and self.model is not None:  # `chunktui tui --prompt`: straight into streaming
@@ -603,12 +483,13 @@ class ChunkApp(App):
             self.action_pane("stream")
             self.action_generate()
 
+    @ON_EVENT(p.DictionaryInUse)
     def _handle_dictionaryinuse(self, event: p.DictionaryInUse) -> None:
         self.dictionary = event
         self.colours = label_colours(event.labels)
         self.session.dictionary = event.path
         self.session.labels = list(event.labels)
-        self._journal("session", self.session)
+        self.keeper.record("session", self.session)
         self.query_one(ChunksPane).set_chunks(event.chunks)
         self.query_one(PerturbPane).set_labels(event.labels)
         self.query_one(StepPane).set_labels(event.labels)
@@ -648,7 +529,7 @@ class ChunkApp(App):
         trace = Trace(kind, title, columns, settings=settings)
         trace.trace_id = self._next_trace
         self.traces[trace.trace_id] = trace
-        self._journal("trace", trace)
+        self.keeper.record("trace", trace)
         return trace
 
     def action_generate(self) -> None:
@@ -675,6 +556,7 @@ class ChunkApp(App):
         if self.send(request):
             self._set_busy("generate")
 
+    @ON_EVENT(p.TraceStarted)
     def _handle_tracestarted(self, event: p.TraceStarted) -> None:
         trace = self.traces.get(event.trace_id)
         if trace is not None:
@@ -689,7 +571,7 @@ class ChunkApp(App):
             trace = self.traces.get(trace_id)
             if trace is not None:
                 trace.extend(steps)
-                self._journal("steps", trace, steps)  # one record per trace per frame
+                self.keeper.record("steps", trace, steps)  # one record per trace per frame
                 self.dirty = True
         self.tokens_per_second = self.buffer.rate(self._gen_started)
         if self.stream_trace is not None and self.stream_trace.trace_id in arrived:
@@ -698,6 +580,7 @@ class ChunkApp(App):
             self.frame_times.append(time.perf_counter())
         self.update_status()
 
+    @ON_EVENT(p.TraceDone)
     def _handle_tracedone(self, event: p.TraceDone) -> None:
         self._drain()
         trace = self.traces.get(event.trace_id)
@@ -707,10 +590,10 @@ class ChunkApp(App):
             trace.columns = event.columns
         if event.steps is not None:
             trace.replace_steps(event.steps)
-            self._journal("replace", trace)
+            self.keeper.record("replace", trace)
         trace.finished = event.reason
         trace.elapsed = event.elapsed
-        self._journal("finished", trace)
+        self.keeper.record("finished", trace)
         self.dirty = self.dirty or bool(len(trace))
         if trace.kind == "stream":
             if len(trace):
@@ -753,6 +636,7 @@ class ChunkApp(App):
         if event.trace.trace_id is not None and self.engine.alive:
             self.send(p.TokenDetail(event.trace.trace_id, event.index, event.layer_index))
 
+    @ON_EVENT(p.Detail)
     def _handle_detail(self, event: p.Detail) -> None:
         self._asks = max(0, self._asks - 1)
         for view in self.query(TraceView):
@@ -787,6 +671,7 @@ class ChunkApp(App):
         if column is not None and trace.trace_id is not None and len(trace) and self.engine.alive:
             self.send(p.ChunkScores(trace.trace_id, column))
 
+    @ON_EVENT(p.Scores)
     def _handle_scores(self, event: p.Scores) -> None:
         self._asks = max(0, self._asks - 1)
         trace = self.current_trace
@@ -815,9 +700,10 @@ class ChunkApp(App):
             self._set_busy("perturb")
             self.query_one("#perturb-summary", Static).update("running the control and perturbed arms…")
 
+    @ON_EVENT(p.RunDone)
     def _handle_rundone(self, event: p.RunDone) -> None:
         self.session.add_run(event.run)
-        self._journal("run", event.run)
+        self.keeper.record("run", event.run)
         self.dirty = True
         self._set_busy(None)
         self.query_one(PerturbPane).add_run(event.run)
@@ -825,7 +711,7 @@ class ChunkApp(App):
     # ------------------------------------------------------------------ step
 
     def action_open_sequences(self, quiet: bool = False) -> None:
-        from chunktui.engine.texts import read_sequences
+        from chunktui.shared.texts import read_sequences
 
         pane = self.query_one(StepPane)
         path = self.query_one("#step-path", Input).value.strip()
@@ -854,14 +740,14 @@ class ChunkApp(App):
 
     def action_export(self, then_quit: bool = False, overwrite: bool = False) -> bool | None:
         """Write the session in the Export pane's format; ask before replacing a file. False: nothing written."""
-        from chunktui.engine.reports import write_report
+        from chunktui.shared.reports import write_report
 
         pane = self.query_one(ExportPane)
         fmt, path = pane.request()
         if not path:
             self.fail("Give a file name to export to.", title="No file")
             return False
-        from chunktui.engine.outputs import plan_output
+        from chunktui.shared.outputs import plan_output
 
         target = Path(path).expanduser()
         if target.is_file() and not overwrite:
@@ -885,7 +771,7 @@ class ChunkApp(App):
         pane.show_result(f"wrote {written} ({fmt})", ok=True)
         pane.show_summary(self.session)
         self.notify(f"Wrote {written}", title="Exported", timeout=4, markup=False)
-        self._journal("exported", str(written))
+        self.keeper.record("exported", str(written))
         self.dirty = False
         if then_quit:
             self.exit()
@@ -893,6 +779,7 @@ class ChunkApp(App):
 
     # ------------------------------------------------------------------ benchmark hooks
 
+    @ON_EVENT(p.BenchDone)
     def _handle_benchdone(self, event: p.BenchDone) -> None:
         self.bench_result = event
         if self._busy == "bench":
@@ -918,29 +805,14 @@ class ChunkApp(App):
         self.current_trace = event.view.trace or self.current_trace
 
 
-def make_app(model_spec: str | None = None, dict_path: str | None = None, device: str = "auto", dtype: str = "auto",
-             dict_dirs: Iterable[str | Path] | None = None, sequences_path: str | None = None,
-             show_timing: bool = True, autoload: bool = True, threads: int | None = None,
-             engine_mode: str = "process", prompt: str | None = None, max_new_tokens: int | None = None,
-             open_step: bool = False, stop_at_eos: bool = True, restore: bool = False,
-             journal: bool = True, placement: dict | None = None) -> ChunkApp:
-    """The app as users get it (the CLI and the benchmark call this); tests pass a tiny model, their own
-    dictionary folder, show_timing=False and engine_mode="thread".
+def make_app(options: AppOptions | None = None, **fields) -> ChunkApp:
+    """The app as users get it (the CLI, the benchmark and the tests call this): `AppOptions.for_users`.
 
-    Defaults: the built-in model, the sample dictionary, the sample sequences, and every
-    `*.chunks.safetensors` in sample_data/ and the working folder offered in the dictionary picker.
+    Pass an `AppOptions`, or its fields as keywords; tests pass a tiny model, their own dictionary folder,
+    show_timing=False and engine_mode="thread".
     """
-    from chunktui.paths import DEFAULT_DICT_NAME, sample_path
-
-    rnn = (model_spec or "").strip().lower().startswith("rnn:")
-    if dict_dirs is None:
-        dict_dirs = [sample_path(DEFAULT_DICT_NAME).parent, Path.cwd()]
-    if dict_path is None and not rnn:
-        dict_path = str(sample_path(DEFAULT_DICT_NAME))
-    if sequences_path is None:
-        sequences_path = str(sample_path("rnn_sequences.txt" if rnn else "sequences.jsonl"))
-    return ChunkApp(model_spec=model_spec or "smollm2-135m", dict_path=dict_path, device=device, dtype=dtype,
-                    dict_dirs=dict_dirs, sequences_path=sequences_path, show_timing=show_timing, autoload=autoload,
-                    threads=threads, engine_mode=engine_mode, prompt=prompt, max_new_tokens=max_new_tokens,
-                    open_step=open_step, stop_at_eos=stop_at_eos, restore=restore, journal=journal,
-                    placement=placement)
+    if options is None:
+        options = AppOptions.for_users(**fields)
+    elif fields:
+        options = dataclasses.replace(options, **fields)
+    return ChunkApp(options)

@@ -22,6 +22,8 @@ import statistics
 import sys
 import time
 
+from chunktui.shared.specs import DEFAULT_MODEL
+
 PROMPT = "Write a long, detailed story about a cook who travels the world collecting cheese recipes."
 
 
@@ -36,12 +38,12 @@ def _ms(x: float | None) -> float | None:
     return None if x is None else round(1000 * x, 1)
 
 
-async def run_bench(model: str = "smollm2-135m", dict_path: str | None = None, tokens: int = 1000, threads: int = 1,
+async def run_bench(model: str = DEFAULT_MODEL, dict_path: str | None = None, tokens: int = 1000, threads: int = 1,
                     device: str = "cpu", interval: float = 0.1, prompt: str = PROMPT, size=(120, 36),
                     say=lambda text: None) -> dict:
     from textual import events
 
-    from chunktui.engine import protocol as p
+    from chunktui.shared import protocol as p
     from chunktui.tui.app import make_app
     from chunktui.tui.widgets.trace_view import TraceView
 

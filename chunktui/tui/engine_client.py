@@ -1,6 +1,6 @@
 """The app's side of the engine process: spawn it, send requests, read events.
 
-`EngineClient.start()` starts `python -m chunktui.engine.server` as a fresh
+`EngineClient.start()` starts `python -m chunktui.server` as a fresh
 interpreter (nothing of the UI process, and no torch, is inherited; it does
 not depend on how the app itself was started) in its own session, joined to
 the app by one socket pair that both sides wrap as a `multiprocessing`
@@ -25,8 +25,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable
 
-from chunktui.engine import protocol as p
+from chunktui.shared import protocol as p
 from chunktui.tui.token_buffer import TokenBuffer
+
+# Events the reader thread puts straight into the TokenBuffer (drained at the frame rate), not posted one by one.
+BUFFERED = (p.Tokens,)
 
 
 class EngineClient:
@@ -52,7 +55,7 @@ class EngineClient:
         return self.process.pid if self.process is not None else None
 
     def start(self) -> None:
-        from chunktui.engine.server import child_main  # no heavy imports at its top
+        from chunktui.server import child_main  # no heavy imports at its top
 
         self.generation += 1
         self._closing = False
@@ -63,7 +66,7 @@ class EngineClient:
             self.process = None
         else:
             ours, theirs = socket.socketpair()
-            command = [sys.executable, "-m", "chunktui.engine.server", "--fd", str(theirs.fileno())]
+            command = [sys.executable, "-m", "chunktui.server", "--fd", str(theirs.fileno())]
             if self.threads:
                 command += ["--threads", str(self.threads)]
             log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # never onto the app's screen
@@ -101,7 +104,7 @@ class EngineClient:
                 continue
             if generation != self.generation:
                 return
-            if isinstance(event, p.Tokens):
+            if isinstance(event, BUFFERED):
                 self.buffer.push(event.trace_id, event.steps)
             else:
                 self.on_event(event)

@@ -8,11 +8,14 @@ import pytest
 import torch
 
 from chunktui.paths import DEFAULT_DICT_NAME, sample_path
-from chunktui.engine.build import LabelSource, build_dictionary, evaluate_dictionary, read_text, summarise_by_label
+from chunktui.engine.build import LabelSource, build_dictionary, evaluate_dictionary, summarise_by_label
+from chunktui.shared.texts import read_text
 from chunktui.engine.dictionary import load_dictionary
 from chunktui.engine.models import load_model
 from chunktui.engine.perturb import Intervention, Positions, next_token_logprobs, first_token_ids, select_chunks
-from chunktui.engine.streaming import Sampling, encode_prompt, generate_stream
+from chunktui.engine.streaming import generate_stream
+from chunktui.shared.settings import Sampling
+from chunktui.engine.tokens import encode_prompt
 
 pytestmark = pytest.mark.integration
 

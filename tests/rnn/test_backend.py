@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from chunktui.engine.errors import CorpusError, ModelLoadError
+from chunktui.shared.errors import CorpusError, ModelLoadError
 from chunktui.engine.steps import step_from_event, steps_from_scan
-from chunktui.engine.streaming import Sampling
-from chunktui.rnn.backend import is_rnn_spec, load_rnn, rnn_scan, rnn_stream
+from chunktui.shared.settings import Sampling
+from chunktui.rnn.runtime import is_rnn_spec, load_rnn, rnn_scan, rnn_stream
 from chunktui.rnn.sequences import flat_sequence
 from chunktui.rnn.train import record
 
@@ -90,14 +90,14 @@ def test_symbols_outside_the_alphabet_are_refused(rnn):
 
 
 def test_language_model_commands_point_rnn_specs_to_the_app():
-    from chunktui.engine.models import resolve_spec
+    from chunktui.shared.specs import resolve_spec
 
     with pytest.raises(ModelLoadError, match=r"opens in the app \(`chunktui tui --model rnn:flat`\)"):
         resolve_spec("rnn:flat")
 
 
 def test_relabel_gives_streamed_steps_the_full_parse(rnn):
-    from chunktui.rnn.backend import relabel
+    from chunktui.rnn.runtime import relabel
 
     events = list(rnn_stream(rnn, "ABCDEEEGHIJKLMNEE", Sampling(max_new_tokens=20, temperature=1.0, seed=1)))
     steps = [step_from_event(e) for e in events]

@@ -235,7 +235,7 @@ async def test_bad_sequence_file_is_a_notification(make_test_app, tmp_path):
 
 async def test_out_of_memory_is_a_notification(make_test_app, monkeypatch):
     from chunktui.engine import streaming
-    from chunktui.engine.errors import DeviceMemoryError, out_of_memory_message
+    from chunktui.shared.errors import DeviceMemoryError, out_of_memory_message
 
     def boom(*args, **kwargs):
         raise DeviceMemoryError(out_of_memory_message("generating", "cuda:0"))
@@ -364,7 +364,7 @@ async def test_token_view_lays_out_only_new_tokens_and_scrolls_to_the_cursor(mak
 
 
 async def test_a_killed_session_is_offered_back_and_restored(make_test_app):
-    from chunktui.tui.app import Choice
+    from chunktui.tui.screens import Choice
 
     app = make_test_app()
     async with app.run_test(size=(100, 34)) as pilot:
@@ -393,7 +393,7 @@ async def test_a_killed_session_is_offered_back_and_restored(make_test_app):
 
 
 async def test_quit_with_unexported_work_asks_first(make_test_app, tmp_path):
-    from chunktui.tui.app import Choice
+    from chunktui.tui.screens import Choice
 
     app = make_test_app()
     async with app.run_test(size=(100, 34)) as pilot:
@@ -413,7 +413,7 @@ async def test_quit_with_unexported_work_asks_first(make_test_app, tmp_path):
 
 
 async def test_export_asks_before_replacing_a_file(make_test_app, tmp_path):
-    from chunktui.tui.app import Choice
+    from chunktui.tui.screens import Choice
 
     target = tmp_path / "report.html"
     target.write_text("precious")
@@ -434,7 +434,7 @@ async def test_export_asks_before_replacing_a_file(make_test_app, tmp_path):
 
 
 async def test_model_pane_placement_fields_reach_the_engine_and_memory_is_shown(make_test_app):
-    from chunktui.engine import protocol as p
+    from chunktui.shared import protocol as p
 
     app = make_test_app(show_timing=True)
     sent = []

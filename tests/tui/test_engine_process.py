@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from chunktui.engine import protocol as p
+from chunktui.shared import protocol as p
 from chunktui.tui.engine_client import EngineClient
 from chunktui.tui.token_buffer import TokenBuffer
 from tests.tui.conftest import settle
@@ -93,7 +93,7 @@ def test_cancel_stops_within_a_token_and_a_killed_engine_is_reported(engine):
 
 @pytest.mark.anyio
 async def test_the_app_keeps_its_session_when_the_engine_dies_and_restarts_it(make_test_app):
-    from chunktui.tui.app import RestartEngine
+    from chunktui.tui.screens import RestartEngine
 
     app = make_test_app(engine_mode="process")
     async with app.run_test(size=(100, 34)) as pilot:

@@ -80,3 +80,27 @@ def test_step_pane(snap_compare, make_test_app, sequences_file, monkeypatch):
 
 def test_export_pane(snap_compare, make_test_app):
     assert snap_compare(make_test_app(), terminal_size=SIZE, run_before=_run(_generate, _keys("f6")))
+
+
+def _push(screen_factory):
+    async def push(app, pilot):
+        app.push_screen(screen_factory())
+        await pilot.pause()
+
+    return push
+
+
+def test_restart_engine_dialog(snap_compare, make_test_app):
+    from chunktui.tui.screens import RestartEngine
+
+    text = ("The engine process stopped (killed by signal 9; out of memory, or killed). Your session stays on "
+            "screen. Restart the engine and load the model again?")
+    assert snap_compare(make_test_app(), terminal_size=SIZE, run_before=_run(_push(lambda: RestartEngine(text))))
+
+
+def test_choice_dialog(snap_compare, make_test_app):
+    from chunktui.tui.screens import Choice
+
+    text = "This session holds 2 texts and 1 perturbation run that have not been exported. Quit anyway?"
+    buttons = [("export", "Export and quit", "primary"), ("quit", "Quit", "error"), ("cancel", "Cancel", "default")]
+    assert snap_compare(make_test_app(), terminal_size=SIZE, run_before=_run(_push(lambda: Choice(text, buttons))))

@@ -9,7 +9,7 @@ import torch
 
 from chunktui.engine.build import (Checkpoint, LabelSource, build_dictionary, build_dictionary_in_memory, collect_for,
                                    evaluate_dictionary, evaluate_hidden)
-from chunktui.engine.errors import CorpusError, GenerationCancelled
+from chunktui.shared.errors import CorpusError, GenerationCancelled
 from chunktui.engine.matching import PackedDictionary
 from chunktui.engine.pa import PAPER_TOLERANCES, ConceptTemplate, parse_criterion
 
@@ -30,7 +30,7 @@ def assert_same_chunks(a, b):
 def test_streaming_equals_in_memory_reference(tiny_model, tiny_corpus, monkeypatch):
     # batch size 1: every context is computed alone in both builds, so the states are bitwise equal
     ref, _ = build_dictionary_in_memory(tiny_model, LabelSource(corpus=tiny_corpus, words=WORDS), n=5, batch_size=1)
-    import chunktui.engine.hidden as hidden
+    import chunktui.engine.corpus as hidden
 
     def no_collect(*a, **k):
         raise AssertionError("the streaming build must not collect the corpus's states")
@@ -136,7 +136,7 @@ def test_resume_after_interruption_gives_the_same_dictionary(tiny_model, tiny_co
 
 
 def test_state_cache_on_disk_reads_back_each_layer(tiny_model, tiny_corpus, tmp_path):
-    from chunktui.engine.hidden import cache_states, collect, prepare_corpus
+    from chunktui.engine.corpus import cache_states, collect, prepare_corpus
 
     corpus = prepare_corpus(tiny_model.tokenizer, tiny_corpus)
     cache = cache_states(tiny_model, corpus, [1, 3], tmp_path, batch_size=16, shard_bytes=50_000)

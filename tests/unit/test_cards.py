@@ -5,7 +5,7 @@ import torch
 
 from chunktui.engine.cards import ChunkCard, auto_label, build_cards, stored_card
 from chunktui.engine.dictionary import Chunk
-from chunktui.engine.hidden import collect
+from chunktui.engine.corpus import collect
 from chunktui.engine.matching import pack
 
 

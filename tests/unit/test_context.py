@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from chunktui.engine.context import ContextError, check_fits, context_problem, fit_prompt
-from chunktui.engine.hidden import collect
+from chunktui.engine.corpus import collect
 
 
 def test_models_know_their_context(tiny_model):

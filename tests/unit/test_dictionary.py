@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from chunktui.engine.dictionary import Chunk, ChunkDictionary, load_dictionary
-from chunktui.engine.errors import DictionaryError, IncompatibleDictionaryError
+from chunktui.shared.errors import DictionaryError, IncompatibleDictionaryError
 from chunktui.engine.models import load_model
 
 

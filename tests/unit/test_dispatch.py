@@ -10,13 +10,14 @@ from click.testing import CliRunner
 
 from chunktui.cli import main
 from chunktui.engine.build import LabelSource, build_dictionary, evaluate_dictionary
-from chunktui.engine.errors import ModelLoadError
-from chunktui.engine.hidden import collect
+from chunktui.shared.errors import ModelLoadError
+from chunktui.engine.corpus import collect
 from chunktui.engine.matching import pack
 from chunktui.engine.memory import memory_report, weight_bytes
 from chunktui.engine.models import load_model, parse_max_memory
 from chunktui.engine.perturb import Intervention, Positions, next_token_logprobs, run_arm, select_chunks
-from chunktui.engine.streaming import Sampling, generate_stream, scan_text
+from chunktui.engine.streaming import generate_stream, scan_text
+from chunktui.shared.settings import Sampling
 
 
 
@@ -142,7 +143,7 @@ def test_cli_options(folder, tmp_path):
 def test_engine_api_and_app_request_carry_placement(tmp_path):
     """The app's engine process loads with the same placement options (protocol Load -> Engine.load)."""
     from chunktui.api import Engine
-    from chunktui.engine import protocol
+    from chunktui.shared import protocol
 
     request = protocol.Load("random:llama-tiny", device_map="auto", max_memory="cpu=40KiB",
                             offload_folder=str(tmp_path))

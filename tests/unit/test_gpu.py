@@ -4,11 +4,12 @@ them on a CUDA machine. The out-of-memory test runs everywhere: CUDA's error is 
 import pytest
 import torch
 
-from chunktui.engine.errors import DeviceMemoryError
+from chunktui.shared.errors import DeviceMemoryError
 from chunktui.engine.matching import pack
 from chunktui.engine.models import load_model
 from chunktui.engine.perturb import Intervention, Positions, intervene, select_chunks
-from chunktui.engine.streaming import PhaseFlag, Sampling, generate_stream, scan_text
+from chunktui.engine.streaming import PhaseFlag, generate_stream, scan_text
+from chunktui.shared.settings import Sampling
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
 needs_two = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs to shard across")

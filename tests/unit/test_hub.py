@@ -14,7 +14,7 @@ from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, Repo
 
 from chunktui.cli import main
 from chunktui.engine import hub
-from chunktui.engine.errors import ModelLoadError
+from chunktui.shared.errors import ModelLoadError
 from chunktui.engine.models import load_model
 
 REPO = "some-owner/tiny-model"

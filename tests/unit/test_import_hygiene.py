@@ -21,17 +21,29 @@ def _modules_after(code: str) -> set[str]:
 
 
 def test_the_app_and_the_cli_import_without_torch():
-    loaded = _modules_after("import chunktui.tui.app, chunktui.tui.bench, chunktui.cli, chunktui.engine.server")
+    loaded = _modules_after("import chunktui.tui.app, chunktui.tui.bench, chunktui.cli, chunktui.server")
     assert "chunktui.tui.app" in loaded and "textual" in loaded  # the import did happen
     assert "torch" not in loaded
     assert "transformers" not in loaded
 
 
 def test_no_engine_or_rnn_module_imports_the_cli_the_tui_or_textual():
-    names = [f"chunktui.{pkg}.{m.name}" for pkg in ("engine", "rnn")
-             for m in pkgutil.iter_modules([str(ROOT / "chunktui" / pkg)])] + ["chunktui.api"]
-    assert "chunktui.engine.server" in names and len(names) > 20
+    names = [f"chunktui.{pkg}.{m.name}" for pkg in ("engine", "rnn", "shared")
+             for m in pkgutil.iter_modules([str(ROOT / "chunktui" / pkg)])] + ["chunktui.api", "chunktui.backends",
+                                                                             "chunktui.server"]
+    assert "chunktui.engine.streaming" in names and len(names) > 20
     loaded = _modules_after("import " + ", ".join(names))
     assert set(names) <= loaded
     offenders = sorted(m for m in loaded if m.startswith(("chunktui.cli", "chunktui.tui", "textual")))
     assert offenders == []
+
+
+def test_every_shared_module_imports_without_torch_or_textual():
+    """`chunktui.shared` is the floor the UI process stands on: each of its modules, imported alone."""
+    names = [f"chunktui.shared.{m.name}" for m in pkgutil.iter_modules([str(ROOT / "chunktui" / "shared")])]
+    assert {"chunktui.shared.protocol", "chunktui.shared.settings", "chunktui.shared.specs"} <= set(names)
+    for name in names:
+        loaded = _modules_after(f"import {name}")
+        assert name in loaded
+        heavy = sorted(m for m in loaded if m.split(".")[0] in ("torch", "transformers", "accelerate", "textual"))
+        assert heavy == [], f"{name} pulls in {heavy[:3]}"

@@ -92,7 +92,7 @@ def test_a_gguf_model_file_is_not_a_control_vector(tmp_path, tiny_model):
 
 
 def test_calibration_sets_the_threshold_and_typical_from_a_corpus(tmp_path, tiny_model, tiny_corpus):
-    from chunktui.engine.hidden import collect
+    from chunktui.engine.corpus import collect
 
     hs = collect(tiny_model, tiny_corpus, layers=[2])
     v = torch.randn(WIDTH, generator=torch.Generator().manual_seed(3))

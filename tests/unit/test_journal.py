@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chunktui.engine.errors import ChunkError
-from chunktui.engine.journal import Journal, journals, latest_unfinished, read_journal
-from chunktui.engine.session import ChunkColumns, Session, TokenStep, Trace
+from chunktui.shared.errors import ChunkError
+from chunktui.shared.journal import Journal, journals, latest_unfinished, read_journal
+from chunktui.shared.session import ChunkColumns, Session, TokenStep, Trace
 
 
 def _step(i: int, text: str, hits=(), generated=True) -> TokenStep:

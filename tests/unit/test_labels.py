@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from chunktui.engine.errors import CorpusError
-from chunktui.engine.hidden import TokenTable, build_contexts, split_sentences
+from chunktui.shared.errors import CorpusError
+from chunktui.engine.corpus import TokenTable, build_contexts, split_sentences
 from chunktui.engine.labels import read_spans, span_labels, word_labels, word_positions
 from chunktui.engine.tiny import build_tokenizer
 

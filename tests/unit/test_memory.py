@@ -6,10 +6,11 @@ from click.testing import CliRunner
 
 from chunktui.cli import main
 from chunktui.engine import memory
-from chunktui.engine.errors import DeviceMemoryError
-from chunktui.engine.hidden import collect
+from chunktui.shared.errors import DeviceMemoryError
+from chunktui.engine.corpus import collect
 from chunktui.engine.memory import estimate_run, memory_report
-from chunktui.engine.streaming import Sampling, generate_stream, scan_text
+from chunktui.engine.streaming import generate_stream, scan_text
+from chunktui.shared.settings import Sampling
 
 
 def test_report_of_a_plain_load(tiny_model):

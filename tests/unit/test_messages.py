@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from chunktui.engine.errors import IncompatibleDictionaryError, ModelLoadError
+from chunktui.shared.errors import IncompatibleDictionaryError, ModelLoadError
 from chunktui.engine.models import check_gguf_file, load_model
 
 

@@ -3,9 +3,12 @@
 import pytest
 import torch
 
-from chunktui.engine.errors import ModelLoadError, UnsupportedArchitectureError
-from chunktui.engine.hidden import ResidualRecorder, parse_layers
-from chunktui.engine.models import find_layout, load_model, resolve_device, resolve_dtype, resolve_spec
+from chunktui.shared.errors import ModelLoadError, UnsupportedArchitectureError
+from chunktui.engine.hooks import ResidualRecorder
+from chunktui.shared.validate import parse_layers
+from chunktui.engine.layout import find_layout
+from chunktui.engine.models import load_model, resolve_device, resolve_dtype
+from chunktui.shared.specs import resolve_spec
 
 
 @pytest.mark.parametrize("spec, blocks", [("random:llama-tiny", 4), ("random:gpt2-tiny", 3),

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 from click.testing import CliRunner
 
-from chunktui.engine.outputs import OutputError, plan_output, plan_outputs
+from chunktui.shared.outputs import OutputError, plan_output, plan_outputs
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +81,7 @@ def test_a_writer_in_another_process_holds_the_lock(tmp_path):
     out = tmp_path / "o.txt"
     code = textwrap.dedent(f"""
         import sys
-        from chunktui.engine.outputs import plan_output
+        from chunktui.shared.outputs import plan_output
         target = plan_output({str(out)!r})
         print("locked", flush=True)
         sys.stdin.readline()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from chunktui.engine.errors import CorpusError
+from chunktui.shared.errors import CorpusError
 from chunktui.engine.pa import confusion_scores, draw_positives, fit_concept
 
 # 6 tokens, 1 layer, 3 neurons. Tokens 0-2 are the concept.

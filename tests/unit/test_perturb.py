@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from chunktui.engine.errors import ChunkError
-from chunktui.engine.hidden import ResidualRecorder
+from chunktui.shared.errors import ChunkError
+from chunktui.engine.hooks import ResidualRecorder
 from chunktui.engine.perturb import (Intervention, Positions, compare, intervene, next_token_logprobs, occurs,
                                      select_chunks, token_diff)
-from chunktui.engine.streaming import PhaseFlag, Sampling, generate_stream, left_pad
+from chunktui.engine.streaming import PhaseFlag, generate_stream, left_pad
+from chunktui.shared.settings import Sampling
 
 
 def forward_states(model, ids, intervention=None):

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chunktui.engine import validate
-from chunktui.engine.errors import ChunkError
+from chunktui.shared import validate
+from chunktui.shared.errors import ChunkError
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 SLOW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -85,7 +85,7 @@ def test_strength_is_finite_positive_and_bounded_per_mode(mode, value):
 @FAST
 @given(st.text(alphabet="0123456789-,. al", max_size=14), st.integers(1, 40))
 def test_layer_specs_parse_to_sorted_layers_in_range_or_say_why(spec, n_states):
-    from chunktui.engine.hidden import parse_layers
+    from chunktui.shared.validate import parse_layers
 
     try:
         layers = parse_layers(spec, n_states)
@@ -98,7 +98,7 @@ def test_layer_specs_parse_to_sorted_layers_in_range_or_say_why(spec, n_states):
 @FAST
 @given(st.integers(0, 30), st.integers(0, 30))
 def test_layer_ranges_are_written_low_high(a, b):
-    from chunktui.engine.hidden import parse_layers
+    from chunktui.shared.validate import parse_layers
 
     if a <= b:
         assert parse_layers(f"{a}-{b}", 31) == list(range(a, b + 1))
@@ -173,7 +173,7 @@ HEADER_PATHS = [["format"], ["version"], ["model"], ["model", "hidden_size"], ["
 @given(st.sampled_from(HEADER_PATHS), json_values)
 def test_dictionary_header_damage_gives_a_dictionary_error(tmp_path_factory, dict_parts, where, value):
     from chunktui.engine.dictionary import load_dictionary
-    from chunktui.engine.errors import DictionaryError
+    from chunktui.shared.errors import DictionaryError
 
     header, tensors = dict_parts
     path = tmp_path_factory.mktemp("h") / "x.chunks.safetensors"
@@ -192,7 +192,7 @@ def test_dictionary_header_damage_gives_a_dictionary_error(tmp_path_factory, dic
        st.lists(st.integers(0, 5), min_size=0, max_size=3), st.floats(allow_nan=True, allow_infinity=True))
 def test_dictionary_tensor_damage_gives_a_dictionary_error(tmp_path_factory, dict_parts, key, dtype, shape, fill):
     from chunktui.engine.dictionary import load_dictionary
-    from chunktui.engine.errors import DictionaryError
+    from chunktui.shared.errors import DictionaryError
 
     header, tensors = dict_parts
     tensors = dict(tensors)
@@ -212,7 +212,7 @@ def test_dictionary_tensor_damage_gives_a_dictionary_error(tmp_path_factory, dic
 @given(st.binary(max_size=300))
 def test_dictionary_bytes_damage_gives_a_dictionary_error(tmp_path_factory, dict_parts, junk):
     from chunktui.engine.dictionary import load_dictionary
-    from chunktui.engine.errors import DictionaryError
+    from chunktui.shared.errors import DictionaryError
 
     path = tmp_path_factory.mktemp("b") / "x.chunks.safetensors"
     path.write_bytes(junk)
@@ -232,7 +232,7 @@ span_lines = st.one_of(
 @FAST
 @given(st.lists(span_lines, max_size=5))
 def test_span_files_load_valid_spans_or_say_which_line(tmp_path_factory, lines):
-    from chunktui.engine.errors import CorpusError
+    from chunktui.shared.errors import CorpusError
     from chunktui.engine.labels import read_spans
 
     path = tmp_path_factory.mktemp("s") / "s.jsonl"
@@ -253,7 +253,7 @@ def test_span_files_load_valid_spans_or_say_which_line(tmp_path_factory, lines):
                  st.fixed_dictionaries({"pairs": json_values, "concepts": json_values})),
        st.sampled_from(["json", "md", "html", "csv"]))
 def test_report_inputs_render_or_raise_a_chunk_error(tmp_path_factory, obj, fmt):
-    from chunktui.engine.reports import read_input, render
+    from chunktui.shared.reports import read_input, render
 
     path = tmp_path_factory.mktemp("r") / "in.json"
     path.write_text(json.dumps(obj))

@@ -7,9 +7,9 @@ from click.testing import CliRunner
 
 from chunktui.cli import main
 from chunktui.palette import label_colours
-from chunktui.engine.errors import ExportError
-from chunktui.engine.reports import normalise, read_input, render, write_report
-from chunktui.engine.session import ChunkColumns, Session, Trace
+from chunktui.shared.errors import ExportError
+from chunktui.shared.reports import normalise, read_input, render, write_report
+from chunktui.shared.session import ChunkColumns, Session, Trace
 from chunktui.engine.steps import steps_from_scan
 
 

@@ -6,9 +6,11 @@ import pytest
 
 import torch
 
-from chunktui.engine.hidden import ResidualRecorder
+from chunktui.engine.hooks import ResidualRecorder
 from chunktui.engine.matching import pack
-from chunktui.engine.streaming import Sampling, encode_prompt, generate_stream, scan_text
+from chunktui.engine.streaming import generate_stream, scan_text
+from chunktui.shared.settings import Sampling
+from chunktui.engine.tokens import encode_prompt
 
 
 def test_streamed_states_equal_full_forward(tiny_model):
@@ -88,7 +90,7 @@ def test_matches_arrive_with_each_token(tiny_model, tiny_dict):
 @pytest.mark.parametrize("spec", ["random:llama-tiny", "random:gpt2-tiny"])
 def test_incremental_detokenisation_equals_decoding_the_whole_text(spec):
     from chunktui.engine.models import load_model
-    from chunktui.engine.streaming import _Detokenizer
+    from chunktui.engine.tokens import Detokenizer as _Detokenizer
 
     tok = load_model(spec, device="cpu").tokenizer
     text = "Héllo wörld! 🧀 cheese-cake\n\n  spaced  out… The dog ate 中文 cheese.\tTab"

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from chunktui.engine import ucd
 from chunktui.engine.dictionary import ChunkDictionary, load_dictionary
-from chunktui.engine.hidden import TokenTable
+from chunktui.engine.corpus import TokenTable
 from chunktui.engine.matching import pack
 
 
@@ -107,7 +107,7 @@ def test_token_tags_take_one_tag_per_token():
 
 
 def test_discover_on_the_tiny_model_saves_direction_chunks_with_cards(tiny_model, tmp_path):
-    from chunktui.engine.hidden import collect
+    from chunktui.engine.corpus import collect
 
     text = "\n".join(["The cat sat on the mat.", "A dog ran to the park.", "The bird sang a song."] * 20)
     hs = collect(tiny_model, text, layers=[1, 3])

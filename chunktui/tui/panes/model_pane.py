@@ -12,12 +12,14 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Button, Checkbox, Input, Label, OptionList, ProgressBar, Select, Static
 from textual.widgets.option_list import Option
 
+from chunktui.shared import specs
+from chunktui.shared.specs import catalog
+
 # what the engine accepts; the engine process sends its own list once it is up (set_catalog)
-CATALOG = ["smollm2-135m", "random:llama-tiny", "random:gpt2-tiny", "random:neox-tiny", "random:qwen2-tiny",
-           "rnn:flat", "rnn:context"]
-DEVICE_MAPS = ["none", "auto", "balanced", "balanced_low_0", "sequential"]
-DEVICES = ["auto", "cpu", "cuda", "mps"]
-DTYPES = ["auto", "float32", "bfloat16", "float16"]
+CATALOG = catalog()
+DEVICE_MAPS = ["none", *specs.DEVICE_MAPS]
+DEVICES = list(specs.DEVICE_CHOICES)
+DTYPES = list(specs.DTYPE_CHOICES)
 
 
 class ModelPane(Vertical):

@@ -10,10 +10,10 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Button, Checkbox, Input, Label, OptionList, Select, Static
 from textual.widgets.option_list import Option
 
-from chunktui.engine.perturb_defaults import (DEFAULT_LAYERS, DEFAULT_MODE, DEFAULT_POSITIONS, DEFAULT_STRENGTH, MODES,
+from chunktui.shared.settings import (DEFAULT_LAYERS, DEFAULT_MODE, DEFAULT_POSITIONS, DEFAULT_STRENGTH, MODES,
                                               POSITION_CHOICES, Positions)
-from chunktui.engine import validate
-from chunktui.engine.protocol import Compare
+from chunktui.shared import validate
+from chunktui.shared.protocol import Compare
 from chunktui.tui.colours import token_style
 from chunktui.tui.panes.stream_pane import DEFAULT_PROMPT, SamplingFields
 

@@ -7,8 +7,9 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Checkbox, Input, Label
 
-from chunktui.engine import validate
-from chunktui.engine.protocol import Generate, Sampling
+from chunktui.shared import validate
+from chunktui.shared.protocol import Generate
+from chunktui.shared.settings import Sampling
 from chunktui.tui.widgets.trace_view import TraceView
 
 DEFAULT_PROMPT = "What is your favourite food, and how do you cook it?"

@@ -12,7 +12,7 @@ from rich.style import Style
 from textual.strip import Strip
 from textual.widget import Widget
 
-from chunktui.engine.session import Trace
+from chunktui.shared.session import Trace
 from chunktui.tui.colours import strength_glyph
 
 

@@ -13,7 +13,7 @@ import math
 from rich.text import Text
 from textual.widgets import Static
 
-from chunktui.engine.session import Trace
+from chunktui.shared.session import Trace
 from chunktui.tui.colours import spark, token_style
 
 

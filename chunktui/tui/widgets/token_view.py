@@ -20,7 +20,7 @@ from textual.message import Message
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-from chunktui.engine.session import Trace
+from chunktui.shared.session import Trace
 from chunktui.tui.colours import token_style
 
 

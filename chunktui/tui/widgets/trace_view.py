@@ -18,7 +18,7 @@ from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Static
 
-from chunktui.engine.session import Trace
+from chunktui.shared.session import Trace
 from chunktui.tui.widgets.layer_map import LayerMap
 from chunktui.tui.widgets.token_detail import TokenDetail
 from chunktui.tui.widgets.token_view import TokenView, legend

@@ -16,9 +16,9 @@ import json
 from pathlib import Path
 
 from chunktui.palette import label_colours
-from chunktui.engine.errors import ExportError
-from chunktui.engine.io import atomic_write_text
-from chunktui.engine.session import SESSION_FORMAT, SESSION_VERSION
+from chunktui.shared.errors import ExportError
+from chunktui.shared.io import DICTIONARY_METADATA_KEY, atomic_write_text, safetensors_metadata
+from chunktui.shared.session import SESSION_FORMAT, SESSION_VERSION
 
 FORMATS = ("json", "md", "html", "csv")
 
@@ -108,10 +108,12 @@ def _dictionary_labels(path) -> list[str]:
     """The dictionary's labels (so colours match the app), if the file is still there."""
     if not path or not Path(path).is_file():
         return []
-    try:
-        from chunktui.engine.dictionary import load_dictionary
-
-        return load_dictionary(path).labels()
+    try:  # the header alone (no torch: reports are written by the UI process too)
+        doc = json.loads(safetensors_metadata(path)[DICTIONARY_METADATA_KEY])
+        seen: dict[str, None] = {}
+        for chunk in doc["chunks"]:
+            seen.setdefault(str(chunk["label"]), None)
+        return list(seen)
     except Exception:  # a report must not fail because the dictionary moved or changed
         return []
 
@@ -342,10 +344,10 @@ def format_for_path(path: str | Path, default: str = "json") -> str:
 def write_report(session: dict, fmt: str, out) -> Path:
     """Render and write atomically; an unwritable path raises ExportError and leaves nothing behind.
 
-    `out` is a path (replaced if it exists) or an `engine.outputs.OutputTarget`
+    `out` is a path (replaced if it exists) or an `shared.outputs.OutputTarget`
     from `plan_output` (checked, locked, never replacing a file it may not).
     """
-    from chunktui.engine.outputs import OutputTarget
+    from chunktui.shared.outputs import OutputTarget
 
     text = render(session, fmt)
     if isinstance(out, OutputTarget):

@@ -8,10 +8,10 @@ parse once the run is complete). Callers never branch on the kind of model.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Iterator, Protocol
+from typing import Iterator, Protocol
 
-from chunktui.engine.errors import ChunkError
-from chunktui.engine.protocol import Sampling
+from chunktui.shared.errors import ChunkError
+from chunktui.shared.settings import ProgressFn, Sampling
 
 
 class Backend(Protocol):
@@ -31,7 +31,7 @@ class Backend(Protocol):
     def suggestions(self) -> tuple[str | None, float | None]: ...
 
 
-class LanguageModel:
+class LanguageModelBackend:
     kind = "lm"
     can_perturb = True
 
@@ -58,7 +58,7 @@ class LanguageModel:
         return None, None
 
 
-class ReflectionRNN:
+class RNNBackend:
     kind = "rnn"
     can_perturb = False
 
@@ -66,17 +66,17 @@ class ReflectionRNN:
         self.loaded = loaded
 
     def stream(self, prompt, sampling, packed, cancel=None, chat=True):
-        from chunktui.rnn.backend import rnn_stream
+        from chunktui.rnn.runtime import rnn_stream
 
         return rnn_stream(self.loaded, prompt, sampling, cancel=cancel)
 
     def scan(self, text, packed):
-        from chunktui.rnn.backend import rnn_scan
+        from chunktui.rnn.runtime import rnn_scan
 
         return rnn_scan(self.loaded, text)
 
     def revise(self, steps):
-        from chunktui.rnn.backend import relabel
+        from chunktui.rnn.runtime import relabel
 
         relabel(self.loaded, steps)  # the full parse, now that the run is complete (ms)
         return steps
@@ -89,19 +89,19 @@ class ReflectionRNN:
 
 
 def load_backend(spec: str, device: str = "auto", dtype: str = "auto",
-                 progress: Callable[[str, float | None, str], None] | None = None,
+                 progress: ProgressFn | None = None,
                  placement: dict | None = None) -> Backend:
     """The right backend for a model spec (`rnn:...` trains the reflection RNN; anything else is a language model)."""
-    from chunktui.rnn.backend import is_rnn_spec
+    from chunktui.rnn.runtime import is_rnn_spec
 
     if not spec or not spec.strip():
         raise ChunkError("Name a model (for example smollm2-135m).")
     if is_rnn_spec(spec):
-        from chunktui.rnn.backend import load_rnn
+        from chunktui.rnn.runtime import load_rnn
 
-        return ReflectionRNN(load_rnn(spec, progress=progress))
+        return RNNBackend(load_rnn(spec, progress=progress))
     from chunktui.engine.models import load_model
 
     kwargs = {"progress": progress} if progress is not None else {}
     kwargs.update({k: v for k, v in (placement or {}).items() if v})  # device_map, max_memory, offload_folder, offline
-    return LanguageModel(load_model(spec, device, dtype, **kwargs))
+    return LanguageModelBackend(load_model(spec, device, dtype, **kwargs))

@@ -28,8 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chunktui.engine.errors import ChunkError
-from chunktui.engine.session import ChunkColumns, Session, TokenStep, Trace
+from chunktui.shared.errors import ChunkError
+from chunktui.shared.session import ChunkColumns, Session, TokenStep, Trace
 
 JOURNAL_FORMAT = "chunktui.journal"
 KEEP = 20  # journals kept in the sessions folder (oldest removed first)

@@ -1,12 +1,6 @@
-"""Reading the residual stream: H[l, t] for every layer, live or over a corpus.
+"""A corpus's contexts and their hidden states: H[l, t] for every layer, over a whole text.
 
-`ResidualRecorder` is the one place hidden states are captured: a forward
-pre-hook on each decoder block records H[l] (the stream entering block l,
-l < L) and a forward hook on the final norm records H[L]. Interventions are
-pre-hooks on the same blocks registered *before* the recorder's, so the
-recorder sees the stream as the block sees it.
-
-`collect` runs a corpus through the model in per-sentence contexts (the
+Hidden states are captured by `hooks.ResidualRecorder`. `collect` runs a corpus through the model in per-sentence contexts (the
 paper's protocol) or sliding windows, batched, and returns one flat table of
 tokens with their hidden states.
 """
@@ -16,66 +10,16 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from chunktui.engine.errors import CorpusError, DeviceMemoryError, GenerationCancelled, out_of_memory_message
+from chunktui.shared.errors import CorpusError, GenerationCancelled
+from chunktui.engine.devices import out_of_memory
 from chunktui.engine.memory import ensure_fits, ensure_host_fits
-from chunktui.engine.models import LoadedModel, ModelLayout
-
-
-class ResidualRecorder:
-    """Records H[0..L] during a forward pass, without copying.
-
-    Use as a context manager around a forward call; `states()` then returns a
-    tensor (batch, seq, n_states, d) in the model's dtype (or the chosen
-    subset of layers). On a model dispatched across devices each block's state
-    arrives on the device of the block before it; `states()` gathers them onto
-    `device` (default: where the first recorded layer arrived, which is the
-    model's input device), so matching sees one tensor on one device.
-    """
-
-    def __init__(self, layout: ModelLayout, layers: Sequence[int] | None = None,
-                 device: torch.device | str | None = None):
-        self.layout = layout
-        self.layers = list(range(layout.n_states)) if layers is None else list(layers)
-        self.device = torch.device(device) if device is not None else None
-        self._captured: dict[int, torch.Tensor] = {}
-        self._handles: list = []
-
-    def __enter__(self) -> "ResidualRecorder":
-        wanted = set(self.layers)
-        for index, block in enumerate(self.layout.blocks):
-            if index in wanted:
-                self._handles.append(block.register_forward_pre_hook(self._pre_hook(index), with_kwargs=True))
-        if self.layout.n_layers in wanted:
-            self._handles.append(self.layout.final_norm.register_forward_hook(self._post_hook(self.layout.n_layers)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _pre_hook(self, index: int):
-        def hook(module, args, kwargs):
-            self._captured[index] = args[0] if args else kwargs["hidden_states"]
-        return hook
-
-    def _post_hook(self, index: int):
-        def hook(module, args, output):
-            self._captured[index] = output[0] if isinstance(output, tuple) else output
-        return hook
-
-    def states(self) -> torch.Tensor:
-        missing = [l for l in self.layers if l not in self._captured]
-        if missing:
-            raise RuntimeError(f"layers {missing} were not reached in the forward pass")
-        device = self.device or self._captured[self.layers[0]].device
-        out = torch.stack([self._captured[l].to(device) for l in self.layers], dim=2)
-        self._captured.clear()
-        return out
+from chunktui.engine.hooks import ResidualRecorder
+from chunktui.engine.layout import ModelLayout
+from chunktui.engine.models import LoadedModel
 
 
 # --------------------------------------------------------------------------- contexts
@@ -318,13 +262,11 @@ def run_batch(loaded: LoadedModel, corpus: Corpus, batch: Sequence[int], layers:
         input_ids[k, :len(seq)] = torch.tensor(seq)
         mask[k, :len(seq)] = 1
     device = loaded.device
-    try:
+    with out_of_memory("collecting hidden states", device):
         with ResidualRecorder(layout, layers) as rec:
             loaded.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False,
                          **_states_only(loaded.model))
         states = rec.states()  # (batch, width, S, d)
-    except torch.cuda.OutOfMemoryError as err:
-        raise DeviceMemoryError(out_of_memory_message("collecting hidden states", str(device))) from err
     parts, index = [], []
     for k, i in enumerate(batch):
         ids, _, keep, _ = corpus.rows[i]
@@ -425,7 +367,7 @@ def cache_states(loaded: LoadedModel, corpus: Corpus, layers: Sequence[int], fol
 
     from safetensors.torch import save
 
-    from chunktui.engine.io import atomic_write_bytes
+    from chunktui.shared.io import atomic_write_bytes
 
     folder = Path(folder)
     layers = check_layers(layers, loaded.layout)
@@ -458,44 +400,3 @@ def cache_states(loaded: LoadedModel, corpus: Corpus, layers: Sequence[int], fol
             progress(done, T)
     flush()
     return StateCache(folder, layers, T, loaded.hidden_size, shards)
-
-
-def parse_layers(spec: str | None, n_states: int) -> list[int]:
-    """'all', '3', '2-9', '0,5,10-12' or negative indices ('-1' = last) -> sorted layer list.
-
-    Ranges are written low-high: '9-2' is refused, not flipped (see engine.validate).
-    """
-    from chunktui.engine.validate import layer_spec, layers_in_model
-
-    spec = layer_spec(spec)
-    if spec == "all":
-        return list(range(n_states))
-    out: set[int] = set()
-    for part in spec.split(","):
-        m = re.fullmatch(r"\s*(-?\d+)\s*(?:(?:-|\.\.)\s*(-?\d+)\s*)?", part)
-        a = int(m.group(1))
-        a = a + n_states if a < 0 else a
-        if m.group(2) is None:
-            out.add(a)
-            continue
-        b = int(m.group(2))
-        b = b + n_states if b < 0 else b
-        if a > b:
-            raise CorpusError(f"Bad layer spec '{spec}': write ranges low-high ({part.strip()} runs from {a} down "
-                              f"to {b} in this model of hidden states 0..{n_states - 1}).")
-        out.update(range(a, b + 1))
-    layers_in_model(sorted(out), n_states, "Layers")
-    return sorted(out)
-
-
-def iter_jsonl(path) -> Iterable[tuple[int, dict]]:
-    import json
-
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CorpusError(f"{path}:{lineno}: not valid JSON ({err.msg}).") from None

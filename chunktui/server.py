@@ -2,11 +2,11 @@
 
 The app spawns `child_main` in a fresh interpreter (multiprocessing "spawn"),
 so the UI process never imports torch and the model gets the cores. Requests
-arrive on the pipe (`engine.protocol`); a receiver loop answers short ones at
+arrive on the pipe (`shared.protocol`); a receiver loop answers short ones at
 once (cancel, token detail, chunk scores) and queues long ones (load,
 generate, scan, compare) for one work thread, which streams events back.
 
-Started as `python -m chunktui.engine.server --fd N [--threads T]`, where N is
+Started as `python -m chunktui.server --fd N [--threads T]`, where N is
 the child's end of a socket pair (its stdout and stderr go to the app's log).
 This module imports nothing heavy at the top.
 """
@@ -20,13 +20,18 @@ import threading
 import time
 import traceback
 
-from chunktui.engine import protocol as p
+from chunktui.shared import protocol as p
+from chunktui.shared.dispatch import Handlers
 
-TITLES = {"Load": "Model not loaded", "Generate": "Generation failed", "Scan": "Scan failed",
-          "Compare": "Perturbation failed", "UseDictionary": "Dictionary not usable",
-          "ListDictionaries": "Dictionaries", "BenchStream": "Benchmark failed"}
-TASKS = {"Load": "load", "Generate": "generate", "Scan": "scan", "Compare": "perturb", "UseDictionary": "dictionary",
-         "ListDictionaries": "dictionary", "BenchStream": "bench"}
+# Requests answered by the reading loop at once, and long requests run one at a time by the worker thread.
+ANSWERED_AT_ONCE = Handlers("the engine's reader")
+JOBS = Handlers("the engine's worker")
+
+TITLES = {p.Load: "Model not loaded", p.Generate: "Generation failed", p.Scan: "Scan failed",
+          p.Compare: "Perturbation failed", p.UseDictionary: "Dictionary not usable",
+          p.ListDictionaries: "Dictionaries", p.BenchStream: "Benchmark failed"}
+TASKS = {p.Load: "load", p.Generate: "generate", p.Scan: "scan", p.Compare: "perturb", p.UseDictionary: "dictionary",
+         p.ListDictionaries: "dictionary", p.BenchStream: "bench"}
 
 
 def child_main(conn, threads: int | None = None, in_thread: bool = False) -> None:
@@ -66,10 +71,9 @@ class Server:
 
         if self.threads:
             torch.set_num_threads(int(self.threads))
-        from chunktui.engine.models import BUILTIN_MODELS, RANDOM_MODELS
+        from chunktui.shared.specs import catalog
 
-        catalog = list(BUILTIN_MODELS) + [f"random:{k}" for k in RANDOM_MODELS] + ["rnn:flat", "rnn:context"]
-        self.send(p.Ready(pid=os.getpid(), threads=torch.get_num_threads(), catalog=catalog))
+        self.send(p.Ready(pid=os.getpid(), threads=torch.get_num_threads(), catalog=catalog()))
         worker = threading.Thread(target=self._work, name="chunktui-engine-work", daemon=True)
         worker.start()
         while True:
@@ -79,12 +83,8 @@ class Server:
                 break
             if isinstance(request, p.Shutdown):
                 break
-            if isinstance(request, p.Cancel):
-                self.cancel.set()
-            elif isinstance(request, p.TokenDetail):
-                self.send(self._detail(request))
-            elif isinstance(request, p.ChunkScores):
-                self.send(self._scores(request))
+            if ANSWERED_AT_ONCE.handles(request):  # cancel and the small questions never wait behind a job
+                ANSWERED_AT_ONCE.dispatch(self, request)
             else:
                 self.jobs.put(request)
         self.cancel.set()
@@ -99,12 +99,12 @@ class Server:
             self.cancel.clear()
             name = type(request).__name__
             try:
-                getattr(self, f"_do_{name.lower()}")(request)
+                JOBS.dispatch(self, request)
             except Exception as err:  # every failure: one message for the user, the traceback for the log
-                from chunktui.engine.errors import ChunkError
+                from chunktui.shared.errors import ChunkError
 
                 text = str(err) if isinstance(err, ChunkError) else f"{type(err).__name__}: {err}"
-                self.send(p.Failed(TITLES.get(name, "Engine error"), text, task=TASKS.get(name),
+                self.send(p.Failed(TITLES.get(type(request), "Engine error"), text, task=TASKS.get(type(request)),
                                    traceback=None if isinstance(err, ChunkError) else traceback.format_exc()))
                 if isinstance(request, (p.Generate, p.Scan)):
                     self.send(p.TraceDone(request.trace_id, "failed", 0.0))
@@ -113,6 +113,7 @@ class Server:
 
     # ------------------------------------------------------------------ long requests
 
+    @JOBS(p.Load)
     def _do_load(self, req: p.Load) -> None:
         from chunktui.api import Engine
 
@@ -136,6 +137,7 @@ class Server:
             return
         self._list(req.candidates, req.dict_path, auto=True)
 
+    @JOBS(p.ListDictionaries)
     def _do_listdictionaries(self, req: p.ListDictionaries) -> None:
         if self._need_model():
             self._list(req.candidates, req.select, auto=False)
@@ -174,6 +176,7 @@ class Server:
         self.send(p.DictionariesListed(entries, str(engine.dictionary.path) if engine.dictionary is not None
                                        and engine.dictionary.path else None))
 
+    @JOBS(p.UseDictionary)
     def _do_usedictionary(self, req: p.UseDictionary) -> None:
         if self._need_model():
             self.engine.use_dictionary(req.path)
@@ -194,6 +197,7 @@ class Server:
             return False
         return True
 
+    @JOBS(p.Generate)
     def _do_generate(self, req: p.Generate) -> None:
         from chunktui.engine.steps import event_rows
 
@@ -240,6 +244,7 @@ class Server:
             host["used"] += kept
         self.send(p.Memory(rows, kv_tokens))
 
+    @JOBS(p.Scan)
     def _do_scan(self, req: p.Scan) -> None:
         from chunktui.engine.steps import scan_rows
 
@@ -253,6 +258,7 @@ class Server:
             self.store[req.trace_id] = (columns, list(value.unbind(0)), list(score.unbind(0)))
         self.send(p.TraceDone(req.trace_id, "scanned", time.perf_counter() - start, steps=steps, columns=columns))
 
+    @JOBS(p.Compare)
     def _do_compare(self, req: p.Compare) -> None:
         if not self._need_model():
             return
@@ -265,6 +271,7 @@ class Server:
             return
         self.send(p.RunDone(dict(report.to_json(), prompt=req.prompt, model=self.engine.loaded.name)))
 
+    @JOBS(p.BenchStream)
     def _do_benchstream(self, req: p.BenchStream) -> None:
         if not self._need_model():
             return
@@ -274,6 +281,10 @@ class Server:
         self.send(p.BenchDone(tokens=n, seconds=time.perf_counter() - start))
 
     # ------------------------------------------------------------------ short requests (answered at once)
+
+    @ANSWERED_AT_ONCE(p.TokenDetail)
+    def _answer_detail(self, req: p.TokenDetail) -> None:
+        self.send(self._detail(req))
 
     def _detail(self, req: p.TokenDetail) -> p.Detail:
         with self.store_lock:
@@ -289,6 +300,18 @@ class Server:
             chosen = sorted(hits, key=lambda c: (columns.layers[c], -score[c]))
         rows = [p.DetailRow(c, value[c], score[c], score[c] >= 0) for c in chosen[:req.max_rows]]
         return p.Detail(req.trace_id, req.index, req.layer, rows, len(hits))
+
+    @ANSWERED_AT_ONCE(p.ChunkScores)
+    def _answer_scores(self, req: p.ChunkScores) -> None:
+        self.send(self._scores(req))
+
+    @ANSWERED_AT_ONCE(p.Cancel)
+    def _cancel(self, req: p.Cancel) -> None:
+        self.cancel.set()
+
+    @ANSWERED_AT_ONCE(p.Shutdown)
+    def _shutdown(self, req: p.Shutdown) -> None:
+        """Handled by `run` itself (it ends the loop); listed so that every request has its handler."""
 
     def _scores(self, req: p.ChunkScores) -> p.Scores:
         with self.store_lock:
@@ -323,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     from multiprocessing.connection import Connection
 
-    parser = argparse.ArgumentParser(prog="python -m chunktui.engine.server",
+    parser = argparse.ArgumentParser(prog="python -m chunktui.server",
                                      description="chunktui's engine process (started by the app)")
     parser.add_argument("--fd", type=int, required=True, help="this end of the socket pair to the app")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -1,7 +1,7 @@
 """The typed protocol between the app (UI process) and its engine process.
 
 The app never imports torch: the model, the dictionary and every tensor live
-in a spawned child (`chunktui.engine.server`). The two talk over one
+in a spawned child (`chunktui.server`). The two talk over one
 `multiprocessing` pipe with the small dataclasses below (plain Python values
 only: ints, floats, strings, lists, so each message pickles in microseconds).
 
@@ -23,24 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from chunktui.engine.session import ChunkColumns, TokenStep
-
-
-@dataclass
-class Sampling:
-    """How to pick tokens. temperature 0 is greedy. Same settings and seed: same tokens."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    stop_strings: tuple[str, ...] = ()
-    stop_at_eos: bool = True
-
-    def describe(self) -> dict:
-        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "top_k": self.top_k, "seed": self.seed, "stop_strings": list(self.stop_strings)}
+from chunktui.shared.settings import Sampling  # noqa: F401 (part of the protocol)
+from chunktui.shared.session import ChunkColumns, TokenStep
 
 
 # --------------------------------------------------------------------------- requests (UI -> engine)
@@ -91,7 +75,7 @@ class Scan:
 class Compare:
     names: list[str]
     mode: str
-    strength: float | None  # None: the mode's default (engine.perturb_defaults)
+    strength: float | None  # None: the mode's default (shared.settings)
     layers: str
     positions: str
     prompt: str
@@ -281,3 +265,12 @@ class Failed:
     severity: str = "error"
     task: str | None = None  # load, generate, scan, perturb, dictionary
     traceback: str | None = None
+
+
+# Every message on the wire, by direction; the rest of this module's classes are payloads inside them.
+# tests/unit/test_dispatch_tables.py checks that each has exactly one handler on the other side.
+REQUESTS = (Load, ListDictionaries, UseDictionary, Generate, Scan, Compare, TokenDetail, ChunkScores, Cancel,
+            BenchStream, Shutdown)
+EVENTS = (Ready, Progress, Loaded, DictionariesListed, DictionaryInUse, TraceStarted, Tokens, TraceDone, RunDone,
+          Detail, Scores, Memory, JobDone, BenchDone, Failed)
+PAYLOADS = (ChunkInfo, DictionaryEntry, DetailRow)

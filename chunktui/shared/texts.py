@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
-from chunktui.engine.errors import CorpusError
+from chunktui.shared.errors import CorpusError
 
 
 def read_text(path: str | Path) -> str:
@@ -26,19 +27,30 @@ def read_text(path: str | Path) -> str:
     return text
 
 
+def jsonl_records(body: str, name: str) -> Iterator[tuple[int, object]]:
+    """(line number, value) for each non-blank line of a JSON Lines text; a bad line is a CorpusError naming it."""
+    for lineno, line in enumerate(body.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CorpusError(f"{name}:{lineno}: not valid JSON ({err.msg}).") from None
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
+    """The one JSONL reader: (line number, value) per record of a UTF-8 .jsonl file (see `read_text`)."""
+    path = Path(path).expanduser()
+    yield from jsonl_records(read_text(path), str(path))
+
+
 def read_sequences(path: str | Path) -> list[tuple[str, str]]:
     """(id, text) pairs from a .jsonl file ({"id", "text"} per line) or a text file (one per non-empty line)."""
     path = Path(path).expanduser()
     body = read_text(path)  # missing, unreadable, non-UTF-8 and empty files get their message there
     out: list[tuple[str, str]] = []
     if path.suffix.lower() in (".jsonl", ".json"):
-        for lineno, line in enumerate(body.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CorpusError(f"{path.name}:{lineno}: not valid JSON ({err.msg}).") from None
+        for lineno, rec in jsonl_records(body, path.name):
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                 raise CorpusError(f"{path.name}:{lineno}: expected an object with a \"text\" field.")
             out.append((str(rec.get("id", f"line {lineno}")), rec["text"]))

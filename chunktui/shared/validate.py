@@ -23,7 +23,7 @@ import math
 import re
 from typing import Any
 
-from chunktui.engine.errors import ChunkError
+from chunktui.shared.errors import ChunkError, CorpusError
 
 SEED_MAX = 2**31 - 1
 MAX_NEW_TOKENS = 1 << 16
@@ -211,7 +211,33 @@ def chunk_names(value: Any, name: str = "chunks") -> list[str]:
 
 def sampling(max_new: Any, temp: Any, p: Any, seed_value: Any, k: Any = 0):
     """A checked `Sampling` from raw values (what the app's Stream and Perturb panes collect)."""
-    from chunktui.engine.protocol import Sampling  # torch-free: the app calls this
+    from chunktui.shared.settings import Sampling
 
     return Sampling(max_new_tokens=max_new_tokens(max_new), temperature=temperature(temp), top_p=top_p(p),
                     top_k=top_k(k), seed=seed(seed_value))
+
+
+def parse_layers(spec: str | None, n_states: int) -> list[int]:
+    """'all', '3', '2-9', '0,5,10-12' or negative indices ('-1' = last) -> sorted layer list.
+
+    Ranges are written low-high: '9-2' is refused, not flipped (see `layer_spec`).
+    """
+    spec = layer_spec(spec)
+    if spec == "all":
+        return list(range(n_states))
+    out: set[int] = set()
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(-?\d+)\s*(?:(?:-|\.\.)\s*(-?\d+)\s*)?", part)
+        a = int(m.group(1))
+        a = a + n_states if a < 0 else a
+        if m.group(2) is None:
+            out.add(a)
+            continue
+        b = int(m.group(2))
+        b = b + n_states if b < 0 else b
+        if a > b:
+            raise CorpusError(f"Bad layer spec '{spec}': write ranges low-high ({part.strip()} runs from {a} down "
+                              f"to {b} in this model of hidden states 0..{n_states - 1}).")
+        out.update(range(a, b + 1))
+    layers_in_model(sorted(out), n_states, "Layers")
+    return sorted(out)

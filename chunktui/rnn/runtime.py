@@ -25,19 +25,21 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from chunktui.engine.dictionary import Chunk, ChunkDictionary
-from chunktui.engine.errors import CorpusError, ModelLoadError
+from chunktui.shared.errors import CorpusError, ModelLoadError
 from chunktui.engine.matching import MatchResult
-from chunktui.engine.streaming import Sampling, ScanResult, TokenEvent
+from chunktui.engine.streaming import ScanResult, TokenEvent
+from chunktui.shared.settings import ProgressFn, Sampling
 from chunktui.rnn.dsc import DSC, ChunkParams
 from chunktui.rnn.experiments import REFLECT_WEIGHT_DECAY, memory_init
 from chunktui.rnn.model import ReflectionRNN
+from chunktui.rnn.stream import advance
 from chunktui.rnn.parse import longest_match_parse
 from chunktui.rnn.sequences import context_sequence, flat_sequence
 from chunktui.rnn.train import Alphabet, TrainConfig, record, train
@@ -166,7 +168,7 @@ def _label_chunks(dsc: DSC, symbols: str) -> dict[tuple, str]:
     return {chunk: c.most_common(1)[0][0] for chunk, c in spelled.items()}
 
 
-def load_rnn(spec: str, progress: Callable[[str, float, str], None] | None = None,
+def load_rnn(spec: str, progress: ProgressFn | None = None,
              steps: int | None = None, train_words: int = 600, reference_words: int = 600) -> RNNLoaded:
     """Train the RNN named by ``spec`` and fit DSC on a reference run (seconds on a CPU)."""
     match = SPEC.match(spec.strip().lower())
@@ -226,16 +228,14 @@ def rnn_stream(loaded: RNNLoaded, prompt: str, sampling: Sampling,
     for t in range(total):
         if cancel is not None and cancel.is_set():
             return
-        x = torch.tensor([[[current]]])
-        logits, out = net(x, h0=h)
-        h = out[:, :, 0]
-        probs = torch.softmax(logits[0, 0, 0], -1)
-        states.append(out[0, 0, 0].numpy().copy())
+        h, next_logits = advance(net, current, h)
+        probs = torch.softmax(next_logits, -1)
+        states.append(h[0, 0].numpy().copy())
         cols = loaded.columns_of_steps(loaded.state_ids(np.stack(states)))
         generated = t >= len(ids)
         last = t == total - 1
         finished = "length" if last else None
-        yield TokenEvent(index=t, token_id=current, text=alphabet.symbols[current], hidden=out[0, 0, 0][None].clone(),
+        yield TokenEvent(index=t, token_id=current, text=alphabet.symbols[current], hidden=h[0, 0][None].clone(),
                          top=_top(probs, alphabet), logprob=logprob, matches=loaded.matches(cols[-1:]),
                          generated=generated, finished=finished, elapsed=time.perf_counter() - t0)
         if last:
@@ -243,7 +243,7 @@ def rnn_stream(loaded: RNNLoaded, prompt: str, sampling: Sampling,
         if t + 1 < len(ids):
             nxt = ids[t + 1]
         elif sampling.temperature > 0:
-            nxt = int(torch.multinomial(torch.softmax(logits[0, 0, 0] / sampling.temperature, -1), 1,
+            nxt = int(torch.multinomial(torch.softmax(next_logits / sampling.temperature, -1), 1,
                                         generator=gen))
         else:
             nxt = int(probs.argmax())

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from chunktui.engine.errors import ChunkError
+from chunktui.shared.errors import ChunkError
 
 
 class OutputError(ChunkError):
@@ -162,7 +162,7 @@ class OutputTarget:
 
     def write_bytes(self, data: bytes) -> Path:
         """Atomic write (temp file, fsync, rename); releases the lock. Refuses a file that appeared meanwhile."""
-        from chunktui.engine.io import write_temp_beside
+        from chunktui.shared.io import write_temp_beside
 
         path = self.path
         tmp = None
@@ -204,7 +204,7 @@ class OutputTarget:
         return self.write_bytes(text.encode("utf-8"))
 
     def write_json(self, obj) -> Path:
-        from chunktui.engine.io import _default
+        from chunktui.shared.io import _default
 
         try:
             text = json.dumps(_finite(obj), indent=2, allow_nan=False, default=_default)

@@ -1,4 +1,4 @@
-"""Perturbation settings and their defaults: the one source for the engine, the CLI and the app.
+"""Settings and their defaults (sampling, perturbation, progress): the one source for the engine, the CLI and the app.
 
 Kept free of torch so the app (which never imports torch) shows the same
 choices and defaults the engine applies. `engine/perturb.py` re-exports these.
@@ -13,8 +13,35 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
-from chunktui.engine.errors import ChunkError
+from chunktui.shared.errors import ChunkError
+
+# The one progress callback type: (stage, fraction in [0, 1] or None when unknown, message).
+ProgressFn = Callable[[str, "float | None", str], None]
+
+
+def no_progress(stage: str, fraction: float | None, message: str) -> None:
+    """A progress callback that ignores everything."""
+
+
+@dataclass
+class Sampling:
+    """How to pick tokens. temperature 0 is greedy. Same settings and seed: same tokens."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop_strings: tuple[str, ...] = ()
+    stop_at_eos: bool = True
+
+    def describe(self) -> dict:
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": self.top_k, "seed": self.seed, "stop_strings": list(self.stop_strings)}
+
+
 
 MODES = ("graft", "amplify", "freeze", "suppress", "mean-ablate")
 DEFAULT_MODE = "graft"

@@ -7,7 +7,10 @@ import os
 import tempfile
 from pathlib import Path
 
-from chunktui.engine.errors import ExportError
+from chunktui.shared.errors import ExportError
+
+# The safetensors metadata entry that holds a chunk dictionary's JSON header (engine.dictionary writes it).
+DICTIONARY_METADATA_KEY = "chunktui"
 
 
 def _umask_mode() -> int:
@@ -62,12 +65,33 @@ def write_json(path: str | Path, obj) -> Path:
 def _default(value):
     import math
 
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
+    tolist = getattr(value, "tolist", None)  # torch tensors and numpy arrays, without importing either
+    if callable(tolist) and not isinstance(value, (str, bytes)):
+        return tolist()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def safetensors_metadata(path: str | Path, limit: int = 100 * 2**20) -> dict[str, str]:
+    """The string metadata of a safetensors file, read from its JSON header without torch or safetensors.
+
+    The format: 8 bytes little-endian header length, then that many bytes of JSON whose optional
+    "__metadata__" entry maps strings to strings. Anything else is a ValueError.
+    """
+    import struct
+
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) != 8:
+            raise ValueError("too short for a safetensors header")
+        (size,) = struct.unpack("<Q", head)
+        if size > limit:
+            raise ValueError(f"header of {size} bytes is larger than {limit}")
+        doc = json.loads(fh.read(size).decode("utf-8"))
+    meta = doc.get("__metadata__", {}) if isinstance(doc, dict) else None
+    if not isinstance(meta, dict):
+        raise ValueError("no metadata object")
+    return meta
