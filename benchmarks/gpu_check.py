@@ -63,7 +63,7 @@ def _synthetic_dictionary(loaded, labels: int = 34, seed: int = 0):
     for label in range(labels):
         for layer in range(loaded.layout.n_states):
             neurons = torch.randperm(d, generator=g)[: d // 4].sort().values
-            chunks.append(Chunk(id=f"c{label}@{layer}", label=f"c{label}", layer=layer, neurons=neurons,
+            chunks.append(Chunk(id=f"c{label}@{layer}", label=f"c{label}", layer=layer, subpopulation=neurons,
                                 template=torch.randn(len(neurons), generator=g), threshold=1.0))
     return ChunkDictionary(chunks=chunks, model=loaded.identity())
 

@@ -132,13 +132,13 @@ def _chunks_for(label, fits, drawn, labels: Labels, positives: int, tokens: int,
                 digest: str, report: BuildReport) -> list[Chunk]:
     chunks = []
     for fit in fits:
-        if fit.neurons.numel() == 0:
+        if fit.subpopulation.numel() == 0:
             report.empty.append(f"{label}@{fit.layer}")
             continue
         stats = dict(fit.stats, n=len(drawn), positives=positives, tokens=tokens,
                      label_mode="part-word" if label in labels.part_word else labels.mode, drawn=drawn.tolist())
         chunks.append(Chunk(id=chunk_id(label, fit.layer, labels.step), label=label, layer=fit.layer, kind="pa",
-                            neurons=fit.neurons, template=fit.template.float(), threshold=fit.threshold,
+                            subpopulation=fit.subpopulation, template=fit.template.float(), threshold=fit.threshold,
                             tolerance=fit.tolerance, step=labels.step, method="population-averaging",
                             criterion=criterion, seed=seed, corpus_digest=digest, fit=stats))
     return chunks

@@ -1,6 +1,6 @@
 """Chunk dictionaries: the `NAME.chunks.safetensors` file format.
 
-Tensors live in safetensors (`<index>.neurons`, `<index>.template`,
+Tensors live in safetensors (`<index>.subpopulation`, `<index>.template`,
 `<index>.direction`); everything else is one JSON document in the
 safetensors metadata under the key `chunktui`:
 
@@ -35,7 +35,7 @@ KINDS = ("pa", "direction")
 class Chunk:
     """One recurring population state at one layer, standing for `label`.
 
-    kind "pa": a subpopulation `neurons` with template values `template`; a
+    kind "pa": a subpopulation `subpopulation` (neuron indices) with template values `template`; a
     state matches when the mean squared deviation over the subpopulation is at
     most `threshold`.
     kind "direction": a unit vector `direction`; a state matches when its
@@ -47,7 +47,7 @@ class Chunk:
     label: str
     layer: int
     kind: str = "pa"
-    neurons: torch.Tensor | None = None  # (m,) int64
+    subpopulation: torch.Tensor | None = None  # (m,) int64 neuron indices; stored under the file key 'neurons'
     template: torch.Tensor | None = None  # (m,) float32
     direction: torch.Tensor | None = None  # (d,) float32, unit norm
     threshold: float = 0.0
@@ -66,7 +66,7 @@ class Chunk:
     def size(self) -> int:
         """Subpopulation size (PA) or width (direction)."""
         if self.kind == "pa":
-            return 0 if self.neurons is None else int(self.neurons.numel())
+            return 0 if self.subpopulation is None else int(self.subpopulation.numel())
         return 0 if self.direction is None else int(self.direction.numel())
 
     def header(self) -> dict:
@@ -171,8 +171,8 @@ class ChunkDictionary:
             ids.add(chunk.id)
             record = chunk.header()
             record["tensors"] = {}
-            for name in ("neurons", "template", "direction"):
-                value = getattr(chunk, name)
+            for name, attr in (("neurons", "subpopulation"), ("template", "template"), ("direction", "direction")):
+                value = getattr(chunk, attr)  # the file's key 'neurons' is kept: older readers know it
                 if value is not None:
                     key = f"{i:05d}.{name}"
                     value = value.detach().to("cpu")
@@ -222,15 +222,15 @@ def _validate_chunk(chunk: Chunk, width, n_layers, where: str) -> None:
     if not isinstance(chunk.threshold, (int, float)) or not math.isfinite(chunk.threshold):
         bad(f"threshold {chunk.threshold!r} is not a finite number")
     if chunk.kind == "pa":
-        if chunk.neurons is None or chunk.template is None:
+        if chunk.subpopulation is None or chunk.template is None:
             bad("a population-averaging chunk needs neurons and template tensors")
-        if chunk.neurons.dim() != 1 or chunk.template.dim() != 1 or chunk.neurons.numel() != chunk.template.numel():
-            bad(f"neurons {tuple(chunk.neurons.shape)} and template {tuple(chunk.template.shape)} must be 1-D of one length")
-        if chunk.neurons.dtype not in (torch.int64, torch.int32, torch.int16):
-            bad(f"neurons must be integers, got {chunk.neurons.dtype}")
-        if chunk.neurons.numel() == 0:
+        if chunk.subpopulation.dim() != 1 or chunk.template.dim() != 1 or chunk.subpopulation.numel() != chunk.template.numel():
+            bad(f"neurons {tuple(chunk.subpopulation.shape)} and template {tuple(chunk.template.shape)} must be 1-D of one length")
+        if chunk.subpopulation.dtype not in (torch.int64, torch.int32, torch.int16):
+            bad(f"neurons must be integers, got {chunk.subpopulation.dtype}")
+        if chunk.subpopulation.numel() == 0:
             bad("empty subpopulation (it could never match)")
-        if isinstance(width, int) and (int(chunk.neurons.min()) < 0 or int(chunk.neurons.max()) >= width):
+        if isinstance(width, int) and (int(chunk.subpopulation.min()) < 0 or int(chunk.subpopulation.max()) >= width):
             bad(f"neuron indices must lie in 0..{width - 1}")
         if not torch.isfinite(chunk.template).all():
             bad("template has non-finite values")
@@ -290,7 +290,7 @@ def load_dictionary(path: str | Path, identity: dict | None = None) -> ChunkDict
                 try:
                     chunk = Chunk(
                         id=str(rec["id"]), label=str(rec["label"]), layer=rec["layer"], kind=rec.get("kind", "pa"),
-                        neurons=None if "neurons" not in tensors else tensors["neurons"].long(), template=tensors.get("template"),
+                        subpopulation=None if "neurons" not in tensors else tensors["neurons"].long(), template=tensors.get("template"),
                         direction=tensors.get("direction"), threshold=rec["threshold"], tolerance=rec.get("tolerance"),
                         typical=rec.get("typical"), step=int(rec.get("step", 0)), method=rec.get("method", ""),
                         criterion=rec.get("criterion"), seed=rec.get("seed"), corpus_digest=rec.get("corpus_digest"),

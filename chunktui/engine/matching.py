@@ -99,7 +99,7 @@ class PackedDictionary:
                     continue
                 chunk, u = self.chunks[c], slot[s_axis]
                 if chunk.kind == "pa":
-                    idx = chunk.neurons.long()
+                    idx = chunk.subpopulation.long()
                     mu = chunk.template.double()
                     W[u, idx, col] = 1.0
                     W[u, width + idx, col] = -2.0 * mu
@@ -301,5 +301,5 @@ def _evaluate(t: _Tables, H: torch.Tensor, width: int, screen: bool = False):
 
 def direct_deviation(chunk: Chunk, state: torch.Tensor) -> float:
     """Reference: the deviation of one state (d,) from one PA chunk, computed plainly (for tests)."""
-    values = state.float()[chunk.neurons.long()]
+    values = state.float()[chunk.subpopulation.long()]
     return float(((values - chunk.template.float()) ** 2).mean())

@@ -33,7 +33,7 @@ class LayerFit:
     """The chosen chunk of one concept at one layer, and how it scored on the training text."""
 
     layer: int
-    neurons: torch.Tensor  # (m,) int64, indices of the subpopulation M
+    subpopulation: torch.Tensor  # (m,) int64, indices of the subpopulation M
     template: torch.Tensor  # (m,) float32, mu[M]
     threshold: float
     tolerance: float
@@ -143,7 +143,7 @@ def fit_concept(H: torch.Tensor, positives: torch.Tensor, layers: list[int], n: 
         stats = {key: float(v[s, k]) for key, v in scores.items()}
         for key in ("tp", "fp", "tn", "fn"):
             stats[key] = int(stats[key])
-        fits.append(LayerFit(layer=layer, neurons=neurons, template=mu[s, neurons].clone(),
+        fits.append(LayerFit(layer=layer, subpopulation=neurons, template=mu[s, neurons].clone(),
                              threshold=float(theta[s, k]), tolerance=float(taus[k]), stats=stats))
     return fits, R
 
@@ -383,7 +383,7 @@ class StreamingFit:
                 stats = {key: float(v[s, k]) for key, v in scores.items()}
                 for key in ("tp", "fp", "tn", "fn"):
                     stats[key] = int(stats[key])
-                fits.append(LayerFit(layer=self.layers[s], neurons=neurons, template=mu[s, neurons].clone(),
+                fits.append(LayerFit(layer=self.layers[s], subpopulation=neurons, template=mu[s, neurons].clone(),
                                      threshold=float(theta[s, k]), tolerance=float(self.taus[k]), stats=stats))
             out[label] = fits
         return out

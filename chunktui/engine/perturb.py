@@ -100,7 +100,7 @@ class _LayerEdit:
     def __init__(self, chunks: list[Chunk], mode: str, strength: float, mean: torch.Tensor | None, device, dtype):
         self.device = torch.device(device)
         self.mode, self.strength = mode, float(strength)
-        self.pa = [(c.neurons.long().to(device), c.template.to(device, torch.float32)) for c in chunks if c.kind == "pa"]
+        self.pa = [(c.subpopulation.long().to(device), c.template.to(device, torch.float32)) for c in chunks if c.kind == "pa"]
         self.dirs = [(c.direction.to(device, torch.float32) / c.direction.float().norm(), float(c.typical or 0.0))
                      for c in chunks if c.kind == "direction"]
         self.mean = mean.to(device, torch.float32) if mean is not None else None

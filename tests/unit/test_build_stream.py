@@ -17,7 +17,7 @@ WORDS = ["cheese", "cake", "dog", "rain"]
 
 
 def chunk_record(chunk):
-    return (chunk.id, chunk.neurons.tolist(), chunk.template.tolist(), chunk.threshold, chunk.tolerance,
+    return (chunk.id, chunk.subpopulation.tolist(), chunk.template.tolist(), chunk.threshold, chunk.tolerance,
             {k: v for k, v in chunk.fit.items()})
 
 

@@ -17,7 +17,7 @@ def test_round_trip(tiny_dict, tiny_model):
     assert len(loaded) == len(original) > 0
     for a, b in zip(original.chunks, loaded.chunks):
         assert (a.id, a.label, a.layer, a.kind, a.step, a.criterion, a.seed) == (b.id, b.label, b.layer, b.kind, b.step, b.criterion, b.seed)
-        assert torch.equal(a.neurons, b.neurons)
+        assert torch.equal(a.subpopulation, b.subpopulation)
         assert torch.equal(a.template, b.template)
         assert a.threshold == b.threshold and a.tolerance == b.tolerance
         assert a.fit == b.fit

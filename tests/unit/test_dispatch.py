@@ -87,7 +87,7 @@ def test_same_build_and_evaluate(dispatched, plain, tiny_corpus):
     d_disp, _ = build_dictionary(dispatched, source, layers=[1, 3])
     for c, e in zip(d_plain.chunks, d_disp.chunks):
         assert (c.label, c.layer) == (e.label, e.layer)
-        assert torch.equal(c.neurons, e.neurons) and torch.allclose(c.template, e.template, atol=1e-5)
+        assert torch.equal(c.subpopulation, e.subpopulation) and torch.allclose(c.template, e.template, atol=1e-5)
     held = LabelSource(corpus=tiny_corpus[3000:6000])
     r_plain, _ = evaluate_dictionary(plain, d_plain, held)
     r_disp, _ = evaluate_dictionary(dispatched, d_plain, held)

@@ -16,7 +16,7 @@ def random_chunks(width=16, n_states=4, seed=0):
         layer = i % n_states
         m = int(torch.randint(1, width, (1,), generator=g))
         neurons = torch.randperm(width, generator=g)[:m].sort().values
-        chunks.append(Chunk(id=f"c{i}", label=f"l{i % 5}", layer=layer, neurons=neurons,
+        chunks.append(Chunk(id=f"c{i}", label=f"l{i % 5}", layer=layer, subpopulation=neurons,
                             template=torch.randn(m, generator=g), threshold=float(torch.rand(1, generator=g) * 2 + 0.5)))
     u = torch.randn(width, generator=g)
     chunks.append(Chunk(id="d0", label="dir", layer=2, kind="direction", direction=u / u.norm(), threshold=0.2))
@@ -94,9 +94,9 @@ def _hard_case(T=10_000, n_states=3, width=256, seed=11):
         neurons = torch.randperm(width, generator=g)[:m].sort().values
         source = H[int(torch.randint(0, T, (1,), generator=g)), layer].float()
         template = source[neurons] + 0.3 * torch.randn(m, generator=g)
-        chunks.append(Chunk(id=f"p{i}", label=f"l{i % 7}", layer=layer, neurons=neurons, template=template,
+        chunks.append(Chunk(id=f"p{i}", label=f"l{i % 7}", layer=layer, subpopulation=neurons, template=template,
                             threshold=0.0))
-    chunks.append(Chunk(id="exact", label="exact", layer=0, neurons=torch.arange(width),
+    chunks.append(Chunk(id="exact", label="exact", layer=0, subpopulation=torch.arange(width),
                         template=H[60, 0].float(), threshold=0.0))  # only its own copies match, at dev = 0
     for i in range(12):
         u = torch.randn(width, generator=g)

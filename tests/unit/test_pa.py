@@ -35,7 +35,7 @@ def test_fit_matches_hand_computation():
     (fit,) = fits
     assert fit.layer == 7
     assert fit.tolerance == 2.0
-    assert fit.neurons.tolist() == [0, 1, 2]
+    assert fit.subpopulation.tolist() == [0, 1, 2]
     assert torch.allclose(fit.template, torch.tensor([1.0, 0.0, 4.0]))
     assert fit.threshold == pytest.approx(0.35, abs=1e-6)
     assert (fit.stats["tp"], fit.stats["fp"], fit.stats["tn"], fit.stats["fn"]) == (3, 1, 2, 0)
@@ -46,7 +46,7 @@ def test_fit_matches_hand_computation():
 def test_smaller_tolerance_by_hand():
     fits, _ = fit_concept(H, POS, layers=[0], n=3, tolerances=(0.5,))
     fit = fits[0]
-    assert fit.neurons.tolist() == [0, 1]
+    assert fit.subpopulation.tolist() == [0, 1]
     assert fit.threshold == pytest.approx(0.025, abs=1e-6)
     assert (fit.stats["tp"], fit.stats["fp"]) == (3, 2)
 
@@ -86,7 +86,7 @@ def test_draw_is_seeded_and_shared_across_tolerances():
 
 def test_empty_subpopulation_never_matches_and_is_not_chosen():
     fits, _ = fit_concept(H, POS, [0], n=3, tolerances=(0.01,))
-    assert fits[0].neurons.numel() == 0  # nothing stays within 0.01: the caller drops it
+    assert fits[0].subpopulation.numel() == 0  # nothing stays within 0.01: the caller drops it
     assert fits[0].stats["tp"] == 0 and fits[0].stats["fp"] == 0
 
 

@@ -41,7 +41,7 @@ def test_graft_strength_one_sets_the_subpopulation_to_its_template(tiny_model, t
     chunk = chunk_at(dictionary, "cheese", 2)
     states, _ = forward_states(tiny_model, IDS, Intervention([chunk], "graft", 1.0, Positions("prompt-last", 3)))
     base, _ = forward_states(tiny_model, IDS)
-    M = chunk.neurons
+    M = chunk.subpopulation
     edited = states[:, 2]  # (T, d): the stream entering block 2, as the block saw it
     assert torch.allclose(edited[-3:, M], chunk.template.expand(3, -1), atol=1e-6)
     # untouched: earlier positions, other neurons, and earlier layers
@@ -58,10 +58,10 @@ def test_freeze_zeroes_the_subpopulation(tiny_model, tiny_dict):
     dictionary, _ = tiny_dict
     chunk = chunk_at(dictionary, "dog", 1)
     states, _ = forward_states(tiny_model, IDS, Intervention([chunk], "freeze", 1.0, Positions("all")))
-    assert torch.count_nonzero(states[:, 1][:, chunk.neurons]) == 0
+    assert torch.count_nonzero(states[:, 1][:, chunk.subpopulation]) == 0
     half, _ = forward_states(tiny_model, IDS, Intervention([chunk], "suppress", 0.5, Positions("all")))
     base, _ = forward_states(tiny_model, IDS)
-    assert torch.allclose(half[:, 1][:, chunk.neurons], 0.5 * base[:, 1][:, chunk.neurons], atol=1e-6)
+    assert torch.allclose(half[:, 1][:, chunk.subpopulation], 0.5 * base[:, 1][:, chunk.subpopulation], atol=1e-6)
 
 
 def test_mean_ablate_uses_the_corpus_mean(tiny_model, tiny_dict):
@@ -69,8 +69,8 @@ def test_mean_ablate_uses_the_corpus_mean(tiny_model, tiny_dict):
     chunk = chunk_at(dictionary, "rain", 3)
     iv = Intervention([chunk], "mean-ablate", 1.0, Positions("all"), layer_means=dictionary.layer_means)
     states, _ = forward_states(tiny_model, IDS, iv)
-    target = dictionary.layer_means[3][chunk.neurons]
-    assert torch.allclose(states[:, 3][:, chunk.neurons], target.expand(len(IDS), -1), atol=1e-6)
+    target = dictionary.layer_means[3][chunk.subpopulation]
+    assert torch.allclose(states[:, 3][:, chunk.subpopulation], target.expand(len(IDS), -1), atol=1e-6)
     with pytest.raises(ChunkError, match="mean-ablate needs"):
         Intervention([chunk], "mean-ablate", 1.0)
 
