@@ -7,29 +7,15 @@ and dequantises it once; later runs load it from the cache in under a second.
 import pytest
 import torch
 
-from chunktui.paths import DEFAULT_DICT_NAME, sample_path
+from chunktui.paths import sample_path
 from chunktui.engine.build import LabelSource, build_dictionary, evaluate_dictionary, summarise_by_label
 from chunktui.shared.texts import read_text
-from chunktui.engine.dictionary import load_dictionary
-from chunktui.engine.models import load_model
 from chunktui.engine.perturb import Intervention, Positions, next_token_logprobs, first_token_ids, select_chunks
 from chunktui.engine.streaming import generate_stream
 from chunktui.shared.settings import Sampling
 from chunktui.engine.tokens import encode_prompt
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def smol():
-    torch.set_num_threads(2)
-    yield load_model("smollm2-135m", device="cpu")
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def sample_dict(smol):
-    return load_dictionary(sample_path(DEFAULT_DICT_NAME), identity=smol.identity())
 
 
 def test_builtin_model_and_sample_dictionary(smol, sample_dict):
