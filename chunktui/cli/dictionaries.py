@@ -62,6 +62,9 @@ def models_cmd() -> None:
 @click.option("--colour-budget", default=0.01, show_default=True, callback=checked(validate.colour_budget),
               help="the colour rule: at most this share of the training tokens that are no concept get a colour "
                    "(calibrated in a third pass over the corpus)")
+@click.option("--vote-layers", default=None, callback=checked(validate.layer_spec),
+              help="the layers whose chunks vote on a token's colour  [default: every built layer but 0, the "
+                   "embedding, which is a lookup of the token itself]")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False),
               help="write a summary: seconds, tokens, peak memory, world size")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="NAME.chunks.safetensors")
@@ -69,7 +72,7 @@ def models_cmd() -> None:
 @friendly_errors
 def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, criterion, seed, part_word, step,
               min_count, context_mode, batch_size, store_dtype, procs, resume, checkpoint_every, colour_budget,
-              json_out, out, overwrite) -> None:
+              vote_layers, json_out, out, overwrite) -> None:
     """Build a chunk dictionary by population averaging (docs/method.md), streaming over the corpus.
 
     Hidden states are never kept: pass 1 runs the contexts holding the drawn
@@ -135,7 +138,8 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
             dictionary, report = build_dictionary(
                 loaded, source, layers=parse_layers(layers, loaded.layout.n_states), n=n, criterion=str(crit),
                 seed=seed, context_mode=context_mode, batch_size=batch_size, progress=update, group=group,
-                checkpoint=checkpoint, colour_budget=colour_budget)
+                checkpoint=checkpoint, colour_budget=colour_budget,
+                vote_layers=None if vote_layers is None else parse_layers(vote_layers, loaded.layout.n_states))
         dictionary.notes["command"] = command_line()  # every option, so the file can be rebuilt
         dictionary.notes["world_size"] = group.world_size
         group.barrier()  # every rank has finished with its checkpoint before it is removed

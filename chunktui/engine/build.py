@@ -166,7 +166,8 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
                      tolerances: tuple[float, ...] = PAPER_TOLERANCES, batch_size: int = 16,
                      store_dtype: torch.dtype = torch.float32, progress: ProgressFn = _quiet,
                      should_stop=None, group=None, checkpoint: "Checkpoint | None" = None,
-                     colour_budget: float | None = 0.01) -> tuple[ChunkDictionary, BuildReport]:
+                     colour_budget: float | None = 0.01, vote_layers: list[int] | None = None,
+                     ) -> tuple[ChunkDictionary, BuildReport]:
     """Fit one PA chunk per concept per layer, streaming: no corpus-sized state is ever held.
 
     Pass 1 tokenises and labels the corpus without the model, draws R per
@@ -278,6 +279,7 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
         t2 = time.perf_counter()
         rate = _Rate(report.tokens, group.world_size)
         rule = rule_for_corpus(loaded, chunks, corpus, labels.masks, layers, budget=colour_budget,
+                               voting_layers=vote_layers,
                                batch_size=batch_size, should_stop=stop_check, group=group,
                                progress=lambda k: progress("calibrate", *rate.step(k)),
                                source={"corpus": source.corpus_name or source.spans_path})

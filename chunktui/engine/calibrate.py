@@ -73,8 +73,8 @@ def calibrate_required(E: torch.Tensor, positives: torch.Tensor, concepts: list[
     negatives = (~positives).sum(0)
     allowed_each = torch.floor(budget * negatives.double() + 1e-9).long()
     allowed_all = int(math.floor(budget * n0 + 1e-9))
-    # start: a token needs net positive evidence (some layer must match)
-    required = torch.full((K,), 1e-9, dtype=torch.float64)
+    # start: a token needs net non-negative evidence (a miss votes below 0, so some layer must match)
+    required = torch.zeros(K, dtype=torch.float64)
     while True:
         passes = E >= required
         wrong = passes & ~positives
@@ -88,9 +88,7 @@ def calibrate_required(E: torch.Tensor, positives: torch.Tensor, concepts: list[
             k = int(stray.sum(0).argmax())
             wrong = stray
         weakest = float(E[wrong[:, k], k].min())
-        required[k] = math.nextafter(weakest, math.inf) if weakest > 0 else 1e-9
-        if weakest <= 0:  # cannot happen (required starts above 0), but never loop forever
-            break
+        required[k] = math.nextafter(weakest, math.inf)
     passes = E >= required
     per_label = {}
     for k, label in enumerate(concepts):

@@ -75,7 +75,7 @@ class TokenRule:
         o = self.overall
         rate = o.get("rate")
         measured = f"; {rate:.2%} of them on its training text" if isinstance(rate, (int, float)) else ""
-        return (f"a token shows a concept when the concept's chunks at layers {_span(self.voting_layers)} agree "
+        return (f"a token shows a concept when the concept's chunks at layers {span_text(self.voting_layers)} agree "
                 f"enough (evidence calibrated to colour at most {self.budget:.1%} of non-concept tokens"
                 f"{measured})")
 
@@ -132,13 +132,13 @@ def confidence_text(rule: "TokenRule | None", label: str | None, evidence: float
     conf = rule.confidence(label, evidence) if rule is not None else None
     if conf is not None:
         p, n = conf
-        parts.append(f"{p:.0%} right on training (n {n})")
+        parts.append(f"{p:.0%} right in training (n {n})")
     elif rule is not None and not rule.calibrated:
         parts.append("uncalibrated")
     return " · ".join(parts)
 
 
-def _span(layers) -> str:
+def span_text(layers) -> str:
     if not layers:
         return "1+"
     layers = sorted(layers)

@@ -634,7 +634,8 @@ class ChunkApp(App):
     @on(TraceView.DetailWanted)
     def _detail_wanted(self, event: TraceView.DetailWanted) -> None:
         if event.trace.trace_id is not None and self.engine.alive:
-            self.send(p.TokenDetail(event.trace.trace_id, event.index, event.layer_index))
+            self.send(p.TokenDetail(event.trace.trace_id, event.index, event.layer_index,
+                                    label=event.trace.label_at(event.index)))
 
     @ON_EVENT(p.Detail)
     def _handle_detail(self, event: p.Detail) -> None:

@@ -48,13 +48,12 @@ def test_scan_and_perturb_json(runner, tmp_path, tiny_dict):
     assert r.exit_code == 0, r.output
     data = json.loads(j.read_text())
     by_text = {t["text"].strip(): t for t in data["tokens"]}
-    # the colour rule: layers 1+ vote (on this random model " dog" keeps its chunks' agreement past layer 0;
-    # " cheese" matches its template only at the embedding, which no longer decides a colour)
-    assert by_text["dog"]["strongest_label"] == "dog"
-    assert by_text["dog"]["agree"] >= 1 and by_text["dog"]["voters"] == 4  # layers 1-4 of the 4-block model
+    # the colour rule (this fixture lets layer 0 alone vote, tests/conftest.py): agreement, precision on training
+    assert by_text["cheese"]["strongest_label"] == "cheese" and by_text["dog"]["strongest_label"] == "dog"
+    assert by_text["dog"]["agree"] == by_text["dog"]["voters"] == 1
     assert by_text["dog"]["precision"]["on"] == "training" and 0 < by_text["dog"]["precision"]["value"] <= 1
-    assert by_text["cheese"]["strongest_label"] is None
-    assert any(m["label"] == "cheese" for m in by_text["cheese"]["matches_by_layer"]["0"])  # raw matches stay listed
+    assert by_text["The"]["strongest_label"] is None and by_text["The"]["agree"] is None
+    assert "agree" in data["rule"]
     assert any(m["label"] == "dog" for ms in by_text["dog"]["matches_by_layer"].values() for m in ms)
     assert "colour rule" in data["rule"] or "agree" in data["rule"]
     # the same decision as the app's (a Trace from the Engine facade): strongest_label is what the app colours
