@@ -750,7 +750,7 @@ class ChunkApp(App):
             return False
         from chunktui.shared.outputs import plan_output
 
-        target = Path(path).expanduser()
+        target = Path(path).expanduser().absolute()  # said in full: where the file went
         if target.is_file() and not overwrite:
             self.push_screen(Choice(f"{target} already exists. Replace it with this session's {fmt.upper()} "
                                     "report?", [("overwrite", "Replace", "error"), ("cancel", "Cancel", "default")]),
