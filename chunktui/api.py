@@ -131,8 +131,14 @@ class Engine:
         else:
             from chunktui.engine.matching import pack
 
-            self.packed = pack(dictionary.chunks, self.loaded.hidden_size, self.n_states, self.loaded.device)
+            self.packed = pack(dictionary.chunks, self.loaded.hidden_size, self.n_states, self.loaded.device,
+                               rule=dictionary.token_rule())
         return dictionary
+
+    @property
+    def colour_rule(self):
+        """The dictionary's token-level colour rule (`shared.evidence.TokenRule`), None without a dictionary."""
+        return getattr(self.packed, "rule", None)
 
     def columns(self) -> ChunkColumns:
         """The order of chunk columns in every step (the pack's order)."""

@@ -296,9 +296,19 @@ class Server:
         hits = [c for c, s in enumerate(score) if s >= 0]
         if req.layer is not None:
             chosen = sorted((c for c in range(len(score)) if columns.layers[c] == req.layer), key=lambda c: -score[c])
+            chosen = chosen[:req.max_rows]
         else:
-            chosen = sorted(hits, key=lambda c: (columns.layers[c], -score[c]))
-        rows = [p.DetailRow(c, value[c], score[c], score[c] >= 0) for c in chosen[:req.max_rows]]
+            # every layer: the shown concept's chunk (matched or not), and the best match of any other concept there
+            mine = [c for c in range(len(score)) if req.label is not None and columns.labels[c] == req.label]
+            best_other: dict[int, int] = {}
+            for c in hits:
+                if columns.labels[c] != req.label:
+                    layer = columns.layers[c]
+                    if layer not in best_other or score[c] > score[best_other[layer]]:
+                        best_other[layer] = c
+            chosen = sorted(mine + list(best_other.values()),
+                            key=lambda c: (columns.layers[c], columns.labels[c] != req.label, -score[c]))
+        rows = [p.DetailRow(c, value[c], score[c], score[c] >= 0) for c in chosen]
         return p.Detail(req.trace_id, req.index, req.layer, rows, len(hits))
 
     @ANSWERED_AT_ONCE(p.ChunkScores)

@@ -52,7 +52,11 @@ def tiny_dict(tiny_model, tiny_corpus, tmp_path_factory):
     """A PA dictionary for the tiny model, saved to disk: (ChunkDictionary, path)."""
     from chunktui.engine.build import LabelSource, build_dictionary
 
-    dictionary, _ = build_dictionary(tiny_model, LabelSource(corpus=tiny_corpus, words=CONCEPT_WORDS))
+    # On a random model only the embedding (layer 0) carries a word's identity, so the app's tests, which need
+    # coloured tokens, let layer 0 alone vote in the colour rule here (by default it never votes:
+    # tests/unit/test_colour_rule.py)
+    dictionary, _ = build_dictionary(tiny_model, LabelSource(corpus=tiny_corpus, words=CONCEPT_WORDS),
+                                     vote_layers=[0])
     path = tmp_path_factory.mktemp("dict") / "tiny.chunks.safetensors"
     dictionary.save(path)
     return dictionary, path

@@ -59,14 +59,20 @@ def models_cmd() -> None:
 @click.option("--resume", is_flag=True, help="continue a killed build from its checkpoint (OUT.partial/)")
 @click.option("--checkpoint-every", default=500, show_default=True, type=int,
               help="save the counts every N contexts (per process) to OUT.partial/, for --resume")
+@click.option("--colour-budget", default=0.01, show_default=True, callback=checked(validate.colour_budget),
+              help="the colour rule: at most this share of the training tokens that are no concept get a colour "
+                   "(calibrated in a third pass over the corpus)")
+@click.option("--vote-layers", default=None, callback=checked(validate.layer_spec),
+              help="the layers whose chunks vote on a token's colour  [default: every built layer but 0, the "
+                   "embedding, which is a lookup of the token itself]")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False),
               help="write a summary: seconds, tokens, peak memory, world size")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="NAME.chunks.safetensors")
 @overwrite_option
 @friendly_errors
 def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, criterion, seed, part_word, step,
-              min_count, context_mode, batch_size, store_dtype, procs, resume, checkpoint_every, json_out, out,
-              overwrite) -> None:
+              min_count, context_mode, batch_size, store_dtype, procs, resume, checkpoint_every, colour_budget,
+              vote_layers, json_out, out, overwrite) -> None:
     """Build a chunk dictionary by population averaging (docs/method.md), streaming over the corpus.
 
     Hidden states are never kept: pass 1 runs the contexts holding the drawn
@@ -132,7 +138,8 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
             dictionary, report = build_dictionary(
                 loaded, source, layers=parse_layers(layers, loaded.layout.n_states), n=n, criterion=str(crit),
                 seed=seed, context_mode=context_mode, batch_size=batch_size, progress=update, group=group,
-                checkpoint=checkpoint)
+                checkpoint=checkpoint, colour_budget=colour_budget,
+                vote_layers=None if vote_layers is None else parse_layers(vote_layers, loaded.layout.n_states))
         dictionary.notes["command"] = command_line()  # every option, so the file can be rebuilt
         dictionary.notes["world_size"] = group.world_size
         group.barrier()  # every rank has finished with its checkpoint before it is removed
@@ -152,7 +159,9 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
         console.print(f"wrote [bold]{escape(str(path))}[/]: {len(dictionary)} chunks, {len(dictionary.labels())} "
                       f"concepts x {len(report.layers)} layers ({escape(str(crit))}); {report.tokens} tokens in "
                       f"{report.seconds:.1f} s (templates {report.collect_seconds:.1f} s, counting "
-                      f"{report.fit_seconds:.1f} s) on {group.world_size} process{'es' if group.world_size > 1 else ''}")
+                      f"{report.fit_seconds:.1f} s, colour rule {report.calibrate_seconds:.1f} s) on "
+                      f"{group.world_size} process{'es' if group.world_size > 1 else ''}")
+        console.print(f"colour rule: {escape(dictionary.token_rule().describe())}", style="dim")
         if json_target is not None:
             json_target.write_json(dict(report.summary(), dictionary=str(path), criterion=str(crit),
                                         device=str(loaded.device)))
@@ -246,6 +255,58 @@ def evaluate_cmd(model_spec, device, dtype, dict_path, corpus, spans_path, json_
         target.write_json({"dictionary": str(dictionary.path), "corpus": corpus or spans_path,
                               "tokens": len(hs.tokens), "chunks": records, "by_label": summary})
         console.print(f"wrote {escape(str(target.path))}")
+
+
+@click.command("calibrate")
+@model_options
+@click.option("--dict", "dict_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--corpus", type=click.Path(dir_okay=False), help="the dictionary's training text (word chunks)")
+@click.option("--spans", "spans_path", type=click.Path(dir_okay=False), help="its training JSONL spans (span chunks)")
+@click.option("--budget", default=0.01, show_default=True, callback=checked(validate.colour_budget),
+              help="at most this share of the tokens that are no concept get a colour")
+@click.option("--batch-size", default=16, show_default=True, callback=checked(validate.count))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="NAME.chunks.safetensors to write")
+@overwrite_option
+@friendly_errors
+def calibrate_cmd(model_spec, device, dtype, dict_path, corpus, spans_path, budget, batch_size, out,
+                  overwrite) -> None:
+    """Add (or redo) a dictionary's colour rule: which concept a token shows, calibrated on its training text.
+
+    A token shows a concept when the concept's chunks at layers 1+ agree enough; the evidence needed is set
+    per concept so that at most --budget of the training tokens that are no concept get a colour. Dictionaries
+    made by `chunktui build` carry one already; older ones colour by any matching chunk until calibrated."""
+    from chunktui.engine.build import LabelSource
+    from chunktui.engine.calibrate import calibrate_dictionary
+    from chunktui.engine.dictionary import load_dictionary
+    from chunktui.engine.labels import read_spans
+    from chunktui.shared.errors import CorpusError
+    from chunktui.shared.texts import read_text
+
+    if bool(corpus) == bool(spans_path):
+        raise CorpusError("Give exactly one of --corpus and --spans (the dictionary's training text).")
+    dictionary = load_dictionary(dict_path)
+    corpus_text = read_text(corpus) if corpus else None
+    if spans_path:
+        read_spans(spans_path)
+    target = plan_outputs(("--out", out, ".chunks.safetensors"), overwrite=overwrite,
+                          inputs=[corpus, spans_path, *model_inputs(model_spec)])
+    loaded = load_with_progress(model_spec, device, dtype)
+    source = LabelSource(corpus=corpus_text, corpus_name=corpus or "", spans_path=spans_path)
+    progress, update = stage_progress()
+    t0 = time.perf_counter()
+    rate = {"done": 0}
+
+    def step(k: int) -> None:
+        rate["done"] += k
+        update("calibrate", None, f"{rate['done']} tokens")
+
+    with progress:
+        rule = calibrate_dictionary(loaded, dictionary, source, budget=budget, batch_size=batch_size, progress=step)
+    path = dictionary.save(target)
+    o = rule.overall
+    console.print(f"wrote [bold]{escape(str(path))}[/] in {time.perf_counter() - t0:.1f} s: on its training text "
+                  f"{o['coloured_non_concept']} of {o['non_concept']} non-concept tokens coloured "
+                  f"({o['rate']:.2%}, budget {budget:.2%})")
 
 
 @click.command("inspect")

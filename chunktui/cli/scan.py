@@ -1,4 +1,4 @@
-"""`chunktui scan` and `chunktui demo`: text coloured by its strongest chunk."""
+"""`chunktui scan` and `chunktui demo`: text coloured by the dictionary's colour rule (shared/evidence.py)."""
 
 from __future__ import annotations
 
@@ -14,23 +14,51 @@ from chunktui.shared.specs import DEFAULT_MODEL
 from chunktui.palette import label_colours
 from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 
-def render_tokens(texts: list[str], labels: list[str | None], colours: dict[str, str]) -> Text:
-    """Tokens with a background colour per strongest concept (plain text under NO_COLOR)."""
+def plain_output() -> bool:
+    """No colours on screen (NO_COLOR, a dumb terminal, or output piped to a file): labels go in the text."""
+    return console.no_color or not console.is_terminal or console.color_system is None
+
+
+def render_tokens(texts: list[str], labels: list[str | None], colours: dict[str, str],
+                  plain: bool | None = None) -> Text:
+    """Tokens with a background colour per concept; with `plain` (no colours), each coloured token is followed
+    by its label in brackets: `The cheese[cheese] was`."""
+    plain = plain_output() if plain is None else plain
     out = Text()
     for piece, label in zip(texts, labels):
         if label is None:
             out.append(piece)
+        elif plain:
+            out.append(piece)
+            out.append(f"[{label}]", style="bold")
         else:
             out.append(piece, style=f"bold black on {colours[label]}")
     return out
 
 
-def token_records(texts, ids, matches, chunks) -> list[dict]:
-    """Per token: strongest chunk and every hit per layer (for --json)."""
+def legend_line(present: list[str], colours: dict[str, str], plain: bool | None = None) -> Text:
+    plain = plain_output() if plain is None else plain
+    legend = Text("legend: ")
+    for label in present:
+        legend.append(f"[{label}]" if plain else f" {label} ", style="bold" if plain else f"bold black on {colours[label]}")
+        legend.append(" ")
+    if not present:
+        legend.append("no concept shown", style="dim")
+    return legend
+
+
+def token_records(texts, ids, matches, chunks, rule=None, voters: dict | None = None) -> list[dict]:
+    """Per token: the chunk whose label colours it (the colour rule's decision: `strongest_label` is the label
+    the app colours the token by, or null), the evidence for it, and every raw hit per layer (for --json)."""
     records = []
     hit = matches.hit
+    agree = matches.token_agree
+    evidence = matches.token_evidence
     for t, (piece, token_id) in enumerate(zip(texts, ids)):
         best = int(matches.token_chunk[t])
+        label = chunks[best].label if best >= 0 else None
+        ev = None if evidence is None or best < 0 else float(evidence[t])
+        conf = rule.confidence(label, ev) if rule is not None and label is not None else None
         per_layer = {}
         for c in hit[t].nonzero().flatten().tolist():
             chunk = chunks[c]
@@ -39,7 +67,12 @@ def token_records(texts, ids, matches, chunks) -> list[dict]:
                  "threshold": float(chunk.threshold), "score": float(matches.score[t, c])})
         records.append({"index": t, "token_id": token_id, "text": piece,
                         "strongest": chunks[best].id if best >= 0 else None,
-                        "strongest_label": chunks[best].label if best >= 0 else None,
+                        "strongest_label": label,
+                        "agree": None if agree is None or best < 0 else int(agree[t]),
+                        "voters": (voters or {}).get(label) if label is not None else None,
+                        "evidence": None if ev is None or ev != ev else round(ev, 4),
+                        "precision": None if conf is None else {"value": round(conf[0], 4), "n": conf[1],
+                                                                "on": "training"},
                         "matches_by_layer": per_layer})
     return records
 
@@ -86,13 +119,15 @@ def _load_dict(path, loaded, dictionary=None, optional: bool = False):
 @click.option("--truncate", is_flag=True,
               help="cut a --prompt that leaves no room for --generate tokens in the model's context, from the start")
 @click.option("--layers", default="all", show_default=True, callback=checked(validate.layer_spec),
-              help="only count matches at these layers for colouring")
+              help="colour by the strongest raw match at these layers only (instead of the calibrated colour rule)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write per-token, per-layer matches")
 @overwrite_option
 @friendly_errors
 def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_new, chat, temperature, top_p, seed,
              truncate, layers, json_out, overwrite) -> None:
-    """Print text with each token coloured by its strongest chunk, and a legend."""
+    """Print text with each token coloured by the concept the dictionary's colour rule shows, and a legend.
+
+    Without colours (NO_COLOR, or output piped to a file) each shown token is followed by its label: cheese[cheese]."""
     import torch
 
     from chunktui.shared.texts import read_text
@@ -135,15 +170,21 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
         from chunktui.engine.matching import MatchResult
 
         fields = MatchResult.__dataclass_fields__
-        matches = MatchResult(*(torch.cat([getattr(e.matches, f) for e in events]).cpu() for f in fields))
+        matches = MatchResult(*(None if getattr(events[0].matches, f) is None else
+                                torch.cat([getattr(e.matches, f) for e in events]).cpu() for f in fields))
         generated = [e.generated for e in events]
     else:
         result = engine.scan(body)
         texts, ids, matches = result.texts, result.ids, result.matches
         generated = [False] * len(ids)
     chunks = packed.chunks
+    rule = engine.colour_rule
     if keep != set(range(loaded.layout.n_states)):
-        # recolour using only the chosen layers
+        # recolour using only the chosen layers: the raw strongest match there (the colour rule pools all its layers)
+        note("note:", "--layers colours each token by its strongest raw match at those layers, not by the "
+                      "dictionary's calibrated colour rule")
+        rule = None
+        matches.token_agree = matches.token_evidence = None
         allowed = torch.tensor([c.layer in keep for c in chunks])
         score = torch.where(matches.hit & allowed, matches.score, torch.tensor(float("-inf")))
         best_score, best = score.max(-1)
@@ -154,20 +195,22 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
     shown = render_tokens(texts[skip:], labels[skip:], colours)
     console.print(shown)
     present = sorted({label for label in labels if label})
-    legend = Text("legend: ")
-    for label in present:
-        legend.append(f" {label} ", style=f"bold black on {colours[label]}")
-        legend.append(" ")
-    if not present:
-        legend.append("no chunk matched", style="dim")
-    console.print(legend)
+    console.print(legend_line(present, colours))
     hits = int(matches.hit.any(-1).sum())
-    console.print(f"[dim]{len(ids)} tokens, {hits} with at least one match, {len(chunks)} chunks at "
-                  f"{len(dictionary.layers())} layers; generated tokens: {sum(generated)}[/]")
+    shown_n = sum(label is not None for label in labels[skip:])
+    console.print(f"[dim]{len(ids)} tokens, {shown_n} shown with a concept ({hits} with some raw match at some "
+                  f"layer), {len(chunks)} chunks at {len(dictionary.layers())} layers; generated tokens: "
+                  f"{sum(generated)}[/]")
+    if rule is not None:
+        console.print(f"[dim]colour rule: {rule.describe()}[/]")
     if target is not None:
+        voters = dict(zip(packed.concepts, packed.voters)) if rule is not None else {}
         target.write_json({"model": loaded.name, "dictionary": str(dictionary.path), "text": "".join(texts),
-                              "tokens": token_records(texts, ids, matches, chunks),
-                              "generated": generated})
+                           "rule": rule.describe() if rule is not None else "strongest raw match at --layers",
+                           "settings": {"temperature": temperature, "top_p": top_p, "seed": seed,
+                                        "max_new_tokens": n_new, "chat": chat} if prompt is not None else {},
+                           "tokens": token_records(texts, ids, matches, chunks, rule, voters),
+                           "generated": generated})
         note("wrote", str(target.path), style="default")
 
 
@@ -202,10 +245,6 @@ def demo_cmd(model_spec, device, dict_path) -> None:
         console.print(render_tokens(result.texts[skip:], labels[skip:], colours))
         seen.update(label for label in labels[skip:] if label)
         console.print()
-    legend = Text("legend: ")
-    for label in sorted(seen):
-        legend.append(f" {label} ", style=f"bold black on {colours[label]}")
-        legend.append(" ")
-    console.print(legend)
-    console.print("[dim]each token is coloured by its strongest matching chunk over all layers; "
+    console.print(legend_line(sorted(seen), colours))
+    console.print("[dim]each token is coloured by the dictionary's colour rule (its concept's layers agree); "
                   "`chunktui scan --json` lists every match per layer[/]")

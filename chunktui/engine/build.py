@@ -73,6 +73,7 @@ class LabelSource:
 class BuildReport:
     collect_seconds: float = 0.0  # pass 1: the template positives' states
     fit_seconds: float = 0.0  # pass 2: every token's deviation, counted
+    calibrate_seconds: float = 0.0  # pass 3: every token's pooled evidence with the chosen chunks (the colour rule)
     tokens: int = 0
     layers: list[int] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
@@ -87,6 +88,7 @@ class BuildReport:
     def summary(self) -> dict:
         return {"seconds": round(self.seconds, 3), "tokens": self.tokens, "pass1_tokens": self.pass1_tokens,
                 "pass1_seconds": round(self.collect_seconds, 3), "pass2_seconds": round(self.fit_seconds, 3),
+                "pass3_seconds": round(self.calibrate_seconds, 3),
                 "tokens_per_second": round(self.tokens / self.fit_seconds, 1) if self.fit_seconds else None,
                 "peak_memory_bytes": self.peak_memory, "world_size": self.world_size, "layers": len(self.layers),
                 "concepts": len(self.counts), "skipped": self.skipped, "empty": len(self.empty),
@@ -164,6 +166,7 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
                      tolerances: tuple[float, ...] = PAPER_TOLERANCES, batch_size: int = 16,
                      store_dtype: torch.dtype = torch.float32, progress: ProgressFn = _quiet,
                      should_stop=None, group=None, checkpoint: "Checkpoint | None" = None,
+                     colour_budget: float | None = 0.01, vote_layers: list[int] | None = None,
                      ) -> tuple[ChunkDictionary, BuildReport]:
     """Fit one PA chunk per concept per layer, streaming: no corpus-sized state is ever held.
 
@@ -268,12 +271,27 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
         chunks += _chunks_for(label, fits, draws[label], labels, int(labels.masks[label].sum()), report.tokens,
                               str(crit), seed, corpus.digest, report)
     progress("build", 1.0, f"{len(chunks)} chunks")
+    rule = None
+    if colour_budget is not None and chunks:
+        # pass 3: the token-level colour rule, calibrated on the same text (shared/evidence.py, engine/calibrate.py)
+        from chunktui.engine.calibrate import rule_for_corpus
+
+        t2 = time.perf_counter()
+        rate = _Rate(report.tokens, group.world_size)
+        rule = rule_for_corpus(loaded, chunks, corpus, labels.masks, layers, budget=colour_budget,
+                               voting_layers=vote_layers,
+                               batch_size=batch_size, should_stop=stop_check, group=group,
+                               progress=lambda k: progress("calibrate", *rate.step(k)),
+                               source={"corpus": source.corpus_name or source.spans_path})
+        report.calibrate_seconds = time.perf_counter() - t2
     notes = {"context_mode": corpus.context_mode, "label_mode": labels.mode, "step": labels.step,
              "n": n if n is not None else "all", "criterion": str(crit), "seed": seed, "tolerances": len(tolerances),
              "corpus": source.corpus_name or source.spans_path, "tokens": report.tokens,
              "corpus_digest": corpus.digest, "label_source": "spans" if spans is not None else "words"}
     if corpus.windowing_note():
         notes["windowed"] = corpus.windowing_note()
+    if rule is not None:
+        notes["token_rule"] = rule.to_json()
     means = torch.full((loaded.layout.n_states, d), float("nan"))
     means[layers] = (sums / report.tokens).float()
     report.seconds = time.perf_counter() - t_start

@@ -95,6 +95,16 @@ class ChunkDictionary:
             seen.setdefault(c.label, None)
         return list(seen)
 
+    def token_rule(self):
+        """The colour rule stored with the dictionary (`shared.evidence.TokenRule`), or the uncalibrated fallback
+        (any chunk at layers 1+, said so in its note) for a dictionary made before rules were stored."""
+        from chunktui.shared.evidence import TokenRule
+
+        raw = self.notes.get("token_rule") if isinstance(self.notes, dict) else None
+        if raw:
+            return TokenRule.from_json(raw)  # checked when the file was loaded
+        return TokenRule.uncalibrated(self.layers())
+
     def layers(self) -> list[int]:
         return sorted({c.layer for c in self.chunks})
 
@@ -319,8 +329,19 @@ def load_dictionary(path: str | Path, identity: dict | None = None) -> ChunkDict
     ids = [c.id for c in chunks]
     if len(set(ids)) != len(ids):
         raise DictionaryError(f"{path.name}: duplicate chunk ids.")
+    notes = doc.get("notes") or {}
+    if not isinstance(notes, dict):
+        raise DictionaryError(f"{path.name}: the header's notes are not a JSON object.")
+    if notes.get("token_rule"):
+        from chunktui.shared.evidence import TokenRule
+
+        try:
+            TokenRule.from_json(notes["token_rule"])
+        except (ValueError, TypeError) as err:
+            raise DictionaryError(f"{path.name}: the stored colour rule is malformed ({err}); recalibrate it with "
+                                  "`chunktui calibrate`.") from None
     dictionary = ChunkDictionary(model=model, chunks=chunks, created=str(doc.get("created", "")),
-                                 notes=doc.get("notes") or {}, path=path, layer_means=layer_means)
+                                 notes=notes, path=path, layer_means=layer_means)
     if identity is not None:
         dictionary.check_compatible(identity)
     return dictionary

@@ -45,21 +45,31 @@ class MatchResult:
     hit: torch.Tensor  # (T, C) bool
     layer_score: torch.Tensor  # (T, S) best score among hits at each layer axis position, -inf if none
     layer_chunk: torch.Tensor  # (T, S) chunk index of that best hit, -1 if none
-    token_chunk: torch.Tensor  # (T,) strongest hit over all layers, -1 if none
-    token_score: torch.Tensor  # (T,)
+    token_chunk: torch.Tensor  # (T,) the chunk whose label colours the token (the rule's decision), -1 if none
+    token_score: torch.Tensor  # (T,) that chunk's score
+    # with a colour rule (shared/evidence.py): the decided concept's evidence and agreeing layers; None without
+    token_evidence: torch.Tensor | None = None  # (T,) float, NaN where no concept is shown
+    token_agree: torch.Tensor | None = None  # (T,) long, layers (of the voting ones) whose chunk matched; 0 if none
 
     def to(self, device) -> "MatchResult":
-        return MatchResult(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+        return MatchResult(*(None if getattr(self, f) is None else getattr(self, f).to(device)
+                             for f in self.__dataclass_fields__))
 
     def __getitem__(self, index) -> "MatchResult":
-        return MatchResult(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+        return MatchResult(*(None if getattr(self, f) is None else getattr(self, f)[index]
+                             for f in self.__dataclass_fields__))
 
 
 class PackedDictionary:
-    """Chunks packed for matching against states laid out as (T, len(layers), d)."""
+    """Chunks packed for matching against states laid out as (T, len(layers), d).
+
+    With a `rule` (a `shared.evidence.TokenRule`, what `ChunkDictionary.token_rule()` gives), the chunk a token
+    is coloured by follows the rule: a concept's layers pool their evidence and a concept is shown only when it
+    passes its calibrated requirement. Without one, the strongest hit over all layers (the raw view).
+    """
 
     def __init__(self, chunks: Sequence[Chunk], width: int, layers: Sequence[int], device: torch.device | str = "cpu",
-                 precision: str = "auto"):
+                 precision: str = "auto", rule=None):
         self.layers = list(layers)
         self.width = width
         self.device = torch.device(device)
@@ -123,6 +133,74 @@ class PackedDictionary:
             self._fast = _Tables(W=W, const=const, size=size, threshold=self.threshold, **index).to(
                 self.device, torch.float32)
         self.rechecked = 0  # tokens the float32 path handed to float64 (near a threshold), since packing
+        self._set_rule(rule)
+
+    # ------------------------------------------------------------------ the token-level decision
+
+    def _set_rule(self, rule) -> None:
+        """Concept order, which chunks vote, and each concept's requirement, as tensors for `_summarise`."""
+        from chunktui.shared.evidence import DEFAULT_CAP
+
+        self.rule = rule
+        self.concepts: list[str] = list(dict.fromkeys(self.labels))
+        index = {label: k for k, label in enumerate(self.concepts)}
+        self.chunk_concept = torch.tensor([index[label] for label in self.labels], dtype=torch.long)
+        default = [l for l in self.layers if l != 0] or list(self.layers)
+        voting = set(rule.voting(self.layers) if rule is not None else default)
+        self.votes = torch.tensor([c.layer in voting for c in self.chunks], dtype=torch.bool)
+        self.voting_layers = sorted(voting)
+        self.cap = float(rule.cap) if rule is not None else DEFAULT_CAP
+        # (C, K): chunk c adds to concept k's evidence when it votes
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        onehot = torch.zeros(len(self.chunks), len(self.concepts), dtype=dtype)
+        if len(self.chunks):
+            onehot[torch.arange(len(self.chunks)), self.chunk_concept] = self.votes.to(dtype)
+        self._onehot = onehot.to(self.device)
+        self.voters = onehot.sum(0).long().tolist()  # voting chunks per concept
+        calibrated = rule is not None and rule.calibrated
+        self.required = None
+        if calibrated:  # a concept the rule does not know is never shown
+            self.required = torch.tensor([float(rule.required.get(label, float("inf"))) for label in self.concepts],
+                                         dtype=dtype, device=self.device)
+
+    def evidence(self, score: torch.Tensor, hit: torch.Tensor | None = None) -> torch.Tensor:
+        """(T, C) scores -> (T, K) pooled evidence per concept: the sum over voting layers of the capped score."""
+        capped = score.to(self._onehot.dtype).clamp(-self.cap, self.cap)
+        capped = torch.nan_to_num(capped, nan=-self.cap)  # an empty subpopulation votes against
+        return capped @ self._onehot
+
+    def agreement(self, hit: torch.Tensor) -> torch.Tensor:
+        """(T, C) hits -> (T, K) number of voting layers whose chunk of the concept matched."""
+        return (hit.to(self._onehot.dtype) @ self._onehot).round().long()
+
+    def _decide(self, score: torch.Tensor, hit: torch.Tensor, hit_score: torch.Tensor):
+        """The rule's choice per token: (chunk index or -1, its score, evidence, agreeing layers)."""
+        T, K = hit.shape[0], len(self.concepts)
+        dev = self.device
+        neg_inf = torch.tensor(float("-inf"), device=dev)
+        evidence = self.evidence(score)  # (T, K)
+        agree = self.agreement(hit)
+        voting_hit = torch.where(self.votes.to(dev), hit_score, neg_inf)  # (T, C)
+        # the strongest voting hit per concept (which chunk stands for the concept)
+        best = torch.full((T, K), float("-inf"), device=dev, dtype=voting_hit.dtype)
+        best = best.scatter_reduce(1, self.chunk_concept.to(dev).expand(T, -1), voting_hit, "amax")
+        if self.required is not None:
+            margin = evidence - self.required
+            margin = torch.where(margin >= 0, margin, torch.tensor(float("-inf"), device=dev, dtype=margin.dtype))
+        else:  # uncalibrated: any voting hit, the strongest wins (the raw view without layer 0)
+            margin = best.to(evidence.dtype)
+        margin = torch.where(torch.isfinite(best), margin, torch.tensor(float("-inf"), device=dev, dtype=margin.dtype))
+        top, concept = margin.max(-1) if K else (torch.full((T,), float("-inf"), device=dev),
+                                                 torch.zeros(T, dtype=torch.long, device=dev))
+        shown = torch.isfinite(top)
+        mine = self.chunk_concept.to(dev)[None, :] == concept[:, None]  # (T, C)
+        chunk_score, chunk = torch.where(mine, voting_hit, neg_inf).max(-1)
+        chunk = torch.where(shown, chunk, torch.tensor(-1, device=dev))
+        chunk_score = torch.where(shown, chunk_score, neg_inf)
+        rows = torch.arange(T, device=dev)
+        token_evidence = torch.where(shown, evidence[rows, concept].float(), torch.tensor(float("nan"), device=dev))
+        token_agree = torch.where(shown, agree[rows, concept], torch.tensor(0, device=dev))
+        return chunk, chunk_score, token_evidence, token_agree
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -169,20 +247,30 @@ class PackedDictionary:
             layer_score, pos = grid.max(-1)
             layer_chunk = torch.where(torch.isfinite(layer_score), self.layer_table[torch.arange(S, device=self.device), pos],
                                       torch.tensor(-1, device=self.device))
-            token_score, token_chunk = hit_score.max(-1)
-            token_chunk = torch.where(torch.isfinite(token_score), token_chunk, torch.tensor(-1, device=self.device))
+            token_evidence = token_agree = None
+            if self.rule is not None:
+                token_chunk, token_score, token_evidence, token_agree = self._decide(score, hit, hit_score)
+            else:
+                token_score, token_chunk = hit_score.max(-1)
+                token_chunk = torch.where(torch.isfinite(token_score), token_chunk, torch.tensor(-1, device=self.device))
         else:
             layer_score = torch.full((T, S), float("-inf"), device=self.device)
             layer_chunk = torch.full((T, S), -1, dtype=torch.long, device=self.device)
             token_score = torch.full((T,), float("-inf"), device=self.device)
             token_chunk = torch.full((T,), -1, dtype=torch.long, device=self.device)
+            token_evidence = token_agree = None
+            if self.rule is not None:
+                token_evidence = torch.full((T,), float("nan"), device=self.device)
+                token_agree = torch.zeros(T, dtype=torch.long, device=self.device)
         return MatchResult(value=value, score=score, hit=hit, layer_score=layer_score, layer_chunk=layer_chunk,
-                           token_chunk=token_chunk, token_score=token_score)
+                           token_chunk=token_chunk, token_score=token_score, token_evidence=token_evidence,
+                           token_agree=token_agree)
 
 
 def pack(chunks: Sequence[Chunk], width: int, n_states: int, device="cpu", layers: Sequence[int] | None = None,
-         precision: str = "auto") -> PackedDictionary:
-    return PackedDictionary(chunks, width, list(range(n_states)) if layers is None else layers, device, precision)
+         precision: str = "auto", rule=None) -> PackedDictionary:
+    return PackedDictionary(chunks, width, list(range(n_states)) if layers is None else layers, device, precision,
+                            rule=rule)
 
 
 # --------------------------------------------------------------------------- the arithmetic, in either precision

@@ -27,6 +27,8 @@ def compact(indices, ids, texts, generated, logprobs, tops, hidden: torch.Tensor
         value, score, hit = m.value.float(), m.score.float(), m.hit
         layer_chunk, layer_score = m.layer_chunk.tolist(), m.layer_score.tolist()
         token_chunk, token_score = m.token_chunk.tolist(), m.token_score.tolist()
+        agree = m.token_agree.tolist() if m.token_agree is not None else [0] * T
+        evidence = m.token_evidence.tolist() if m.token_evidence is not None else [None] * T
         rows, cols = hit.nonzero(as_tuple=True)
         hits: list[list[int]] = [[] for _ in range(T)]
         for r, c in zip(rows.tolist(), cols.tolist()):
@@ -35,12 +37,15 @@ def compact(indices, ids, texts, generated, logprobs, tops, hidden: torch.Tensor
         value = score = torch.zeros(T, 0)
         layer_chunk, layer_score = [[-1] * S] * T, [[float("-inf")] * S] * T
         token_chunk, token_score = [-1] * T, [float("-inf")] * T
+        agree, evidence = [0] * T, [None] * T
         hits = [[] for _ in range(T)]
     norm_rows = norms.tolist()
     steps = [TokenStep(index=int(indices[t]), token_id=int(ids[t]), text=texts[t], generated=bool(generated[t]),
                        logprob=logprobs[t], top=list(tops[t]), strongest=int(token_chunk[t]),
                        strongest_score=float(token_score[t]), layer_chunk=[int(x) for x in layer_chunk[t]],
-                       layer_score=[float(x) for x in layer_score[t]], norms=norm_rows[t], hits=tuple(hits[t]))
+                       layer_score=[float(x) for x in layer_score[t]], norms=norm_rows[t], hits=tuple(hits[t]),
+                       agree=int(agree[t]), evidence=None if evidence[t] is None or evidence[t] != evidence[t]
+                       else float(evidence[t]))
              for t in range(T)]
     return steps, value, score
 

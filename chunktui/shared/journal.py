@@ -68,7 +68,7 @@ def step_to_dict(s: TokenStep) -> dict:
     return {"i": s.index, "id": s.token_id, "t": s.text, "g": s.generated, "lp": _finite(s.logprob, 5),
             "top": [[p, _finite(q, 5)] for p, q in s.top], "s": s.strongest, "ss": _finite(s.strongest_score, 5),
             "lc": s.layer_chunk, "ls": [_finite(x, 5) for x in s.layer_score], "n": [_finite(x, 5) for x in s.norms],
-            "h": list(s.hits)}
+            "h": list(s.hits), **({"ag": s.agree, "ev": _finite(s.evidence, 5)} if s.evidence is not None else {})}
 
 
 def step_from_dict(d: dict) -> TokenStep:
@@ -76,18 +76,21 @@ def step_from_dict(d: dict) -> TokenStep:
                      logprob=_number(d.get("lp")), top=[(str(p), _number(q) or 0.0) for p, q in d.get("top", [])],
                      strongest=int(d["s"]), strongest_score=_number(d.get("ss")) or float("-inf"),
                      layer_chunk=[int(c) for c in d["lc"]], layer_score=[_number(x) for x in d["ls"]],
-                     norms=[_number(x) for x in d["n"]], hits=tuple(int(c) for c in d.get("h", [])))
+                     norms=[_number(x) for x in d["n"]], hits=tuple(int(c) for c in d.get("h", [])),
+                     agree=int(d.get("ag", 0)), evidence=_number(d.get("ev")))
 
 
 def columns_to_dict(c: ChunkColumns) -> dict:
     return {"ids": c.ids, "labels": c.labels, "layers": c.layers, "thresholds": [_finite(x) for x in c.thresholds],
-            "kinds": c.kinds}
+            "kinds": c.kinds, **({"rule": c.rule, "voters": c.voters} if c.rule is not None else {})}
 
 
 def columns_from_dict(d: dict) -> ChunkColumns:
     cols = ChunkColumns(ids=[str(x) for x in d["ids"]], labels=[str(x) for x in d["labels"]],
                         layers=[int(x) for x in d["layers"]], thresholds=[_number(x) for x in d["thresholds"]],
-                        kinds=[str(x) for x in d["kinds"]])
+                        kinds=[str(x) for x in d["kinds"]],
+                        rule=d.get("rule") if isinstance(d.get("rule"), dict) else None,
+                        voters={str(k): int(v) for k, v in (d.get("voters") or {}).items()})
     if not len(cols.ids) == len(cols.labels) == len(cols.layers) == len(cols.thresholds) == len(cols.kinds):
         raise ValueError("chunk columns of different lengths")
     return cols

@@ -88,7 +88,8 @@ class TokenDetail:
     trace_id: int
     index: int
     layer: int | None
-    max_rows: int = 12
+    max_rows: int = 12  # at one layer; the all-layers view lists every layer
+    label: str | None = None  # the concept the token shows (all-layers view: its chunk at every layer is listed)
 
 
 @dataclass

@@ -89,10 +89,12 @@ def _normalise(obj: dict, source: str = "") -> dict:
             tokens.append({"index": tok.get("index"), "token_id": tok.get("token_id"), "text": tok.get("text", ""),
                            "generated": bool(gen), "strongest": tok.get("strongest"),
                            "strongest_label": tok.get("strongest_label"),
+                           **{k: tok[k] for k in ("agree", "voters", "evidence", "precision") if k in tok},
                            "matches_by_layer": tok.get("matches_by_layer", {})})
+        settings = obj.get("settings") if isinstance(obj.get("settings"), dict) else {}
         base["traces"].append({"kind": "stream" if any(generated) else "scan", "title": source or "scan",
-                               "settings": {}, "text": obj.get("text", "".join(t["text"] for t in tokens)),
-                               "tokens": tokens})
+                               "settings": settings, "rule": obj.get("rule"),
+                               "text": obj.get("text", "".join(t["text"] for t in tokens)), "tokens": tokens})
         base["labels"] = _dictionary_labels(obj.get("dictionary")) or sorted(
             {t["strongest_label"] for t in tokens if t["strongest_label"]})
         return base
@@ -140,6 +142,37 @@ def colours_for(session: dict) -> dict[str, str]:
     return label_colours(session.get("labels") or [])
 
 
+def _evidence(token: dict) -> str:
+    """'27/30 layers, 96% right in training (n 45)': the colour rule's evidence for a token's label."""
+    parts = []
+    if isinstance(token.get("agree"), int):
+        voters = token.get("voters")
+        parts.append(f"{token['agree']}/{voters} layers" if isinstance(voters, int) else f"{token['agree']} layers")
+    prec = token.get("precision")
+    if isinstance(prec, dict) and isinstance(prec.get("value"), (int, float)):
+        parts.append(f"{prec['value']:.0%} right in {prec.get('on', 'training')} (n {prec.get('n', '?')})")
+    return ", ".join(parts)
+
+
+def _settings_line(settings) -> str:
+    """The sampling settings a trace or run was made with, in words."""
+    if not isinstance(settings, dict) or not settings:
+        return ""
+    names = {"max_new_tokens": "max new tokens", "top_p": "top-p", "top_k": "top-k", "stop_strings": "stop"}
+    shown = []
+    for key, value in settings.items():
+        if value in (None, [], ""):
+            continue
+        shown.append(f"{names.get(key, key.replace('_', ' '))} {value}")
+    return ", ".join(shown)
+
+
+def _labelled_text(tokens: list[dict]) -> str:
+    """The text with each coloured token followed by its label: 'The cheese[cheese] was' (colour-free)."""
+    return "".join((t.get("text") or "") + (f"[{t['strongest_label']}]" if t.get("strongest_label") else "")
+                   for t in tokens)
+
+
 def _layers_hit(token: dict) -> list[str]:
     if "layer_chunk" in token:
         return [str(l) for l, c in enumerate(token["layer_chunk"]) if c]
@@ -175,19 +208,30 @@ def render_markdown(session: dict) -> str:
            f"- dictionary: {session.get('dictionary') or 'none'}", f"- created: {session.get('created') or '?'}", ""]
     for i, trace in enumerate(session.get("traces", []), 1):
         out += [f"## {i}. {trace.get('kind', 'trace')}: {trace.get('title', '')}", ""]
-        out += ["```text", trace.get("text", ""), "```", ""]
+        settings = _settings_line(trace.get("settings"))
+        if settings:
+            out += [f"- settings: {settings}"]
+        if trace.get("rule"):
+            out += [f"- colours: {trace['rule']}"]
+        if settings or trace.get("rule"):
+            out.append("")
         hits = [t for t in trace.get("tokens", []) if t.get("strongest_label")]
+        out += ["Text, each token shown with a concept followed by its label in brackets:", "",
+                "```text", _labelled_text(trace.get("tokens", [])) if hits else trace.get("text", ""), "```", ""]
         if hits:
-            out += ["| # | token | strongest chunk | layers matched |", "|---:|---|---|---|"]
+            out += ["| # | token | concept | evidence (colour rule) | raw matches at layers |",
+                    "|---:|---|---|---|---|"]
             for t in hits:
                 piece = (t.get("text") or "").replace("|", "\\|").replace("\n", "\\n")
-                out.append(f"| {t.get('index')} | `{piece}` | {t.get('strongest_label')} | "
+                out.append(f"| {t.get('index')} | `{piece}` | {t.get('strongest_label')} | {_evidence(t) or '-'} | "
                            f"{', '.join(_layers_hit(t))} |")
             out.append("")
         else:
-            out += ["No token matched a chunk.", ""]
+            out += ["No token is shown with a concept.", ""]
     for i, run in enumerate(session.get("runs", []), 1):
         out += [f"## Perturbation {i}: {_intervention_line(run)}", ""]
+        if _settings_line(run.get("settings")):
+            out += [f"- settings: {_settings_line(run.get('settings'))}", ""]
         out += ["| concept | control rate | perturbed rate | change | log p control | log p perturbed | change |",
                 "|---|---:|---:|---:|---:|---:|---:|"]
         for label, c in run.get("concepts", {}).items():
@@ -200,8 +244,16 @@ def render_markdown(session: dict) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def _md_mark(text: str, mark: str) -> str:
+    """`text` between `mark`s with its outer whitespace outside them: CommonMark ignores '~~ word~~'."""
+    core = text.strip()
+    lead = text[:len(text) - len(text.lstrip())]
+    trail = text[len(text.rstrip()):]
+    return f"{lead}{mark}{core}{mark}{trail}"
+
+
 def _md_diff(pair: dict) -> str:
-    """The perturbed text with changes marked: ~~removed~~ **added**."""
+    """The perturbed text with changes marked: ~~removed~~ **added** (markers hug the words, so they render)."""
     if not pair.get("diff"):
         return pair.get("perturbed", "")
     parts = []
@@ -209,10 +261,13 @@ def _md_diff(pair: dict) -> str:
         if op["op"] == "equal":
             parts.append(op["perturbed"])
         else:
-            if op["control"].strip():
-                parts.append(f"~~{op['control']}~~")
-            if op["perturbed"].strip():
-                parts.append(f"**{op['perturbed']}**")
+            removed, added = op["control"], op["perturbed"]
+            if removed.strip():
+                parts.append(_md_mark(removed, "~~"))
+            if added.strip():
+                if removed.strip() and not added[:1].isspace():
+                    parts.append(" ")  # '~~a~~**b**' renders, but reads as one word
+                parts.append(_md_mark(added, "**"))
     return "".join(parts)
 
 
@@ -224,6 +279,7 @@ h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 2em; border-bottom:
           border: 1px solid #ddd; border-radius: 4px; background: #fafafa; }
 .tok { border-radius: 2px; color: #000; font-weight: bold; }
 .gen { text-decoration: underline dotted; }
+.lab { font-size: .7em; font-weight: normal; vertical-align: sub; padding-left: .1em; }
 .legend span { display: inline-block; padding: 0 .4em; margin: .2em; border-radius: 2px; color: #000;
                font-weight: bold; }
 table { border-collapse: collapse; margin: .8em 0; } td, th { border: 1px solid #ddd; padding: .2em .6em; }
@@ -243,7 +299,11 @@ def render_html(session: dict) -> str:
            f"{e(str(session.get('dictionary') or 'none'))}<br>created: {e(str(session.get('created') or '?'))}</p>"]
     for i, trace in enumerate(session.get("traces", []), 1):
         out.append(f"<h2>{i}. {e(trace.get('kind', 'trace'))}: {e(str(trace.get('title', '')))}</h2>")
-        spans, present = [], []
+        meta = [x for x in (("settings", _settings_line(trace.get("settings"))),
+                            ("colours", trace.get("rule") or "")) if x[1]]
+        if meta:
+            out.append('<p class="meta">' + "<br>".join(f"{k}: {e(str(v))}" for k, v in meta) + "</p>")
+        spans, present, rows = [], [], []
         for t in trace.get("tokens", []):
             label = t.get("strongest_label")
             cls = "tok gen" if t.get("generated") else "tok"
@@ -252,16 +312,28 @@ def render_html(session: dict) -> str:
                 if label not in present:
                     present.append(label)
                 colour = colours.get(label, "#cccccc")
-                spans.append(f'<span class="{cls}" style="background:{colour}" title="{e(label)}">{piece}</span>')
+                why = ", ".join(x for x in (_evidence(t), "raw matches at layers " + " ".join(_layers_hit(t))
+                                            if _layers_hit(t) else "") if x)
+                tip = f"{label}: {why}" if why else label
+                spans.append(f'<span class="{cls}" style="background:{colour}" title="{e(tip)}">{piece}'
+                             f'<span class="lab">{e(label)}</span></span>')
+                rows.append(f"<tr><td class=num>{e(str(t.get('index')))}</td><td><code>{piece}</code></td>"
+                            f'<td><span class="tok" style="background:{colour}">{e(label)}</span></td>'
+                            f"<td>{e(_evidence(t) or '-')}</td><td>{e(', '.join(_layers_hit(t)))}</td></tr>")
             elif t.get("generated"):
                 spans.append(f'<span class="gen">{piece}</span>')
             else:
                 spans.append(piece)
         out.append(f'<div class="tokens">{"".join(spans)}</div>')
         legend = "".join(f'<span style="background:{colours.get(l, "#ccc")}">{e(l)}</span>' for l in sorted(present))
-        out.append(f'<p class="legend">{legend or "no chunk matched"}</p>')
+        out.append(f'<p class="legend">{legend or "no token is shown with a concept"}</p>')
+        if rows:
+            out.append("<table><tr><th>#</th><th>token</th><th>concept</th><th>evidence (colour rule)</th>"
+                       "<th>raw matches at layers</th></tr>" + "".join(rows) + "</table>")
     for i, run in enumerate(session.get("runs", []), 1):
         out.append(f"<h2>Perturbation {i}: {e(_intervention_line(run))}</h2>")
+        if _settings_line(run.get("settings")):
+            out.append(f'<p class="meta">settings: {e(_settings_line(run.get("settings")))}</p>')
         out.append("<table><tr><th>concept</th><th>control rate</th><th>perturbed rate</th><th>change</th>"
                    "<th>log p control</th><th>log p perturbed</th><th>change</th></tr>")
         for label, c in run.get("concepts", {}).items():
@@ -298,7 +370,8 @@ def _html_diff(pair: dict) -> tuple[str, str]:
     return "".join(left), "".join(right)
 
 
-CSV_COLUMNS = ["source", "kind", "index", "text", "generated", "label", "score", "logprob", "layers"]
+CSV_COLUMNS = ["source", "kind", "index", "text", "generated", "label", "score", "logprob", "layers", "agree",
+               "voters", "precision"]
 
 
 def render_csv(session: dict) -> str:
@@ -312,13 +385,17 @@ def render_csv(session: dict) -> str:
             writer.writerow([source, trace.get("kind", ""), t.get("index"), t.get("text", ""),
                              int(bool(t.get("generated"))), t.get("strongest_label") or "",
                              "" if t.get("strongest_score") is None else t["strongest_score"],
-                             "" if t.get("logprob") is None else t["logprob"], " ".join(_layers_hit(t))])
+                             "" if t.get("logprob") is None else t["logprob"], " ".join(_layers_hit(t)),
+                             t.get("agree") if isinstance(t.get("agree"), int) else "",
+                             t.get("voters") if isinstance(t.get("voters"), int) else "",
+                             (t.get("precision") or {}).get("value", "") if isinstance(t.get("precision"), dict)
+                             else ""])
     for i, run in enumerate(session.get("runs", []), 1):
         source = f"run {i}: {_intervention_line(run)}"
         for label, c in run.get("concepts", {}).items():
             writer.writerow([source, "concept", "", label, "", label, f"{c['delta_rate']:+.4f}",
                              f"{c['delta_logprob']:+.4f}", " ".join(str(l) for l in run.get("intervention", {})
-                                                                      .get("layers", []))])
+                                                                      .get("layers", [])), "", "", ""])
     return buf.getvalue()
 
 

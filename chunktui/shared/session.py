@@ -15,7 +15,10 @@ from __future__ import annotations
 import datetime as _dt
 import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:
+    from chunktui.shared.evidence import TokenRule
 
 SESSION_FORMAT = "chunktui.session"
 SESSION_VERSION = 1
@@ -30,13 +33,41 @@ class ChunkColumns:
     layers: list[int]
     thresholds: list[float]
     kinds: list[str]
+    rule: dict | None = None  # the dictionary's colour rule (shared.evidence.TokenRule as JSON), None: raw colours
+    voters: dict[str, int] = field(default_factory=dict)  # label -> chunks that vote on the label's colour
 
     @staticmethod
     def from_pack(packed) -> "ChunkColumns":
         chunks = packed.chunks if packed is not None else []
+        rule = getattr(packed, "rule", None)
+        concepts = getattr(packed, "concepts", None) or []
         return ChunkColumns(ids=[c.id for c in chunks], labels=[c.label for c in chunks],
                             layers=[int(c.layer) for c in chunks], thresholds=[float(c.threshold) for c in chunks],
-                            kinds=[c.kind for c in chunks])
+                            kinds=[c.kind for c in chunks], rule=rule.to_json() if rule is not None else None,
+                            voters=dict(zip(concepts, getattr(packed, "voters", None) or [])))
+
+    def token_rule(self) -> "TokenRule | None":
+        """The colour rule as an object (parsed once)."""
+        if self.rule is None:
+            return None
+        cached = self.__dict__.get("_rule")
+        if cached is None or cached[0] is not self.rule:
+            from chunktui.shared.evidence import TokenRule
+
+            try:
+                parsed = TokenRule.from_json(self.rule)
+            except (ValueError, TypeError):
+                parsed = None
+            self.__dict__["_rule"] = cached = (self.rule, parsed)
+        return cached[1]
+
+    def confidence(self, label: str | None, step: "TokenStep") -> str:
+        """Beside a coloured token: agreeing layers and the training precision at its evidence."""
+        from chunktui.shared.evidence import confidence_text
+
+        if label is None:
+            return ""
+        return confidence_text(self.token_rule(), label, step.evidence, step.agree, self.voters.get(label))
 
     @staticmethod
     def empty() -> "ChunkColumns":
@@ -62,6 +93,8 @@ class TokenStep:
     layer_score: list[float]  # (S,) its score, -inf if none
     norms: list[float]  # (S,) |h| per layer
     hits: tuple[int, ...] = ()  # every chunk column that matched this token (sparse)
+    agree: int = 0  # voting layers whose chunk of the shown concept matched (the colour rule), 0 if none
+    evidence: float | None = None  # the shown concept's pooled evidence (shared/evidence.py), None if none
 
 
 def _finite(x: float | None) -> float | None:
@@ -146,21 +179,28 @@ class Trace:
     def to_record(self) -> dict:
         """JSON-ready: tokens, strongest label per token, per-layer best chunk and score."""
         cols = self.columns
+        rule = cols.token_rule()
         tokens = []
         for s in self.steps:
             best = s.strongest
+            label = cols.labels[best] if best >= 0 else None
+            conf = rule.confidence(label, s.evidence) if rule is not None and label is not None else None
             tokens.append({
                 "index": s.index, "token_id": s.token_id, "text": s.text, "generated": s.generated,
                 "logprob": _finite(s.logprob),
                 "strongest": cols.ids[best] if best >= 0 else None,
                 "strongest_label": cols.labels[best] if best >= 0 else None,
                 "strongest_score": _finite(s.strongest_score),
+                "agree": s.agree if label is not None else None,
+                "voters": cols.voters.get(label) if label is not None else None,
+                "evidence": _finite(s.evidence),
+                "precision": None if conf is None else {"value": round(conf[0], 4), "n": conf[1], "on": "training"},
                 "layer_chunk": [cols.ids[c] if c >= 0 else None for c in s.layer_chunk],
                 "layer_score": [_finite(x) for x in s.layer_score],
                 "norms": [round(x, 3) for x in s.norms],
             })
         return {"kind": self.kind, "title": self.title, "settings": self.settings, "finished": self.finished,
-                "text": self.text, "tokens": tokens}
+                "rule": rule.describe() if rule is not None else None, "text": self.text, "tokens": tokens}
 
 
 @dataclass

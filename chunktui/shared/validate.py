@@ -241,3 +241,8 @@ def parse_layers(spec: str | None, n_states: int) -> list[int]:
         out.update(range(a, b + 1))
     layers_in_model(sorted(out), n_states, "Layers")
     return sorted(out)
+
+
+def colour_budget(value: Any, name: str = "colour budget") -> float:
+    """The colour rule's budget: the share of non-concept tokens allowed a colour, in [0, 1)."""
+    return number_in(value, name, 0.0, 1.0, hi_open=True)

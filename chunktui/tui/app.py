@@ -634,7 +634,8 @@ class ChunkApp(App):
     @on(TraceView.DetailWanted)
     def _detail_wanted(self, event: TraceView.DetailWanted) -> None:
         if event.trace.trace_id is not None and self.engine.alive:
-            self.send(p.TokenDetail(event.trace.trace_id, event.index, event.layer_index))
+            self.send(p.TokenDetail(event.trace.trace_id, event.index, event.layer_index,
+                                    label=event.trace.label_at(event.index)))
 
     @ON_EVENT(p.Detail)
     def _handle_detail(self, event: p.Detail) -> None:
@@ -749,7 +750,7 @@ class ChunkApp(App):
             return False
         from chunktui.shared.outputs import plan_output
 
-        target = Path(path).expanduser()
+        target = Path(path).expanduser().absolute()  # said in full: where the file went
         if target.is_file() and not overwrite:
             self.push_screen(Choice(f"{target} already exists. Replace it with this session's {fmt.upper()} "
                                     "report?", [("overwrite", "Replace", "error"), ("cancel", "Cancel", "default")]),

@@ -48,8 +48,21 @@ def test_scan_and_perturb_json(runner, tmp_path, tiny_dict):
     assert r.exit_code == 0, r.output
     data = json.loads(j.read_text())
     by_text = {t["text"].strip(): t for t in data["tokens"]}
-    assert by_text["cheese"]["strongest_label"] == "cheese"
+    # the colour rule (this fixture lets layer 0 alone vote, tests/conftest.py): agreement, precision on training
+    assert by_text["cheese"]["strongest_label"] == "cheese" and by_text["dog"]["strongest_label"] == "dog"
+    assert by_text["dog"]["agree"] == by_text["dog"]["voters"] == 1
+    assert by_text["dog"]["precision"]["on"] == "training" and 0 < by_text["dog"]["precision"]["value"] <= 1
+    assert by_text["The"]["strongest_label"] is None and by_text["The"]["agree"] is None
+    assert "agree" in data["rule"]
     assert any(m["label"] == "dog" for ms in by_text["dog"]["matches_by_layer"].values() for m in ms)
+    assert "colour rule" in data["rule"] or "agree" in data["rule"]
+    # the same decision as the app's (a Trace from the Engine facade): strongest_label is what the app colours
+    from chunktui.api import Engine
+    from chunktui.engine.dictionary import load_dictionary
+    from chunktui.engine.models import load_model
+
+    engine = Engine.from_loaded(load_model("random:llama-tiny", device="cpu"), load_dictionary(path))
+    assert engine.scan_trace("The dog ate the cheese.").labels() == [t["strongest_label"] for t in data["tokens"]]
     assert "legend" in r.output
     p = tmp_path / "p.json"
     r = runner.invoke(main, ["perturb", "--model", "random:llama-tiny", "--dict", str(path), "--chunk", "cheese",

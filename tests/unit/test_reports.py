@@ -56,7 +56,7 @@ def test_markdown_csv_json(session_json):
     md = render(session_json, "md")
     assert md.startswith("# chunktui session") and "| cheese |" in md and "**cheese**" in md
     rows = render(session_json, "csv").splitlines()
-    assert rows[0] == "source,kind,index,text,generated,label,score,logprob,layers"
+    assert rows[0] == "source,kind,index,text,generated,label,score,logprob,layers,agree,voters,precision"
     assert any(",concept," in r and "cheese" in r for r in rows)
     assert json.loads(render(session_json, "json")) == session_json
     with pytest.raises(ExportError, match="Unknown report format"):

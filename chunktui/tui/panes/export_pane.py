@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -21,7 +23,8 @@ class ExportPane(Vertical):
             yield Select(FORMATS, value="html", allow_blank=False, id="export-format", compact=True)
         with Horizontal(classes="form-row"):
             yield Label("File", classes="field-label")
-            yield Input("chunktui-session.html", id="export-path", compact=True)
+            # absolute, so the person sees where the file goes (the folder the app was started in)
+            yield Input(str(Path.cwd() / "chunktui-session.html"), id="export-path", compact=True)
             yield Button("Export", id="export", variant="primary", compact=True)
         yield Static("", id="export-summary")
         yield Static("", id="export-result")

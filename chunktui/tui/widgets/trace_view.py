@@ -38,6 +38,8 @@ class TraceView(Widget, can_focus=True):
         Binding("right_square_bracket", "layer(1)", "layer", key_display="[ ]"),
         Binding("n", "next_match(1)", "match", key_display="n p"),
         Binding("p", "next_match(-1)", "Prev match", show=False),
+        Binding("shift+down", "detail_scroll(1)", "Detail ↓", show=False),
+        Binding("shift+up", "detail_scroll(-1)", "Detail ↑", show=False),
     ]
 
     class CursorMoved(Message):
@@ -121,7 +123,7 @@ class TraceView(Widget, can_focus=True):
         if key != self._legend_key:  # labels are counted incrementally by the trace
             self._legend_key = key
             present = trace.present(self.layer_index) if trace else []
-            where = "strongest, all layers" if self.layer_index is None else f"layer {self.layer_index}"
+            where = "colour rule, all layers" if self.layer_index is None else f"raw, layer {self.layer_index}"
             line = legend(present, colours, self.app.no_color)
             line.append(f"· {where} ([ ])", style="dim")
             if self.jump_label:
@@ -177,6 +179,11 @@ class TraceView(Widget, can_focus=True):
         order = [None] + list(range(self.n_states))
         self.layer_index = order[(order.index(self.layer_index) + delta) % len(order)]
         self._moved()
+
+    def action_detail_scroll(self, direction: int) -> None:
+        """Scroll the token's per-layer list (it scrolls with the mouse wheel too)."""
+        detail = self.query_one(TokenDetail)
+        detail.scroll_relative(y=direction * max(1, detail.size.height - 2), animate=False)
 
     def action_next_match(self, direction: int) -> None:
         trace = self.trace
