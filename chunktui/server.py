@@ -309,7 +309,7 @@ class Server:
             self.top = (key, held)
         u = held.index(req.name)
         self.send(p.TopFound(req.request_id, req.name, str(path), held.tokens, len(held.corpus.rows),
-                             int(held.matches[u]), held.layers(req.name), held.examples(req.name, req.k),
+                             int(held.matches[u]), held.layers(req.name), held.examples(req.name, req.k, req.chars),
                              0.0 if cached else held.seconds, cached=cached))
 
     @JOBS(p.BenchStream)

@@ -66,8 +66,10 @@ def top_cmd(model_spec, device, dtype, dict_path, name, corpus, k, layers, batch
     for col, justify in (("#", "right"), ("layer", "right"), ("score", "right"), ("layers", "right"),
                          ("context", "left")):
         table.add_column(col, justify=justify, no_wrap=col != "context")
+    styled = console.is_terminal and not console.no_color  # piped or NO_COLOR: the token in brackets
     for i, e in enumerate(examples, 1):
-        context = Text(e.before) + Text(e.token, style="bold reverse") + Text(e.after)
+        token = Text(e.token, style="bold reverse") if styled else Text(f"[{e.token}]")
+        context = Text(e.before) + token + Text(e.after)
         table.add_row(str(i), str(e.layer), f"{e.score:+.2f}", f"{e.agree}/{e.layers}", context)
     if examples:
         console.print(table)

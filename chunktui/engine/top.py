@@ -10,7 +10,9 @@ per context only the best token of each *unit* is kept:
 - a token fires for a unit when at least one of the unit's chunks matches it;
 - tokens rank by the number of the unit's layers that match (agreement), then by
   the best matching score, score = the matcher's (ln(threshold/deviation) for PA,
-  ln(cosine/threshold) for directions: > 0 inside the threshold);
+  ln(cosine/threshold) for directions: > 0 inside the threshold); for a concept the
+  best is taken over layers 1 and up when any of them matches (layer 0, the
+  embedding, matches a word's own text exactly and would win every tie);
 - one example per context (its best token), the best `k` contexts returned.
 
 Memory: per (context, unit) five numbers. The app asks for every chunk and every
@@ -195,6 +197,10 @@ def top_tables(loaded, dictionary: ChunkDictionary, text: str, units: dict[str, 
     agree = torch.zeros(R, U, dtype=torch.int32)
     in_row = torch.zeros(R, U, dtype=torch.int32)
     matches = torch.zeros(U, dtype=torch.long)
+    # a unit's best chunk at a token is taken from layers >= 1 when any of them matches: layer 0 (the embedding)
+    # matches the token's own text, a lookup, and would win every tie with its exact template
+    split = [(torch.tensor([c for c in cols if packed.chunks[c].layer != 0], dtype=torch.long),
+              torch.tensor([c for c in cols if packed.chunks[c].layer == 0], dtype=torch.long)) for cols in members]
     row_of = corpus.token_rows()
     batches = schedule(corpus, batch_size)
     T, done, start = len(corpus.tokens), 0, time.perf_counter()
@@ -216,10 +222,14 @@ def top_tables(loaded, dictionary: ChunkDictionary, text: str, units: dict[str, 
             n_agree = (hit.float() @ M.T).round().int()  # (t, U)
             best = torch.full((t, U), -math.inf)
             best_col = torch.zeros(t, U, dtype=torch.long)
-            for u, cols in enumerate(members):
-                cols_t = torch.tensor(cols)
-                b, j = hit_score[:, cols_t].max(1)
-                best[:, u], best_col[:, u] = b, cols_t[j]
+            for u, (inner, embed) in enumerate(split):
+                b, j = hit_score[:, inner].max(1) if len(inner) else (best[:, u], best_col[:, u])
+                best[:, u], best_col[:, u] = b, inner[j] if len(inner) else j
+                if len(embed):  # layer 0 only where no other layer of the unit matches
+                    b0, j0 = hit_score[:, embed].max(1)
+                    use0 = ~torch.isfinite(best[:, u])
+                    best[:, u] = torch.where(use0, b0, best[:, u])
+                    best_col[:, u] = torch.where(use0, embed[j0], best_col[:, u])
         fires = n_agree > 0
         k = torch.where(fires, n_agree.double() * AGREE + best.double().clamp(-SCORE_CLIP, SCORE_CLIP),
                         torch.tensor(-math.inf, dtype=torch.float64))

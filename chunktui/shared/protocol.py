@@ -108,6 +108,7 @@ class TopContexts:
     name: str
     corpus: str | None = None  # a UTF-8 text file; None: the sample held-out text (sample_data/heldout.txt)
     k: int = 10
+    chars: int = 60  # characters of context either side of the token
 
 
 @dataclass

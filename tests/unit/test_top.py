@@ -36,7 +36,8 @@ def _plain_best(loaded, dictionary, text, chunks):
             hits = [c for c in range(len(packed.chunks)) if bool(result.hit[i, c])]
             if not hits:
                 continue
-            key = (len(hits), max(float(result.score[i, c]) for c in hits))
+            inner = [c for c in hits if packed.chunks[c].layer != 0] or hits  # layer 0 only when alone
+            key = (len(hits), max(float(result.score[i, c]) for c in inner))
             if r not in best or key > best[r][:2]:  # strictly better: the earliest token wins a tie
                 best[r] = (*key, t)
     return best
@@ -116,6 +117,7 @@ def test_top_command_writes_json_and_refuses_bad_input(tiny_dict, heldout, tmp_p
     assert 0 < len(data["examples"]) <= 3 and data["matches"] >= len(data["examples"])
     assert all(e["label"] == "cheese" and e["token"].strip() for e in data["examples"])
     assert "cheese" in r.output and "fires on" in r.output
+    assert "[ cheese]" in r.output  # not a terminal: the firing token is marked in text
     r = runner.invoke(main, args + ["--chunk", "cheese", "--layer", "1", "--k", "2"])
     assert r.exit_code == 0, r.output
     assert "layer 1" in r.output
