@@ -43,7 +43,7 @@ def x_labels(first: int, count: int, width: int) -> str:
 
 
 class ScorePlot(Widget):
-    DEFAULT_CSS = "ScorePlot { height: 10; }"
+    DEFAULT_CSS = "ScorePlot { height: 10; text-wrap: nowrap; }"
     GUTTER = 7  # the y labels and the axis: "+128 ┤"
 
     def __init__(self, **kwargs) -> None:
@@ -60,7 +60,10 @@ class ScorePlot(Widget):
 
     def render(self) -> Text:
         out = Text(no_wrap=True, overflow="crop")
-        out.append(self.title or "choose a chunk (Enter) to plot its score across tokens", style="dim")
+        title = self.title or "choose a chunk (Enter) to plot its score across tokens"
+        if len(title) > self.size.width > 1:  # one line: the axes below keep their rows
+            title = title[:self.size.width - 1] + "…"
+        out.append(title, style="dim")
         if not self.scores:
             return out
         width = max(1, self.size.width - self.GUTTER)
