@@ -130,3 +130,12 @@ def test_top_command_writes_json_and_refuses_bad_input(tiny_dict, heldout, tmp_p
     r = runner.invoke(main, ["top", "--model", "random:llama-tiny", "--dict", str(path), "--chunk", "cheese",
                              "--corpus", str(tmp_path / "missing.txt")])
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_a_search_stops_when_asked(tiny_model, tiny_dict, heldout):
+    from chunktui.shared.errors import GenerationCancelled
+
+    dictionary, _ = tiny_dict
+    with pytest.raises(GenerationCancelled):
+        top_tables(tiny_model, dictionary, heldout, {"cheese": resolve_units(dictionary, "cheese")},
+                   should_stop=lambda: True)

@@ -107,6 +107,7 @@ class TokenView(ScrollView, can_focus=False):
         """Scroll so that token t's line is near the top (kept there when a resize lays the text out again)."""
         self.anchor = t
         self._scroll_to_anchor()
+        self.call_after_refresh(self._scroll_to_anchor)  # once the new virtual size allows the scroll
 
     def _scroll_to_anchor(self) -> None:
         t = self.anchor
