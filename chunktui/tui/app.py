@@ -389,6 +389,8 @@ class ChunkApp(App):
         if event.task in ("load", "perturb", "bench") and self._busy in ("load", "perturb", "bench"):
             self._set_busy(None)
         if event.task == "top":
+            if self._busy != "search" and event.title == "Search cancelled":
+                return  # it gave way to another job (_need_idle said so)
             if self._busy == "search":
                 self._set_busy(None)
             self.query_one(ChunksPane).clear_fires(f"{event.title}: {event.text}",
@@ -413,6 +415,12 @@ class ChunkApp(App):
         return True
 
     def _need_idle(self) -> bool:
+        if self._busy == "search":  # a search gives way to what was asked for now (Find runs it again)
+            self.engine.send(p.Cancel())
+            self.query_one(ChunksPane).clear_fires("The search stopped for the job you started; press Find to run "
+                                                   "it again.")
+            self._set_busy(None)
+            return True
         if self._busy:
             self.fail(f"Busy: {self._busy} is running. Press Esc to cancel it first.", title="Busy",
                       severity="warning")

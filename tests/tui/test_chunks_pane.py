@@ -75,6 +75,11 @@ async def test_a_long_search_runs_in_the_engine_and_esc_stops_it(make_test_app, 
         await settle(app, pilot)
         assert app._busy is None
         assert "cancelled" in str(app.query_one("#fires-status").content)
+        app.action_find_fires()  # again; a generation asked for meanwhile takes its place at once
+        assert app._busy == "search"
+        await generate(app, pilot, prompt="A cake", tokens=5)
+        assert app.stream_trace.title == "A cake" and app.stream_trace.finished == "length"
+        assert app._busy is None and "stopped for the job you started" in str(app.query_one("#fires-status").content)
 
 
 async def test_preview_starts_at_the_first_match_and_scrolls(make_test_app):
