@@ -298,7 +298,10 @@ class Server:
         cached = held is not None and req.name in held.names
         if not cached:
             wanted = {req.name: resolve_units(engine.dictionary, req.name)}
-            progress = lambda fraction, message: self.send(p.TopProgress(req.request_id, fraction, message))  # noqa: E731
+
+            def progress(fraction, message):
+                self.send(p.TopProgress(req.request_id, fraction, message))
+
             try:
                 held = top_tables(engine.loaded, engine.dictionary, text, wanted, extra=all_units(engine.dictionary),
                                   progress=progress, should_stop=self.cancel.is_set)

@@ -129,7 +129,7 @@ class ChunkApp(App):
         self.buffer = TokenBuffer()
         self.engine = EngineClient(self._engine_event, self._engine_died, self.buffer, mode=o.engine_mode,
                                    threads=o.threads, log_path=self.log_path)
-        self._busy: str | None = None  # "load", "generate", "perturb", "scan"
+        self._busy: str | None = None  # "load", "generate", "perturb", "scan", "search", "bench"
         self._jobs = 0  # long requests sent and not yet done
         self._asks = 0  # detail/score requests not yet answered
         self._next_trace = 0
@@ -141,6 +141,7 @@ class ChunkApp(App):
         self.bench_result: p.BenchDone | None = None
         self.memory: p.Memory | None = None
         self._top_request = 0  # the id of the last "where it fires" search asked for
+        self._top_asked: tuple[str, str | None] | None = None  # its (name, corpus)
         self._exported_tokens: dict[int, int] = {}  # id(trace) -> its tokens when last exported
         self._exported_runs = 0  # runs in the session when last exported
 
@@ -746,6 +747,9 @@ class ChunkApp(App):
         if corpus is not None and not Path(corpus).expanduser().is_file():
             pane.clear_fires(f"{corpus} does not exist (or is a folder): give a UTF-8 text file.", style="bold red")
             return
+        if self._busy == "search":  # the running pass fills every chunk's tables: asked again when it ends
+            pane.show_fires_status(f"searching… then {name}")
+            return
         if self._busy:
             if quiet:
                 pane.clear_fires(f"{self._busy} is running: press Find when it ends.")
@@ -753,6 +757,7 @@ class ChunkApp(App):
                 self._need_idle()
             return
         self._top_request += 1
+        self._top_asked = (name, corpus)
         if self.send(p.TopContexts(self._top_request, name, corpus, k=FIRES_K, chars=FIRES_CHARS)):
             self._set_busy("search")
             where = Path(corpus).name if corpus else "the sample held-out text"
@@ -768,8 +773,13 @@ class ChunkApp(App):
     def _handle_topfound(self, event: p.TopFound) -> None:
         if self._busy == "search":
             self._set_busy(None)
-        if event.request_id == self._top_request:
-            self.query_one(ChunksPane).show_fires(event, self.colours, self.show_timing)
+        if event.request_id != self._top_request:
+            return
+        pane, chunk = self.query_one(ChunksPane), self._chunk(self.chosen_chunk_id)
+        if chunk is not None and pane.fires_request(chunk) != self._top_asked:
+            self.action_find_fires(quiet=True)  # another chunk was chosen meanwhile: the engine's tables answer it
+            return
+        pane.show_fires(event, self.colours, self.show_timing)
 
     @ON_EVENT(p.Scores)
     def _handle_scores(self, event: p.Scores) -> None:

@@ -37,6 +37,15 @@ async def test_where_a_chunk_fires_in_the_sample_text_and_in_a_file(make_test_ap
         assert app.query_one("#fires-list").option_count == len(found.examples)
         assert "heldout.txt" in str(app.query_one("#fires-status").content)
         assert app._busy is None
+        # another chunk chosen while a search runs: shown once the pass ends (its tables hold every chunk)
+        app.query_one("#fires-corpus").value = str(sample_path("train.txt"))
+        app.action_find_fires()
+        assert app._busy == "search"
+        await pilot.press("f3", "slash", *"cheese", "enter", "down", "down", "enter")  # rows by layer: 0, 1, 2
+        await settle(app, pilot)
+        assert app.chosen_chunk_id == "cheese@2" and pane.fires.name == "cheese@2"
+        assert pane.fires.corpus == str(sample_path("train.txt")) and pane.fires.cached
+        app.query_one("#fires-corpus").value = ""
         # all layers of the label
         app.query_one("#fires-all").value = True
         await settle(app, pilot)

@@ -59,7 +59,10 @@ def test_store_refuses_a_dictionary_it_cannot_replace(tiny_dict, tmp_path, monke
     corpus.write_text(make_corpus(seed=3, sentences=10))
     before = copy.read_bytes()
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(copy) and mode == os.W_OK else real_access(p, mode, **kw))
+    def access(p, mode, **kw):  # no write permission on the dictionary (click still reads it)
+        return False if str(p) == str(copy) and mode == os.W_OK else real_access(p, mode, **kw)
+
+    monkeypatch.setattr(os, "access", access)
     r = CliRunner().invoke(main, ["evaluate", "--model", "random:llama-tiny", "--dict", str(copy), "--corpus",
                                   str(corpus), "--store"])
     assert r.exit_code == 2 and "cannot be replaced" in r.output  # said before the model loads
