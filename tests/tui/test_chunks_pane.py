@@ -167,3 +167,26 @@ async def test_table_shows_held_out_figures_when_the_dictionary_has_them(make_te
     async with plain.run_test(size=(100, 34)) as pilot:  # a dictionary without them: the columns as before
         await ready(plain, pilot)
         assert [str(c.label) for c in plain.query_one("#chunk-table").columns.values()][-2:] == ["fit TP", "fit FP"]
+
+
+def test_preview_start_skips_a_chat_template_when_the_chunk_does_not_match():
+    from types import SimpleNamespace as NS
+
+    from chunktui.tui.panes.chunks_pane import ChunksPane
+
+    def trace(pieces, generated, hits, title):
+        steps = [NS(text=t, generated=g) for t, g in zip(pieces, generated)]
+        return NS(steps=steps, text="".join(pieces), title=title, chunk_hits=lambda column: hits)
+
+    system = ["<|im_start|>", "system\n", "You are a helpful assistant", "<|im_end|>\n", "<|im_start|>", "user\n"]
+    user = ["What", " about", " cheese", "?"]
+    answer = [" I", " like", " it"]
+    pieces = system + user + answer
+    generated = [False] * (len(system) + len(user)) + [True] * len(answer)
+    start = ChunksPane.interesting_start
+    hits = [False] * len(pieces)
+    assert start(trace(pieces, generated, hits, "What about cheese?"), 0) == len(system) + len(user)  # the answer
+    hits[len(system) + 2] = True
+    assert start(trace(pieces, generated, hits, "What about cheese?"), 0) == len(system) + 2  # the first match
+    scan = [False] * len(pieces)  # a scanned text: nothing generated, nothing matched: where the user's words start
+    assert start(trace(pieces, scan, [False] * len(pieces), "What about cheese?"), 0) == len(system)
