@@ -112,8 +112,8 @@ class ChunksPane(Vertical):
         arrow = "↓" if self.sort_reverse else "↑"
         corpora = sorted({c.heldout_corpus for c in self.chunks if c.heldout_corpus})
         where = f" · held out on {', '.join(corpora)}" if corpora else ""
-        self.query_one("#chunk-count", Label).update(
-            f"{len(rows)} of {len(self.chunks)} · sort {self.sort_column} {arrow}{where}")
+        self.query_one("#chunk-count", Label).update(  # Text: a corpus name is never read as markup
+            Text(f"{len(rows)} of {len(self.chunks)} · sort {self.sort_column} {arrow}{where}"))
 
     @staticmethod
     def _wanted(chunk, query: str) -> bool:
