@@ -139,3 +139,17 @@ def test_a_search_stops_when_asked(tiny_model, tiny_dict, heldout):
     with pytest.raises(GenerationCancelled):
         top_tables(tiny_model, dictionary, heldout, {"cheese": resolve_units(dictionary, "cheese")},
                    should_stop=lambda: True)
+
+
+def test_the_engine_facade_answers_the_same(tiny_model, tiny_dict, heldout, tmp_path):
+    from chunktui.api import Engine
+
+    dictionary, _ = tiny_dict
+    corpus = tmp_path / "h.txt"
+    corpus.write_text(heldout)
+    seen = []
+    engine = Engine.from_loaded(tiny_model, dictionary)
+    examples = engine.top("cheese", corpus=corpus, k=3, layers="1-2", progress=lambda *a: seen.append(a))
+    direct = top_tables(tiny_model, dictionary, heldout, {"cheese": resolve_units(dictionary, "cheese", [1, 2])})
+    assert examples == direct.examples("cheese", 3) and examples
+    assert {e.layer for e in examples} <= {1, 2} and seen and seen[-1][1] == pytest.approx(1.0)
