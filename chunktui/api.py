@@ -238,6 +238,24 @@ class Engine:
                                                                        if k in ("spans_path", "step", "min_count")})
         return build_dictionary(self.loaded, source, **kwargs)
 
+    def top(self, chunk: str, corpus: str | Path | None = None, k: int = 10, layers: str | None = None,
+            progress=None) -> list:
+        """Where a chunk fires: the k contexts of `corpus` (a text file; default the sample held-out text) where
+        `chunk` (an id such as cheese@5, or a label: its chunks at every layer, or at `layers`) matches most, one
+        per context, best first (`shared.protocol.TopExample`s; see `engine.top`)."""
+        from chunktui.engine.top import resolve_units, top_tables
+        from chunktui.paths import sample_path
+        from chunktui.shared.texts import read_text
+        from chunktui.shared.validate import parse_layers
+
+        if self.dictionary is None or self.kind != "lm":
+            raise ChunkError("Where a chunk fires needs a language model and a dictionary: load one first.")
+        text = read_text(corpus if corpus is not None else sample_path("heldout.txt"))
+        layer_list = parse_layers(layers, self.n_states) if layers else None
+        units = {chunk: resolve_units(self.dictionary, chunk, layer_list)}
+        report = (lambda fraction, message: progress("search", fraction, message)) if progress else None
+        return top_tables(self.loaded, self.dictionary, text, units, progress=report).examples(chunk, k)
+
     def evaluate(self, corpus: str, dictionary=None, **kwargs):
         """Held-out TP rate, FP rate and accuracy per chunk and layer (records, summary by label)."""
         from chunktui.engine.build import LabelSource, evaluate_dictionary, summarise_by_label

@@ -29,9 +29,9 @@ JOBS = Handlers("the engine's worker")
 
 TITLES = {p.Load: "Model not loaded", p.Generate: "Generation failed", p.Scan: "Scan failed",
           p.Compare: "Perturbation failed", p.UseDictionary: "Dictionary not usable",
-          p.ListDictionaries: "Dictionaries", p.BenchStream: "Benchmark failed"}
+          p.ListDictionaries: "Dictionaries", p.BenchStream: "Benchmark failed", p.TopContexts: "Search failed"}
 TASKS = {p.Load: "load", p.Generate: "generate", p.Scan: "scan", p.Compare: "perturb", p.UseDictionary: "dictionary",
-         p.ListDictionaries: "dictionary", p.BenchStream: "bench"}
+         p.ListDictionaries: "dictionary", p.BenchStream: "bench", p.TopContexts: "top"}
 
 
 def child_main(conn, threads: int | None = None, in_thread: bool = False) -> None:
@@ -55,6 +55,7 @@ class Server:
         # trace id -> (columns, [value rows (C,)], [score rows (C,)]): what token detail and chunk plots read
         self.store: dict[int, tuple] = {}
         self.store_lock = threading.Lock()
+        self.top = None  # (corpus key, engine.top.TopTables) of the last corpus searched with this dictionary
 
     def send(self, event) -> None:
         with self.send_lock:
@@ -183,6 +184,7 @@ class Server:
             self._announce_dictionary()
 
     def _announce_dictionary(self) -> None:
+        self.top = None  # searched with another dictionary
         from pathlib import Path
 
         d = self.engine.dictionary
@@ -271,6 +273,48 @@ class Server:
             return
         self.send(p.RunDone(dict(report.to_json(), prompt=req.prompt, model=self.engine.loaded.name)))
 
+    @JOBS(p.TopContexts)
+    def _do_topcontexts(self, req: p.TopContexts) -> None:
+        """Where a chunk fires in a corpus; the first search of a corpus fills tables for every chunk and label."""
+        from pathlib import Path
+
+        from chunktui.engine.top import all_units, resolve_units, top_tables
+        from chunktui.paths import sample_path
+        from chunktui.shared.errors import ChunkError, GenerationCancelled
+        from chunktui.shared.texts import read_text
+
+        if not self._need_model():
+            return
+        engine = self.engine
+        if engine.kind != "lm" or engine.dictionary is None:
+            raise ChunkError("Where a chunk fires is searched for language-model dictionaries: load a model and a "
+                             "dictionary first." if engine.kind == "lm" else
+                             "Where a chunk fires is for language-model dictionaries, not the RNN's DSC chunks.")
+        path = Path(req.corpus).expanduser() if req.corpus else sample_path("heldout.txt")
+        text = read_text(path)
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        held = self.top[1] if self.top is not None and self.top[0] == key else None
+        cached = held is not None and req.name in held.names
+        if not cached:
+            wanted = {req.name: resolve_units(engine.dictionary, req.name)}
+
+            def progress(fraction, message):
+                self.send(p.TopProgress(req.request_id, fraction, message))
+
+            try:
+                held = top_tables(engine.loaded, engine.dictionary, text, wanted, extra=all_units(engine.dictionary),
+                                  progress=progress, should_stop=self.cancel.is_set)
+            except GenerationCancelled:
+                self.send(p.Failed("Search cancelled", "The search was cancelled; nothing was found yet.",
+                                   severity="warning", task="top"))
+                return
+            self.top = (key, held)
+        u = held.index(req.name)
+        self.send(p.TopFound(req.request_id, req.name, str(path), held.tokens, len(held.corpus.rows),
+                             int(held.matches[u]), held.layers(req.name), held.examples(req.name, req.k, req.chars),
+                             0.0 if cached else held.seconds, cached=cached))
+
     @JOBS(p.BenchStream)
     def _do_benchstream(self, req: p.BenchStream) -> None:
         if not self._need_model():
@@ -347,9 +391,14 @@ def _chunk_info(chunk) -> p.ChunkInfo:
     except Exception:  # a card is a nicety; a chunk without a readable one still lists
         card = None
     tp, fp = fit.get("tp_rate"), fit.get("fp_rate")
+    from chunktui.engine.build import stored_heldout
+
+    held = stored_heldout(chunk)
     return p.ChunkInfo(id=chunk.id, label=chunk.label, layer=int(chunk.layer), kind=chunk.kind, size=int(chunk.size),
                        threshold=float(chunk.threshold), tp_rate=None if tp is None else float(tp),
-                       fp_rate=None if fp is None else float(fp), card=card)
+                       fp_rate=None if fp is None else float(fp), card=card,
+                       heldout_tp=held["tp_rate"] if held else None, heldout_fp=held["fp_rate"] if held else None,
+                       heldout_corpus=held.get("corpus") if held else None)
 
 
 def main(argv: list[str] | None = None) -> None:

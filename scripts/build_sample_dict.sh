@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the shipped sample dictionary for the built-in model (every concept of
-# sample_data/concepts.txt at every layer), and evaluate it on the held-out text.
+# sample_data/concepts.txt at every layer), and evaluate it on the held-out text; --store keeps
+# those held-out figures in the dictionary (the app's Chunks table shows them).
 # cheesecake is split into several tokens by SmolLM2's tokenizer, so it is labelled
 # in part-word mode (the trailing '*').
 # Criterion fp-budget:0.001: template from all training positives, threshold calibrated so at most
@@ -19,4 +20,4 @@ chunktui build --model smollm2-135m --corpus sample_data/train.txt --words "$wor
   --out sample_data/smollm2-135m.chunks.safetensors --overwrite
 [ -n "${SKIP_EVALUATE:-}" ] && exit 0
 chunktui evaluate --model smollm2-135m --dict sample_data/smollm2-135m.chunks.safetensors \
-  --corpus sample_data/heldout.txt --json "${EVAL_JSON:-/tmp/sample-dict-eval.json}" --overwrite
+  --corpus sample_data/heldout.txt --json "${EVAL_JSON:-/tmp/sample-dict-eval.json}" --overwrite --store

@@ -202,9 +202,12 @@ def _argv_without(ctx: click.Context, *skip: str) -> list[str]:
 @overwrite_option
 @click.option("--by-layer/--summary", default=False, help="print every chunk, not only the per-concept means")
 @click.option("--batch-size", default=16, show_default=True, callback=checked(validate.count))
+@click.option("--store", is_flag=True,
+              help="also write the figures into the dictionary (each chunk's held-out block, replaced atomically): "
+                   "the app's Chunks table shows them")
 @friendly_errors
 def evaluate_cmd(model_spec, device, dtype, dict_path, corpus, spans_path, json_out, overwrite, by_layer,
-                 batch_size) -> None:
+                 batch_size, store) -> None:
     """Evaluate a dictionary on held-out text: TP rate, FP rate, accuracy per chunk and layer."""
     from chunktui.engine.build import LabelSource, evaluate_dictionary, summarise_by_label
     from chunktui.shared.texts import read_text
@@ -218,6 +221,15 @@ def evaluate_cmd(model_spec, device, dtype, dict_path, corpus, spans_path, json_
     corpus_text = read_text(corpus) if corpus else None
     if spans_path:
         read_spans(spans_path)
+    if store:
+        import os
+        from pathlib import Path
+
+        from chunktui.shared.errors import DictionaryError
+
+        folder = Path(dict_path).resolve().parent
+        if not os.access(folder, os.W_OK) or not os.access(dict_path, os.W_OK):
+            raise DictionaryError(f"--store: {dict_path} cannot be replaced (no write permission here).")
     target = plan_outputs(("--json", json_out, None), overwrite=overwrite,
                           inputs=[dict_path, corpus, spans_path, *model_inputs(model_spec)])
     loaded = load_with_progress(model_spec, device, dtype)
@@ -251,6 +263,14 @@ def evaluate_cmd(model_spec, device, dtype, dict_path, corpus, spans_path, json_
     missing = sorted({r["label"] for r in records if r.get("tp_rate") is None})
     if missing:
         note("not in the held-out text:", ", ".join(missing))
+    if store:
+        from pathlib import Path
+
+        from chunktui.engine.build import store_heldout
+
+        stored = store_heldout(dictionary, records, Path(corpus or spans_path).name, hs.digest)
+        dictionary.save(dict_path)
+        console.print(Text(f"stored held-out figures of {stored} of {len(dictionary.chunks)} chunks in {dict_path}"))
     if target is not None:
         target.write_json({"dictionary": str(dictionary.path), "corpus": corpus or spans_path,
                               "tokens": len(hs.tokens), "chunks": records, "by_label": summary})

@@ -473,3 +473,44 @@ def summarise_by_label(records: list[dict]) -> dict[str, dict]:
         for key in ("tp_rate", "fp_rate", "accuracy"):
             agg[key] /= agg["layers"]
     return out
+
+
+# --------------------------------------------------------------------------- held-out figures stored in a dictionary
+
+HELDOUT_KEY = "heldout"  # chunk.evaluation["heldout"]: optional; a dictionary without it reads as before
+
+
+def store_heldout(dictionary: ChunkDictionary, records: list[dict], corpus_name: str, corpus_digest: str) -> int:
+    """Put each chunk's held-out record (from `evaluate_dictionary`) into `chunk.evaluation["heldout"]`.
+
+    Chunks whose label is absent from the held-out text get no block (an older block is removed: it would
+    describe another text). Returns the number of chunks that got figures."""
+    by_id = {r["id"]: r for r in records}
+    stored = 0
+    for chunk in dictionary.chunks:
+        record = by_id.get(chunk.id)
+        chunk.evaluation = dict(chunk.evaluation or {})
+        if record is None or record.get("tp_rate") is None:
+            chunk.evaluation.pop(HELDOUT_KEY, None)
+            continue
+        chunk.evaluation[HELDOUT_KEY] = {
+            "corpus": corpus_name, "corpus_digest": corpus_digest, "tokens": int(record["tokens"]),
+            "positives": int(record["positives"]), "tp": int(record["tp"]), "fp": int(record["fp"]),
+            "tp_rate": float(record["tp_rate"]), "fp_rate": float(record["fp_rate"]),
+            "accuracy": float(record["accuracy"])}
+        stored += 1
+    return stored
+
+
+def stored_heldout(chunk: Chunk) -> dict | None:
+    """The held-out block of a chunk (`store_heldout`), or None when it has none or it is not well formed."""
+    block = (chunk.evaluation or {}).get(HELDOUT_KEY) if isinstance(chunk.evaluation, dict) else None
+    if not isinstance(block, dict):
+        return None
+    try:
+        tp, fp = float(block["tp_rate"]), float(block["fp_rate"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not (0.0 <= tp <= 1.0 and 0.0 <= fp <= 1.0):
+        return None
+    return dict(block, tp_rate=tp, fp_rate=fp)

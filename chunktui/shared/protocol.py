@@ -99,6 +99,20 @@ class ChunkScores:
 
 
 @dataclass
+class TopContexts:
+    """Where a chunk fires: the best contexts of a corpus for a chunk id (label@layer) or a label (all its layers).
+
+    Answered by TopProgress events, then TopFound (or Failed with task "top"). The engine keeps the tables of
+    every chunk and label of the dictionary for the last corpus, so a second chunk is answered at once."""
+
+    request_id: int
+    name: str
+    corpus: str | None = None  # a UTF-8 text file; None: the sample held-out text (sample_data/heldout.txt)
+    k: int = 10
+    chars: int = 60  # characters of context either side of the token
+
+
+@dataclass
 class Cancel:
     """Stop the running generation or comparison (takes effect within one token)."""
 
@@ -159,6 +173,10 @@ class ChunkInfo:
     tp_rate: float | None
     fp_rate: float | None
     card: str | None = None  # a one-line summary of a discovered chunk's card
+    # held-out figures, when the dictionary stores them (`chunktui evaluate --store`: chunk.evaluation["heldout"])
+    heldout_tp: float | None = None
+    heldout_fp: float | None = None
+    heldout_corpus: str | None = None
 
 
 @dataclass
@@ -258,6 +276,50 @@ class BenchDone:
 
 
 @dataclass
+class TopExample:
+    """One context where a chunk (or a label's chunks) fires: `before` + [token] + `after`, from the corpus."""
+
+    chunk_id: str  # the chunk that scored best at this token
+    label: str
+    layer: int
+    score: float  # its matching score: ln(threshold/deviation) for PA, ln(cosine/threshold) for directions; >= 0 match
+    value: float  # deviation (PA) or cosine (direction)
+    agree: int  # chunks of the name asked for (layers) that match this token
+    layers: int  # chunks of that name searched
+    in_context: int  # tokens of the context where it fires
+    token: str
+    before: str
+    after: str
+    token_index: int  # in the corpus' token table
+    start: int  # character offsets of the token in the corpus
+    end: int
+
+    def to_json(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class TopProgress:
+    request_id: int
+    fraction: float | None
+    text: str
+
+
+@dataclass
+class TopFound:
+    request_id: int
+    name: str
+    corpus: str  # the file searched
+    tokens: int  # tokens in the corpus
+    contexts: int  # contexts (model passes) in the corpus
+    matches: int  # tokens where the name fires
+    layers: list[int]
+    examples: list[TopExample]
+    seconds: float  # the search (0 when answered from the engine's tables)
+    cached: bool = False
+
+
+@dataclass
 class Failed:
     """Any failure in the engine: the message is for the user; the traceback goes to the log file."""
 
@@ -271,7 +333,7 @@ class Failed:
 # Every message on the wire, by direction; the rest of this module's classes are payloads inside them.
 # tests/unit/test_dispatch_tables.py checks that each has exactly one handler on the other side.
 REQUESTS = (Load, ListDictionaries, UseDictionary, Generate, Scan, Compare, TokenDetail, ChunkScores, Cancel,
-            BenchStream, Shutdown)
+            BenchStream, Shutdown, TopContexts)
 EVENTS = (Ready, Progress, Loaded, DictionariesListed, DictionaryInUse, TraceStarted, Tokens, TraceDone, RunDone,
-          Detail, Scores, Memory, JobDone, BenchDone, Failed)
-PAYLOADS = (ChunkInfo, DictionaryEntry, DetailRow)
+          Detail, Scores, Memory, JobDone, BenchDone, Failed, TopProgress, TopFound)
+PAYLOADS = (ChunkInfo, DictionaryEntry, DetailRow, TopExample)

@@ -128,11 +128,36 @@ def read_input(path: str | Path) -> dict:
         raise ExportError(f"{path} does not exist.") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ExportError(f"Could not read {path}: {err}.") from None
+    if _is_journal(text):  # the app's session journal (JSONL): the session it records
+        return normalise(read_session_journal(path), source=path.name)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
         raise ExportError(f"{path} is not valid JSON (line {err.lineno}: {err.msg}).") from None
     return normalise(obj, source=path.name)
+
+
+def _is_journal(text: str) -> bool:
+    """The first non-empty line is a journal's head record."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        head = json.loads(first)
+    except ValueError:
+        return False
+    from chunktui.shared.journal import JOURNAL_FORMAT
+
+    return isinstance(head, dict) and head.get("type") == "journal" and head.get("format") == JOURNAL_FORMAT
+
+
+def read_session_journal(path: str | Path) -> dict:
+    """A session journal (`~/.local/state/chunktui/sessions/*.jsonl`) as a session document."""
+    from chunktui.shared.journal import read_journal
+
+    restored = read_journal(path)
+    session = restored.session.to_json()
+    if restored.skipped:
+        session["journal_lines_skipped"] = restored.skipped
+    return session
 
 
 # --------------------------------------------------------------------------- rendering

@@ -25,7 +25,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Button, DataTable, Footer, Input, OptionList, Static, TabbedContent, TabPane
+from textual.widgets import Button, Checkbox, DataTable, Footer, Input, OptionList, Static, TabbedContent, TabPane
 
 from chunktui.shared import protocol as p
 from chunktui.shared.dispatch import Handlers
@@ -34,7 +34,7 @@ from chunktui.shared.session import ChunkColumns, Session, Trace
 from chunktui.palette import label_colours
 from chunktui.paths import state_dir
 from chunktui.tui.engine_client import EngineClient
-from chunktui.tui.panes.chunks_pane import ChunksPane
+from chunktui.tui.panes.chunks_pane import FIRES_CHARS, FIRES_K, ChunksPane
 from chunktui.tui.panes.export_pane import ExportPane
 from chunktui.tui.panes.model_pane import ModelPane
 from chunktui.tui.panes.perturb_pane import PerturbPane
@@ -53,7 +53,16 @@ FRAME_RATE = 20  # redraws per second while tokens stream
 # The app's handler for each engine event, keyed by class (tests check every event has exactly one);
 # token steps never come here: the client's reader thread puts them in the TokenBuffer (engine_client.BUFFERED).
 ON_EVENT = Handlers("the app")
-LONG_REQUESTS = (p.Load, p.ListDictionaries, p.UseDictionary, p.Generate, p.Scan, p.Compare, p.BenchStream)
+LONG_REQUESTS = (p.Load, p.ListDictionaries, p.UseDictionary, p.Generate, p.Scan, p.Compare, p.BenchStream,
+                 p.TopContexts)
+# Each pane's first focus (its F key) and its main text field (`/`, when no text field has focus). The first focus
+# is the field you type in, except where the pane's main thing is a text or a table you move through with keys:
+# Stream and Step start on their text once there is one (`/` then reaches the prompt / file field), Chunks on its
+# table (`/` reaches the filter). Perturb starts on its prompt, never on its Chunks field.
+FIRST_FOCUS = {"model": "#model-spec", "stream": "#prompt", "chunks": "#chunk-table", "perturb": "#perturb-prompt",
+               "step": "#step-list", "export": "#export-path"}
+MAIN_FIELD = {"model": "#model-spec", "stream": "#prompt", "chunks": "#chunk-filter", "perturb": "#perturb-prompt",
+              "step": "#step-path", "export": "#export-path"}
 
 
 class EngineEvent(Message):
@@ -79,8 +88,10 @@ class ChunkApp(App):
         Binding("escape", "cancel", "stop"),
         Binding("ctrl+g", "generate", "generate", show=False),
         Binding("ctrl+r", "regenerate", "perturb", show=False),
-        Binding("ctrl+e", "export", "export", show=False),
+        # priority: a text field's own Ctrl+E (end of line) must not swallow the export
+        Binding("ctrl+e", "export", "export", show=False, priority=True),
         Binding("slash", "focus_input", "prompt", key_display="/"),
+        Binding("question_mark", "toggle_help", "keys", key_display="?"),
     ]
 
     def __init__(self, options: AppOptions | None = None, **fields) -> None:
@@ -118,7 +129,7 @@ class ChunkApp(App):
         self.buffer = TokenBuffer()
         self.engine = EngineClient(self._engine_event, self._engine_died, self.buffer, mode=o.engine_mode,
                                    threads=o.threads, log_path=self.log_path)
-        self._busy: str | None = None  # "load", "generate", "perturb", "scan"
+        self._busy: str | None = None  # "load", "generate", "perturb", "scan", "search", "bench"
         self._jobs = 0  # long requests sent and not yet done
         self._asks = 0  # detail/score requests not yet answered
         self._next_trace = 0
@@ -129,6 +140,10 @@ class ChunkApp(App):
         self.tokens_per_second: float | None = None
         self.bench_result: p.BenchDone | None = None
         self.memory: p.Memory | None = None
+        self._top_request = 0  # the id of the last "where it fires" search asked for
+        self._top_asked: tuple[str, str | None] | None = None  # its (name, corpus)
+        self._exported_tokens: dict[int, int] = {}  # id(trace) -> its tokens when last exported
+        self._exported_runs = 0  # runs in the session when last exported
 
     @property
     def journal(self):
@@ -230,18 +245,33 @@ class ChunkApp(App):
             self.step_trace = scans[-1]
             self.query_one("#step-trace", TraceView).set_trace(scans[-1], self.colours, n_states)
         self.dirty = self.dirty or (not found.exported and not restored.is_empty())
+        if found.exported:  # what was exported before counts as exported now
+            self._exported_tokens.update({id(t): len(t) for t in restored.traces})
+            self._exported_runs += len(restored.runs)
         more = f"; {found.skipped} damaged lines were left out" if found.skipped else ""
         self.notify(f"Restored {len(restored.traces)} texts and {len(restored.runs)} runs from "
                     f"{found.path.name}{more}.", title="Session restored", timeout=6, markup=False)
 
+    def unexported(self) -> tuple[int, int]:
+        """(texts, runs) added or grown since the last export (all of them before any export)."""
+        texts = sum(1 for t in self.session.traces if self._exported_tokens.get(id(t)) != len(t))
+        return texts, max(0, len(self.session.runs) - self._exported_runs)
+
+    def _mark_exported(self) -> None:
+        self._exported_tokens = {id(t): len(t) for t in self.session.traces}
+        self._exported_runs = len(self.session.runs)
+        self.dirty = False
+
     async def action_quit(self) -> None:
         """Ctrl+Q: with work not exported, ask first (export, quit, cancel)."""
-        if not self.dirty or self.session.is_empty():
+        texts, runs = self.unexported()
+        if not self.dirty or self.session.is_empty() or not (texts or runs):
             self.exit()
             return
-        text = (f"This session holds {len(self.session.traces)} texts and {len(self.session.runs)} perturbation "
-                "runs that have not been exported. (They stay in the session journal; `chunktui tui --restore` "
-                "brings them back.)")
+        since = " since the last export" if self._exported_tokens or self._exported_runs else ""
+        text = (f"This session holds {texts} text{'s' if texts != 1 else ''} and {runs} perturbation "
+                f"run{'s' if runs != 1 else ''} that have not been exported{since}. (They stay in the session journal; "
+                "`chunktui tui --restore` brings them back.)")
         self.push_screen(Choice(text, [("export", "Export and quit", "primary"), ("quit", "Quit", "error"),
                                        ("cancel", "Cancel", "default")]), self._quit_answer)
 
@@ -359,6 +389,13 @@ class ChunkApp(App):
             self.query_one(ModelPane).show_progress("failed", 0.0, event.title)
         if event.task in ("load", "perturb", "bench") and self._busy in ("load", "perturb", "bench"):
             self._set_busy(None)
+        if event.task == "top":
+            if self._busy != "search" and event.title == "Search cancelled":
+                return  # it gave way to another job (_need_idle said so)
+            if self._busy == "search":
+                self._set_busy(None)
+            self.query_one(ChunksPane).clear_fires(f"{event.title}: {event.text}",
+                                                   style="" if event.severity == "warning" else "bold red")
         self.fail(event.text, title=event.title, severity=event.severity, traceback=event.traceback)
 
     # ------------------------------------------------------------------ status
@@ -379,6 +416,12 @@ class ChunkApp(App):
         return True
 
     def _need_idle(self) -> bool:
+        if self._busy == "search":  # a search gives way to what was asked for now (Find runs it again)
+            self.engine.send(p.Cancel())
+            self.query_one(ChunksPane).clear_fires("The search stopped for the job you started; press Find to run "
+                                                   "it again.")
+            self._set_busy(None)
+            return True
         if self._busy:
             self.fail(f"Busy: {self._busy} is running. Press Esc to cancel it first.", title="Busy",
                       severity="warning")
@@ -392,9 +435,11 @@ class ChunkApp(App):
         self._focus_pane(pane)
 
     def _focus_pane(self, pane: str) -> None:
-        focus = {"model": "#model-spec", "stream": "#stream-trace" if self.stream_trace else "#prompt",
-                 "chunks": "#chunk-table", "perturb": "#perturb-chunks",
-                 "step": "#step-trace" if self.step_trace else "#step-list", "export": "#export-path"}[pane]
+        focus = FIRST_FOCUS[pane]
+        if pane == "stream" and self.stream_trace is not None:
+            focus = "#stream-trace"
+        elif pane == "step" and self.step_trace is not None:
+            focus = "#step-trace"
         self.query_one(focus).focus()
         if pane == "chunks":
             self._show_chunk_focus()
@@ -402,11 +447,11 @@ class ChunkApp(App):
             self.query_one(ExportPane).show_summary(self.session)
 
     def action_focus_input(self) -> None:
-        """/ : the active pane's main text field (the prompt in Stream), ready to type."""
+        """/ : the active pane's main text field (the prompt in Stream), ready to type.
+
+        Only reached when no text field has focus: a focused field takes '/' as a character first."""
         pane = self.query_one(TabbedContent).active
-        target = {"model": "#model-spec", "stream": "#prompt", "chunks": "#chunk-filter",
-                  "perturb": "#perturb-prompt", "step": "#step-path", "export": "#export-path"}.get(pane, "#prompt")
-        field = self.query_one(target)
+        field = self.query_one(MAIN_FIELD.get(pane, "#prompt"))
         field.focus()
         if isinstance(field, Input):
             field.select_all()  # typing replaces the old text
@@ -419,8 +464,19 @@ class ChunkApp(App):
         elif pane == "export":
             self.query_one(ExportPane).show_summary(self.session)
 
+    def action_toggle_help(self) -> None:
+        """?: the keys of the focused pane and widget (Textual's help panel); Esc or ? again closes it."""
+        if self.screen.query("HelpPanel"):
+            self.action_hide_help_panel()
+        else:
+            self.action_show_help_panel()
+
     def action_cancel(self) -> None:
-        if self._busy in ("generate", "perturb", "bench"):
+        """Esc: close the help panel if it is open, else stop what is running."""
+        if self.screen.query("HelpPanel"):
+            self.action_hide_help_panel()
+            return
+        if self._busy in ("generate", "perturb", "bench", "search"):
             self.engine.send(p.Cancel())
             self.notify(f"Cancelling {self._busy}…", timeout=3)
         elif self._busy == "load":
@@ -651,10 +707,13 @@ class ChunkApp(App):
         self.chosen_chunk_id = str(event.row_key.value)
         chunk = self._chunk(self.chosen_chunk_id)
         if chunk is not None:
-            for view in self.query(TraceView):
-                view.jump_label = chunk.label
-                view.redraw()
+            view = self.query_one("#stream-trace", TraceView)
+            view.jump_label = chunk.label
+            view.redraw()
+            # Step's n/p follow its own "n jumps to" choice, which now shows the chosen label (changeable there)
+            self.query_one(StepPane).choose_jump(chunk.label)
         self._show_chunk_focus()
+        self.action_find_fires(quiet=True)
 
     def _chunk(self, chunk_id: str | None) -> p.ChunkInfo | None:
         if self.dictionary is None or chunk_id is None:
@@ -671,6 +730,57 @@ class ChunkApp(App):
         pane.show_focus(trace, self.colours, column, chunk)
         if column is not None and trace.trace_id is not None and len(trace) and self.engine.alive:
             self.send(p.ChunkScores(trace.trace_id, column))
+
+    def action_find_fires(self, quiet: bool = False) -> None:
+        """Ask the engine where the chosen chunk (or its label, all layers) fires most in the corpus field's file
+        (the sample held-out text when it is empty). `quiet`: chosen in the table; a busy engine is not an error."""
+        pane = self.query_one(ChunksPane)
+        chunk = self._chunk(self.chosen_chunk_id)
+        if chunk is None:
+            if not quiet:
+                self.fail("Choose a chunk first (Enter on a row of the table).", title="No chunk", severity="warning")
+            return
+        if self.model is None or self.model.kind != "lm":
+            pane.clear_fires("Where a chunk fires is searched with a language model and its dictionary."
+                             if self.model is not None else "Load a model to search where the chunk fires.")
+            return
+        name, corpus = pane.fires_request(chunk)
+        if corpus is not None and not Path(corpus).expanduser().is_file():
+            pane.clear_fires(f"{corpus} does not exist (or is a folder): give a UTF-8 text file.", style="bold red")
+            return
+        if self._busy == "search":  # the running pass fills every chunk's tables: asked again when it ends
+            pane.show_fires_status(f"searching… then {name}")
+            return
+        if self._busy:
+            if quiet:
+                pane.clear_fires(f"{self._busy} is running: press Find when it ends.")
+            else:
+                self._need_idle()
+            return
+        self._top_request += 1
+        self._top_asked = (name, corpus)
+        if self.send(p.TopContexts(self._top_request, name, corpus, k=FIRES_K, chars=FIRES_CHARS)):
+            self._set_busy("search")
+            where = Path(corpus).name if corpus else "the sample held-out text"
+            pane.clear_fires(f"searching {where} for {name}… (Esc stops)")
+
+    @ON_EVENT(p.TopProgress)
+    def _handle_topprogress(self, event: p.TopProgress) -> None:
+        if event.request_id == self._top_request:
+            done = f"{100 * event.fraction:.0f}% · " if event.fraction is not None else ""
+            self.query_one(ChunksPane).show_fires_status(f"searching… {done}{event.text} (Esc stops)")
+
+    @ON_EVENT(p.TopFound)
+    def _handle_topfound(self, event: p.TopFound) -> None:
+        if self._busy == "search":
+            self._set_busy(None)
+        if event.request_id != self._top_request:
+            return
+        pane, chunk = self.query_one(ChunksPane), self._chunk(self.chosen_chunk_id)
+        if chunk is not None and pane.fires_request(chunk) != self._top_asked:
+            self.action_find_fires(quiet=True)  # another chunk was chosen meanwhile: the engine's tables answer it
+            return
+        pane.show_fires(event, self.colours, self.show_timing)
 
     @ON_EVENT(p.Scores)
     def _handle_scores(self, event: p.Scores) -> None:
@@ -773,7 +883,7 @@ class ChunkApp(App):
         pane.show_summary(self.session)
         self.notify(f"Wrote {written}", title="Exported", timeout=4, markup=False)
         self.keeper.record("exported", str(written))
-        self.dirty = False
+        self._mark_exported()
         if then_quit:
             self.exit()
         return True
@@ -791,16 +901,23 @@ class ChunkApp(App):
     def on_input_submitted(self, event: Input.Submitted) -> None:
         action = {"prompt": self.action_generate, "perturb-prompt": self.action_regenerate,
                   "model-spec": self.action_load, "step-path": self.action_open_sequences,
-                  "export-path": self.action_export, "dict-path": self.action_add_dictionary}.get(event.input.id or "")
+                  "export-path": self.action_export, "dict-path": self.action_add_dictionary,
+                  "fires-corpus": self.action_find_fires}.get(event.input.id or "")
         if action is not None:
             action()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         action = {"generate": self.action_generate, "stop": self.action_cancel, "model-load": self.action_load,
                   "regenerate": self.action_regenerate, "step-open": self.action_open_sequences,
-                  "export": self.action_export, "dict-add": self.action_add_dictionary}.get(event.button.id or "")
+                  "export": self.action_export, "dict-add": self.action_add_dictionary,
+                  "fires-find": self.action_find_fires}.get(event.button.id or "")
         if action is not None:
             action()
+
+    @on(Checkbox.Changed, "#fires-all")
+    def _fires_scope_changed(self, event: Checkbox.Changed) -> None:
+        if self.chosen_chunk_id is not None:
+            self.action_find_fires(quiet=True)
 
     def on_trace_view_cursor_moved(self, event: TraceView.CursorMoved) -> None:
         self.current_trace = event.view.trace or self.current_trace

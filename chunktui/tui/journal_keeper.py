@@ -21,7 +21,7 @@ class JournalKeeper:
 
     def open(self) -> None:
         """Start this sitting's journal; then offer (or, with --restore, restore) an earlier session."""
-        from chunktui.shared.journal import Journal, journals, latest_unfinished, read_journal
+        from chunktui.shared.journal import Journal, latest_unfinished
 
         app = self.app
         if not app.use_journal:
@@ -33,13 +33,11 @@ class JournalKeeper:
                      "Export it (F6) before you quit.", title="No journal", severity="warning")
             return
         try:
-            if app.restore_at_start:  # `chunktui tui --restore`: the newest earlier session, at once
-                earlier = [p for p in journals() if p != self.journal.path]
-                if not earlier:
-                    app.fail("There is no earlier session to restore.", title="Nothing to restore",
-                             severity="warning")
-                    return
-                app.restore_session(read_journal(earlier[0]))
+            if app.restore_at_start:  # `chunktui tui --restore`: pick one of the recent sessions
+                from chunktui.tui.restore_picker import RestorePicker
+
+                app.push_screen(RestorePicker(exclude=self.journal.path),
+                                lambda found: app.restore_session(found) if found is not None else None)
                 return
             found = latest_unfinished(exclude=self.journal.path)
         except ChunkError as err:

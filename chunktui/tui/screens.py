@@ -26,6 +26,9 @@ class RestartEngine(ModalScreen[bool]):
         event.stop()
         self.dismiss(event.button.id == "restart-yes")
 
+    def key_escape(self) -> None:
+        self.dismiss(False)  # as "Not now"
+
 
 class Choice(ModalScreen[str]):
     """A question with buttons; dismisses with the chosen button's id."""

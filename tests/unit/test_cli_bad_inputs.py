@@ -107,6 +107,16 @@ CASES = [
     (["perturb", *M, "--dict", "{dict}", "--chunk", "cheese", "--prompt", "x", "--json", "{folder}"], "is a folder|is a directory"),
     (["perturb", *M, "--dict", "{dict}", "--chunk", "cheese", "--prompt", "x", "--seed", "2147483647", "--samples",
       "2"], "largest seed"),
+    # top
+    (["top", *M, "--dict", "{dict}", "--chunk", "cheese", "--corpus", "{corpus}", "--json", "{corpus}", "--overwrite"],
+     "also an input"),
+    (["top", *M, "--dict", "{dict}", "--chunk", "cheese", "--corpus", "{corpus}", "--json", "{report_in}"],
+     "already exists"),
+    (["top", *M, "--dict", "{dict}", "--chunk", "cheese", "--corpus", "{corpus}", "--k", "0"], "at least 1"),
+    (["top", *M, "--dict", "{dict}", "--chunk", "cheese", "--corpus", "{corpus}", "--layer", "3-1"], "low-high"),
+    (["top", *M, "--dict", "{dict}", "--chunk", "cheese", "--corpus", "{corpus}", "--layer", "1-99"], "out of range"),
+    (["top", *M, "--dict", "{dict}", "--chunk", "zebra", "--corpus", "{corpus}"], "neither a label nor a chunk id"),
+    (["top", *M, "--dict", "{dict}", "--chunk", "cheese", "--corpus", "{vector}"], "not UTF-8"),
     # report
     (["report", "{report_in}", "--out", "{report_in}", "--overwrite"], "also an input"),
     (["report", "{report_in}", "--out", "{corpus}"], "already exists"),

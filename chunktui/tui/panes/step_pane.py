@@ -18,6 +18,7 @@ class StepPane(Vertical):
         super().__init__(**kwargs)
         self.path = path
         self.sequences: list[tuple[str, str]] = []
+        self.labels: list[str] = []
 
     def compose(self) -> ComposeResult:
         with Horizontal(classes="form-row"):
@@ -40,7 +41,17 @@ class StepPane(Vertical):
         options.highlighted = 0 if sequences else None
 
     def set_labels(self, labels: list[str]) -> None:
+        self.labels = list(labels)
         self.query_one("#step-jump", Select).set_options([(label, label) for label in labels])
+
+    def choose_jump(self, label: str | None) -> None:
+        """Make `label` the "n jumps to" choice (None: any chunk); n and p in Step follow what this shows."""
+        select = self.query_one("#step-jump", Select)
+        if label is None:
+            select.clear()
+        elif label in self.labels:
+            select.value = label
+        self.query_one("#step-trace", TraceView).jump_label = label
 
     def on_select_changed(self, event: Select.Changed) -> None:
         if event.select.id == "step-jump":

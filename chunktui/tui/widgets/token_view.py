@@ -59,6 +59,7 @@ class TokenView(ScrollView, can_focus=False):
         self._col = 0  # cells used on the last line
         self._width = 0  # the width the layout was made for
         self._styles: dict[tuple, Style] = {}  # (colour, cursor, italic, no_color, base) -> style
+        self.anchor: int | None = None  # without a cursor, the token whose line is kept at the top (show_from)
 
     # ------------------------------------------------------------------ what to show
 
@@ -67,6 +68,7 @@ class TokenView(ScrollView, can_focus=False):
         """Show a trace (laid out anew if it is another one), or grow the one shown; redraw what changed."""
         if trace is not self.trace or (trace is not None and len(trace) < self._laid):
             self.trace = trace
+            self.anchor = None
             self._reset_layout()
         self.colours, self.placeholder = colours, placeholder
         restyle = layer != self.shown_layer or only_column != self.only_column
@@ -100,6 +102,18 @@ class TokenView(ScrollView, can_focus=False):
             return
         y = self._line_of[t]
         self.scroll_to_region(Region(0, y, 1, 1), animate=animate, immediate=True)
+
+    def show_from(self, t: int | None) -> None:
+        """Scroll so that token t's line is near the top (kept there when a resize lays the text out again)."""
+        self.anchor = t
+        self._scroll_to_anchor()
+        self.call_after_refresh(self._scroll_to_anchor)  # once the new virtual size allows the scroll
+
+    def _scroll_to_anchor(self) -> None:
+        t = self.anchor
+        if t is None or t >= len(self._line_of):
+            return
+        self.scroll_to(y=max(0, self._line_of[t] - 1), animate=False, immediate=True)
 
     def line_count(self) -> int:
         return len(self._lines)
@@ -158,7 +172,10 @@ class TokenView(ScrollView, can_focus=False):
         if self._wrap_width() != self._width:
             self._reset_layout()
             self._extend()
-            self.scroll_to_token(self.cursor)
+            if self.cursor is None and self.anchor is not None:
+                self._scroll_to_anchor()
+            else:
+                self.scroll_to_token(self.cursor)
             self.refresh()
 
     def _refresh_token(self, t: int | None) -> None:
