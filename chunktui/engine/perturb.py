@@ -362,6 +362,15 @@ def run_arm(loaded: LoadedModel, prompts: list[str], seeds_per_prompt: int, samp
     return out
 
 
+def _takes_logits_to_keep(model) -> bool:
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @torch.no_grad()
 def continuation_nll(loaded: LoadedModel, rows: Sequence[Continuation], chat: bool = True,
                      batch_size: int = 8) -> list[tuple[float, int]]:
@@ -382,14 +391,21 @@ def continuation_nll(loaded: LoadedModel, rows: Sequence[Continuation], chat: bo
         ids, mask = left_pad(seqs, pad)
         ids, mask = ids.to(loaded.device), mask.to(loaded.device)
         position = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = loaded.model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False).logits
-        width = ids.shape[1]
+        longest = max(len(r.ids) for r in batch)
+        if longest == 0:
+            out.extend((0.0, 0) for _ in batch)
+            continue
+        # left padding lines every row's answer up at the end: the last longest + 1 positions predict them all
+        keep = {"logits_to_keep": longest + 1} if _takes_logits_to_keep(loaded.model) else {}
+        logits = loaded.model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False,
+                              **keep).logits
+        width, kept = ids.shape[1], logits.shape[1]
         for i, r in enumerate(batch):
             g = len(r.ids)
             if g == 0:
                 out.append((0.0, 0))
                 continue
-            logp = logits[i, width - g - 1:width - 1].float().log_softmax(-1)
+            logp = logits[i, kept - g - 1:kept - 1].float().log_softmax(-1)
             target = ids[i, width - g:].to(logp.device)
             out.append((float(-logp.gather(-1, target[:, None]).sum()), g))
     return out
