@@ -362,6 +362,8 @@ class ChunkApp(App):
     def _handle_failed(self, event: p.Failed) -> None:
         if event.task == "load":
             self.query_one(ModelPane).show_progress("failed", 0.0, event.title)
+        if event.task == "perturb":  # the pane stops saying "running"
+            self.query_one(PerturbPane).stopped(event.title)
         if event.task in ("load", "perturb", "bench") and self._busy in ("load", "perturb", "bench"):
             self._set_busy(None)
         self.fail(event.text, title=event.title, severity=event.severity, traceback=event.traceback)

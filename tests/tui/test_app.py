@@ -193,6 +193,25 @@ async def test_perturb_progress_shows_in_the_pane_and_the_status_bar(make_test_a
         app._set_busy(None)
 
 
+async def test_escape_cancels_a_perturbation_and_the_pane_says_so(make_test_app):
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("f4")
+        app.query_one("#perturb-layers").value = "1-3"
+        app.query_one("#perturb-tokens").value = "300"
+        app.query_one("#perturb-samples").value = "8"
+        app.query_one("#perturb-sweep").value = "0.2,0.4,0.6,0.8,1"
+        app.query_one("#perturb-prompt").value = "The dog ate the"
+        app.action_regenerate()
+        await pilot.pause(0.5)
+        assert app._busy == "perturb" and "running:" in str(app.query_one("#perturb-summary").content)
+        await pilot.press("escape")
+        await settle(app, pilot)
+        assert app._busy is None and app.session.runs == []
+        assert "Perturbation cancelled" in str(app.query_one("#perturb-summary").content)
+
+
 async def test_changing_mode_keeps_a_typed_strength_or_says_it_changed_it(make_test_app):
     from chunktui.tui.panes.perturb_pane import PerturbPane
 

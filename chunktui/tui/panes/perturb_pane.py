@@ -124,6 +124,15 @@ class PerturbPane(Vertical):
         done = "" if fraction is None else f" ({100 * min(max(fraction, 0.0), 1.0):.0f}%)"
         self.query_one("#perturb-summary", Static).update(Text(f"running: {text}{done}", style="dim"))
 
+    def stopped(self, why: str) -> None:
+        """A run failed or was cancelled: say so, with the last run's summary (if any) below."""
+        line = Text(f"{why}; the last run stays shown.", style="dim") if self.runs else Text(why, style="dim")
+        if self.runs:
+            colours = getattr(self.app, "colours", {})
+            line = Text.assemble(line, "\n", run_summary(self.runs[-1], colours, self.app.no_color)) \
+                if not self.runs[-1].get("sweep") else line
+        self.query_one("#perturb-summary", Static).update(line)
+
     def add_run(self, run: dict) -> None:
         self.runs.append(run)
         history = self.query_one("#perturb-history", OptionList)
