@@ -8,7 +8,7 @@
     print(trace.labels())                      # strongest chunk label per token (None: no match)
     scan = engine.scan_trace("The cheese was on the table.")
     print([s.text for s in scan.steps if s.strongest >= 0])
-    report = engine.compare("cheese", "What should I cook tonight?", samples=2)
+    report = engine.compare("cheese", "What should I cook tonight?", samples=4, control="subpopulation")
     print(report.concepts["cheese"]["delta_logprob"])
 
 Tensors stay on the model's device inside; traces hold plain values (the
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from chunktui.shared.errors import ChunkError
-from chunktui.shared.settings import ProgressFn, Sampling
+from chunktui.shared.settings import DEFAULT_SAMPLES, ProgressFn, Sampling
 from chunktui.shared.session import ChunkColumns, Trace
 from chunktui.shared.specs import DEFAULT_MODEL
 
@@ -213,20 +213,28 @@ class Engine:
                             positions=Positions.parse(positions), layer_means=self.dictionary.layer_means)
 
     def compare(self, chunks, prompts: str | Sequence[str], *, mode: str = "graft", strength: float | None = None,
-                layers: str = "2-9", positions: str = "prompt", samples: int = 1, sampling: Sampling | None = None,
-                chat: bool = True, batch_size: int = 16, cancel: threading.Event | None = None, progress=None,
-                intervention=None):
+                layers: str = "2-9", positions: str = "prompt", samples: int = DEFAULT_SAMPLES,
+                sampling: Sampling | None = None, chat: bool = True, batch_size: int = 16,
+                cancel: threading.Event | None = None, progress: ProgressFn | None = None, intervention=None,
+                control: str | None = None, control_seed: int = 0, sweep: Sequence[float] | None = None):
         """Control and perturbed arms with identical prompts, sampling and seeds (a ComparisonReport).
 
-        `intervention` (from `engine.intervention(...)`) replaces chunks/mode/strength/layers/positions."""
+        `intervention` (from `engine.intervention(...)`) replaces chunks/mode/strength/layers/positions.
+        samples: continuations per prompt in each arm (rates come with Wilson 95% intervals).
+        control: "subpopulation" or "direction" adds a random control intervention of the same size (seeded by
+        control_seed). sweep: several strengths in one report (`report.sweep`; the top level is the first).
+        progress(stage, fraction, message): optional; hears of every batch, decoding step and finished prompt."""
         from chunktui.engine.perturb import compare
+        from chunktui.shared import validate
 
         intervention = intervention or self.intervention(chunks, mode, strength, layers, positions)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         sampling = sampling or Sampling(max_new_tokens=48, temperature=0.8, top_p=0.9)
-        kwargs = {"progress": progress} if progress is not None else {}
+        samples = validate.samples(samples)
+        strengths = validate.strengths(list(sweep), intervention.mode) if sweep is not None else None
         return compare(self.loaded, intervention, prompts, samples=samples, sampling=sampling, chat=chat,
-                       batch_size=batch_size, cancel=cancel, **kwargs)
+                       batch_size=batch_size, cancel=cancel, progress=progress, control_kind=control,
+                       control_seed=validate.seed(control_seed, "control seed"), strengths=strengths)
 
     # ------------------------------------------------------------------ dictionaries
 

@@ -264,9 +264,20 @@ class Server:
     def _do_compare(self, req: p.Compare) -> None:
         if not self._need_model():
             return
+        last = ["", -1.0]
+
+        def progress(stage: str, fraction: float | None, text: str) -> None:
+            # a new message always goes; the same message again only when it moved on by 5% (decoding steps)
+            if text != last[0] or fraction is None or fraction - last[1] >= 0.05:
+                last[:] = [text, fraction if fraction is not None else -1.0]
+                self.send(p.Progress(stage, fraction, text, task="perturb"))
+
+        # the samples of one prompt decode as one batch (they share the prompt: no padding)
         report = self.engine.compare(req.names, [req.prompt], mode=req.mode, strength=req.strength,
-                                     layers=req.layers, positions=req.positions, samples=1, sampling=req.sampling,
-                                     chat=req.chat, batch_size=1, cancel=self.cancel)
+                                     layers=req.layers, positions=req.positions, samples=req.samples,
+                                     sampling=req.sampling, chat=req.chat, batch_size=min(req.samples, 16),
+                                     cancel=self.cancel, progress=progress, control=req.control,
+                                     control_seed=req.control_seed, sweep=req.sweep)
         if self.cancel.is_set():
             self.send(p.Failed("Perturbation cancelled", "The run was cancelled; nothing was recorded.",
                                severity="warning", task="perturb"))

@@ -1,15 +1,27 @@
-"""`chunktui perturb`: graft or suppress chunks and compare against an unperturbed run."""
+"""`chunktui perturb`: graft or suppress chunks and compare against an unperturbed run.
+
+Every arm's occurrence rate comes with a Wilson 95% interval, every arm with
+its fluency (perplexity under the unperturbed model, degenerate answers);
+`--control` adds a random control intervention of the same size and
+`--sweep` several strengths in one table. Progress goes to stderr: a bar on a
+terminal, else plain lines (a line per batch and per finished prompt).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import click
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from chunktui.cli.common import (checked, console, friendly_errors, load_with_progress, model_inputs, model_options,
+from chunktui.cli.common import (checked, console, err_console, friendly_errors, load_with_progress, model_inputs, model_options,
                                  note, overwrite_option, plan_outputs, stage_progress)
 from chunktui.shared import validate
-from chunktui.shared.settings import DEFAULT_LAYERS, DEFAULT_POSITIONS, MODES
+from chunktui.shared.perturb_stats import rate_text
+from chunktui.shared.settings import CONTROL_KINDS, DEFAULT_LAYERS, DEFAULT_POSITIONS, DEFAULT_SAMPLES, MODES
 from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 
 
@@ -30,11 +42,21 @@ from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 @click.option("--positions", default=DEFAULT_POSITIONS, show_default=True,
               help="prompt, prompt-last:K, generated or all")
 @click.option("--prompt", help="one prompt")
-@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), help="file of prompts, one per line")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
+              help="file of prompts, one per line (# comments), or .jsonl with a \"prompt\" field per line")
 @click.option("--limit", default=0, callback=checked(validate.non_negative_int),
               help="use only the first N prompts of --prompts (0: all)")
-@click.option("--samples", default=1, show_default=True, callback=checked(validate.samples),
-              help="continuations per prompt (seeds seed..seed+N-1)")
+@click.option("--samples", default=DEFAULT_SAMPLES, show_default=True, callback=checked(validate.samples),
+              help="continuations per prompt in each arm (seeds seed..seed+N-1); rates get Wilson 95% intervals")
+@click.option("--sweep", default=None, metavar="A,B,...",
+              help="several strengths in one run and one table (the control arm is generated once); "
+                   "replaces --strength")
+@click.option("--control", "control_kind", type=click.Choice(list(CONTROL_KINDS)), default=None,
+              help="add a random control intervention of the same size: 'subpopulation' (PA chunks on a random "
+                   "subpopulation of the same size, direction chunks on a random direction of the same norm) or "
+                   "'direction' (each position's edit, same norm, along a random direction)")
+@click.option("--control-seed", default=0, show_default=True, callback=checked(validate.seed),
+              help="seed of the control intervention's random subpopulation or direction")
 @click.option("--max-new-tokens", default=48, show_default=True, callback=checked(validate.max_new_tokens))
 @click.option("--temperature", default=0.8, show_default=True, callback=checked(validate.temperature),
               help="0 (greedy) to 10")
@@ -50,9 +72,9 @@ from chunktui.paths import DEFAULT_DICT_NAME, sample_path
               help="print this many pairs of continuations")
 @friendly_errors
 def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strength, layers, positions, prompt,
-                prompts_file, limit, samples, max_new_tokens, temperature, top_p, seed, chat, truncate, batch_size,
-                json_out, overwrite, show) -> None:
-    """Regenerate with chunks grafted or suppressed; identical sampling and seeds in both arms."""
+                prompts_file, limit, samples, sweep, control_kind, control_seed, max_new_tokens, temperature, top_p, seed,
+                chat, truncate, batch_size, json_out, overwrite, show) -> None:
+    """Regenerate with chunks grafted or suppressed; identical sampling and seeds in every arm."""
     from chunktui.api import Engine
     from chunktui.engine.dictionary import load_dictionary
     from chunktui.shared.errors import CorpusError
@@ -62,6 +84,9 @@ def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strengt
     if (prompt is None) == (prompts_file is None):
         raise CorpusError("Give exactly one of --prompt and --prompts.")
     strength = validate.strength(strength, mode, "--strength")
+    strengths = validate.strengths(sweep, mode, "--sweep")
+    if strengths is not None and strength is not None:
+        raise validate.InvalidValue("Give --strength or --sweep, not both (a sweep lists its strengths).")
     where = Positions.parse(positions)
     validate.chunk_names(chunk_names, "--chunk")
     if seed + samples - 1 > validate.SEED_MAX:
@@ -71,11 +96,9 @@ def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strengt
     if prompts_file is None:
         prompts = [validate.prompt_text(prompt, "--prompt")]
     else:
-        from chunktui.shared.texts import read_text
+        from chunktui.shared.texts import read_prompts
 
-        prompts = [p.strip() for p in read_text(prompts_file).splitlines() if p.strip() and not p.startswith("#")]
-        if not prompts:
-            raise CorpusError(f"{prompts_file} holds no prompts (blank lines and lines starting with # are skipped).")
+        prompts = read_prompts(prompts_file)
         if limit:
             prompts = prompts[:limit]
     target = plan_outputs(("--json", json_out, None), overwrite=overwrite,
@@ -94,23 +117,78 @@ def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strengt
                      f"{loaded.name}'s context of {loaded.context_length} tokens (--truncate)")
     prompts = [f.text for f in fitted]
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    progress, update = stage_progress()
-    with progress:
+    bar, hear = _progress()
+    with bar:
         report = engine.compare(None, prompts, intervention=intervention, samples=samples, sampling=sampling,
-                                chat=chat, batch_size=batch_size,
-                                progress=lambda stage, frac: update(stage, frac, f"{stage} arm"))
-    table = Table(title=f"{mode} x{intervention.strength:g} at layers {escape(layers)}, positions {escape(positions)} "
-                        f"({len(prompts)} prompts x {samples} samples, T={temperature}, top-p={top_p})")
-    for col in ("concept", "control rate", "perturbed rate", "change", "log p control", "log p perturbed", "change"):
-        table.add_column(col, justify="left" if col == "concept" else "right")
-    for label, c in report.concepts.items():
-        table.add_row(escape(label), f"{c['control_rate']:.2f}", f"{c['perturbed_rate']:.2f}", f"{c['delta_rate']:+.2f}",
-                      f"{c['logprob_control']:.2f}", f"{c['logprob_perturbed']:.2f}", f"{c['delta_logprob']:+.2f}")
+                                chat=chat, batch_size=batch_size, progress=hear, control=control_kind,
+                                control_seed=control_seed, sweep=strengths)
+    entries = report.sweep or [{"strength": intervention.strength, "concepts": report.concepts,
+                                "fluency": report.fluency}]
+    what = f"{mode} x" + ",".join(format(e["strength"], "g") for e in entries)
+    arms = ["control", "perturbed"] + (["random"] if control_kind else [])
+    table = Table(title=f"{what} at layers {escape(layers)}, positions {escape(positions)}: {len(prompts)} prompts "
+                        f"x {samples} samples = {len(prompts) * samples} rows per arm (T={temperature}, top-p={top_p})",
+                  caption="share of rows with the word [Wilson 95% interval]; Δ: change against the control arm "
+                          "[Newcombe 95%]", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in ["x", "concept", "control", "perturbed", "Δ"] + (["random", "Δ"] if control_kind else []) \
+            + ["Δ log p"]:
+        table.add_column(col, justify="left" if col in ("concept", "x") else "right", overflow="fold",
+                         no_wrap=True)
+    for e in entries:
+        for label, c in e["concepts"].items():
+            row = [f"{e['strength']:g}", escape(label)]
+            for arm in arms:
+                row.append(rate_text(c[f"{arm}_rate"], c.get(f"{arm}_ci"), sep="\n"))
+                if arm != "control":
+                    delta = "delta" if arm == "perturbed" else "random_delta"
+                    row.append(rate_text(c[f"{delta}_rate"], c.get(f"{delta}_ci"), signed=True, sep="\n"))
+            table.add_row(*row, f"{c['delta_logprob']:+.2f}")
     console.print(table)
+    fluency = Table(title="fluency: perplexity of each arm's text under the unperturbed model; degenerate answers",
+                    caption="degenerate: no word, a 1-3 word run repeated 3+ times, or >= 12 words under 35% "
+                            "distinct (docs/method.md section 3)", box=box.SIMPLE_HEAD)
+    for col in ("x", "arm", "perplexity", "degenerate", "95% interval"):
+        fluency.add_column(col, justify="left" if col in ("x", "arm") else "right")
+    fluency.add_row("-", "control", *_fluency_cells(report.fluency.get("control")))
+    for e in entries:
+        for arm in arms[1:]:
+            fluency.add_row(f"{e['strength']:g}", arm, *_fluency_cells(e["fluency"].get(arm)))
+    console.print(fluency)
+    if report.control_intervention:
+        ci = report.control_intervention
+        overlap = ci.get("mean_overlap_with_real_subpopulation")
+        console.print(f"random control ({escape(ci['kind'])}, seed {ci['seed']}): {escape(ci['what'])}"
+                      + (f"; mean overlap with the real subpopulation {overlap:.0%}" if overlap is not None else ""))
     for pair in report.pairs[:show]:
         console.print(f"[bold]{escape(pair['prompt'])}[/] (seed {pair['seed']})")
         console.print(f"  [dim]control  :[/] {escape(pair['control'][:300])}")
         console.print(f"  [dim]perturbed:[/] {escape(pair['perturbed'][:300])}")
+        if "random" in pair:
+            console.print(f"  [dim]random   :[/] {escape(pair['random'][:300])}")
     if target is not None:
         target.write_json(dict(report.to_json(), model=loaded.name, dictionary=str(dictionary.path)))
         note("wrote", str(target.path), style="default")
+
+
+def _fluency_cells(f: dict | None) -> list[str]:
+    if not f:
+        return ["?", "?", "?"]
+    ppl = "?" if f.get("perplexity") is None else f"{f['perplexity']:.2f}"
+    lo, hi = f.get("degenerate_ci") or (0.0, 1.0)
+    return [ppl, f"{f['degenerate']}/{f['rows']}", f"{100 * lo:.0f}-{100 * hi:.0f}%"]
+
+
+def _progress():
+    """(context, callback): a bar on a terminal; plain lines on stderr otherwise, one per new message (every
+    batch as it starts and every finished prompt), each with the seconds since the start."""
+    if err_console.is_terminal:
+        bar, update = stage_progress()
+        return bar, lambda stage, fraction, message: update(stage, fraction, message)
+    start, last = time.monotonic(), [None]
+
+    def line(stage: str, fraction: float | None, message: str) -> None:
+        if message != last[0]:
+            last[0] = message
+            click.echo(f"[{time.monotonic() - start:6.1f} s] {message}", err=True)
+
+    return contextlib.nullcontext(), line

@@ -17,12 +17,25 @@ For a direction chunk (unit u, typical projection p):
 Positions: `prompt` (all prompt tokens), `prompt-last:K` (the last K prompt
 tokens), `generated` (every generated token), `all`. Hooks are removed on
 every exit path.
+
+A control intervention (`control_intervention`) edits as much, somewhere
+else: `subpopulation` moves each PA chunk onto a random subpopulation of the
+same size (its template values shuffled onto it) and each direction chunk
+onto a random direction of the same norm; `direction` keeps the real edit's
+norm at every position but points it along a random unit direction (one per
+layer). Both are seeded. `compare` runs the arms (control = no edit,
+perturbed, and the random control when asked) with the same prompts, sampling
+settings and per-row seeds, at one strength or a sweep, and reports each
+arm's occurrence rate with a Wilson interval and its fluency
+(`shared.perturb_stats`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
+import math
 import re
 import threading
 from dataclasses import dataclass, field
@@ -35,7 +48,9 @@ from chunktui.shared.errors import ChunkError
 from chunktui.engine.hooks import block_hooks
 from chunktui.engine.devices import module_device
 from chunktui.engine.models import LoadedModel
-from chunktui.shared.settings import DEFAULT_STRENGTH, MODES, Positions  # noqa: F401  (one source of truth)
+from chunktui.shared.settings import (CONTROL_KINDS, DEFAULT_SAMPLES, DEFAULT_STRENGTH, MODES,  # noqa: F401
+                                      Positions, ProgressFn)  # (one source of truth)
+from chunktui.shared import perturb_stats as stats
 from chunktui.engine.streaming import PhaseFlag, decode
 from chunktui.shared.settings import Sampling
 from chunktui.engine.tokens import encode_prompt, eos_ids
@@ -49,6 +64,9 @@ class Intervention:
     strength: float | None = None
     positions: Positions = field(default_factory=lambda: Positions("prompt"))
     layer_means: torch.Tensor | None = None  # (L+1, d) corpus means, for mean-ablate
+    # a control intervention (see `control_intervention`): its kind and seed; "direction" is applied by the hooks
+    control: str | None = None
+    control_seed: int = 0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -66,9 +84,71 @@ class Intervention:
         return sorted({c.layer for c in self.chunks})
 
     def describe(self) -> dict:
-        return {"mode": self.mode, "strength": self.strength, "positions": str(self.positions),
-                "layers": self.layers, "chunks": [c.id for c in self.chunks],
-                "labels": sorted({c.label for c in self.chunks})}
+        out = {"mode": self.mode, "strength": self.strength, "positions": str(self.positions),
+               "layers": self.layers, "chunks": [c.id for c in self.chunks],
+               "labels": sorted({c.label for c in self.chunks})}
+        if self.control is not None:
+            out["control"] = {"kind": self.control, "seed": self.control_seed}
+        return out
+
+
+def _direction_seed(seed: int, layer: int) -> int:
+    return (int(seed) * 1_000_003 + int(layer) * 7_919 + 17) % (2**63 - 1)
+
+
+def random_direction(width: int, seed: int, layer: int) -> torch.Tensor:
+    """The control's unit direction at one layer (float32, CPU): the same for the same seed and layer."""
+    g = torch.Generator().manual_seed(_direction_seed(seed, layer))
+    v = torch.randn(width, generator=g)
+    return v / v.norm()
+
+
+def control_chunks(chunks: Sequence[Chunk], width: int, seed: int) -> list[Chunk]:
+    """Random stand-ins of the same size: a PA chunk's template values on a random subpopulation of the same
+    size (shuffled onto it), a direction chunk's typical projection along a random direction of the same norm.
+    One generator, seeded once, walks the chunks in order: the same chunks and seed give the same stand-ins."""
+    g = torch.Generator().manual_seed(int(seed))
+    out = []
+    for c in chunks:
+        if c.kind == "pa":
+            m = int(c.subpopulation.numel())
+            if m > width:
+                raise ChunkError(f"{c.id}: its subpopulation ({m}) is wider than the model ({width}).")
+            neurons = torch.randperm(width, generator=g)[:m].sort().values
+            template = c.template.float()[torch.randperm(m, generator=g)]
+            out.append(dataclasses.replace(c, id=f"random:{c.id}", subpopulation=neurons, template=template))
+        else:
+            v = torch.randn(c.direction.numel(), generator=g)
+            v = v / v.norm() * c.direction.float().norm()
+            out.append(dataclasses.replace(c, id=f"random:{c.id}", direction=v))
+    return out
+
+
+def control_intervention(intervention: Intervention, kind: str, seed: int, width: int) -> Intervention:
+    """The control arm's intervention: as large an edit as `intervention`, somewhere random (module docstring)."""
+    if kind not in CONTROL_KINDS:
+        raise ChunkError(f"Unknown control '{kind}': use {' or '.join(CONTROL_KINDS)}.")
+    chunks = control_chunks(intervention.chunks, width, seed) if kind == "subpopulation" else intervention.chunks
+    return dataclasses.replace(intervention, chunks=chunks, control=kind, control_seed=int(seed))
+
+
+def describe_control(real: Intervention, control: Intervention) -> dict:
+    """What the control arm edits, with how much of each random subpopulation overlaps the real one."""
+    out = {"kind": control.control, "seed": control.control_seed}
+    if control.control == "subpopulation":
+        out["what"] = ("each PA chunk's template values shuffled onto a random subpopulation of the same size; "
+                       "each direction chunk's typical projection along a random direction of the same norm")
+        overlaps = []
+        for r, c in zip(real.chunks, control.chunks):
+            if r.kind == "pa":
+                same = len(set(r.subpopulation.tolist()) & set(c.subpopulation.tolist()))
+                overlaps.append(same / max(1, r.subpopulation.numel()))
+        if overlaps:
+            out["mean_overlap_with_real_subpopulation"] = sum(overlaps) / len(overlaps)
+    else:
+        out["what"] = ("at every edited position the real edit's norm, along a random unit direction "
+                       "(one per layer)")
+    return out
 
 
 def select_chunks(dictionary: ChunkDictionary, names: Sequence[str], layers: Sequence[int] | None) -> list[Chunk]:
@@ -97,8 +177,11 @@ def select_chunks(dictionary: ChunkDictionary, names: Sequence[str], layers: Seq
 class _LayerEdit:
     """Precomputed edit for one layer: PA subpopulations and direction chunks."""
 
-    def __init__(self, chunks: list[Chunk], mode: str, strength: float, mean: torch.Tensor | None, device, dtype):
+    def __init__(self, chunks: list[Chunk], mode: str, strength: float, mean: torch.Tensor | None, device, dtype,
+                 redirect: torch.Tensor | None = None):
         self.device = torch.device(device)
+        # the "direction" control: each position's edit keeps its norm and points along this unit vector
+        self.redirect = redirect.to(device, torch.float32) if redirect is not None else None
         self.mode, self.strength = mode, float(strength)
         self.pa = [(c.subpopulation.long().to(device), c.template.to(device, torch.float32)) for c in chunks if c.kind == "pa"]
         self.dirs = [(c.direction.to(device, torch.float32) / c.direction.float().norm(), float(c.typical or 0.0))
@@ -131,6 +214,10 @@ class _LayerEdit:
             else:
                 delta = a * (((self.mean * u).sum()) - proj) * u
             out = torch.where(sel, out + delta, out)
+        if self.redirect is not None:
+            base = h.float()
+            size = (out - base).norm(dim=-1, keepdim=True)  # (B, T, 1): how far the real edit moved each state
+            out = torch.where(sel, base + size * self.redirect, base)
         return out.to(h.dtype)
 
 
@@ -183,7 +270,10 @@ def intervene(loaded: LoadedModel, intervention: Intervention | None, phase: Pha
         chunks = [c for c in intervention.chunks if c.layer == layer]
         mean = intervention.layer_means[layer] if intervention.layer_means is not None else None
         device = module_device(layout.blocks[layer], loaded.device)  # this block's device, when dispatched
-        edits[layer] = make_hook(_LayerEdit(chunks, intervention.mode, intervention.strength, mean, device, loaded.dtype))
+        redirect = (random_direction(layout.hidden_size, intervention.control_seed, layer)
+                    if intervention.control == "direction" else None)
+        edits[layer] = make_hook(_LayerEdit(chunks, intervention.mode, intervention.strength, mean, device, loaded.dtype,
+                                            redirect=redirect))
     with block_hooks(layout, edits=edits):
         yield
 
@@ -226,33 +316,98 @@ class Continuation:
 
 def run_arm(loaded: LoadedModel, prompts: list[str], seeds_per_prompt: int, sampling: Sampling,
             intervention: Intervention | None, chat: bool = True, batch_size: int = 16,
-            cancel: threading.Event | None = None, progress=None) -> list[Continuation]:
-    """Generate every (prompt, seed) row, batched and left-padded. Row seeds are the same in every arm."""
-    rows = [(p, sampling.seed + s) for p in prompts for s in range(seeds_per_prompt)]
+            cancel: threading.Event | None = None, progress=None, name: str = "arm") -> list[Continuation]:
+    """Generate every (prompt, seed) row, batched and left-padded. Row seeds are the same in every arm.
+
+    `progress(fraction, message)` (optional) hears of every batch as it starts, of every decoding step (same
+    message, so a plain log can keep one line per message), and of every prompt whose rows are all done."""
+    rows = [(i, p, sampling.seed + s) for i, p in enumerate(prompts) for s in range(seeds_per_prompt)]
     encoded = {p: encode_prompt(loaded, p, chat) for p in prompts}
     stops = eos_ids(loaded)
     out: list[Continuation] = []
-    for b in range(0, len(rows), batch_size):
+    total, n_prompts = len(rows), len(prompts)
+    for b in range(0, total, batch_size):
         batch = rows[b:b + batch_size]
-        ids = [encoded[p] for p, _ in batch]
+        if cancel is not None and cancel.is_set():
+            break
+        message = (f"{name}: continuations {b + 1}-{b + len(batch)} of {total} "
+                   f"(prompt{'s' if batch[0][0] != batch[-1][0] else ''} {batch[0][0] + 1}"
+                   f"{'-' + str(batch[-1][0] + 1) if batch[0][0] != batch[-1][0] else ''} of {n_prompts})")
+        if progress is not None:
+            progress(b / total, message)
+        ids = [encoded[p] for _, p, _ in batch]
         phase = PhaseFlag()
         generated: list[list[int]] = [[] for _ in batch]
         done = [False] * len(batch)
         with intervene(loaded, intervention, phase, prompt_lengths=[len(i) for i in ids]):
-            steps = decode(loaded, ids, sampling, seeds=[s for _, s in batch], cancel=cancel, phase=phase)
-            for step in steps:
+            steps = decode(loaded, ids, sampling, seeds=[s for _, _, s in batch], cancel=cancel, phase=phase)
+            for n_step, step in enumerate(steps, 1):
                 for i, t in enumerate(step.tokens.tolist()):
                     if not done[i]:
                         generated[i].append(t)
                         done[i] = t in stops
+                if progress is not None:
+                    progress((b + len(batch) * min(1.0, n_step / max(1, sampling.max_new_tokens))) / total, message)
                 if all(done):
                     break
             steps.close()
-        for (p, s), g in zip(batch, generated):
+        for (_, p, s), g in zip(batch, generated):
             text = loaded.tokenizer.decode([t for t in g if t not in stops], skip_special_tokens=True)
             out.append(Continuation(prompt=p, seed=s, ids=g, text=text))
         if progress is not None:
-            progress(min(b + batch_size, len(rows)), len(rows))
+            finished = [i for i in sorted({i for i, _, _ in batch})
+                        if b + len(batch) >= total or rows[b + len(batch)][0] != i]
+            for i in finished:
+                progress(len(out) / total, f"{name}: prompt {i + 1}/{n_prompts} done ({len(out)}/{total} continuations)")
+    return out
+
+
+def _takes_logits_to_keep(model) -> bool:
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@torch.no_grad()
+def continuation_nll(loaded: LoadedModel, rows: Sequence[Continuation], chat: bool = True,
+                     batch_size: int = 8) -> list[tuple[float, int]]:
+    """(summed negative log-likelihood, tokens) of each continuation's generated tokens (the stop token
+    included) under the unperturbed model at temperature 1, its prompt as context: what fluency is measured by."""
+    from chunktui.engine.streaming import left_pad
+
+    pad = loaded.tokenizer.pad_token_id or 0
+    encoded: dict[str, list[int]] = {}
+    out: list[tuple[float, int]] = []
+    for b in range(0, len(rows), batch_size):
+        batch = rows[b:b + batch_size]
+        seqs = []
+        for r in batch:
+            if r.prompt not in encoded:
+                encoded[r.prompt] = encode_prompt(loaded, r.prompt, chat)
+            seqs.append(encoded[r.prompt] + list(r.ids))
+        ids, mask = left_pad(seqs, pad)
+        ids, mask = ids.to(loaded.device), mask.to(loaded.device)
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        longest = max(len(r.ids) for r in batch)
+        if longest == 0:
+            out.extend((0.0, 0) for _ in batch)
+            continue
+        # left padding lines every row's answer up at the end: the last longest + 1 positions predict them all
+        keep = {"logits_to_keep": longest + 1} if _takes_logits_to_keep(loaded.model) else {}
+        logits = loaded.model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False,
+                              **keep).logits
+        width, kept = ids.shape[1], logits.shape[1]
+        for i, r in enumerate(batch):
+            g = len(r.ids)
+            if g == 0:
+                out.append((0.0, 0))
+                continue
+            logp = logits[i, kept - g - 1:kept - 1].float().log_softmax(-1)
+            target = ids[i, width - g:].to(logp.device)
+            out.append((float(-logp.gather(-1, target[:, None]).sum()), g))
     return out
 
 
@@ -280,44 +435,151 @@ def next_token_logprobs(loaded: LoadedModel, prompts: list[str], intervention: I
 class ComparisonReport:
     settings: dict
     intervention: dict
-    concepts: dict  # label -> {control_rate, perturbed_rate, delta_rate, logprob_control, logprob_perturbed, delta_logprob}
+    concepts: dict  # label -> rates, hits and intervals per arm, first-token log-probabilities (see `compare`)
     pairs: list[dict]
+    fluency: dict = field(default_factory=dict)  # arm -> perplexity, tokens, degenerate count / share / interval
+    control_intervention: dict | None = None  # what the random control arm edited (None: no control arm)
+    sweep: list[dict] | None = None  # one entry per strength, when a sweep was asked for
 
     def to_json(self) -> dict:
-        return {"settings": self.settings, "intervention": self.intervention, "concepts": self.concepts,
-                "pairs": self.pairs}
+        out = {"settings": self.settings, "intervention": self.intervention, "concepts": self.concepts,
+               "pairs": self.pairs, "fluency": self.fluency, "control_intervention": self.control_intervention}
+        if self.sweep is not None:
+            out["sweep"] = self.sweep
+        return out
 
 
-def compare(loaded: LoadedModel, intervention: Intervention, prompts: list[str], samples: int = 1,
+FLUENCY_MEASURE = ("perplexity: exp of the mean negative log-likelihood per generated token (stop token included) "
+                   "under the unperturbed model at temperature 1, the prompt as context; degenerate: "
+                   + stats.DEGENERATE_RULE)
+
+
+def _ppl(nll: float, tokens: int) -> float | None:
+    return math.exp(nll / tokens) if tokens else None
+
+
+def fluency_summary(rows: Sequence[Continuation], nll: Sequence[tuple[float, int]]) -> dict:
+    """An arm's fluency: pooled perplexity under the unperturbed model, and its degenerate answers."""
+    tokens = sum(n for _, n in nll)
+    reasons = [stats.degenerate_reason(r.text) for r in rows]
+    k = sum(r is not None for r in reasons)
+    lo, hi = stats.wilson(k, len(rows))
+    per_row = sorted(p for p in (_ppl(s, n) for s, n in nll) if p is not None)
+    return {"perplexity": _ppl(sum(s for s, _ in nll), tokens), "median_row_perplexity":
+            per_row[len(per_row) // 2] if per_row else None, "tokens": tokens, "rows": len(rows), "degenerate": k,
+            "degenerate_share": k / len(rows) if rows else 0.0, "degenerate_ci": [lo, hi],
+            "degenerate_reasons": {r: reasons.count(r) for r in sorted({r for r in reasons if r})}}
+
+
+def concept_stats(label: str, first_ids: list[int], arms: dict[str, list[Continuation]],
+                  logprobs: dict[str, torch.Tensor]) -> dict:
+    """Occurrence of `label` in each arm (hits, rate, Wilson interval), changes against the control with
+    Newcombe intervals, and the first-token log-probability per arm. The keys of a run without a control
+    intervention are those earlier versions wrote, plus hits and intervals."""
+    n = len(arms["control"])
+    hits = {name: sum(occurs(label, r.text) for r in rows) for name, rows in arms.items()}
+    lp = {name: t[:, first_ids].logsumexp(-1) for name, t in logprobs.items()}  # any first-token form
+    out = {"rows": n, "first_tokens": None}
+    for name in arms:
+        out[f"{name}_hits"] = hits[name]
+        out[f"{name}_rate"] = hits[name] / n if n else 0.0
+        out[f"{name}_ci"] = list(stats.wilson(hits[name], n))
+        out[f"logprob_{name}"] = float(lp[name].mean())
+    out["delta_rate"] = out["perturbed_rate"] - out["control_rate"]
+    out["delta_ci"] = list(stats.newcombe_difference(hits["control"], n, hits["perturbed"], n))
+    out["delta_logprob"] = float((lp["perturbed"] - lp["control"]).mean())
+    if "random" in arms:
+        out["random_delta_rate"] = out["random_rate"] - out["control_rate"]
+        out["random_delta_ci"] = list(stats.newcombe_difference(hits["control"], n, hits["random"], n))
+        out["random_delta_logprob"] = float((lp["random"] - lp["control"]).mean())
+    return out
+
+
+def _row_fluency(text: str, nll: tuple[float, int]) -> dict:
+    return {"perplexity": _ppl(*nll), "degenerate": stats.degenerate_reason(text)}
+
+
+def compare(loaded: LoadedModel, intervention: Intervention, prompts: list[str], samples: int = DEFAULT_SAMPLES,
             sampling: Sampling | None = None, chat: bool = True, batch_size: int = 16,
             control: list[Continuation] | None = None, cancel: threading.Event | None = None,
-            progress=None) -> ComparisonReport:
-    """Same prompts, sampling settings and seeds with and without the intervention."""
+            progress: ProgressFn | None = None, *, control_kind: str | None = None, control_seed: int = 0,
+            strengths: Sequence[float] | None = None) -> ComparisonReport:
+    """Same prompts, sampling settings and seeds with and without the intervention.
+
+    control: the unperturbed arm when already generated (reused across concepts by benchmarks).
+    control_kind: "subpopulation" or "direction" adds a random control arm (`control_intervention`, seeded by
+    control_seed) at every strength. strengths: a sweep; the report's top level is then the first strength and
+    `sweep` holds every strength (the first included). progress(stage, fraction, message): optional, hears of
+    every batch, decoding step and finished prompt of every arm."""
     if not prompts:
         raise ChunkError("No prompts to compare on.")
+    if control_kind is not None and control_kind not in CONTROL_KINDS:
+        raise ChunkError(f"Unknown control '{control_kind}': use {' or '.join(CONTROL_KINDS)}.")
     sampling = sampling or Sampling(max_new_tokens=48, temperature=0.8, top_p=0.9)
+    swept = bool(strengths)
+    strengths = [float(x) for x in strengths] if swept else [intervention.strength]
+    cancelled = lambda: cancel is not None and cancel.is_set()  # noqa: E731
+
+    def arm(name: str, iv: Intervention | None) -> list[Continuation]:
+        hear = (lambda frac, message: progress(name, frac, message)) if progress else None
+        return run_arm(loaded, prompts, samples, sampling, iv, chat, batch_size, cancel, progress=hear, name=name)
+
+    def scored(name: str, rows: list[Continuation]) -> list[tuple[float, int]]:
+        if progress:
+            progress("fluency", None, f"fluency: scoring the {name} arm under the unperturbed model")
+        return continuation_nll(loaded, rows, chat)
+
     if control is None:
-        control = run_arm(loaded, prompts, samples, sampling, None, chat, batch_size, cancel,
-                             progress=(lambda d, t: progress("control", d / t)) if progress else None)
-    perturbed = run_arm(loaded, prompts, samples, sampling, intervention, chat, batch_size, cancel,
-                           progress=(lambda d, t: progress("perturbed", d / t)) if progress else None)
+        control = arm("control", None)
+    control_nll = scored("control", control)
     lp_control = next_token_logprobs(loaded, prompts, None, chat, batch_size)
-    lp_perturbed = next_token_logprobs(loaded, prompts, intervention, chat, batch_size)
-    concepts = {}
-    for label in sorted({c.label for c in intervention.chunks}):
-        ids = first_token_ids(loaded, label)
-        lc = lp_control[:, ids].logsumexp(-1)  # probability of any first-token form, in log space
-        lpert = lp_perturbed[:, ids].logsumexp(-1)
-        c_rate = sum(occurs(label, c.text) for c in control) / len(control)
-        p_rate = sum(occurs(label, c.text) for c in perturbed) / len(perturbed)
-        concepts[label] = {"control_rate": c_rate, "perturbed_rate": p_rate, "delta_rate": p_rate - c_rate,
-                           "logprob_control": float(lc.mean()), "logprob_perturbed": float(lpert.mean()),
-                           "delta_logprob": float((lpert - lc).mean()),
-                           "first_tokens": [loaded.tokenizer.decode([i]) for i in ids], "rows": len(control)}
-    pairs = []
-    for c, p in zip(control, perturbed):
-        pairs.append({"prompt": c.prompt, "seed": c.seed, "control": c.text, "perturbed": p.text,
-                      "diff": token_diff(loaded.tokenizer, c.ids, p.ids)})
-    return ComparisonReport(settings=dict(sampling.describe(), chat=chat, samples=samples, prompts=len(prompts),
-                                          identical_sampling_both_arms=True),
-                            intervention=intervention.describe(), concepts=concepts, pairs=pairs)
+    labels = sorted({c.label for c in intervention.chunks})
+    first_ids = {label: first_token_ids(loaded, label) for label in labels}
+    first_text = {label: [loaded.tokenizer.decode([i]) for i in first_ids[label]] for label in labels}
+    entries, described_control = [], None
+    for strength in strengths:
+        if cancelled():
+            break
+        iv = dataclasses.replace(intervention, strength=strength)
+        tag = f" x{strength:g}" if swept else ""
+        arms = {"control": control, "perturbed": arm(f"perturbed{tag}", iv)}
+        lps = {"control": lp_control, "perturbed": next_token_logprobs(loaded, prompts, iv, chat, batch_size)}
+        nlls = {"control": control_nll, "perturbed": scored(f"perturbed{tag}", arms["perturbed"])}
+        if control_kind is not None and not cancelled():
+            random_iv = control_intervention(iv, control_kind, control_seed, loaded.hidden_size)
+            described_control = describe_control(iv, random_iv)
+            arms["random"] = arm(f"random{tag}", random_iv)
+            lps["random"] = next_token_logprobs(loaded, prompts, random_iv, chat, batch_size)
+            nlls["random"] = scored(f"random{tag}", arms["random"])
+        if cancelled():
+            break
+        concepts = {}
+        for label in labels:
+            concepts[label] = concept_stats(label, first_ids[label], arms, lps)
+            concepts[label]["first_tokens"] = first_text[label]
+        fluency = {name: fluency_summary(rows, nlls[name]) for name, rows in arms.items()}
+        pairs = []
+        for i, (c, pert) in enumerate(zip(arms["control"], arms["perturbed"])):
+            pair = {"prompt": c.prompt, "seed": c.seed, "control": c.text, "perturbed": pert.text}
+            if not entries:  # the token diff, for the top-level strength's pairs
+                pair["diff"] = token_diff(loaded.tokenizer, c.ids, pert.ids)
+            pair["fluency"] = {name: _row_fluency(rows[i].text, nlls[name][i]) for name, rows in arms.items()}
+            if "random" in arms:
+                pair["random"] = arms["random"][i].text
+            pairs.append(pair)
+        entries.append({"strength": strength, "intervention": iv.describe(), "concepts": concepts,
+                        "fluency": fluency, "pairs": pairs})
+    settings = dict(sampling.describe(), chat=chat, samples=samples, prompts=len(prompts),
+                    identical_sampling_both_arms=True, identical_sampling_all_arms=True,
+                    interval=stats.INTERVAL, fluency_measure=FLUENCY_MEASURE,
+                    cancelled=cancelled())
+    if not entries:  # cancelled before any perturbed arm finished
+        return ComparisonReport(settings=settings, intervention=intervention.describe(), concepts={}, pairs=[])
+    top = entries[0]
+    sweep = None
+    if swept:
+        sweep = [{k: v for k, v in e.items() if k != "pairs"} | {"pairs": [
+            {k: v for k, v in pair.items() if k != "diff"} for pair in e["pairs"]]} for e in entries]
+    return ComparisonReport(settings=settings, intervention=top["intervention"], concepts=top["concepts"],
+                            pairs=top["pairs"], fluency=top["fluency"], control_intervention=described_control,
+                            sweep=sweep)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from chunktui.shared.settings import Sampling  # noqa: F401 (part of the protocol)
+from chunktui.shared.settings import DEFAULT_SAMPLES, Sampling  # noqa: F401 (part of the protocol)
 from chunktui.shared.session import ChunkColumns, TokenStep
 
 
@@ -81,6 +81,10 @@ class Compare:
     prompt: str
     sampling: Sampling
     chat: bool = True
+    samples: int = DEFAULT_SAMPLES  # continuations per arm (seeds seed..seed+samples-1)
+    sweep: list[float] | None = None  # several strengths in one run (replaces strength); None: one strength
+    control: str | None = None  # a random control intervention: "subpopulation" or "direction" (shared.settings)
+    control_seed: int = 0
 
 
 @dataclass
@@ -148,6 +152,7 @@ class Progress:
     stage: str
     fraction: float | None
     text: str
+    task: str | None = None  # None: loading (the Model pane); "perturb": a comparison's arms (the Perturb pane)
 
 
 @dataclass
@@ -225,7 +230,10 @@ class TraceDone:
 
 @dataclass
 class RunDone:
-    run: dict  # ComparisonReport.to_json() plus prompt and model
+    # ComparisonReport.to_json() plus prompt and model: a plain dict, because the session journal stores it as
+    # is; runs journalled before intervals, fluency, the control arm and sweeps lack those keys, and every
+    # reader (the Perturb pane, reports) treats them as absent
+    run: dict
 
 
 @dataclass

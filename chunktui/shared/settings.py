@@ -50,6 +50,14 @@ DEFAULT_STRENGTH = {"graft": 0.05, "amplify": 2.0, "freeze": 1.0, "suppress": 0.
 DEFAULT_LAYERS = "2-9"  # the paper's range; each layer uses the concept's chunk of that layer
 POSITION_CHOICES = ("prompt", "prompt-last:4", "generated", "all")
 DEFAULT_POSITIONS = "prompt"
+# continuations per prompt in each arm (CLI `perturb --samples`, the Perturb pane's samples field, Engine.compare):
+# one sample at temperature 0.8 is mostly sampling noise; 4 give an interval worth reading on one prompt
+DEFAULT_SAMPLES = 4
+# the control intervention (engine.perturb.control_chunks): "subpopulation" moves each PA chunk onto a random
+# subpopulation of the same size (its template values shuffled onto it; a direction chunk gets a random direction
+# of the same norm); "direction" replaces each position's edit by one of the same norm along a random direction
+CONTROL_KINDS = ("subpopulation", "direction")
+SWEEP_MAX = 12  # strengths in one sweep
 
 
 @dataclass(frozen=True)

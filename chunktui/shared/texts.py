@@ -59,3 +59,22 @@ def read_sequences(path: str | Path) -> list[tuple[str, str]]:
     if not out:
         raise CorpusError(f"{path} holds no sequences.")
     return out
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a text file (one per non-empty line; lines starting with # are skipped) or a .jsonl file
+    (an object per line with a "prompt" field, or "text")."""
+    path = Path(path).expanduser()
+    body = read_text(path)
+    if path.suffix.lower() == ".jsonl":
+        out = []
+        for lineno, rec in jsonl_records(body, path.name):
+            value = rec.get("prompt", rec.get("text")) if isinstance(rec, dict) else None
+            if not isinstance(value, str) or not value.strip():
+                raise CorpusError(f"{path.name}:{lineno}: expected an object with a \"prompt\" (or \"text\") field.")
+            out.append(value.strip())
+    else:
+        out = [p.strip() for p in body.splitlines() if p.strip() and not p.strip().startswith("#")]
+    if not out:
+        raise CorpusError(f"{path} holds no prompts (blank lines and lines starting with # are skipped).")
+    return out

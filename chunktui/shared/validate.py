@@ -12,7 +12,7 @@ Rules (also in the README):
 - counts (samples, tokens, batch size, k, steps, seeds, ...) are whole numbers >= 1;
 - temperature 0..10 (0 is greedy); top-p in (0, 1]; top-k >= 0 (0 = off);
 - seeds 0..2**31-1;
-- strength: graft / amplify / mean-ablate 0 < a <= 10; freeze / suppress 0 < b <= 1;
+- strength: graft / amplify / mean-ablate 0 < a <= 10; freeze / suppress 0 < b <= 1; a sweep is up to 12 of them;
 - layer ranges are written low-high ('2-9', not '9-2'); 'all' is every layer;
 - probabilities and quantiles in their interval.
 """
@@ -151,6 +151,25 @@ def strength(value: Any, mode: str, name: str = "strength") -> float | None:
 
 
 _PART = re.compile(r"^\s*(-?\d+)\s*(?:(?:-|\.\.)\s*(-?\d+)\s*)?$")
+
+
+def strengths(spec: Any, mode: str, name: str = "sweep") -> list[float] | None:
+    """A strength sweep: comma-separated strengths, each in the mode's range, at most SWEEP_MAX, no repeats.
+
+    Blank (or None) means no sweep."""
+    from chunktui.shared.settings import SWEEP_MAX
+
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return None
+    parts = [x.strip() for x in str(spec).split(",")] if not isinstance(spec, (list, tuple)) else list(spec)
+    if any(isinstance(x, str) and not x for x in parts):
+        raise InvalidValue(f"{name}: write strengths separated by commas, e.g. 0.05,0.1,0.2 (not '{spec}').")
+    values = [strength(x, mode, f"{name} strength") for x in parts]
+    if len(values) > SWEEP_MAX:
+        raise InvalidValue(f"{name}: at most {SWEEP_MAX} strengths in one sweep, not {len(values)}.")
+    if len(set(values)) != len(values):
+        raise InvalidValue(f"{name}: each strength once ({spec}).")
+    return values
 
 
 def layer_spec(spec: Any, name: str = "layers") -> str:

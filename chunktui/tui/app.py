@@ -378,6 +378,11 @@ class ChunkApp(App):
 
     @ON_EVENT(p.Progress)
     def _handle_progress(self, event: p.Progress) -> None:
+        if event.task == "perturb":  # a comparison's arms: the Perturb pane and the status bar, not the Model pane
+            self._perturb_progress = event.text
+            self.query_one(PerturbPane).show_progress(event.fraction, event.text)
+            self.update_status()
+            return
         text = event.text if self.show_timing or event.stage != "done" else "loaded"  # no timings in tests
         self.query_one(ModelPane).show_progress(event.stage, event.fraction, text)
         self._progress = text
@@ -387,6 +392,8 @@ class ChunkApp(App):
     def _handle_failed(self, event: p.Failed) -> None:
         if event.task == "load":
             self.query_one(ModelPane).show_progress("failed", 0.0, event.title)
+        if event.task == "perturb":  # the pane stops saying "running"
+            self.query_one(PerturbPane).stopped(event.title)
         if event.task in ("load", "perturb", "bench") and self._busy in ("load", "perturb", "bench"):
             self._set_busy(None)
         if event.task == "top":
@@ -808,8 +815,9 @@ class ChunkApp(App):
             self.fail(str(err), title="Cannot perturb")
             return
         if self.send(request):
+            self._perturb_progress = None
             self._set_busy("perturb")
-            self.query_one("#perturb-summary", Static).update("running the control and perturbed arms…")
+            self.query_one(PerturbPane).show_progress(0.0, "running the control and perturbed arms…")
 
     @ON_EVENT(p.RunDone)
     def _handle_rundone(self, event: p.RunDone) -> None:

@@ -47,6 +47,8 @@ class StatusBar(Static):
                      else "no dictionary")
         if app._busy == "load":
             parts.append(getattr(app, "_progress", "starting the engine"))
+        elif app._busy == "perturb" and getattr(app, "_perturb_progress", None):
+            parts.append(f"{app._perturb_progress} (Esc stops)")  # which arm, batch or prompt
         elif app._busy:
             parts.append(f"{app._busy}… (Esc stops)")
         if app.show_timing:

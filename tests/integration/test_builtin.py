@@ -90,3 +90,22 @@ def test_graft_raises_and_freeze_lowers_the_concept(smol, sample_dict):
     frozen = next_token_logprobs(smol, inviting, Intervention(chunks, "freeze", 1.0, Positions("prompt")),
                                  chat=False)[:, target].logsumexp(-1)
     assert (frozen - base).mean() < 0
+
+
+def test_a_full_graft_breaks_fluency_and_the_report_says_so(smol, sample_dict):
+    """The perplexity of the perturbed text under the unperturbed model: a = 1 on layers 2-9 all but replaces
+    the state (the sample chunks hold most neurons), so its text is far less likely than the control arm's."""
+    from chunktui.api import Engine
+    from chunktui.engine.perturb import control_intervention, describe_control
+
+    engine = Engine.from_loaded(smol, sample_dict)
+    report = engine.compare("cheese", ["A mouse nibbled a piece of"], strength=1.0, samples=2, chat=False,
+                            sampling=Sampling(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=0)).to_json()
+    control, full = (report["fluency"][arm]["perplexity"] for arm in ("control", "perturbed"))
+    assert full > 3 * control, (control, full)
+    assert report["settings"]["samples"] == 2 and len(report["pairs"]) == 2
+    # the random subpopulation of a wide chunk overlaps the real one by about its share of the neurons
+    iv = engine.intervention("cheese", "graft", 1.0, "2-9")
+    described = describe_control(iv, control_intervention(iv, "subpopulation", 0, smol.hidden_size))
+    share = sum(c.size for c in iv.chunks) / len(iv.chunks) / smol.hidden_size
+    assert described["mean_overlap_with_real_subpopulation"] == pytest.approx(share, abs=0.05)

@@ -124,6 +124,151 @@ async def test_perturb_shows_both_continuations_and_history(make_test_app):
         assert app.query_one("#perturb-history").option_count == 2
 
 
+async def test_perturb_reports_samples_intervals_fluency_control_and_sweep(make_test_app, monkeypatch):
+    from chunktui.shared.settings import DEFAULT_SAMPLES
+    from chunktui.tui.panes.perturb_pane import PerturbPane
+
+    heard = []
+    original = PerturbPane.show_progress
+    monkeypatch.setattr(PerturbPane, "show_progress",
+                        lambda self, fraction, text: (heard.append(text), original(self, fraction, text)))
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("f4")
+        assert app.query_one("#perturb-samples").value == str(DEFAULT_SAMPLES)  # the CLI's default
+        app.query_one("#perturb-layers").value = "1-3"
+        app.query_one("#perturb-strength").value = "1.0"
+        app.query_one("#perturb-tokens").value = "6"
+        app.query_one("#perturb-samples").value = "3"
+        app.query_one("#perturb-prompt").value = "The dog ate the"
+        app.query_one("#perturb-control").value = "subpopulation"
+        app.action_regenerate()
+        await settle(app, pilot)
+        run = app.session.runs[-1]
+        assert run["settings"]["samples"] == 3 and len(run["pairs"]) == 3
+        assert run["control_intervention"]["kind"] == "subpopulation"
+        summary = str(app.query_one("#perturb-summary").content)
+        c = run["concepts"]["cheese"]
+        assert "3 samples per arm" in summary and "Wilson 95%" in summary
+        lo, hi = c["perturbed_ci"]
+        assert f"[{100 * lo:.0f}-{100 * hi:.0f}]" in summary  # the interval, as the report has it
+        assert f"perturbed ppl {run['fluency']['perturbed']['perplexity']:.1f}" in summary
+        assert "random control: subpopulation" in summary and "random ppl" in summary
+        sides = str(app.query_one("#side-perturbed").content)
+        assert sides.count("seed ") == 3 and "random control:" in sides
+        # progress reached the pane: every arm, and the prompt finishing in each
+        assert any(t.startswith("control: prompt 1/1 done") for t in heard)
+        assert any(t.startswith("perturbed: prompt 1/1 done") for t in heard)
+        assert any(t.startswith("random: prompt 1/1 done") for t in heard)
+        # a sweep: one table, a row per strength
+        app.query_one("#perturb-sweep").value = "0.5,1"
+        app.query_one("#perturb-control").value = "no control"
+        app.action_regenerate()
+        await settle(app, pilot)
+        run = app.session.runs[-1]
+        assert [e["strength"] for e in run["sweep"]] == [0.5, 1.0] and run["control_intervention"] is None
+        assert app.query_one("#perturb-history").option_count == 2
+        assert "graft x0.5,1 cheese" in str(app.query_one("#perturb-history").get_option_at_index(1).prompt)
+        app.query_one("#perturb-sweep").value = "0.5,,1"
+        app.action_regenerate()
+        await pilot.pause()
+        assert any("separated by commas" in n for n in _notes(app)), _notes(app)
+
+
+async def test_perturb_progress_shows_in_the_pane_and_the_status_bar(make_test_app):
+    from chunktui.shared import protocol as p
+
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        app._set_busy("perturb")
+        app._handle_progress(p.Progress("perturbed", 0.5, "perturbed: prompt 1/2 done (4/8 continuations)",
+                                        task="perturb"))
+        await pilot.pause()
+        assert "running: perturbed: prompt 1/2 done (4/8 continuations) (50%)" in str(
+            app.query_one("#perturb-summary").content)
+        assert "perturbed: prompt 1/2 done (4/8 continuations) (Esc stops)" in str(app.query_one("#status").content)
+        assert "perturbed" not in str(app.query_one("#load-stage").content)  # not the Model pane's loading line
+        app._set_busy(None)
+
+
+async def test_escape_cancels_a_perturbation_and_the_pane_says_so(make_test_app):
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("f4")
+        app.query_one("#perturb-layers").value = "1-3"
+        app.query_one("#perturb-tokens").value = "300"
+        app.query_one("#perturb-samples").value = "8"
+        app.query_one("#perturb-sweep").value = "0.2,0.4,0.6,0.8,1"
+        app.query_one("#perturb-prompt").value = "The dog ate the"
+        app.action_regenerate()
+        await pilot.pause(0.5)
+        assert app._busy == "perturb" and "running:" in str(app.query_one("#perturb-summary").content)
+        await pilot.press("escape")
+        await settle(app, pilot)
+        assert app._busy is None and app.session.runs == []
+        assert "Perturbation cancelled" in str(app.query_one("#perturb-summary").content)
+
+
+async def test_changing_mode_keeps_a_typed_strength_or_says_it_changed_it(make_test_app):
+    from chunktui.tui.panes.perturb_pane import PerturbPane
+
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("f4")
+        pane, strength, mode = app.query_one(PerturbPane), app.query_one("#perturb-strength"), app.query_one("#perturb-mode")
+        mode.value = "amplify"  # untouched default: follows the new mode's default
+        await pilot.pause()
+        assert strength.value == "2"
+        strength.value = "0.3"  # typed, and valid for suppress too: kept
+        mode.value = "suppress"
+        await pilot.pause()
+        assert strength.value == "0.3" and not any("Strength" in n for n in _notes(app))
+        mode.value = "amplify"
+        await pilot.pause()
+        strength.value = "3"  # typed, but freeze takes at most 1: replaced, and said so
+        mode.value = "freeze"
+        await pilot.pause()
+        assert strength.value == "1"
+        assert any("Strength 3 is not valid for freeze" in n and "default, 1" in n for n in _notes(app))
+        assert pane.request().strength == 1.0
+
+
+async def test_a_run_journalled_before_intervals_still_shows(make_test_app, tmp_path):
+    from chunktui.shared.journal import Journal, read_journal
+    from chunktui.tui.panes.perturb_pane import PerturbPane
+
+    old = {"settings": {"max_new_tokens": 10, "temperature": 0.8, "top_p": 0.9, "top_k": 0, "seed": 0,
+                        "stop_strings": [], "chat": True, "samples": 1, "prompts": 1,
+                        "identical_sampling_both_arms": True},
+           "intervention": {"mode": "suppress", "strength": 0.5, "positions": "prompt", "layers": [2, 3],
+                            "chunks": ["pizza@2", "pizza@3"], "labels": ["pizza"]},
+           "concepts": {"pizza": {"control_rate": 1.0, "perturbed_rate": 0.0, "delta_rate": -1.0,
+                                  "logprob_control": -2.0, "logprob_perturbed": -6.5, "delta_logprob": -4.5,
+                                  "first_tokens": [" pizza"], "rows": 1}},
+           "pairs": [{"prompt": "Q?", "seed": 0, "control": "I love pizza.", "perturbed": "a. mention. Your.",
+                      "diff": [{"op": "replace", "control": "I love pizza.", "perturbed": "a. mention. Your."}]}],
+           "prompt": "Q?", "model": "random:llama-tiny"}
+    journal = Journal(tmp_path / "old.jsonl")
+    journal.run(old)
+    journal.close()
+    restored = read_journal(tmp_path / "old.jsonl").session.runs
+    assert restored == [old]
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("f4")
+        app.query_one(PerturbPane).add_run(restored[0])
+        await pilot.pause()
+        summary = str(app.query_one("#perturb-summary").content)
+        assert "in text: 100% → 0% (1 sample, no interval)" in summary and "1 sample per arm" in summary
+        assert "fluency" not in summary  # not measured then, so not shown
+        assert "a. mention. Your." in str(app.query_one("#side-perturbed").content)
+
+
 async def test_step_through_sequences(make_test_app):
     app = make_test_app()
     async with app.run_test(size=(100, 34)) as pilot:

@@ -44,6 +44,13 @@ async def _perturb(app, pilot):
     await settle(app, pilot)
 
 
+async def _perturb_sweep(app, pilot):
+    app.query_one("#perturb-sweep").value = "0.5,1"
+    app.query_one("#perturb-samples").value = "3"
+    app.query_one("#perturb-control").value = "subpopulation"
+    await _perturb(app, pilot)
+
+
 async def _step(app, pilot):
     app.query_one("#step-list").focus()
     await pilot.press("enter")
@@ -69,7 +76,13 @@ def test_chunks_pane(snap_compare, make_test_app):
 
 
 def test_perturb_pane(snap_compare, make_test_app):
+    """The default samples (4), each arm's occurrence with its Wilson interval, fluency per arm."""
     assert snap_compare(make_test_app(), terminal_size=SIZE, run_before=_run(_keys("f4"), _perturb))
+
+
+def test_perturb_pane_sweep_with_control(snap_compare, make_test_app):
+    """Samples, Wilson intervals per arm, the random control and fluency, one row per strength."""
+    assert snap_compare(make_test_app(), terminal_size=SIZE, run_before=_run(_keys("f4"), _perturb_sweep))
 
 
 def test_step_pane(snap_compare, make_test_app, sequences_file, monkeypatch):

@@ -72,6 +72,49 @@ def test_scan_and_perturb_json(runner, tmp_path, tiny_dict):
     rep = json.loads(p.read_text())
     assert {"control_rate", "perturbed_rate", "delta_logprob"} <= set(rep["concepts"]["cheese"])
     assert len(rep["pairs"]) == 2
+    assert "sweep" not in rep and rep["control_intervention"] is None  # only when asked
+
+
+def test_perturb_json_has_the_control_arm_and_the_sweep_and_progress_goes_to_stderr(runner, tmp_path, tiny_dict):
+    _, path = tiny_dict
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"concept": "cheese", "prompt": "I like"}\n{"concept": "dog", "prompt": "The dog"}\n')
+    p = tmp_path / "p.json"
+    r = runner.invoke(main, ["perturb", "--model", "random:llama-tiny", "--dict", str(path), "--chunk", "cheese",
+                             "--layers", "1-2", "--prompts", str(prompts), "--samples", "2", "--max-new-tokens", "5",
+                             "--no-chat", "--control", "direction", "--control-seed", "3", "--sweep", "0.5,1",
+                             "--json", str(p)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(p.read_text())
+    assert rep["control_intervention"]["kind"] == "direction" and rep["control_intervention"]["seed"] == 3
+    assert [e["strength"] for e in rep["sweep"]] == [0.5, 1.0]
+    for entry in rep["sweep"]:
+        c = entry["concepts"]["cheese"]
+        assert {"control_ci", "perturbed_ci", "random_rate", "random_ci", "delta_ci"} <= set(c)
+        assert set(entry["fluency"]) == {"control", "perturbed", "random"}
+        assert len(entry["pairs"]) == 4 and all("random" in pair for pair in entry["pairs"])
+    assert rep["settings"]["samples"] == 2 and rep["settings"]["prompts"] == 2
+    # stderr is not a terminal here: plain lines, at least one per prompt of every arm, none on stdout
+    for arm in ("control", "perturbed x0.5", "random x0.5", "perturbed x1", "random x1"):
+        for k in (1, 2):
+            assert f"{arm}: prompt {k}/2 done" in r.stderr
+    assert "prompt 1/2 done" not in r.stdout
+    # one table for the sweep: a row per strength, rates with intervals, and the fluency table
+    assert "Wilson 95%" in r.stdout and "perplexity" in r.stdout and "random" in r.stdout
+    assert any(line.lstrip().startswith("0.5") for line in r.stdout.splitlines())
+    assert any(line.lstrip().startswith("1 ") for line in r.stdout.splitlines())
+
+
+def test_perturb_samples_default_is_the_apps(runner, tmp_path, tiny_dict):
+    from chunktui.shared.settings import DEFAULT_SAMPLES
+
+    _, path = tiny_dict
+    p = tmp_path / "p.json"
+    r = runner.invoke(main, ["perturb", "--model", "random:llama-tiny", "--dict", str(path), "--chunk", "cheese",
+                             "--layers", "1", "--prompt", "I like", "--max-new-tokens", "3", "--no-chat",
+                             "--json", str(p)])
+    assert r.exit_code == 0, r.output
+    assert DEFAULT_SAMPLES >= 4 and json.loads(p.read_text())["settings"]["samples"] == DEFAULT_SAMPLES
 
 
 @pytest.mark.parametrize("args, message", [

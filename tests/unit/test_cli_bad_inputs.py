@@ -117,6 +117,16 @@ CASES = [
     (["top", *M, "--dict", "{dict}", "--chunk", "cheese", "--corpus", "{corpus}", "--layer", "1-99"], "out of range"),
     (["top", *M, "--dict", "{dict}", "--chunk", "zebra", "--corpus", "{corpus}"], "neither a label nor a chunk id"),
     (["top", *M, "--dict", "{dict}", "--chunk", "cheese", "--corpus", "{vector}"], "not UTF-8"),
+    (["perturb", *M, "--dict", "{dict}", "--chunk", "cheese", "--prompt", "x", "--sweep", "0.1,,0.2"],
+     "separated by commas"),
+    (["perturb", *M, "--dict", "{dict}", "--chunk", "cheese", "--prompt", "x", "--mode", "suppress", "--sweep",
+      "0.5,2"], "at most 1"),
+    (["perturb", *M, "--dict", "{dict}", "--chunk", "cheese", "--prompt", "x", "--sweep", "0.1,0.1"], "each strength once"),
+    (["perturb", *M, "--dict", "{dict}", "--chunk", "cheese", "--prompt", "x", "--sweep", "0.1,0.2", "--strength",
+      "0.3"], "not both"),
+    (["perturb", *M, "--dict", "{dict}", "--chunk", "cheese", "--prompt", "x", "--control", "shuffle"],
+     "Invalid value for '--control'"),
+    (["perturb", *M, "--dict", "{dict}", "--chunk", "cheese", "--prompts", "{noprompt}"], "noprompt.jsonl:1: expected an object with a \"prompt\""),
     # report
     (["report", "{report_in}", "--out", "{report_in}", "--overwrite"], "also an input"),
     (["report", "{report_in}", "--out", "{corpus}"], "already exists"),
@@ -183,6 +193,7 @@ def files(tmp_path_factory, tiny_dict, tiny_corpus):
     (root / "comments.txt").write_text("# only a comment\n")
     (root / "empty.txt").write_text("\n")
     (root / "spans.jsonl").write_text('{"text": "a b", "spans": [[0, 3]]}\n')
+    (root / "noprompt.jsonl").write_text('{"concept": "cheese"}\n')
     (root / "session.json").write_text(json.dumps({  # what `perturb --json` writes, cut down
         "settings": {"seed": 0}, "intervention": {"mode": "graft", "strength": 1.0, "positions": "prompt",
                                                   "layers": [1], "labels": ["cheese"]},
@@ -198,6 +209,7 @@ def _fill(arg: str, root) -> str:
     subs = {"{corpus}": "corpus.txt", "{corpus_link}": "corpus-link.txt", "{corpus_hardlink}": "corpus-hard.json",
             "{dict}": "d.chunks.safetensors", "{dict_link}": "dict-link.json", "{words}": "words.chunks.safetensors",
             "{prompts}": "prompts.txt", "{comments}": "comments.txt", "{empty}": "empty.txt",
+            "{noprompt}": "noprompt.jsonl",
             "{bad_spans}": "spans.jsonl", "{report_in}": "session.json", "{blocker}": "blocker",
             "{folder}": "folder", "{bad_gguf}": "bad.gguf", "{vector}": "vec.npy", "{new}": "new.chunks.safetensors",
             "{tmp}": ""}

@@ -153,3 +153,146 @@ def test_occurs_is_whole_word_case_insensitive():
 def test_token_diff(tiny_model):
     ops = token_diff(tiny_model.tokenizer, [1, 2, 3, 4], [1, 2, 9, 4])
     assert [o["op"] for o in ops] == ["equal", "replace", "equal"]
+
+
+# --------------------------------------------------------------------------- error bars, fluency, control, sweep
+
+from chunktui.engine.perturb import (continuation_nll, control_chunks, control_intervention,  # noqa: E402
+                                     random_direction, run_arm)
+from chunktui.shared import perturb_stats as stats  # noqa: E402
+
+
+def test_wilson_and_newcombe_match_published_values():
+    # Newcombe (1998), Statistics in Medicine 17:857-872: Wilson 81/263 -> 0.2553-0.3662; 0/10 -> 0-0.2775;
+    # difference 56/70 - 48/80 by the hybrid score method (10): 0.0524 to 0.3339
+    assert stats.wilson(81, 263) == pytest.approx((0.2553, 0.3662), abs=5e-5)
+    assert stats.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=5e-5)
+    assert stats.wilson(10, 10) == pytest.approx((0.7225, 1.0), abs=5e-5)
+    assert stats.newcombe_difference(48, 80, 56, 70) == pytest.approx((0.0524, 0.3339), abs=5e-5)
+    assert stats.wilson(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        stats.wilson(5, 4)
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("", "empty"), ("... !!", "empty"),
+    ("cheese cheese cheese", "loop"), ("I like the cake, the cake, the cake and tea", "loop"),
+    ("a b a b a b", "loop"),
+    ("no no yes no no yes maybe no no yes no yes no", "low variety"),
+    ("a. mention. Your. Your.", None),  # garbage, but not repetitive: perplexity is the measure for it
+    ("Cheese, bread and a glass of milk make a simple lunch on a cold day.", None),
+    ("It rained, and it rained again the next day.", None),
+])
+def test_degenerate_rule(text, reason):
+    assert stats.degenerate_reason(text) == reason
+
+
+def test_control_chunks_have_the_same_size_and_are_seeded(tiny_model, tiny_dict):
+    dictionary, _ = tiny_dict
+    chunks = select_chunks(dictionary, ["cheese", "dog"], [1, 2])
+    width = tiny_model.hidden_size
+    a = control_chunks(chunks, width, seed=3)
+    again = control_chunks(chunks, width, seed=3)
+    other = control_chunks(chunks, width, seed=4)
+    for real, r, r2, o in zip(chunks, a, again, other):
+        assert r.layer == real.layer and r.label == real.label and r.id == f"random:{real.id}"
+        assert r.subpopulation.numel() == real.subpopulation.numel()
+        assert len(set(r.subpopulation.tolist())) == r.subpopulation.numel()
+        assert 0 <= int(r.subpopulation.min()) and int(r.subpopulation.max()) < width
+        # the same template values, shuffled onto the random subpopulation
+        assert torch.equal(r.template.sort().values, real.template.float().sort().values)
+        assert torch.equal(r.subpopulation, r2.subpopulation) and torch.equal(r.template, r2.template)
+    assert any(not torch.equal(r.template, o.template) or not torch.equal(r.subpopulation, o.subpopulation)
+               for r, o in zip(a, other))
+    with pytest.raises(ChunkError, match="Unknown control"):
+        control_intervention(Intervention(chunks, "graft"), "shuffle", 0, width)
+
+
+def test_direction_control_keeps_each_edit_norm_along_a_random_direction(tiny_model, tiny_dict):
+    dictionary, _ = tiny_dict
+    chunk = chunk_at(dictionary, "cheese", 2)
+    real = Intervention([chunk], "graft", 0.7, Positions("prompt-last", 3))
+    ctrl = control_intervention(real, "direction", 5, tiny_model.hidden_size)
+    assert ctrl.describe()["control"] == {"kind": "direction", "seed": 5}
+    base, _ = forward_states(tiny_model, IDS)
+    edited, _ = forward_states(tiny_model, IDS, real)
+    redirected, _ = forward_states(tiny_model, IDS, ctrl)
+    real_delta = edited[:, 2] - base[:, 2]  # (T, d): the stream entering block 2, as the block saw it
+    ctrl_delta = redirected[:, 2] - base[:, 2]
+    assert torch.equal(redirected[:-3], base[:-3])  # positions outside the edit are untouched
+    assert torch.allclose(ctrl_delta.norm(dim=-1), real_delta.norm(dim=-1), atol=1e-4)
+    u = random_direction(tiny_model.hidden_size, 5, 2)
+    for row in ctrl_delta[-3:]:
+        assert torch.allclose(row, row.norm() * u, atol=1e-4)
+    assert not torch.allclose(ctrl_delta[-3:], real_delta[-3:], atol=1e-3)
+
+
+def test_continuation_nll_is_the_teacher_forced_log_likelihood(tiny_model):
+    from chunktui.engine.perturb import Continuation
+    from chunktui.engine.tokens import encode_prompt
+
+    s = Sampling(max_new_tokens=6, temperature=1.0, seed=2, stop_at_eos=False)
+    rows = run_arm(tiny_model, ["I like", "The dog ate the cheese in the"], 2, s, None, chat=False, batch_size=4)
+    rows.append(Continuation(prompt="I like", seed=0, ids=[], text=""))
+    batched = continuation_nll(tiny_model, rows, chat=False, batch_size=3)
+    assert batched[-1] == (0.0, 0)
+    for row, (nll, n) in zip(rows[:-1], batched):
+        ids = encode_prompt(tiny_model, row.prompt, False) + row.ids
+        with torch.no_grad():
+            logits = tiny_model.model(input_ids=torch.tensor([ids])).logits[0].float()
+        p = len(ids) - len(row.ids)
+        manual = -sum(float(logits[p - 1 + i].log_softmax(-1)[t]) for i, t in enumerate(row.ids))
+        assert n == len(row.ids)
+        assert nll == pytest.approx(manual, rel=1e-4, abs=1e-4)
+
+
+def test_compare_sweep_with_control_arm(tiny_model, tiny_dict):
+    dictionary, _ = tiny_dict
+    iv = Intervention(select_chunks(dictionary, ["cheese"], [1, 2]), "graft", 0.0, Positions("prompt"))
+    heard = []
+    report = compare(tiny_model, iv, ["I like", "The dog", "Some"], samples=2,
+                     sampling=Sampling(max_new_tokens=6, temperature=1.0, top_p=0.9, seed=1), chat=False,
+                     batch_size=4, control_kind="subpopulation", control_seed=7, strengths=[0.0, 1.0],
+                     progress=lambda stage, frac, msg: heard.append((stage, frac, msg)))
+    out = report.to_json()
+    assert [e["strength"] for e in out["sweep"]] == [0.0, 1.0]
+    assert out["intervention"]["strength"] == 0.0 and out["control_intervention"]["kind"] == "subpopulation"
+    assert out["control_intervention"]["seed"] == 7
+    zero, one = out["sweep"]
+    # strength 0 edits nothing: every arm equals the control, row for row
+    c0 = zero["concepts"]["cheese"]
+    assert c0["control_hits"] == c0["perturbed_hits"] == c0["random_hits"]
+    assert c0["delta_logprob"] == pytest.approx(0.0, abs=1e-6)
+    assert zero["fluency"]["perturbed"]["perplexity"] == pytest.approx(zero["fluency"]["control"]["perplexity"])
+    assert all(p["control"] == p["perturbed"] == p["random"] for p in zero["pairs"])
+    # strength 1 writes the template: the perturbed arm's text changes and so does its fluency
+    assert any(p["control"] != p["perturbed"] for p in one["pairs"])
+    assert one["fluency"]["perturbed"]["perplexity"] != pytest.approx(one["fluency"]["control"]["perplexity"])
+    for entry in out["sweep"]:
+        for arm in ("control", "perturbed", "random"):
+            c, f = entry["concepts"]["cheese"], entry["fluency"][arm]
+            lo, hi = c[f"{arm}_ci"]
+            assert c[f"{arm}_hits"] == round(c[f"{arm}_rate"] * 6) and lo <= c[f"{arm}_rate"] <= hi
+            assert f["rows"] == 6 and f["tokens"] > 0 and f["perplexity"] > 1
+            assert f["degenerate"] == sum(p["fluency"][arm]["degenerate"] is not None for p in entry["pairs"])
+    assert len(out["pairs"]) == 6 and "diff" in out["pairs"][0]
+    # progress: every arm starts, and every prompt of every arm is reported done
+    stages = {s for s, _, _ in heard}
+    assert {"control", "perturbed x0", "random x0", "perturbed x1", "random x1", "fluency"} <= stages
+    for stage in ("control", "perturbed x1", "random x1"):
+        done = [m for s, _, m in heard if s == stage and " done " in m]
+        assert [m.split(" done")[0].split("prompt ")[1] for m in done] == ["1/3", "2/3", "3/3"]
+
+
+def test_compare_without_sweep_or_control_keeps_the_old_keys(tiny_model, tiny_dict):
+    dictionary, _ = tiny_dict
+    iv = Intervention(select_chunks(dictionary, ["cheese"], [1]), "graft", 1.0)
+    out = compare(tiny_model, iv, ["I like"], samples=2, sampling=Sampling(max_new_tokens=4, seed=0),
+                  chat=False).to_json()
+    assert "sweep" not in out and out["control_intervention"] is None
+    c = out["concepts"]["cheese"]
+    assert {"control_rate", "perturbed_rate", "delta_rate", "logprob_control", "logprob_perturbed",
+            "delta_logprob", "control_ci", "perturbed_ci", "delta_ci"} <= set(c)
+    assert not any(k.startswith("random") for k in c)
+    assert set(out["fluency"]) == {"control", "perturbed"}
+    assert "Wilson" in out["settings"]["interval"] and "unperturbed" in out["settings"]["fluency_measure"]
