@@ -5,7 +5,7 @@
     engine = Engine.load("smollm2-135m", dictionary="sample")
     trace = engine.generate("What do you like to eat?", max_new_tokens=20)
     print(trace.text)
-    print(trace.labels())                      # strongest chunk label per token (None: no match)
+    print(trace.labels())                      # the label each token is coloured by (the colour rule; None: none)
     scan = engine.scan_trace("The cheese was on the table.")
     print([s.text for s in scan.steps if s.strongest >= 0])
     report = engine.compare("cheese", "What should I cook tonight?", samples=4, control="subpopulation")

@@ -11,7 +11,10 @@
 # stays available: --criterion accuracy --n 5.
 # The colour rule (--colour-budget 0.01, a third pass over train.txt): a token shows a concept when the
 # concept's chunks at layers 1-30 pool enough evidence, calibrated so that at most 1% of the training tokens
-# that are no concept get a colour (docs/method.md, "The colour rule").
+# that are no concept get a colour (docs/method.md, "The colour rule"). On train.txt it colours 0.60% of the
+# non-concept tokens; scanning heldout.txt with `chunktui scan --json`, 0.31% of them (20 of 6,362) while 533 of
+# 534 concept-word tokens show their own concept. For an existing dictionary the third pass alone is
+# `chunktui calibrate --dict D --corpus sample_data/train.txt --budget 0.01 --out D`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 words=$(grep -v '^#' sample_data/concepts.txt | sed '/^$/d; s/^cheesecake$/cheesecake*/' | paste -sd, -)

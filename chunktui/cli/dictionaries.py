@@ -322,6 +322,7 @@ def calibrate_cmd(model_spec, device, dtype, dict_path, corpus, spans_path, budg
 
     with progress:
         rule = calibrate_dictionary(loaded, dictionary, source, budget=budget, batch_size=batch_size, progress=step)
+    dictionary.notes["calibrate_command"] = command_line()
     path = dictionary.save(target)
     o = rule.overall
     console.print(f"wrote [bold]{escape(str(path))}[/] in {time.perf_counter() - t0:.1f} s: on its training text "

@@ -109,3 +109,24 @@ def test_a_full_graft_breaks_fluency_and_the_report_says_so(smol, sample_dict):
     described = describe_control(iv, control_intervention(iv, "subpopulation", 0, smol.hidden_size))
     share = sum(c.size for c in iv.chunks) / len(iv.chunks) / smol.hidden_size
     assert described["mean_overlap_with_real_subpopulation"] == pytest.approx(share, abs=0.05)
+
+
+def test_sample_dictionary_colour_rule_on_the_real_model(smol, sample_dict):
+    """The shipped colour rule: calibrated within its budget on train.txt, layers 1-30 voting; in a scan, concept
+    words show their own concept and function words nothing, and the API's trace shows the same labels."""
+    from chunktui.api import Engine
+
+    rule = sample_dict.token_rule()
+    assert rule.calibrated and rule.voting_layers == list(range(1, 31))
+    assert rule.overall["coloured_non_concept"] <= rule.budget * rule.overall["non_concept"]
+    engine = Engine.from_loaded(smol, sample_dict)
+    text = "After the rain we ate bread and soup by the river, and the dog slept under a green tree."
+    result = engine.scan(text)
+    labels = [engine.packed.chunks[c].label if c >= 0 else None for c in result.matches.token_chunk.tolist()]
+    by_text = dict(zip((t.strip() for t in result.texts), labels))
+    for word in ("rain", "bread", "soup", "river", "dog", "green"):
+        assert by_text[word] == word, (word, by_text[word])
+    for word in ("After", "the", "we", "and", "under", "a"):
+        assert by_text[word] is None, (word, by_text[word])
+    assert labels[0] is None  # the BOS token shows nothing
+    assert engine.scan_trace(text).labels() == labels

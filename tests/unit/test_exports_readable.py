@@ -4,7 +4,6 @@ renders, and `scan` without colours marking matches with their labels."""
 import json
 import re
 
-import pytest
 from click.testing import CliRunner
 
 from chunktui.cli import main
