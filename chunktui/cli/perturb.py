@@ -9,7 +9,10 @@ from rich.table import Table
 from chunktui.cli.common import (checked, console, friendly_errors, load_with_progress, model_inputs, model_options,
                                  note, overwrite_option, plan_outputs, stage_progress)
 from chunktui.shared import validate
-from chunktui.shared.settings import DEFAULT_LAYERS, DEFAULT_POSITIONS, MODES
+from click.core import ParameterSource
+
+from chunktui.shared.settings import (DEFAULT_LAYERS, DEFAULT_POSITIONS, DEFAULT_SITE, MODES, PROTOCOLS, SITES,
+                                      protocol_lines, resolve_protocol)
 from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 
 
@@ -28,7 +31,19 @@ from chunktui.paths import DEFAULT_DICT_NAME, sample_path
               help="each layer uses the concept's chunk of that layer; 'all' = every block (0..L-1), since the "
                    "final norm's output L cannot be edited")
 @click.option("--positions", default=DEFAULT_POSITIONS, show_default=True,
-              help="prompt, prompt-last:K, generated or all")
+              help="prompt, prompt-last:K, prompt[START:STOP] (a Python slice over the prompt's tokens: "
+                   "prompt[-4:-1] is the three before the last), generated or all")
+@click.option("--site", default=DEFAULT_SITE, show_default=True, type=click.Choice(list(SITES)),
+              help="residual: edit the stream entering each block; attention: edit only the input of each "
+                   "block's attention-side norm (input_layernorm, ln_1), leaving the residual stream as it was")
+@click.option("--protocol", default="default", show_default=True, type=click.Choice(list(PROTOCOLS)),
+              help="paper: the paper's question experiment (residual site, blocks 2-9, prompt[-4:-1], graft to the "
+                   "template exactly, freeze to 0, top-p 0.9 in both arms, T 0.6, no chat template, 190 new "
+                   "tokens); options you give override it")
+@click.option("--paper-confounds", is_flag=True,
+              help="add the paper code's three deviations (chunk of layer l-1 at block l; control top-p 0.5 vs "
+                   "perturbed 0.9; scoring includes the prompt), to measure how much they move the result; "
+                   "implies --protocol paper")
 @click.option("--prompt", help="one prompt")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), help="file of prompts, one per line")
 @click.option("--limit", default=0, callback=checked(validate.non_negative_int),
@@ -48,10 +63,11 @@ from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 @overwrite_option
 @click.option("--show", default=3, show_default=True, callback=checked(validate.non_negative_int),
               help="print this many pairs of continuations")
+@click.pass_context
 @friendly_errors
-def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strength, layers, positions, prompt,
-                prompts_file, limit, samples, max_new_tokens, temperature, top_p, seed, chat, truncate, batch_size,
-                json_out, overwrite, show) -> None:
+def perturb_cmd(ctx, model_spec, device, dtype, dict_path, chunk_names, mode, strength, layers, positions, site,
+                protocol, paper_confounds, prompt, prompts_file, limit, samples, max_new_tokens, temperature, top_p,
+                seed, chat, truncate, batch_size, json_out, overwrite, show) -> None:
     """Regenerate with chunks grafted or suppressed; identical sampling and seeds in both arms."""
     from chunktui.api import Engine
     from chunktui.engine.dictionary import load_dictionary
@@ -62,6 +78,14 @@ def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strengt
     if (prompt is None) == (prompts_file is None):
         raise CorpusError("Give exactly one of --prompt and --prompts.")
     strength = validate.strength(strength, mode, "--strength")
+    given = {key: value for key, value in (("layers", layers), ("positions", positions), ("site", site),
+                                           ("strength", strength), ("top_p", top_p), ("temperature", temperature),
+                                           ("chat", chat), ("max_new_tokens", max_new_tokens))
+             if ctx.get_parameter_source(key) not in (ParameterSource.DEFAULT, None)}
+    settings = resolve_protocol(protocol, paper_confounds, mode, given)
+    layers, positions, site, strength = settings["layers"], settings["positions"], settings["site"], settings["strength"]
+    top_p, temperature, chat = settings["top_p"], settings["temperature"], settings["chat"]
+    max_new_tokens = settings["max_new_tokens"]
     where = Positions.parse(positions)
     validate.chunk_names(chunk_names, "--chunk")
     if seed + samples - 1 > validate.SEED_MAX:
@@ -84,7 +108,8 @@ def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strengt
     loaded = load_with_progress(model_spec, device, dtype)
     dictionary.check_compatible(loaded.identity())
     engine = Engine.from_loaded(loaded, dictionary)  # the same facade as the app's engine process and notebooks
-    intervention = engine.intervention(chunk_names, mode, strength, layers, str(where))  # 'all': blocks 0..L-1
+    intervention = engine.intervention(chunk_names, mode, strength, layers, str(where), site,
+                                       settings["chunk_layer_shift"])  # 'all': blocks 0..L-1
     from chunktui.engine.context import fit_prompt
 
     fitted = [fit_prompt(loaded, p, max_new_tokens, chat=chat, truncate=truncate) for p in prompts]
@@ -97,10 +122,13 @@ def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strengt
     progress, update = stage_progress()
     with progress:
         report = engine.compare(None, prompts, intervention=intervention, samples=samples, sampling=sampling,
-                                chat=chat, batch_size=batch_size,
+                                chat=chat, batch_size=batch_size, protocol=protocol, paper_confounds=paper_confounds,
                                 progress=lambda stage, frac: update(stage, frac, f"{stage} arm"))
-    table = Table(title=f"{mode} x{intervention.strength:g} at layers {escape(layers)}, positions {escape(positions)} "
-                        f"({len(prompts)} prompts x {samples} samples, T={temperature}, top-p={top_p})")
+    for line in protocol_lines(report.protocol):
+        console.print(escape(line), style="bold yellow" if line.startswith("PAPER CONFOUNDS") else "dim")
+    table = Table(title=f"{mode} x{intervention.strength:g} at {site} site, layers {escape(layers)}, positions "
+                        f"{escape(positions)} ({len(prompts)} prompts x {samples} samples, T={temperature}, "
+                        f"top-p={top_p})")
     for col in ("concept", "control rate", "perturbed rate", "change", "log p control", "log p perturbed", "change"):
         table.add_column(col, justify="left" if col == "concept" else "right")
     for label, c in report.concepts.items():

@@ -15,8 +15,14 @@ For a direction chunk (unit u, typical projection p):
     freeze / suppress h <- h - b * <h, u> u
 
 Positions: `prompt` (all prompt tokens), `prompt-last:K` (the last K prompt
-tokens), `generated` (every generated token), `all`. Hooks are removed on
-every exit path.
+tokens), `prompt[a:b]` (a Python slice over the prompt's tokens; the paper's
+`prompt[-4:-1]`), `generated` (every generated token), `all`. Hooks are
+removed on every exit path.
+
+Sites: `residual` (above) or `attention`: the same edit on the input of each
+block's attention-side norm (`ModelLayout.attention_norm`), so attention reads
+the edited values while the residual stream, and so the MLP and later blocks'
+skip connections, carry the unedited ones.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from chunktui.shared.errors import ChunkError
 from chunktui.engine.hooks import block_hooks
 from chunktui.engine.devices import module_device
 from chunktui.engine.models import LoadedModel
-from chunktui.shared.settings import DEFAULT_STRENGTH, MODES, Positions  # noqa: F401  (one source of truth)
+from chunktui.shared.settings import DEFAULT_STRENGTH, MODES, Positions, check_site  # noqa: F401  (one source of truth)
 from chunktui.engine.streaming import PhaseFlag, decode
 from chunktui.shared.settings import Sampling
 from chunktui.engine.tokens import encode_prompt, eos_ids
@@ -49,8 +55,11 @@ class Intervention:
     strength: float | None = None
     positions: Positions = field(default_factory=lambda: Positions("prompt"))
     layer_means: torch.Tensor | None = None  # (L+1, d) corpus means, for mean-ablate
+    site: str = "residual"  # residual | attention
+    chunk_layer_shift: int = 0  # block l writes the chunk of layer l - shift (the paper's code: 1)
 
     def __post_init__(self):
+        self.site = check_site(self.site)
         if self.mode not in MODES:
             raise ChunkError(f"Unknown mode '{self.mode}': use one of {', '.join(MODES)}.")
         if self.strength is None:
@@ -63,12 +72,17 @@ class Intervention:
 
     @property
     def layers(self) -> list[int]:
-        return sorted({c.layer for c in self.chunks})
+        """The blocks edited."""
+        return sorted({c.layer + self.chunk_layer_shift for c in self.chunks})
 
     def describe(self) -> dict:
-        return {"mode": self.mode, "strength": self.strength, "positions": str(self.positions),
-                "layers": self.layers, "chunks": [c.id for c in self.chunks],
-                "labels": sorted({c.label for c in self.chunks})}
+        out = {"mode": self.mode, "strength": self.strength, "positions": str(self.positions),
+               "layers": self.layers, "site": self.site, "chunks": [c.id for c in self.chunks],
+               "labels": sorted({c.label for c in self.chunks})}
+        if self.chunk_layer_shift:
+            out["chunk_layer_shift"] = self.chunk_layer_shift
+            out["chunk_layers"] = sorted({c.layer for c in self.chunks})
+        return out
 
 
 def select_chunks(dictionary: ChunkDictionary, names: Sequence[str], layers: Sequence[int] | None) -> list[Chunk]:
@@ -152,40 +166,48 @@ def intervene(loaded: LoadedModel, intervention: Intervention | None, phase: Pha
         def hook(module, args, kwargs):
             # On a dispatched model the stream arrives from the previous block's device; the edit runs where
             # this block computes (its templates live there), which is where accelerate would move it anyway.
-            h = args[0] if args else kwargs["hidden_states"]
+            key = None if args else next(k for k in ("hidden_states", "input", "x") if k in kwargs)
+            h = args[0] if args else kwargs[key]
             if h.device != edit.device:
                 h = h.to(edit.device)
             B, T, _ = h.shape
             if phase.phase == "prefill":
                 if positions.kind == "generated":
                     return None
-                where = torch.zeros(B, T, dtype=torch.bool, device=h.device)
-                if positions.kind == "prompt-last":
-                    where[:, max(0, T - positions.k):] = True  # left padding: the last K columns
-                else:
-                    where[:] = True
-                if prompt_lengths is not None:  # never edit left padding
-                    lengths = torch.tensor(list(prompt_lengths), device=h.device)
-                    where &= torch.arange(T, device=h.device)[None, :] >= (T - lengths)[:, None]
+                where = prefill_mask(positions, B, T, prompt_lengths, h.device)
             else:
-                if positions.kind not in ("generated", "all"):
+                if not positions.edits_generated:
                     return None
                 where = torch.ones(B, T, dtype=torch.bool, device=h.device)
             new = edit.apply(h, where)
             if args:
                 return (new,) + tuple(args[1:]), kwargs
-            kwargs = dict(kwargs, hidden_states=new)
+            kwargs = dict(kwargs, **{key: new})
             return args, kwargs
         return hook
 
     edits = {}
+    shift = intervention.chunk_layer_shift
     for layer in intervention.layers:
-        chunks = [c for c in intervention.chunks if c.layer == layer]
-        mean = intervention.layer_means[layer] if intervention.layer_means is not None else None
+        chunks = [c for c in intervention.chunks if c.layer + shift == layer]
+        mean = intervention.layer_means[layer - shift] if intervention.layer_means is not None else None
         device = module_device(layout.blocks[layer], loaded.device)  # this block's device, when dispatched
         edits[layer] = make_hook(_LayerEdit(chunks, intervention.mode, intervention.strength, mean, device, loaded.dtype))
-    with block_hooks(layout, edits=edits):
+    with block_hooks(layout, edits=edits, site=intervention.site):
         yield
+
+
+def prefill_mask(positions: Positions, batch: int, width: int, prompt_lengths: Sequence[int] | None,
+                 device=None) -> torch.Tensor:
+    """(batch, width) bool: the prefill columns `positions` edits. Prompts are left-padded to `width`; padding
+    is never edited. Without `prompt_lengths` every row is taken to fill the width."""
+    lengths = list(prompt_lengths) if prompt_lengths is not None else [width] * batch
+    where = torch.zeros(batch, width, dtype=torch.bool)
+    for row, n in enumerate(lengths):
+        n = min(int(n), width)
+        for i in positions.prompt_indices(n):
+            where[row, width - n + i] = True
+    return where.to(device) if device is not None else where
 
 
 # --------------------------------------------------------------------------- comparison runner
@@ -276,28 +298,42 @@ def next_token_logprobs(loaded: LoadedModel, prompts: list[str], intervention: I
     return torch.cat(out)
 
 
+def scored_text(row: Continuation, score_prompt: bool = False) -> str:
+    """What occurrence is scored on: the continuation, or prompt + continuation (the paper code's confound)."""
+    return f"{row.prompt} {row.text}" if score_prompt else row.text
+
+
 @dataclass
 class ComparisonReport:
     settings: dict
     intervention: dict
     concepts: dict  # label -> {control_rate, perturbed_rate, delta_rate, logprob_control, logprob_perturbed, delta_logprob}
     pairs: list[dict]
+    protocol: dict | None = None  # the resolved protocol settings (Engine.compare), printed in full
 
     def to_json(self) -> dict:
-        return {"settings": self.settings, "intervention": self.intervention, "concepts": self.concepts,
-                "pairs": self.pairs}
+        out = {"settings": self.settings, "intervention": self.intervention, "concepts": self.concepts,
+               "pairs": self.pairs}
+        if self.protocol is not None:
+            out["protocol"] = self.protocol
+        return out
 
 
 def compare(loaded: LoadedModel, intervention: Intervention, prompts: list[str], samples: int = 1,
             sampling: Sampling | None = None, chat: bool = True, batch_size: int = 16,
             control: list[Continuation] | None = None, cancel: threading.Event | None = None,
-            progress=None) -> ComparisonReport:
-    """Same prompts, sampling settings and seeds with and without the intervention."""
+            progress=None, control_sampling: Sampling | None = None, score_prompt: bool = False) -> ComparisonReport:
+    """Same prompts, sampling settings and seeds with and without the intervention.
+
+    `control_sampling` (the paper code's confound: top-p 0.5 in the control arm) and `score_prompt` (the word is
+    also looked for in the prompt, as the code's batch_decode of prompt + continuation does) exist to measure
+    those deviations; both are recorded in the settings."""
     if not prompts:
         raise ChunkError("No prompts to compare on.")
     sampling = sampling or Sampling(max_new_tokens=48, temperature=0.8, top_p=0.9)
+    control_sampling = control_sampling or sampling
     if control is None:
-        control = run_arm(loaded, prompts, samples, sampling, None, chat, batch_size, cancel,
+        control = run_arm(loaded, prompts, samples, control_sampling, None, chat, batch_size, cancel,
                              progress=(lambda d, t: progress("control", d / t)) if progress else None)
     perturbed = run_arm(loaded, prompts, samples, sampling, intervention, chat, batch_size, cancel,
                            progress=(lambda d, t: progress("perturbed", d / t)) if progress else None)
@@ -308,8 +344,8 @@ def compare(loaded: LoadedModel, intervention: Intervention, prompts: list[str],
         ids = first_token_ids(loaded, label)
         lc = lp_control[:, ids].logsumexp(-1)  # probability of any first-token form, in log space
         lpert = lp_perturbed[:, ids].logsumexp(-1)
-        c_rate = sum(occurs(label, c.text) for c in control) / len(control)
-        p_rate = sum(occurs(label, c.text) for c in perturbed) / len(perturbed)
+        c_rate = sum(occurs(label, scored_text(c, score_prompt)) for c in control) / len(control)
+        p_rate = sum(occurs(label, scored_text(c, score_prompt)) for c in perturbed) / len(perturbed)
         concepts[label] = {"control_rate": c_rate, "perturbed_rate": p_rate, "delta_rate": p_rate - c_rate,
                            "logprob_control": float(lc.mean()), "logprob_perturbed": float(lpert.mean()),
                            "delta_logprob": float((lpert - lc).mean()),
@@ -318,6 +354,9 @@ def compare(loaded: LoadedModel, intervention: Intervention, prompts: list[str],
     for c, p in zip(control, perturbed):
         pairs.append({"prompt": c.prompt, "seed": c.seed, "control": c.text, "perturbed": p.text,
                       "diff": token_diff(loaded.tokenizer, c.ids, p.ids)})
-    return ComparisonReport(settings=dict(sampling.describe(), chat=chat, samples=samples, prompts=len(prompts),
-                                          identical_sampling_both_arms=True),
+    settings = dict(sampling.describe(), chat=chat, samples=samples, prompts=len(prompts),
+                    identical_sampling_both_arms=control_sampling == sampling, scoring_includes_prompt=score_prompt)
+    if control_sampling != sampling:
+        settings["control_sampling"] = control_sampling.describe()
+    return ComparisonReport(settings=settings,
                             intervention=intervention.describe(), concepts=concepts, pairs=pairs)
