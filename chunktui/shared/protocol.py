@@ -81,6 +81,7 @@ class Compare:
     prompt: str
     sampling: Sampling
     chat: bool = True
+    site: str = "residual"  # residual | attention
 
 
 @dataclass

@@ -19,6 +19,7 @@ from chunktui.palette import label_colours
 from chunktui.shared.errors import ExportError
 from chunktui.shared.io import DICTIONARY_METADATA_KEY, atomic_write_text, safetensors_metadata
 from chunktui.shared.session import SESSION_FORMAT, SESSION_VERSION
+from chunktui.shared.settings import protocol_lines
 
 FORMATS = ("json", "md", "html", "csv")
 
@@ -162,8 +163,14 @@ def _intervention_line(run: dict) -> str:
     iv = run.get("intervention", {})
     layers = iv.get("layers", [])
     span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else (str(layers[0]) if layers else "?")
-    return (f"{iv.get('mode', '?')} x{iv.get('strength', '?')} of {', '.join(iv.get('labels', []))} at layers "
-            f"{span}, positions {iv.get('positions', '?')}")
+    line = (f"{iv.get('mode', '?')} x{iv.get('strength', '?')} of {', '.join(iv.get('labels', []))} at layers "
+            f"{span}, positions {iv.get('positions', '?')}, {iv.get('site', 'residual')} site")
+    protocol = run.get("protocol") or {}
+    if protocol.get("protocol") == "paper":
+        line += ", protocol paper"
+    if protocol.get("paper_confounds"):
+        line += " WITH THE PAPER CODE'S CONFOUNDS (for measuring them, not a fair comparison)"
+    return line
 
 
 def render_json(session: dict) -> str:
@@ -188,6 +195,8 @@ def render_markdown(session: dict) -> str:
             out += ["No token matched a chunk.", ""]
     for i, run in enumerate(session.get("runs", []), 1):
         out += [f"## Perturbation {i}: {_intervention_line(run)}", ""]
+        if run.get("protocol"):
+            out += [f"- {line}" for line in protocol_lines(run["protocol"])] + [""]
         out += ["| concept | control rate | perturbed rate | change | log p control | log p perturbed | change |",
                 "|---|---:|---:|---:|---:|---:|---:|"]
         for label, c in run.get("concepts", {}).items():
@@ -262,6 +271,8 @@ def render_html(session: dict) -> str:
         out.append(f'<p class="legend">{legend or "no chunk matched"}</p>')
     for i, run in enumerate(session.get("runs", []), 1):
         out.append(f"<h2>Perturbation {i}: {e(_intervention_line(run))}</h2>")
+        if run.get("protocol"):
+            out += [f"<p>{e(line)}</p>" for line in protocol_lines(run["protocol"])]
         out.append("<table><tr><th>concept</th><th>control rate</th><th>perturbed rate</th><th>change</th>"
                    "<th>log p control</th><th>log p perturbed</th><th>change</th></tr>")
         for label, c in run.get("concepts", {}).items():

@@ -10,8 +10,8 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Button, Checkbox, Input, Label, OptionList, Select, Static
 from textual.widgets.option_list import Option
 
-from chunktui.shared.settings import (DEFAULT_LAYERS, DEFAULT_MODE, DEFAULT_POSITIONS, DEFAULT_STRENGTH, MODES,
-                                              POSITION_CHOICES, Positions)
+from chunktui.shared.settings import (DEFAULT_LAYERS, DEFAULT_MODE, DEFAULT_POSITIONS, DEFAULT_SITE,
+                                      DEFAULT_STRENGTH, MODES, POSITION_CHOICES, SITES, Positions, check_site)
 from chunktui.shared import validate
 from chunktui.shared.protocol import Compare
 from chunktui.tui.colours import token_style
@@ -41,6 +41,9 @@ class PerturbPane(Vertical):
             yield Select([(p, p) for p in POSITION_CHOICES], value=DEFAULT_POSITIONS, allow_blank=False,
                          id="perturb-positions",
                          compact=True)
+            yield Select([(s, s) for s in SITES], value=DEFAULT_SITE, allow_blank=False, id="perturb-site",
+                         compact=True, tooltip="residual: the stream entering each block; attention: only what "
+                                               "each block's attention reads (the residual stream is left as it was)")
             yield Button("Regenerate", id="regenerate", variant="primary", compact=True)
         with Horizontal(classes="form-row"):
             yield Input(DEFAULT_PROMPT, id="perturb-prompt", placeholder="prompt", compact=True)
@@ -70,8 +73,9 @@ class PerturbPane(Vertical):
         prompt = validate.prompt_text(q("perturb-prompt").value.strip())
         layers = validate.layer_spec(q("perturb-layers").value.strip() or DEFAULT_LAYERS)
         positions = str(Positions.parse(str(q("perturb-positions").value)))
+        site = check_site(str(q("perturb-site").value))
         return Compare(names=names, mode=mode, strength=strength, layers=layers, positions=positions, prompt=prompt,
-                       sampling=self.query_one(SamplingFields).sampling(), chat=q("perturb-chat").value)
+                       sampling=self.query_one(SamplingFields).sampling(), chat=q("perturb-chat").value, site=site)
 
     def add_run(self, run: dict) -> None:
         self.runs.append(run)
@@ -79,7 +83,8 @@ class PerturbPane(Vertical):
         iv = run["intervention"]
         change = ", ".join(f"{label} Δlog p {c['delta_logprob']:+.2f}" for label, c in run["concepts"].items())
         history.add_option(Option(f"{len(self.runs)}. {iv['mode']} x{iv['strength']:g} "
-                                  f"{','.join(iv['labels'])} L{_span(iv['layers'])} @{iv['positions']}: {change}",
+                                  f"{','.join(iv['labels'])} L{_span(iv['layers'])} @{iv['positions']} "
+                                  f"{iv.get('site', 'residual')}: {change}",
                                   id=str(len(self.runs) - 1)))
         history.highlighted = len(self.runs) - 1
         self.show_run(run)
@@ -87,7 +92,8 @@ class PerturbPane(Vertical):
     def show_run(self, run: dict, colours: dict[str, str] | None = None) -> None:
         iv = run["intervention"]
         summary = Text(f"{iv['mode']} x{iv['strength']:g} of {', '.join(iv['labels'])} at layers "
-                       f"{_span(iv['layers'])}, positions {iv['positions']}; same seed and sampling in both arms",
+                       f"{_span(iv['layers'])}, positions {iv['positions']}, {iv.get('site', 'residual')} site; "
+                       "same seed and sampling in both arms",
                        style="dim")
         for label, c in run["concepts"].items():
             summary.append(f"\n{label}", style=token_style((colours or getattr(self.app, "colours", {})).get(label), no_color=self.app.no_color))
