@@ -13,7 +13,7 @@
     answers come out empty.
 
     python benchmarks/paper_tables.py [--per-category 5] [--concepts cheese,cake,chocolate,coffee,pizza]
-        [--max-new-tokens 32] [--samples 1] [--threads 1] [--skip-detection] [--json out.json]
+        [--max-new-tokens 24] [--samples 1] [--threads 1] [--parts abcd] [--json out.json]
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ PAPER_CATEGORIES = {  # the paper's question experiment: control, grafted (mean 
 }
 PAPER_MEAN = (0.129, 0.488)
 PAPER_SAE_TP = {"cheese": 0.39, "cake": 0.32, "cheesecake": 0.26}
-COLUMNS = (("paper", "paper", False), ("paper+confounds", "paper", True), ("chunktui default", "default", False))
+# (column, protocol, confounds, options set on top): the fourth column is the paper's protocol with the chat
+# template on, since the built-in model is an instruct model that often answers a bare question with nothing
+COLUMNS = (("paper", "paper", False, {}), ("paper+confounds", "paper", True, {}),
+           ("chunktui default", "default", False, {}), ("paper, chat template", "paper", False, {"chat": True}))
 
 
 def bootstrap(hits: dict[str, torch.Tensor], n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -99,8 +102,8 @@ def grafting(loaded, dictionary, categories: dict[str, list[str]], concepts: lis
     questions = [q for qs in categories.values() for q in qs]
     cls_of = {q: c for c, qs in categories.items() for q in qs}
     out = {}
-    for name, protocol, confounds in COLUMNS:
-        s = resolve_protocol(protocol, confounds, "graft", {"max_new_tokens": max_new_tokens})
+    for name, protocol, confounds, options in COLUMNS:
+        s = resolve_protocol(protocol, confounds, "graft", dict(options, max_new_tokens=max_new_tokens))
         sampling = Sampling(max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], top_p=s["top_p"],
                             seed=seed)
         control_sampling = Sampling(max_new_tokens=s["max_new_tokens"], temperature=s["temperature"],
@@ -224,15 +227,30 @@ def freezing(loaded, dictionary, concepts: list[str], seed: int) -> dict:
 def print_freezing(freeze: dict) -> None:
     print("\n(c) FREEZING (to 0) at blocks 2-9 on inviting completions (sample_data/inviting.jsonl, no chat template): "
           "change in log p(concept's first token), mean over prompts (lowered in k of n); a random subpopulation "
-          "of the same size per layer is the control")
-    conditions = list(next(iter(freeze.values()))["conditions"])
-    print(f"{'concept':<11}{'log p':>7}{'|M|':>5}" + "".join(f"{c:>34}" for c in conditions))
-    for concept, f in freeze.items():
-        cells = [f"{v['delta']:+.2f} ({v['lowered']}/{f['prompts']})" for v in f["conditions"].values()]
-        print(f"{concept:<11}{f['logprob_control']:>7.2f}{f['mean_subpopulation']:>5.0f}" + "".join(f"{c:>34}" for c in cells))
-    all_d = {c: [d for f in freeze.values() for d in f["conditions"][c]["deltas"]] for c in conditions}
-    print(f"{'all':<11}{'':>7}{'':>5}" + "".join(
-        f"{sum(v) / len(v):+.2f} ({sum(x < 0 for x in v)}/{len(v)})".rjust(34) for v in all_d.values()))
+          "of the same size per layer, frozen the same way, is the control")
+    concepts = list(freeze)
+    conditions = list(freeze[concepts[0]]["conditions"])
+    print(f"{'site, positions, what is frozen':<44}" + "".join(f"{c:>14}" for c in concepts) + f"{'all':>14}")
+    print(f"{'(log p without freezing; mean |M|)':<44}" + "".join(
+        f"{freeze[c]['logprob_control']:>8.2f}; {freeze[c]['mean_subpopulation']:.0f}" for c in concepts))
+    for cond in conditions:
+        cells = [f"{freeze[c]['conditions'][cond]['delta']:+.2f} ({freeze[c]['conditions'][cond]['lowered']}/"
+                 f"{freeze[c]['prompts']})" for c in concepts]
+        allv = [d for c in concepts for d in freeze[c]["conditions"][cond]["deltas"]]
+        cells.append(f"{sum(allv) / len(allv):+.2f} ({sum(x < 0 for x in allv)}/{len(allv)})")
+        print(f"{cond:<44}" + "".join(f"{x:>14}" for x in cells))
+
+
+def _sparse(chunks, keep: int):
+    """The same chunks restricted to the `keep` neurons whose template is furthest from zero (a sparser chunk)."""
+    from chunktui.engine.dictionary import Chunk
+
+    out = []
+    for c in chunks:
+        top = c.template.abs().topk(min(keep, c.size)).indices
+        out.append(Chunk(id=f"{c.id}-top{keep}", label=c.label, layer=c.layer, subpopulation=c.subpopulation[top],
+                         template=c.template[top]))
+    return out
 
 
 def attention_trial(loaded, dictionary) -> dict:
@@ -245,36 +263,48 @@ def attention_trial(loaded, dictionary) -> dict:
     stops = sorted(eos_ids(loaded))
     tok = loaded.tokenizer
     greedy = Sampling(max_new_tokens=12, temperature=0.0)
-    out = {}
-    chunks = select_chunks(dictionary, ["cheese"], list(range(2, 30)))
-    out["mean_subpopulation"] = sum(c.size for c in chunks) / len(chunks)
+    layers = list(range(2, 30))
+    cheese = select_chunks(dictionary, ["cheese"], layers)
+    dog = select_chunks(dictionary, ["dog"], layers)
+    out = {"mean_subpopulation": sum(c.size for c in cheese) / len(cheese), "settings": {}}
+    conditions = [(True, "attention", 1.0, "cheese", cheese), (True, "attention", 0.3, "cheese", cheese),
+                  (True, "attention", 0.05, "cheese", cheese), (True, "attention", 1.0, "dog", dog),
+                  (True, "attention", 1.0, "cheese top-64", _sparse(cheese, 64)),
+                  (True, "residual", 1.0, "cheese", cheese), (True, "residual", 0.3, "cheese", cheese),
+                  (True, "residual", 0.05, "cheese", cheese),
+                  (False, "attention", 1.0, "cheese", cheese), (False, "residual", 1.0, "cheese", cheese)]
+    base = {}
     for chat in (True, False):
-        base_lp = next_token_logprobs(loaded, questions, None, chat=chat)
-        for site in ("attention", "residual"):
-            for strength in (1.0, 0.3, 0.05):
-                iv = Intervention(chunks, "graft", strength, Positions.parse("prompt[-1:]"), site=site)
-                lp = next_token_logprobs(loaded, questions, iv, chat=chat)
-                rows = run_arm(loaded, questions, 1, greedy, iv, chat, 12)
-                top = lp.mean(0).topk(3).indices.tolist()
-                out[f"chat {'on' if chat else 'off'}, {site}, x{strength:g}"] = {
-                    "p_eos_first": float(lp[:, stops].exp().sum(-1).mean()),
-                    "p_eos_first_control": float(base_lp[:, stops].exp().sum(-1).mean()),
-                    "empty": sum(not r.text.strip() for r in rows) / len(rows),
-                    "top_first_tokens": [tok.decode([i]) for i in top],
-                    "control_top_first_tokens": [tok.decode([i]) for i in base_lp.mean(0).topk(3).indices.tolist()],
-                    "example": rows[0].text}
+        lp = next_token_logprobs(loaded, questions, None, chat=chat)
+        rows = run_arm(loaded, questions, 1, greedy, None, chat, 12)
+        base[chat] = {"p_eos_first": float(lp[:, stops].exp().sum(-1).mean()),
+                      "empty": sum(not r.text.strip() for r in rows) / len(rows),
+                      "eos_top": sum(int(lp[i].argmax()) in stops for i in range(len(questions))),
+                      "top_first_tokens": [tok.decode([i]) for i in lp.mean(0).topk(3).indices.tolist()]}
+        out[f"chat {'on' if chat else 'off'}, no edit"] = base[chat]
+    for chat, site, strength, what, chunks in conditions:
+        iv = Intervention(chunks, "graft", strength, Positions.parse("prompt[-1:]"), site=site)
+        lp = next_token_logprobs(loaded, questions, iv, chat=chat)
+        rows = run_arm(loaded, questions, 1, greedy, iv, chat, 12)
+        out[f"chat {'on' if chat else 'off'}, {site}, {what} x{strength:g}"] = {
+            "p_eos_first": float(lp[:, stops].exp().sum(-1).mean()),
+            "empty": sum(not r.text.strip() for r in rows) / len(rows),
+            "eos_top": sum(int(lp[i].argmax()) in stops for i in range(len(questions))),
+            "top_first_tokens": [tok.decode([i]) for i in lp.mean(0).topk(3).indices.tolist()],
+            "example": rows[0].text}
     return out
 
 
 def print_attention_trial(trial: dict) -> None:
-    print(f"\n(d) THE ATTENTION-SITE HAND TRIAL: cheese chunks (mean |M| {trial['mean_subpopulation']:.0f} of 576), "
-          "blocks 2-29, positions prompt[-1:], 12 questions, greedy, 12 new tokens")
-    print(f"{'setting':<32}{'empty':>7}{'P(EOS first)':>14}{'control':>9}   top first tokens (control)")
+    print(f"\n(d) THE ATTENTION-SITE HAND TRIAL: graft at blocks 2-29, positions prompt[-1:], 12 questions "
+          f"(sample_data/questions.txt), greedy, 12 new tokens; the cheese chunks hold {trial['mean_subpopulation']:.0f} "
+          "of 576 neurons on average; 'top-64': the same chunks cut to the 64 neurons with the largest template")
+    print(f"{'setting':<44}{'empty':>7}{'EOS top-1':>11}{'P(EOS first)':>14}   top first tokens (mean log p)")
     for key, r in trial.items():
-        if key == "mean_subpopulation":
+        if not isinstance(r, dict) or "empty" not in r:
             continue
-        print(f"{key:<32}{r['empty']:>7.2f}{r['p_eos_first']:>14.3f}{r['p_eos_first_control']:>9.3f}   "
-              f"{json.dumps(r['top_first_tokens'])} ({json.dumps(r['control_top_first_tokens'])})")
+        print(f"{key:<44}{r['empty']:>7.2f}{r['eos_top']:>8}/12{r['p_eos_first']:>14.3f}   "
+              f"{json.dumps(r['top_first_tokens'])}")
 
 
 @click.command()
@@ -284,15 +314,15 @@ def print_attention_trial(trial: dict) -> None:
 @click.option("--per-category", default=5, show_default=True, help="the first K questions of each class")
 @click.option("--concepts", default="cheese,cake,chocolate,coffee,pizza", show_default=True)
 @click.option("--samples", default=1, show_default=True)
-@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--max-new-tokens", default=24, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--threads", default=1, show_default=True)
-@click.option("--skip-detection", is_flag=True)
-@click.option("--skip-grafting", is_flag=True)
+@click.option("--parts", default="abcd", show_default=True,
+              help="which tables: a detection, b grafting, c freezing, d the attention-site hand trial")
 @click.option("--json", "json_out", default=None)
 def main(spec, dict_path, categories, per_category, concepts, samples, max_new_tokens, seed, batch_size, threads,
-         skip_detection, skip_grafting, json_out):
+         parts, json_out):
     from chunktui.engine.dictionary import load_dictionary
     from chunktui.engine.models import load_model
     from chunktui.shared.texts import iter_jsonl
@@ -311,22 +341,24 @@ def main(spec, dict_path, categories, per_category, concepts, samples, max_new_t
     print(f"model {loaded.name}, {threads} thread(s), seed {seed}; dictionary {dict_path}")
     result = {"model": loaded.name, "seed": seed, "threads": threads, "per_category": per_category,
               "concepts": concept_list, "samples": samples, "max_new_tokens": max_new_tokens}
-    t0 = time.perf_counter()
-    result["attention_trial"] = attention_trial(loaded, dictionary)
-    print_attention_trial(result["attention_trial"])
-    print(f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
-    t0 = time.perf_counter()
-    result["freezing"] = freezing(loaded, dictionary, concept_list, seed)
-    print_freezing(result["freezing"])
-    print(f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
-    if not skip_grafting:
+    if "d" in parts:
+        t0 = time.perf_counter()
+        result["attention_trial"] = attention_trial(loaded, dictionary)
+        print_attention_trial(result["attention_trial"])
+        print(f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+    if "c" in parts:
+        t0 = time.perf_counter()
+        result["freezing"] = freezing(loaded, dictionary, concept_list, seed)
+        print_freezing(result["freezing"])
+        print(f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+    if "b" in parts:
         t0 = time.perf_counter()
         graft = grafting(loaded, dictionary, chosen, concept_list, samples, max_new_tokens, seed, batch_size)
         table = summarise_grafting(graft, classes)
         print_grafting(table, classes, graft, per_category, concept_list, samples)
         print(f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
         result["grafting"] = {"table": table, "runs": graft}
-    if not skip_detection:
+    if "a" in parts:
         t0 = time.perf_counter()
         result["detection"] = detection(loaded, threads)
         print_detection(result["detection"])

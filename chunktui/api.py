@@ -217,14 +217,15 @@ class Engine:
                 layers: str | None = None, positions: str | None = None, samples: int = 1,
                 sampling: Sampling | None = None, chat: bool | None = None, batch_size: int = 16,
                 cancel: threading.Event | None = None, progress=None, intervention=None, site: str | None = None,
-                protocol: str | None = None, paper_confounds: bool = False):
+                protocol: str | None = None, paper_confounds: bool = False, layer_diff: bool = False):
         """Control and perturbed arms with identical prompts, sampling and seeds (a ComparisonReport).
 
         `intervention` (from `engine.intervention(...)`) replaces chunks/mode/strength/layers/positions/site.
         `protocol="paper"` takes the paper's question-experiment settings (`shared.settings.PAPER_PROTOCOL`) for
         whatever is left unset (None); `paper_confounds=True` adds the paper code's three deviations. Without
         `sampling`, the protocol's temperature, top-p and length are used. The resolved settings are in the
-        report's `protocol` field."""
+        report's `protocol` field. `layer_diff=True` adds to each pair the chunks matched at each generated token
+        and layer in both runs and their difference (`engine.perturb.layer_match_diff`)."""
         from chunktui.engine.perturb import compare
         from chunktui.shared.settings import overridden, resolve_protocol
 
@@ -244,7 +245,8 @@ class Engine:
         kwargs = {"progress": progress} if progress is not None else {}
         report = compare(self.loaded, intervention, prompts, samples=samples, sampling=sampling,
                          chat=settings["chat"], batch_size=batch_size, cancel=cancel,
-                         control_sampling=control_sampling, score_prompt=settings["score_prompt"], **kwargs)
+                         control_sampling=control_sampling, score_prompt=settings["score_prompt"],
+                         match_dictionary=self.dictionary if layer_diff else None, **kwargs)
         settings.update(site=intervention.site, positions=str(intervention.positions),
                         strength=intervention.strength, chunk_layer_shift=intervention.chunk_layer_shift,
                         layers=_span(intervention.layers), chat=report.settings["chat"],

@@ -123,6 +123,7 @@ def perturb_cmd(ctx, model_spec, device, dtype, dict_path, chunk_names, mode, st
     with progress:
         report = engine.compare(None, prompts, intervention=intervention, samples=samples, sampling=sampling,
                                 chat=chat, batch_size=batch_size, protocol=protocol, paper_confounds=paper_confounds,
+                                layer_diff=target is not None,
                                 progress=lambda stage, frac: update(stage, frac, f"{stage} arm"))
     for line in protocol_lines(report.protocol):
         console.print(escape(line), style="bold yellow" if line.startswith("PAPER CONFOUNDS") else "dim")

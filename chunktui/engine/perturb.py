@@ -322,7 +322,8 @@ class ComparisonReport:
 def compare(loaded: LoadedModel, intervention: Intervention, prompts: list[str], samples: int = 1,
             sampling: Sampling | None = None, chat: bool = True, batch_size: int = 16,
             control: list[Continuation] | None = None, cancel: threading.Event | None = None,
-            progress=None, control_sampling: Sampling | None = None, score_prompt: bool = False) -> ComparisonReport:
+            progress=None, control_sampling: Sampling | None = None, score_prompt: bool = False,
+            match_dictionary: ChunkDictionary | None = None) -> ComparisonReport:
     """Same prompts, sampling settings and seeds with and without the intervention.
 
     `control_sampling` (the paper code's confound: top-p 0.5 in the control arm) and `score_prompt` (the word is
@@ -354,9 +355,80 @@ def compare(loaded: LoadedModel, intervention: Intervention, prompts: list[str],
     for c, p in zip(control, perturbed):
         pairs.append({"prompt": c.prompt, "seed": c.seed, "control": c.text, "perturbed": p.text,
                       "diff": token_diff(loaded.tokenizer, c.ids, p.ids)})
+    if match_dictionary is not None:  # what changed, layer by layer (`layer_match_diff`)
+        for pair, c, p in zip(pairs, control, perturbed):
+            pair["layer_diff"] = layer_match_diff(loaded, match_dictionary, intervention,
+                                                  encode_prompt(loaded, c.prompt, chat), c, p)
     settings = dict(sampling.describe(), chat=chat, samples=samples, prompts=len(prompts),
                     identical_sampling_both_arms=control_sampling == sampling, scoring_includes_prompt=score_prompt)
     if control_sampling != sampling:
         settings["control_sampling"] = control_sampling.describe()
     return ComparisonReport(settings=settings,
                             intervention=intervention.describe(), concepts=concepts, pairs=pairs)
+
+
+# --------------------------------------------------------------------------- what changed, layer by layer
+
+
+@torch.no_grad()
+def replay_states(loaded: LoadedModel, prompt_ids: list[int], generated: list[int],
+                  intervention: Intervention | None) -> torch.Tensor:
+    """(len(generated), L+1, d): each generated token's states as its run computed them (the state of a token is
+    the one computed when it is fed), with the run's intervention in place: the prompt in a prefill pass, the
+    generated tokens in one decode pass over the KV cache, so edits fall where they fell in the run."""
+    from chunktui.engine.hooks import ResidualRecorder
+    from chunktui.engine.streaming import _cache_arg, _cache_out
+
+    layout = loaded.layout
+    if not generated:
+        return torch.zeros(0, layout.n_states, loaded.hidden_size)
+    phase = PhaseFlag()
+    with intervene(loaded, intervention, phase, prompt_lengths=[len(prompt_ids)]):
+        out = loaded.model(input_ids=torch.tensor([prompt_ids], device=loaded.device), use_cache=True)
+        phase.phase = "decode"
+        with ResidualRecorder(layout) as rec:
+            loaded.model(input_ids=torch.tensor([generated], device=loaded.device), use_cache=True,
+                         **{_cache_arg(loaded.model): _cache_out(out)})
+        return rec.states()[0].float().cpu()
+
+
+def layer_match_diff(loaded: LoadedModel, dictionary: ChunkDictionary, intervention: Intervention,
+                     prompt_ids: list[int], control: Continuation, perturbed: Continuation) -> dict:
+    """For each generated token and layer: the chunks matched in the control run and in the perturbed run, and
+    their difference (appeared: matched only when perturbed; disappeared: only in the control).
+
+    Tokens are paired by index; `diverged_at` is the first index where the two texts' tokens differ (None when
+    they agree throughout) and each token says whether it is still `aligned` (same token, same prefix). Only
+    layers where either run matched something are listed."""
+    from chunktui.engine.matching import PackedDictionary
+
+    stops = eos_ids(loaded)
+    a = [t for t in control.ids if t not in stops]
+    b = [t for t in perturbed.ids if t not in stops]
+    layers = list(range(loaded.layout.n_states))
+    packed = PackedDictionary(dictionary.chunks, loaded.hidden_size, layers)
+    hits = []
+    for ids, iv in ((a, None), (b, intervention)):
+        states = replay_states(loaded, prompt_ids, ids, iv)
+        hits.append(packed.match(states).hit.cpu() if len(ids) else torch.zeros(0, len(packed.chunks), dtype=torch.bool))
+    names = [c.id for c in packed.chunks]
+    chunk_layer = [c.layer for c in packed.chunks]
+    diverged = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if diverged is None and len(a) != len(b):
+        diverged = min(len(a), len(b))
+    tokens = []
+    tok = loaded.tokenizer
+    for i in range(min(len(a), len(b))):
+        per_layer = {}
+        by_layer: dict[int, tuple[list[str], list[str]]] = {}
+        for side, row in enumerate((hits[0][i], hits[1][i])):
+            for c in row.nonzero().flatten().tolist():
+                by_layer.setdefault(chunk_layer[c], ([], []))[side].append(names[c])
+        for layer in sorted(by_layer):
+            ca, cb = sorted(by_layer[layer][0]), sorted(by_layer[layer][1])
+            if ca or cb:
+                per_layer[str(layer)] = {"control": ca, "perturbed": cb, "appeared": sorted(set(cb) - set(ca)),
+                                         "disappeared": sorted(set(ca) - set(cb))}
+        tokens.append({"index": i, "control": tok.decode([a[i]]), "perturbed": tok.decode([b[i]]),
+                       "aligned": diverged is None or i < diverged, "layers": per_layer})
+    return {"diverged_at": diverged, "tokens": tokens}

@@ -205,8 +205,35 @@ def render_markdown(session: dict) -> str:
         out.append("")
         for pair in run.get("pairs", []):
             out += [f"**{pair.get('prompt', '')}** (seed {pair.get('seed')})", "",
-                    f"- control: {pair.get('control', '')}", f"- perturbed: {_md_diff(pair)}", ""]
+                    f"- control: {pair.get('control', '')}", f"- perturbed: {_md_diff(pair)}"]
+            out += [f"- {line}" for line in layer_diff_lines(pair)] + [""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def layer_diff_lines(pair: dict, limit: int = 12) -> list[str]:
+    """What the perturbation changed, layer by layer, in words: where the texts diverge, then per aligned token
+    the chunks that appeared (+) and disappeared (-) at each layer. Empty without a `layer_diff`."""
+    diff = pair.get("layer_diff")
+    if not diff:
+        return []
+    at = diff.get("diverged_at")
+    tokens = diff.get("tokens", [])
+    lines = ["layer diff: the texts agree throughout" if at is None else
+             f"layer diff: the texts diverge at generated token {at}"
+             + (f" ({tokens[at]['control']!r} vs {tokens[at]['perturbed']!r})" if at < len(tokens) else "")]
+    shown = 0
+    for t in tokens:
+        if not t.get("aligned", True) and t["index"] != at:
+            break
+        changes = [f"L{layer} " + " ".join([f"+{c}" for c in d["appeared"]] + [f"-{c}" for c in d["disappeared"]])
+                   for layer, d in t.get("layers", {}).items() if d["appeared"] or d["disappeared"]]
+        if changes:
+            if shown == limit:
+                lines.append("...")
+                break
+            lines.append(f"token {t['index']} {t['perturbed']!r}: " + "; ".join(changes))
+            shown += 1
+    return lines
 
 
 def _md_diff(pair: dict) -> str:
@@ -288,6 +315,7 @@ def render_html(session: dict) -> str:
             out.append(f"<p><b>{e(pair.get('prompt', ''))}</b> (seed {e(str(pair.get('seed')))})</p>")
             out.append(f'<div class="pair"><div><b>control</b>\n{control}</div>'
                        f"<div><b>perturbed</b>\n{perturbed}</div></div>")
+            out += [f"<p class=legend>{e(line)}</p>" for line in layer_diff_lines(pair)]
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 

@@ -29,3 +29,14 @@ def test_perturb_protocol_paper_on_the_builtin_model(smol, tmp_path, monkeypatch
     assert rep["settings"]["chat"] is False and not protocol["paper_confounds"]
     assert protocol["overridden"] == ["max_new_tokens"]
     assert "protocol paper" in r.output and "prompt[-4:-1]" in r.output
+    diff = rep["pairs"][0]["layer_diff"]  # what the graft changed, token by token and layer by layer
+    generated = len(smol.tokenizer(rep["pairs"][0]["perturbed"], add_special_tokens=False)["input_ids"])
+    assert diff["tokens"] and len(diff["tokens"]) <= 12
+    first = diff["tokens"][0]
+    assert set(first) == {"index", "control", "perturbed", "aligned", "layers"}
+    for token in diff["tokens"]:
+        for layer, d in token["layers"].items():
+            assert set(d["appeared"]) == set(d["perturbed"]) - set(d["control"])
+            assert all(c.endswith(f"@{layer}") for c in d["control"] + d["perturbed"])
+    assert diff["diverged_at"] is None or diff["tokens"][diff["diverged_at"] - 1]["aligned"] or diff["diverged_at"] == 0
+    assert generated >= 0

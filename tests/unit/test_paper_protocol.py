@@ -226,3 +226,79 @@ def test_cli_paper_protocol_json_states_every_setting(tmp_path, tiny_dict):
     r = CliRunner().invoke(main, ["perturb", "--model", "random:llama-tiny", "--dict", str(path), "--chunk", "cheese",
                                   "--site", "attention", "--positions", "prompt[1:", "--prompt", "x"])
     assert r.exit_code == 2 and "prompt[START:STOP]" in r.output
+
+
+# ------------------------------------------------------------------------------ what changed, layer by layer
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt[-3:-1]", "generated"])
+def test_replayed_states_are_the_states_of_the_run(tiny_model, tiny_dict, positions):
+    """The states layer_match_diff matches are those the perturbed run computed, edits included."""
+    from chunktui.engine.perturb import replay_states
+    from chunktui.engine.streaming import decode
+
+    dictionary, _ = tiny_dict
+    iv = Intervention(select_chunks(dictionary, ["cheese"], [1, 2]), "graft", 1.0, Positions.parse(positions))
+    prompt = [0, 290, 279, 262, 350]
+    phase = PhaseFlag()
+    steps, tokens = [], []
+    with intervene(tiny_model, iv, phase, prompt_lengths=[len(prompt)]):
+        for step in decode(tiny_model, [prompt], Sampling(max_new_tokens=5, temperature=1.0, seed=2), record=True,
+                           phase=phase):
+            steps.append(step.hidden[0])
+            tokens.append(int(step.tokens[0]))
+    # step k's states are those of token k-1 fed back in; the last token is never fed
+    replayed = replay_states(tiny_model, prompt, tokens[:-1], iv)
+    assert torch.allclose(replayed, torch.stack(steps[:-1]).float(), atol=1e-4)
+    plain = replay_states(tiny_model, prompt, tokens[:-1], None)
+    assert not torch.allclose(plain, replayed, atol=1e-4)
+
+
+def test_layer_match_diff_marks_divergence_and_differences(tiny_model, tiny_dict):
+    from chunktui.engine.perturb import Continuation, layer_match_diff
+
+    dictionary, _ = tiny_dict
+    prompt = [0, 290, 279, 262, 350]
+    iv = Intervention(select_chunks(dictionary, ["cheese"], [1, 2]), "graft", 1.0, Positions("all"))
+    same = Continuation("p", 0, [350, 94, 33], "")
+    other = Continuation("p", 0, [350, 94, 120, 7], "")
+    diff = layer_match_diff(tiny_model, dictionary, iv, prompt, same, other)
+    assert diff["diverged_at"] == 2
+    assert [t["aligned"] for t in diff["tokens"]] == [True, True, False]
+    graft_hits = 0
+    for t in diff["tokens"]:
+        for layer, d in t["layers"].items():
+            assert set(d["appeared"]) == set(d["perturbed"]) - set(d["control"])
+            assert set(d["disappeared"]) == set(d["control"]) - set(d["perturbed"])
+            assert all(c.endswith(f"@{layer}") for c in d["control"] + d["perturbed"])
+            graft_hits += f"cheese@{layer}" in d["perturbed"] and layer in ("1", "2")
+    assert graft_hits == 6  # grafted to the template at every token: cheese matches at both edited layers
+    noop = Intervention(select_chunks(dictionary, ["cheese"], [1]), "graft", 0.0, Positions("all"))
+    quiet = layer_match_diff(tiny_model, dictionary, noop, prompt, same, same)
+    assert quiet["diverged_at"] is None
+    assert all(not d["appeared"] and not d["disappeared"] for t in quiet["tokens"] for d in t["layers"].values())
+
+
+def test_reports_carry_the_site_the_confound_label_and_the_layer_diff():
+    from chunktui.shared.reports import render, render_markdown
+
+    pair = {"prompt": "Q?", "seed": 0, "control": "A dog", "perturbed": "A cheese",
+            "diff": [{"op": "equal", "control": "A", "perturbed": "A"},
+                     {"op": "replace", "control": " dog", "perturbed": " cheese"}],
+            "layer_diff": {"diverged_at": 1, "tokens": [
+                {"index": 0, "control": "A", "perturbed": "A", "aligned": True,
+                 "layers": {"3": {"control": ["dog@3"], "perturbed": ["cheese@3"], "appeared": ["cheese@3"],
+                                  "disappeared": ["dog@3"]}}},
+                {"index": 1, "control": " dog", "perturbed": " cheese", "aligned": False, "layers": {}}]}}
+    run = {"intervention": {"mode": "graft", "strength": 1.0, "positions": "prompt[-4:-1]", "layers": [2, 3],
+                            "site": "attention", "labels": ["cheese"], "chunks": ["cheese@1", "cheese@2"]},
+           "protocol": resolve_protocol("paper", True, "graft", {"site": "attention"}),
+           "concepts": {"cheese": {"control_rate": 0.0, "perturbed_rate": 1.0, "delta_rate": 1.0,
+                                   "logprob_control": -5.0, "logprob_perturbed": -1.0, "delta_logprob": 4.0}},
+           "settings": {}, "pairs": [pair]}
+    session = {"format": "chunktui-session", "version": 1, "traces": [], "runs": [run]}
+    md = render_markdown(session)
+    assert "attention site" in md and "WITH THE PAPER CODE'S CONFOUNDS" in md and CONFOUND_LABEL in md
+    assert "diverge at generated token 1" in md and "token 0 'A': L3 +cheese@3 -dog@3" in md
+    html = render(session, "html")
+    assert "+cheese@3 -dog@3" in html and "PAPER CONFOUNDS ON" in html
