@@ -14,7 +14,7 @@ def test_perturb_protocol_paper_on_the_builtin_model(smol, tmp_path, monkeypatch
     monkeypatch.setattr("chunktui.cli.perturb.load_with_progress", lambda *a, **k: smol)  # the shared model
     out = tmp_path / "paper.json"
     r = CliRunner().invoke(main, ["perturb", "--protocol", "paper", "--chunk", "cheese", "--prompt",
-                                  "What is a good snack for a long walk?", "--max-new-tokens", "12",
+                                  "My favourite thing to eat on a long walk is", "--max-new-tokens", "12",
                                   "--json", str(out)])
     assert r.exit_code == 0, r.output
     rep = json.loads(out.read_text())
@@ -30,13 +30,16 @@ def test_perturb_protocol_paper_on_the_builtin_model(smol, tmp_path, monkeypatch
     assert protocol["overridden"] == ["max_new_tokens"]
     assert "protocol paper" in r.output and "prompt[-4:-1]" in r.output
     diff = rep["pairs"][0]["layer_diff"]  # what the graft changed, token by token and layer by layer
-    generated = len(smol.tokenizer(rep["pairs"][0]["perturbed"], add_special_tokens=False)["input_ids"])
-    assert diff["tokens"] and len(diff["tokens"]) <= 12
-    first = diff["tokens"][0]
-    assert set(first) == {"index", "control", "perturbed", "aligned", "layers"}
+    assert 0 < len(diff["tokens"]) <= 12, "a completion prompt: both runs write something, at most 12 tokens"
+    assert set(diff["tokens"][0]) == {"index", "control", "perturbed", "aligned", "layers"}
+    cut = diff["diverged_at"] if diff["diverged_at"] is not None else len(diff["tokens"])
     for token in diff["tokens"]:
+        assert token["aligned"] == (token["index"] < cut)
+        if token["aligned"]:
+            assert token["control"] == token["perturbed"]
         for layer, d in token["layers"].items():
             assert set(d["appeared"]) == set(d["perturbed"]) - set(d["control"])
+            assert set(d["disappeared"]) == set(d["control"]) - set(d["perturbed"])
             assert all(c.endswith(f"@{layer}") for c in d["control"] + d["perturbed"])
-    assert diff["diverged_at"] is None or diff["tokens"][diff["diverged_at"] - 1]["aligned"] or diff["diverged_at"] == 0
-    assert generated >= 0
+    if cut < len(diff["tokens"]):
+        assert diff["tokens"][cut]["control"] != diff["tokens"][cut]["perturbed"]
