@@ -13,6 +13,7 @@ from click.core import ParameterSource
 
 from chunktui.shared.settings import (DEFAULT_LAYERS, DEFAULT_POSITIONS, DEFAULT_SITE, MODES, PROTOCOLS, SITES,
                                       protocol_lines, resolve_protocol)
+from chunktui.shared.reports import layer_diff_lines
 from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 
 
@@ -140,6 +141,8 @@ def perturb_cmd(ctx, model_spec, device, dtype, dict_path, chunk_names, mode, st
         console.print(f"[bold]{escape(pair['prompt'])}[/] (seed {pair['seed']})")
         console.print(f"  [dim]control  :[/] {escape(pair['control'][:300])}")
         console.print(f"  [dim]perturbed:[/] {escape(pair['perturbed'][:300])}")
+        for line in layer_diff_lines(pair, limit=6):
+            console.print(f"  [dim]{escape(line)}[/]")
     if target is not None:
         target.write_json(dict(report.to_json(), model=loaded.name, dictionary=str(dictionary.path)))
         note("wrote", str(target.path), style="default")
