@@ -192,6 +192,36 @@ def print_grafting(table: dict, classes: list[str], graft: dict, per_category: i
         for n in table))
 
 
+FUNCTION_WORDS = ("the", "in", "a", "of", "is")
+
+
+def function_word_rates(graft: dict) -> dict:
+    """What the confounds do where the control rate is not 0: occurrence of function words (the paper's 75 words
+    include "in" and "the") in the control arms, top-p 0.9 (paper) against 0.5 (paper+confounds), scored on the
+    continuation and on prompt + continuation. Read from the control texts already generated; no model run."""
+    from chunktui.engine.perturb import occurs
+
+    out = {}
+    for name in ("paper", "paper+confounds"):
+        if name not in graft:
+            continue
+        rows = next(iter(graft[name]["concepts"].values()))  # the control arm is the same for every concept
+        out[name] = {w: {"continuation": sum(occurs(w, r["control"]) for r in rows) / len(rows),
+                         "prompt + continuation": sum(occurs(w, f"{r['prompt']} {r['control']}") for r in rows)
+                         / len(rows)} for w in FUNCTION_WORDS}
+    return out
+
+
+def print_function_words(rates: dict) -> None:
+    print("\nthe confounds where the control is not 0: function words in the control arms "
+          "(continuation / prompt + continuation)")
+    print(f"{'control arm':<34}" + "".join(f"{w:>14}" for w in FUNCTION_WORDS))
+    for name, r in rates.items():
+        label = "top-p 0.9 (paper)" if name == "paper" else "top-p 0.5 (the code's control)"
+        print(f"{label:<34}" + "".join(f"{r[w]['continuation']:.2f} / {r[w]['prompt + continuation']:.2f}".rjust(14)
+                                       for w in FUNCTION_WORDS))
+
+
 def freezing(loaded, dictionary, concepts: list[str], seed: int) -> dict:
     from chunktui.engine.dictionary import Chunk
     from chunktui.engine.perturb import Intervention, Positions, first_token_ids, next_token_logprobs, select_chunks
@@ -356,6 +386,9 @@ def main(spec, dict_path, categories, per_category, concepts, samples, max_new_t
         graft = grafting(loaded, dictionary, chosen, concept_list, samples, max_new_tokens, seed, batch_size)
         table = summarise_grafting(graft, classes)
         print_grafting(table, classes, graft, per_category, concept_list, samples)
+        rates = function_word_rates(graft)
+        print_function_words(rates)
+        result["function_words"] = rates
         print(f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
         result["grafting"] = {"table": table, "runs": graft}
     if "a" in parts:
