@@ -264,7 +264,8 @@ class Server:
             return
         report = self.engine.compare(req.names, [req.prompt], mode=req.mode, strength=req.strength,
                                      layers=req.layers, positions=req.positions, samples=1, sampling=req.sampling,
-                                     chat=req.chat, batch_size=1, cancel=self.cancel, site=req.site)
+                                     chat=req.chat, batch_size=1, cancel=self.cancel, site=req.site,
+                                     layer_diff=True)
         if self.cancel.is_set():
             self.send(p.Failed("Perturbation cancelled", "The run was cancelled; nothing was recorded.",
                                severity="warning", task="perturb"))

@@ -14,6 +14,7 @@ from chunktui.shared.settings import (DEFAULT_LAYERS, DEFAULT_MODE, DEFAULT_POSI
                                       DEFAULT_STRENGTH, MODES, POSITION_CHOICES, SITES, Positions, check_site)
 from chunktui.shared import validate
 from chunktui.shared.protocol import Compare
+from chunktui.shared.reports import layer_diff_lines
 from chunktui.tui.colours import token_style
 from chunktui.tui.panes.stream_pane import DEFAULT_PROMPT, SamplingFields
 
@@ -100,8 +101,10 @@ class PerturbPane(Vertical):
             summary.append(f"  log p(first token) {c['logprob_control']:.2f} → {c['logprob_perturbed']:.2f} "
                            f"(Δ {c['delta_logprob']:+.2f})   in text: {c['control_rate']:.0%} → "
                            f"{c['perturbed_rate']:.0%}")
-        self.query_one("#perturb-summary", Static).update(summary)
         pair = run["pairs"][0] if run["pairs"] else None
+        for line in layer_diff_lines(pair, limit=3) if pair else []:  # what changed, layer by layer
+            summary.append(f"\n{line}", style="dim")
+        self.query_one("#perturb-summary", Static).update(summary)
         left, right = diff_texts(pair, self.app.no_color) if pair else (Text(""), Text(""))
         self.query_one("#side-control", Static).update(Text("control\n", style="bold dim") + left)
         self.query_one("#side-perturbed", Static).update(Text("perturbed\n", style="bold dim") + right)
