@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 
 import click
@@ -35,6 +36,17 @@ PAPER_SAE_TP = {"cheese": 0.39, "cake": 0.32, "cheesecake": 0.26}
 # template on, since the built-in model is an instruct model that often answers a bare question with nothing
 COLUMNS = (("paper", "paper", False, {}), ("paper+confounds", "paper", True, {}),
            ("chunktui default", "default", False, {}), ("paper, chat template", "paper", False, {"chat": True}))
+
+
+def _split_columns(text: str) -> list[str]:
+    """Column names separated by commas ('paper, chat template' and 'paper, K distinctive' hold one)."""
+    names, parts = [], [p.strip() for p in text.split(",")]
+    for part in parts:
+        if names and names[-1] == "paper" and (part == "chat template" or part.endswith("distinctive")):
+            names[-1] = f"paper, {part}"
+        else:
+            names.append(part)
+    return names
 
 
 def bootstrap(hits: dict[str, torch.Tensor], n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -93,8 +105,22 @@ def print_detection(det: dict) -> None:
           + " / ".join(f"{PAPER_SAE_TP[w]:.2f}" for w in ("cheese", "cake", "cheesecake")))
 
 
+def distinctive(chunks, keep: int, layer_means: torch.Tensor):
+    """The chunks cut to the `keep` neurons whose template lies furthest from the corpus mean of its layer: a
+    sparser, more concept-specific subpopulation (a further column; not how the sample dictionary is built)."""
+    from chunktui.engine.dictionary import Chunk
+
+    out = []
+    for c in chunks:
+        M = c.subpopulation.long()
+        top = (c.template - layer_means[c.layer][M]).abs().topk(min(keep, c.size)).indices
+        out.append(Chunk(id=f"{c.id}-d{keep}", label=c.label, layer=c.layer, subpopulation=M[top],
+                         template=c.template[top]))
+    return out
+
+
 def grafting(loaded, dictionary, categories: dict[str, list[str]], concepts: list[str], samples: int,
-             max_new_tokens: int, seed: int, batch_size: int) -> dict:
+             max_new_tokens: int, seed: int, batch_size: int, columns=None, sparse: int = 0) -> dict:
     from chunktui.engine.perturb import Intervention, Positions, occurs, run_arm, scored_text, select_chunks
     from chunktui.shared.settings import Sampling, resolve_protocol
     from chunktui.shared.validate import parse_layers
@@ -102,7 +128,7 @@ def grafting(loaded, dictionary, categories: dict[str, list[str]], concepts: lis
     questions = [q for qs in categories.values() for q in qs]
     cls_of = {q: c for c, qs in categories.items() for q in qs}
     out = {}
-    for name, protocol, confounds, options in COLUMNS:
+    for name, protocol, confounds, options in columns or COLUMNS:
         s = resolve_protocol(protocol, confounds, "graft", dict(options, max_new_tokens=max_new_tokens))
         sampling = Sampling(max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], top_p=s["top_p"],
                             seed=seed)
@@ -114,6 +140,8 @@ def grafting(loaded, dictionary, categories: dict[str, list[str]], concepts: lis
         col = {"settings": s, "concepts": {}, "seconds": 0.0}
         for concept in concepts:
             chunks = select_chunks(dictionary, [concept], [l - s["chunk_layer_shift"] for l in layers])
+            if sparse and name.endswith("distinctive"):
+                chunks = distinctive(chunks, sparse, dictionary.layer_means)
             iv = Intervention(chunks, "graft", s["strength"], Positions.parse(s["positions"]), site=s["site"],
                               chunk_layer_shift=s["chunk_layer_shift"])
             grafted = run_arm(loaded, questions, samples, sampling, iv, s["chat"], batch_size)
@@ -350,9 +378,12 @@ def print_attention_trial(trial: dict) -> None:
 @click.option("--threads", default=1, show_default=True)
 @click.option("--parts", default="abcd", show_default=True,
               help="which tables: a detection, b grafting, c freezing, d the attention-site hand trial")
+@click.option("--columns", default="paper,paper+confounds,chunktui default,paper, chat template", show_default=True,
+              help="grafting columns (b), separated by ';' or ','; 'paper, K distinctive' adds the paper's protocol "
+                   "with each chunk cut to its K most distinctive neurons (furthest from the corpus mean)")
 @click.option("--json", "json_out", default=None)
 def main(spec, dict_path, categories, per_category, concepts, samples, max_new_tokens, seed, batch_size, threads,
-         parts, json_out):
+         parts, columns, json_out):
     from chunktui.engine.dictionary import load_dictionary
     from chunktui.engine.models import load_model
     from chunktui.shared.texts import iter_jsonl
@@ -383,7 +414,16 @@ def main(spec, dict_path, categories, per_category, concepts, samples, max_new_t
         print(f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
     if "b" in parts:
         t0 = time.perf_counter()
-        graft = grafting(loaded, dictionary, chosen, concept_list, samples, max_new_tokens, seed, batch_size)
+        chosen_columns, sparse = [], 0
+        for name in [c.strip() for c in columns.split(";")] if ";" in columns else _split_columns(columns):
+            m = re.fullmatch(r"paper, (\d+) distinctive", name)
+            if m:
+                sparse = int(m.group(1))
+                chosen_columns.append((name, "paper", False, {}))
+            else:
+                chosen_columns.append(next(c for c in COLUMNS if c[0] == name))
+        graft = grafting(loaded, dictionary, chosen, concept_list, samples, max_new_tokens, seed, batch_size,
+                         chosen_columns, sparse)
         table = summarise_grafting(graft, classes)
         print_grafting(table, classes, graft, per_category, concept_list, samples)
         rates = function_word_rates(graft)
