@@ -427,7 +427,8 @@ def main(spec, dict_path, categories, per_category, concepts, samples, max_new_t
         table = summarise_grafting(graft, classes)
         print_grafting(table, classes, graft, per_category, concept_list, samples)
         rates = function_word_rates(graft)
-        print_function_words(rates)
+        if rates:
+            print_function_words(rates)
         result["function_words"] = rates
         print(f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
         result["grafting"] = {"table": table, "runs": graft}
