@@ -302,3 +302,16 @@ def test_reports_carry_the_site_the_confound_label_and_the_layer_diff():
     assert "diverge at generated token 1" in md and "token 0 'A': L3 +cheese@3 -dog@3" in md
     html = render(session, "html")
     assert "+cheese@3 -dog@3" in html and "PAPER CONFOUNDS ON" in html
+
+
+def test_question_categories_are_complete_and_hold_no_concept_word():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(root / "sample_data/tools/check_categories.py")], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout
+    assert all(f"{cls:<14}" in done.stdout for cls in ("abbreviation", "description", "entity", "human",
+                                                        "location", "numeric"))
