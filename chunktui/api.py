@@ -17,6 +17,7 @@ same `TokenStep`s the app draws).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -192,8 +193,12 @@ class Engine:
     # ------------------------------------------------------------------ perturbation
 
     def intervention(self, chunks: str | Sequence[str], mode: str = "graft", strength: float | None = None,
-                     layers: str = "2-9", positions: str = "prompt"):
-        """An Intervention from names: labels or chunk ids, each layer of `layers` using its own chunk."""
+                     layers: str = "2-9", positions: str = "prompt", site: str = "residual",
+                     chunk_layer_shift: int = 0):
+        """An Intervention from names: labels or chunk ids, each layer of `layers` using its own chunk.
+
+        `site`: residual (the stream entering each block) or attention (the input of its attention-side norm).
+        `chunk_layer_shift` 1 writes the chunk of layer l-1 at block l (the paper code's off-by-one)."""
         from chunktui.shared.validate import parse_layers
         from chunktui.engine.perturb import Intervention, Positions, select_chunks
 
@@ -209,32 +214,62 @@ class Engine:
         n_blocks = self.n_states - 1  # edits go into the stream entering blocks 0..L-1 ('all' means those)
         layer_list = list(range(n_blocks)) if str(layers).strip().lower() == "all" else \
             editable_layers(parse_layers(layers, self.n_states), n_blocks)
-        return Intervention(chunks=select_chunks(self.dictionary, names, layer_list), mode=mode, strength=strength,
-                            positions=Positions.parse(positions), layer_means=self.dictionary.layer_means)
+        chunk_layers = [l - chunk_layer_shift for l in layer_list if l - chunk_layer_shift >= 0]
+        return Intervention(chunks=select_chunks(self.dictionary, names, chunk_layers), mode=mode, strength=strength,
+                            positions=Positions.parse(positions), layer_means=self.dictionary.layer_means,
+                            site=site, chunk_layer_shift=chunk_layer_shift)
 
     def compare(self, chunks, prompts: str | Sequence[str], *, mode: str = "graft", strength: float | None = None,
-                layers: str = "2-9", positions: str = "prompt", samples: int = DEFAULT_SAMPLES,
-                sampling: Sampling | None = None, chat: bool = True, batch_size: int = 16,
+                layers: str | None = None, positions: str | None = None, samples: int = DEFAULT_SAMPLES,
+                sampling: Sampling | None = None, chat: bool | None = None, batch_size: int = 16,
                 cancel: threading.Event | None = None, progress: ProgressFn | None = None, intervention=None,
-                control: str | None = None, control_seed: int = 0, sweep: Sequence[float] | None = None):
+                control: str | None = None, control_seed: int = 0, sweep: Sequence[float] | None = None,
+                site: str | None = None, protocol: str | None = None, paper_confounds: bool = False,
+                layer_diff: bool = False):
         """Control and perturbed arms with identical prompts, sampling and seeds (a ComparisonReport).
 
-        `intervention` (from `engine.intervention(...)`) replaces chunks/mode/strength/layers/positions.
+        `intervention` (from `engine.intervention(...)`) replaces chunks/mode/strength/layers/positions/site.
         samples: continuations per prompt in each arm (rates come with Wilson 95% intervals).
         control: "subpopulation" or "direction" adds a random control intervention of the same size (seeded by
         control_seed). sweep: several strengths in one report (`report.sweep`; the top level is the first).
-        progress(stage, fraction, message): optional; hears of every batch, decoding step and finished prompt."""
+        progress(stage, fraction, message): optional; hears of every batch, decoding step and finished prompt.
+        `protocol="paper"` takes the paper's question-experiment settings (`shared.settings.PAPER_PROTOCOL`) for
+        whatever is left unset (None); `paper_confounds=True` adds the paper code's three deviations. Without
+        `sampling`, the protocol's temperature, top-p and length are used. The resolved settings are in the
+        report's `protocol` field. `layer_diff=True` adds to each pair the chunks matched at each generated token
+        and layer in both runs and their difference (`engine.perturb.layer_match_diff`)."""
         from chunktui.engine.perturb import compare
         from chunktui.shared import validate
+        from chunktui.shared.settings import overridden, resolve_protocol
 
-        intervention = intervention or self.intervention(chunks, mode, strength, layers, positions)
+        given = {"layers": layers, "positions": positions, "strength": strength, "site": site, "chat": chat}
+        if sampling is not None:
+            given.update(top_p=sampling.top_p, temperature=sampling.temperature,
+                         max_new_tokens=sampling.max_new_tokens)
+        settings = resolve_protocol(protocol, paper_confounds, intervention.mode if intervention else mode, given)
+        intervention = intervention or self.intervention(chunks, mode, settings["strength"], settings["layers"],
+                                                         settings["positions"], settings["site"],
+                                                         settings["chunk_layer_shift"])
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        sampling = sampling or Sampling(max_new_tokens=48, temperature=0.8, top_p=0.9)
+        sampling = sampling or Sampling(max_new_tokens=settings["max_new_tokens"],
+                                        temperature=settings["temperature"], top_p=settings["top_p"])
+        control_sampling = (dataclasses.replace(sampling, top_p=settings["control_top_p"])
+                            if settings["control_top_p"] is not None else None)
         samples = validate.samples(samples)
         strengths = validate.strengths(list(sweep), intervention.mode) if sweep is not None else None
-        return compare(self.loaded, intervention, prompts, samples=samples, sampling=sampling, chat=chat,
-                       batch_size=batch_size, cancel=cancel, progress=progress, control_kind=control,
-                       control_seed=validate.seed(control_seed, "control seed"), strengths=strengths)
+        report = compare(self.loaded, intervention, prompts, samples=samples, sampling=sampling,
+                         chat=settings["chat"], batch_size=batch_size, cancel=cancel, progress=progress,
+                         control_kind=control, control_seed=validate.seed(control_seed, "control seed"),
+                         strengths=strengths, control_sampling=control_sampling,
+                         score_prompt=settings["score_prompt"],
+                         match_dictionary=self.dictionary if layer_diff else None)
+        settings.update(site=intervention.site, positions=str(intervention.positions),
+                        strength=intervention.strength, chunk_layer_shift=intervention.chunk_layer_shift,
+                        layers=_span(intervention.layers), chat=report.settings["chat"],
+                        positions_meaning=intervention.positions.meaning())
+        settings["overridden"] = overridden(settings)
+        report.protocol = settings
+        return report
 
     # ------------------------------------------------------------------ dictionaries
 
@@ -274,3 +309,11 @@ class Engine:
         result = evaluate_dictionary(self.loaded, dictionary, LabelSource(corpus=corpus), **kwargs)
         records = result[0] if isinstance(result, tuple) else result
         return records, summarise_by_label(records)
+
+
+def _span(layers: Sequence[int]) -> str:
+    """2-9 for a run of blocks, else 1,3,5."""
+    layers = list(layers)
+    if len(layers) > 1 and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(map(str, layers))

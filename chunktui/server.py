@@ -277,7 +277,8 @@ class Server:
                                      layers=req.layers, positions=req.positions, samples=req.samples,
                                      sampling=req.sampling, chat=req.chat, batch_size=min(req.samples, 16),
                                      cancel=self.cancel, progress=progress, control=req.control,
-                                     control_seed=req.control_seed, sweep=req.sweep)
+                                     control_seed=req.control_seed, sweep=req.sweep, site=req.site,
+                                     layer_diff=True)
         if self.cancel.is_set():
             self.send(p.Failed("Perturbation cancelled", "The run was cancelled; nothing was recorded.",
                                severity="warning", task="perturb"))

@@ -20,8 +20,12 @@ from rich.table import Table
 from chunktui.cli.common import (checked, console, err_console, friendly_errors, load_with_progress, model_inputs, model_options,
                                  note, overwrite_option, plan_outputs, stage_progress)
 from chunktui.shared import validate
+from click.core import ParameterSource
+
 from chunktui.shared.perturb_stats import rate_text
-from chunktui.shared.settings import CONTROL_KINDS, DEFAULT_LAYERS, DEFAULT_POSITIONS, DEFAULT_SAMPLES, MODES
+from chunktui.shared.reports import layer_diff_lines
+from chunktui.shared.settings import (CONTROL_KINDS, DEFAULT_LAYERS, DEFAULT_POSITIONS, DEFAULT_SAMPLES, DEFAULT_SITE,
+                                      MODES, PROTOCOLS, SITES, protocol_lines, resolve_protocol)
 from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 
 
@@ -40,7 +44,19 @@ from chunktui.paths import DEFAULT_DICT_NAME, sample_path
               help="each layer uses the concept's chunk of that layer; 'all' = every block (0..L-1), since the "
                    "final norm's output L cannot be edited")
 @click.option("--positions", default=DEFAULT_POSITIONS, show_default=True,
-              help="prompt, prompt-last:K, generated or all")
+              help="prompt, prompt-last:K, prompt[START:STOP] (a Python slice over the prompt's tokens: "
+                   "prompt[-4:-1] is the three before the last), generated or all")
+@click.option("--site", default=DEFAULT_SITE, show_default=True, type=click.Choice(list(SITES)),
+              help="residual: edit the stream entering each block; attention: edit only the input of each "
+                   "block's attention-side norm (input_layernorm, ln_1), leaving the residual stream as it was")
+@click.option("--protocol", default="default", show_default=True, type=click.Choice(list(PROTOCOLS)),
+              help="paper: the paper's question experiment (residual site, blocks 2-9, prompt[-4:-1], graft to the "
+                   "template exactly, freeze to 0, top-p 0.9 in both arms, T 0.6, no chat template, 190 new "
+                   "tokens); options you give override it")
+@click.option("--paper-confounds", is_flag=True,
+              help="add the paper code's three deviations (chunk of layer l-1 at block l; control top-p 0.5 vs "
+                   "perturbed 0.9; scoring includes the prompt), to measure how much they move the result; "
+                   "implies --protocol paper")
 @click.option("--prompt", help="one prompt")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
               help="file of prompts, one per line (# comments), or .jsonl with a \"prompt\" field per line")
@@ -70,10 +86,12 @@ from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 @overwrite_option
 @click.option("--show", default=3, show_default=True, callback=checked(validate.non_negative_int),
               help="print this many pairs of continuations")
+@click.pass_context
 @friendly_errors
-def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strength, layers, positions, prompt,
-                prompts_file, limit, samples, sweep, control_kind, control_seed, max_new_tokens, temperature, top_p, seed,
-                chat, truncate, batch_size, json_out, overwrite, show) -> None:
+def perturb_cmd(ctx, model_spec, device, dtype, dict_path, chunk_names, mode, strength, layers, positions, site,
+                protocol, paper_confounds, prompt, prompts_file, limit, samples, sweep, control_kind, control_seed,
+                max_new_tokens, temperature, top_p, seed, chat, truncate, batch_size, json_out, overwrite,
+                show) -> None:
     """Regenerate with chunks grafted or suppressed; identical sampling and seeds in every arm."""
     from chunktui.api import Engine
     from chunktui.engine.dictionary import load_dictionary
@@ -87,6 +105,14 @@ def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strengt
     strengths = validate.strengths(sweep, mode, "--sweep")
     if strengths is not None and strength is not None:
         raise validate.InvalidValue("Give --strength or --sweep, not both (a sweep lists its strengths).")
+    given = {key: value for key, value in (("layers", layers), ("positions", positions), ("site", site),
+                                           ("strength", strength), ("top_p", top_p), ("temperature", temperature),
+                                           ("chat", chat), ("max_new_tokens", max_new_tokens))
+             if ctx.get_parameter_source(key) not in (ParameterSource.DEFAULT, None)}
+    settings = resolve_protocol(protocol, paper_confounds, mode, given)
+    layers, positions, site, strength = settings["layers"], settings["positions"], settings["site"], settings["strength"]
+    top_p, temperature, chat = settings["top_p"], settings["temperature"], settings["chat"]
+    max_new_tokens = settings["max_new_tokens"]
     where = Positions.parse(positions)
     validate.chunk_names(chunk_names, "--chunk")
     if seed + samples - 1 > validate.SEED_MAX:
@@ -107,7 +133,8 @@ def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strengt
     loaded = load_with_progress(model_spec, device, dtype)
     dictionary.check_compatible(loaded.identity())
     engine = Engine.from_loaded(loaded, dictionary)  # the same facade as the app's engine process and notebooks
-    intervention = engine.intervention(chunk_names, mode, strength, layers, str(where))  # 'all': blocks 0..L-1
+    intervention = engine.intervention(chunk_names, mode, strength, layers, str(where), site,
+                                       settings["chunk_layer_shift"])  # 'all': blocks 0..L-1
     from chunktui.engine.context import fit_prompt
 
     fitted = [fit_prompt(loaded, p, max_new_tokens, chat=chat, truncate=truncate) for p in prompts]
@@ -121,12 +148,15 @@ def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strengt
     with bar:
         report = engine.compare(None, prompts, intervention=intervention, samples=samples, sampling=sampling,
                                 chat=chat, batch_size=batch_size, progress=hear, control=control_kind,
-                                control_seed=control_seed, sweep=strengths)
+                                control_seed=control_seed, sweep=strengths, protocol=protocol,
+                                paper_confounds=paper_confounds, layer_diff=target is not None)
+    for line in protocol_lines(report.protocol):
+        console.print(escape(line), style="bold yellow" if line.startswith("PAPER CONFOUNDS") else "dim")
     entries = report.sweep or [{"strength": intervention.strength, "concepts": report.concepts,
                                 "fluency": report.fluency}]
     what = f"{mode} x" + ",".join(format(e["strength"], "g") for e in entries)
     arms = ["control", "perturbed"] + (["random"] if control_kind else [])
-    table = Table(title=f"{what} at layers {escape(layers)}, positions {escape(positions)}: {len(prompts)} prompts "
+    table = Table(title=f"{what} at {site} site, layers {escape(layers)}, positions {escape(positions)}: {len(prompts)} prompts "
                         f"x {samples} samples = {len(prompts) * samples} rows per arm (T={temperature}, top-p={top_p})",
                   caption="share of rows with the word [Wilson 95% interval]; Δ: change against the control arm "
                           "[Newcombe 95%]", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
@@ -165,6 +195,8 @@ def perturb_cmd(model_spec, device, dtype, dict_path, chunk_names, mode, strengt
         console.print(f"  [dim]perturbed:[/] {escape(pair['perturbed'][:300])}")
         if "random" in pair:
             console.print(f"  [dim]random   :[/] {escape(pair['random'][:300])}")
+        for line in layer_diff_lines(pair, limit=6):
+            console.print(f"  [dim]{escape(line)}[/]")
     if target is not None:
         target.write_json(dict(report.to_json(), model=loaded.name, dictionary=str(dictionary.path)))
         note("wrote", str(target.path), style="default")

@@ -27,15 +27,20 @@ PostHook = Callable[..., object]
 
 @contextlib.contextmanager
 def block_hooks(layout: "ModelLayout", *, edits: Mapping[int, PreHook] | None = None,
-                records: Mapping[int, PreHook] | None = None, final: PostHook | None = None) -> Iterator[None]:
+                records: Mapping[int, PreHook] | None = None, final: PostHook | None = None,
+                site: str = "residual") -> Iterator[None]:
     """Install edit pre-hooks (first), record pre-hooks (after them) and a final-norm hook; always removed.
 
-    `edits` and `records` map a block index to its hook; `final` records the final norm's output.
+    `edits` and `records` map a block index to its hook; `final` records the final norm's output. `site` says
+    where the edits go: `residual` on the block (the stream entering it), `attention` on the block's
+    attention-side norm (`layout.attention_norm`: what attention reads; the residual stream is untouched, so
+    the recorders, which read the residual stream, see it unedited).
     """
     handles = []
     try:
         for index, fn in (edits or {}).items():
-            handles.append(layout.blocks[index].register_forward_pre_hook(fn, with_kwargs=True, prepend=True))
+            module = layout.edit_module(index, site)
+            handles.append(module.register_forward_pre_hook(fn, with_kwargs=True, prepend=True))
         for index, fn in (records or {}).items():
             handles.append(layout.blocks[index].register_forward_pre_hook(fn, with_kwargs=True))
         if final is not None:

@@ -28,6 +28,35 @@ class ModelLayout:
         """Number of hidden-state indices, L + 1 (embedding output to final norm)."""
         return self.n_layers + 1
 
+    def attention_norm(self, index: int) -> nn.Module:
+        """Block `index`'s attention-side norm: its input is what attention reads (before the norm).
+
+        `input_layernorm` in the LLaMA family, Phi and GPT-NeoX, `ln_1` in GPT-2, `ln_attn` (new decoder
+        architecture) or `input_layernorm` in Falcon. A forward pre-hook on it edits what attention reads and
+        leaves the residual stream as it was. In Phi-1/2 and parallel-attention Falcon the same norm also feeds
+        the MLP, so there the edit reaches the MLP as well.
+        """
+        block = self.blocks[index]
+        for name in _ATTENTION_NORMS:
+            norm = getattr(block, name, None)
+            if isinstance(norm, nn.Module):
+                return norm
+        raise UnsupportedArchitectureError(
+            f"chunktui does not know the attention-side norm of a {self.architecture} block "
+            f"({type(block).__name__}); use --site residual.")
+
+    def edit_module(self, index: int, site: str) -> nn.Module:
+        """The module whose forward pre-hook edits block `index` at `site` (residual: the block itself)."""
+        if site == "residual":
+            return self.blocks[index]
+        if site == "attention":
+            return self.attention_norm(index)
+        raise ValueError(f"unknown site {site!r}")
+
+
+# attribute names of a block's attention-side norm, tried in order
+_ATTENTION_NORMS = ("ln_attn", "input_layernorm", "ln_1")
+
 
 # attribute paths of (blocks, final norm), tried in order
 _LAYOUTS: list[tuple[str, str, str]] = [

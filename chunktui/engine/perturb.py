@@ -15,8 +15,14 @@ For a direction chunk (unit u, typical projection p):
     freeze / suppress h <- h - b * <h, u> u
 
 Positions: `prompt` (all prompt tokens), `prompt-last:K` (the last K prompt
-tokens), `generated` (every generated token), `all`. Hooks are removed on
-every exit path.
+tokens), `prompt[a:b]` (a Python slice over the prompt's tokens; the paper's
+`prompt[-4:-1]`), `generated` (every generated token), `all`. Hooks are
+removed on every exit path.
+
+Sites: `residual` (above) or `attention`: the same edit on the input of each
+block's attention-side norm (`ModelLayout.attention_norm`), so attention reads
+the edited values while the residual stream, and so the MLP and later blocks'
+skip connections, carry the unedited ones.
 
 A control intervention (`control_intervention`) edits as much, somewhere
 else: `subpopulation` moves each PA chunk onto a random subpopulation of the
@@ -49,7 +55,7 @@ from chunktui.engine.hooks import block_hooks
 from chunktui.engine.devices import module_device
 from chunktui.engine.models import LoadedModel
 from chunktui.shared.settings import (CONTROL_KINDS, DEFAULT_SAMPLES, DEFAULT_STRENGTH, MODES,  # noqa: F401
-                                      Positions, ProgressFn)  # (one source of truth)
+                                      Positions, ProgressFn, check_site)  # (one source of truth)
 from chunktui.shared import perturb_stats as stats
 from chunktui.engine.streaming import PhaseFlag, decode
 from chunktui.shared.settings import Sampling
@@ -67,8 +73,11 @@ class Intervention:
     # a control intervention (see `control_intervention`): its kind and seed; "direction" is applied by the hooks
     control: str | None = None
     control_seed: int = 0
+    site: str = "residual"  # residual | attention
+    chunk_layer_shift: int = 0  # block l writes the chunk of layer l - shift (the paper's code: 1)
 
     def __post_init__(self):
+        self.site = check_site(self.site)
         if self.mode not in MODES:
             raise ChunkError(f"Unknown mode '{self.mode}': use one of {', '.join(MODES)}.")
         if self.strength is None:
@@ -81,12 +90,16 @@ class Intervention:
 
     @property
     def layers(self) -> list[int]:
-        return sorted({c.layer for c in self.chunks})
+        """The blocks edited."""
+        return sorted({c.layer + self.chunk_layer_shift for c in self.chunks})
 
     def describe(self) -> dict:
         out = {"mode": self.mode, "strength": self.strength, "positions": str(self.positions),
-               "layers": self.layers, "chunks": [c.id for c in self.chunks],
+               "layers": self.layers, "site": self.site, "chunks": [c.id for c in self.chunks],
                "labels": sorted({c.label for c in self.chunks})}
+        if self.chunk_layer_shift:
+            out["chunk_layer_shift"] = self.chunk_layer_shift
+            out["chunk_layers"] = sorted({c.layer for c in self.chunks})
         if self.control is not None:
             out["control"] = {"kind": self.control, "seed": self.control_seed}
         return out
@@ -239,43 +252,51 @@ def intervene(loaded: LoadedModel, intervention: Intervention | None, phase: Pha
         def hook(module, args, kwargs):
             # On a dispatched model the stream arrives from the previous block's device; the edit runs where
             # this block computes (its templates live there), which is where accelerate would move it anyway.
-            h = args[0] if args else kwargs["hidden_states"]
+            key = None if args else next(k for k in ("hidden_states", "input", "x") if k in kwargs)
+            h = args[0] if args else kwargs[key]
             if h.device != edit.device:
                 h = h.to(edit.device)
             B, T, _ = h.shape
             if phase.phase == "prefill":
                 if positions.kind == "generated":
                     return None
-                where = torch.zeros(B, T, dtype=torch.bool, device=h.device)
-                if positions.kind == "prompt-last":
-                    where[:, max(0, T - positions.k):] = True  # left padding: the last K columns
-                else:
-                    where[:] = True
-                if prompt_lengths is not None:  # never edit left padding
-                    lengths = torch.tensor(list(prompt_lengths), device=h.device)
-                    where &= torch.arange(T, device=h.device)[None, :] >= (T - lengths)[:, None]
+                where = prefill_mask(positions, B, T, prompt_lengths, h.device)
             else:
-                if positions.kind not in ("generated", "all"):
+                if not positions.edits_generated:
                     return None
                 where = torch.ones(B, T, dtype=torch.bool, device=h.device)
             new = edit.apply(h, where)
             if args:
                 return (new,) + tuple(args[1:]), kwargs
-            kwargs = dict(kwargs, hidden_states=new)
+            kwargs = dict(kwargs, **{key: new})
             return args, kwargs
         return hook
 
     edits = {}
+    shift = intervention.chunk_layer_shift
     for layer in intervention.layers:
-        chunks = [c for c in intervention.chunks if c.layer == layer]
-        mean = intervention.layer_means[layer] if intervention.layer_means is not None else None
+        chunks = [c for c in intervention.chunks if c.layer + shift == layer]
+        mean = intervention.layer_means[layer - shift] if intervention.layer_means is not None else None
         device = module_device(layout.blocks[layer], loaded.device)  # this block's device, when dispatched
         redirect = (random_direction(layout.hidden_size, intervention.control_seed, layer)
                     if intervention.control == "direction" else None)
         edits[layer] = make_hook(_LayerEdit(chunks, intervention.mode, intervention.strength, mean, device, loaded.dtype,
                                             redirect=redirect))
-    with block_hooks(layout, edits=edits):
+    with block_hooks(layout, edits=edits, site=intervention.site):
         yield
+
+
+def prefill_mask(positions: Positions, batch: int, width: int, prompt_lengths: Sequence[int] | None,
+                 device=None) -> torch.Tensor:
+    """(batch, width) bool: the prefill columns `positions` edits. Prompts are left-padded to `width`; padding
+    is never edited. Without `prompt_lengths` every row is taken to fill the width."""
+    lengths = list(prompt_lengths) if prompt_lengths is not None else [width] * batch
+    where = torch.zeros(batch, width, dtype=torch.bool)
+    for row, n in enumerate(lengths):
+        n = min(int(n), width)
+        for i in positions.prompt_indices(n):
+            where[row, width - n + i] = True
+    return where.to(device) if device is not None else where
 
 
 # --------------------------------------------------------------------------- comparison runner
@@ -431,6 +452,11 @@ def next_token_logprobs(loaded: LoadedModel, prompts: list[str], intervention: I
     return torch.cat(out)
 
 
+def scored_text(row: Continuation, score_prompt: bool = False) -> str:
+    """What occurrence is scored on: the continuation, or prompt + continuation (the paper code's confound)."""
+    return f"{row.prompt} {row.text}" if score_prompt else row.text
+
+
 @dataclass
 class ComparisonReport:
     settings: dict
@@ -440,12 +466,15 @@ class ComparisonReport:
     fluency: dict = field(default_factory=dict)  # arm -> perplexity, tokens, degenerate count / share / interval
     control_intervention: dict | None = None  # what the random control arm edited (None: no control arm)
     sweep: list[dict] | None = None  # one entry per strength, when a sweep was asked for
+    protocol: dict | None = None  # the resolved protocol settings (Engine.compare), printed in full
 
     def to_json(self) -> dict:
         out = {"settings": self.settings, "intervention": self.intervention, "concepts": self.concepts,
                "pairs": self.pairs, "fluency": self.fluency, "control_intervention": self.control_intervention}
         if self.sweep is not None:
             out["sweep"] = self.sweep
+        if self.protocol is not None:
+            out["protocol"] = self.protocol
         return out
 
 
@@ -472,12 +501,12 @@ def fluency_summary(rows: Sequence[Continuation], nll: Sequence[tuple[float, int
 
 
 def concept_stats(label: str, first_ids: list[int], arms: dict[str, list[Continuation]],
-                  logprobs: dict[str, torch.Tensor]) -> dict:
+                  logprobs: dict[str, torch.Tensor], score_prompt: bool = False) -> dict:
     """Occurrence of `label` in each arm (hits, rate, Wilson interval), changes against the control with
     Newcombe intervals, and the first-token log-probability per arm. The keys of a run without a control
     intervention are those earlier versions wrote, plus hits and intervals."""
     n = len(arms["control"])
-    hits = {name: sum(occurs(label, r.text) for r in rows) for name, rows in arms.items()}
+    hits = {name: sum(occurs(label, scored_text(r, score_prompt)) for r in rows) for name, rows in arms.items()}
     lp = {name: t[:, first_ids].logsumexp(-1) for name, t in logprobs.items()}  # any first-token form
     out = {"rows": n, "first_tokens": None}
     for name in arms:
@@ -503,14 +532,19 @@ def compare(loaded: LoadedModel, intervention: Intervention, prompts: list[str],
             sampling: Sampling | None = None, chat: bool = True, batch_size: int = 16,
             control: list[Continuation] | None = None, cancel: threading.Event | None = None,
             progress: ProgressFn | None = None, *, control_kind: str | None = None, control_seed: int = 0,
-            strengths: Sequence[float] | None = None) -> ComparisonReport:
+            strengths: Sequence[float] | None = None, control_sampling: Sampling | None = None,
+            score_prompt: bool = False, match_dictionary: ChunkDictionary | None = None) -> ComparisonReport:
     """Same prompts, sampling settings and seeds with and without the intervention.
 
     control: the unperturbed arm when already generated (reused across concepts by benchmarks).
     control_kind: "subpopulation" or "direction" adds a random control arm (`control_intervention`, seeded by
     control_seed) at every strength. strengths: a sweep; the report's top level is then the first strength and
     `sweep` holds every strength (the first included). progress(stage, fraction, message): optional, hears of
-    every batch, decoding step and finished prompt of every arm."""
+    every batch, decoding step and finished prompt of every arm.
+    `control_sampling` (the paper code's confound: top-p 0.5 in the control arm) and `score_prompt` (the word is
+    also looked for in the prompt, as the code's batch_decode of prompt + continuation does) exist to measure
+    those deviations; both are recorded in the settings. `match_dictionary` adds each pair's layer-by-layer
+    match diff (`layer_match_diff`) at the first strength."""
     if not prompts:
         raise ChunkError("No prompts to compare on.")
     if control_kind is not None and control_kind not in CONTROL_KINDS:
@@ -520,9 +554,12 @@ def compare(loaded: LoadedModel, intervention: Intervention, prompts: list[str],
     strengths = [float(x) for x in strengths] if swept else [intervention.strength]
     cancelled = lambda: cancel is not None and cancel.is_set()  # noqa: E731
 
-    def arm(name: str, iv: Intervention | None) -> list[Continuation]:
+    control_sampling = control_sampling or sampling
+
+    def arm(name: str, iv: Intervention | None, arm_sampling: Sampling = sampling) -> list[Continuation]:
         hear = (lambda frac, message: progress(name, frac, message)) if progress else None
-        return run_arm(loaded, prompts, samples, sampling, iv, chat, batch_size, cancel, progress=hear, name=name)
+        return run_arm(loaded, prompts, samples, arm_sampling, iv, chat, batch_size, cancel, progress=hear,
+                       name=name)
 
     def scored(name: str, rows: list[Continuation]) -> list[tuple[float, int]]:
         if progress:
@@ -530,7 +567,7 @@ def compare(loaded: LoadedModel, intervention: Intervention, prompts: list[str],
         return continuation_nll(loaded, rows, chat)
 
     if control is None:
-        control = arm("control", None)
+        control = arm("control", None, control_sampling)
     control_nll = scored("control", control)
     lp_control = next_token_logprobs(loaded, prompts, None, chat, batch_size)
     labels = sorted({c.label for c in intervention.chunks})
@@ -555,14 +592,17 @@ def compare(loaded: LoadedModel, intervention: Intervention, prompts: list[str],
             break
         concepts = {}
         for label in labels:
-            concepts[label] = concept_stats(label, first_ids[label], arms, lps)
+            concepts[label] = concept_stats(label, first_ids[label], arms, lps, score_prompt)
             concepts[label]["first_tokens"] = first_text[label]
         fluency = {name: fluency_summary(rows, nlls[name]) for name, rows in arms.items()}
         pairs = []
         for i, (c, pert) in enumerate(zip(arms["control"], arms["perturbed"])):
             pair = {"prompt": c.prompt, "seed": c.seed, "control": c.text, "perturbed": pert.text}
-            if not entries:  # the token diff, for the top-level strength's pairs
+            if not entries:  # the token diff and the layer diff, for the top-level strength's pairs
                 pair["diff"] = token_diff(loaded.tokenizer, c.ids, pert.ids)
+                if match_dictionary is not None:  # what changed, layer by layer (`layer_match_diff`)
+                    pair["layer_diff"] = layer_match_diff(loaded, match_dictionary, iv,
+                                                          encode_prompt(loaded, c.prompt, chat), c, pert)
             pair["fluency"] = {name: _row_fluency(rows[i].text, nlls[name][i]) for name, rows in arms.items()}
             if "random" in arms:
                 pair["random"] = arms["random"][i].text
@@ -570,9 +610,12 @@ def compare(loaded: LoadedModel, intervention: Intervention, prompts: list[str],
         entries.append({"strength": strength, "intervention": iv.describe(), "concepts": concepts,
                         "fluency": fluency, "pairs": pairs})
     settings = dict(sampling.describe(), chat=chat, samples=samples, prompts=len(prompts),
-                    identical_sampling_both_arms=True, identical_sampling_all_arms=True,
+                    identical_sampling_both_arms=control_sampling == sampling,
+                    identical_sampling_all_arms=control_sampling == sampling, scoring_includes_prompt=score_prompt,
                     interval=stats.INTERVAL, fluency_measure=FLUENCY_MEASURE,
                     cancelled=cancelled())
+    if control_sampling != sampling:
+        settings["control_sampling"] = control_sampling.describe()
     if not entries:  # cancelled before any perturbed arm finished
         return ComparisonReport(settings=settings, intervention=intervention.describe(), concepts={}, pairs=[])
     top = entries[0]
@@ -583,3 +626,70 @@ def compare(loaded: LoadedModel, intervention: Intervention, prompts: list[str],
     return ComparisonReport(settings=settings, intervention=top["intervention"], concepts=top["concepts"],
                             pairs=top["pairs"], fluency=top["fluency"], control_intervention=described_control,
                             sweep=sweep)
+
+
+# --------------------------------------------------------------------------- what changed, layer by layer
+
+
+@torch.no_grad()
+def replay_states(loaded: LoadedModel, prompt_ids: list[int], generated: list[int],
+                  intervention: Intervention | None) -> torch.Tensor:
+    """(len(generated), L+1, d): each generated token's states as its run computed them (the state of a token is
+    the one computed when it is fed), with the run's intervention in place: the prompt in a prefill pass, the
+    generated tokens in one decode pass over the KV cache, so edits fall where they fell in the run."""
+    from chunktui.engine.hooks import ResidualRecorder
+    from chunktui.engine.streaming import _cache_arg, _cache_out
+
+    layout = loaded.layout
+    if not generated:
+        return torch.zeros(0, layout.n_states, loaded.hidden_size)
+    phase = PhaseFlag()
+    with intervene(loaded, intervention, phase, prompt_lengths=[len(prompt_ids)]):
+        out = loaded.model(input_ids=torch.tensor([prompt_ids], device=loaded.device), use_cache=True)
+        phase.phase = "decode"
+        with ResidualRecorder(layout) as rec:
+            loaded.model(input_ids=torch.tensor([generated], device=loaded.device), use_cache=True,
+                         **{_cache_arg(loaded.model): _cache_out(out)})
+        return rec.states()[0].float().cpu()
+
+
+def layer_match_diff(loaded: LoadedModel, dictionary: ChunkDictionary, intervention: Intervention,
+                     prompt_ids: list[int], control: Continuation, perturbed: Continuation) -> dict:
+    """For each generated token and layer: the chunks matched in the control run and in the perturbed run, and
+    their difference (appeared: matched only when perturbed; disappeared: only in the control).
+
+    Tokens are paired by index; `diverged_at` is the first index where the two texts' tokens differ (None when
+    they agree throughout) and each token says whether it is still `aligned` (same token, same prefix). Only
+    layers where either run matched something are listed."""
+    from chunktui.engine.matching import PackedDictionary
+
+    stops = eos_ids(loaded)
+    a = [t for t in control.ids if t not in stops]
+    b = [t for t in perturbed.ids if t not in stops]
+    layers = list(range(loaded.layout.n_states))
+    packed = PackedDictionary(dictionary.chunks, loaded.hidden_size, layers)
+    hits = []
+    for ids, iv in ((a, None), (b, intervention)):
+        states = replay_states(loaded, prompt_ids, ids, iv)
+        hits.append(packed.match(states).hit.cpu() if len(ids) else torch.zeros(0, len(packed.chunks), dtype=torch.bool))
+    names = [c.id for c in packed.chunks]
+    chunk_layer = [c.layer for c in packed.chunks]
+    diverged = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if diverged is None and len(a) != len(b):
+        diverged = min(len(a), len(b))
+    tokens = []
+    tok = loaded.tokenizer
+    for i in range(min(len(a), len(b))):
+        per_layer = {}
+        by_layer: dict[int, tuple[list[str], list[str]]] = {}
+        for side, row in enumerate((hits[0][i], hits[1][i])):
+            for c in row.nonzero().flatten().tolist():
+                by_layer.setdefault(chunk_layer[c], ([], []))[side].append(names[c])
+        for layer in sorted(by_layer):
+            ca, cb = sorted(by_layer[layer][0]), sorted(by_layer[layer][1])
+            if ca or cb:
+                per_layer[str(layer)] = {"control": ca, "perturbed": cb, "appeared": sorted(set(cb) - set(ca)),
+                                         "disappeared": sorted(set(ca) - set(cb))}
+        tokens.append({"index": i, "control": tok.decode([a[i]]), "perturbed": tok.decode([b[i]]),
+                       "aligned": diverged is None or i < diverged, "layers": per_layer})
+    return {"diverged_at": diverged, "tokens": tokens}

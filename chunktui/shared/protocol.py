@@ -85,6 +85,7 @@ class Compare:
     sweep: list[float] | None = None  # several strengths in one run (replaces strength); None: one strength
     control: str | None = None  # a random control intervention: "subpopulation" or "direction" (shared.settings)
     control_seed: int = 0
+    site: str = "residual"  # residual | attention
 
 
 @dataclass

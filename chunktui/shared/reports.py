@@ -19,6 +19,7 @@ from chunktui.palette import label_colours
 from chunktui.shared.errors import ExportError
 from chunktui.shared.io import DICTIONARY_METADATA_KEY, atomic_write_text, safetensors_metadata
 from chunktui.shared.session import SESSION_FORMAT, SESSION_VERSION
+from chunktui.shared.settings import protocol_lines
 
 FORMATS = ("json", "md", "html", "csv")
 
@@ -220,8 +221,14 @@ def _intervention_line(run: dict) -> str:
     iv = run.get("intervention", {})
     layers = iv.get("layers", [])
     span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else (str(layers[0]) if layers else "?")
-    return (f"{iv.get('mode', '?')} x{iv.get('strength', '?')} of {', '.join(iv.get('labels', []))} at layers "
-            f"{span}, positions {iv.get('positions', '?')}")
+    line = (f"{iv.get('mode', '?')} x{iv.get('strength', '?')} of {', '.join(iv.get('labels', []))} at layers "
+            f"{span}, positions {iv.get('positions', '?')}, {iv.get('site', 'residual')} site")
+    protocol = run.get("protocol") or {}
+    if protocol.get("protocol") == "paper":
+        line += ", protocol paper"
+    if protocol.get("paper_confounds"):
+        line += " WITH THE PAPER CODE'S CONFOUNDS (for measuring them, not a fair comparison)"
+    return line
 
 
 def render_json(session: dict) -> str:
@@ -257,6 +264,8 @@ def render_markdown(session: dict) -> str:
         out += [f"## Perturbation {i}: {_intervention_line(run)}", ""]
         if _settings_line(run.get("settings")):
             out += [f"- settings: {_settings_line(run.get('settings'))}", ""]
+        if run.get("protocol"):
+            out += [f"- {line}" for line in protocol_lines(run["protocol"])] + [""]
         out += ["| concept | control rate | perturbed rate | change | log p control | log p perturbed | change |",
                 "|---|---:|---:|---:|---:|---:|---:|"]
         for label, c in run.get("concepts", {}).items():
@@ -265,7 +274,8 @@ def render_markdown(session: dict) -> str:
         out.append("")
         for pair in run.get("pairs", []):
             out += [f"**{pair.get('prompt', '')}** (seed {pair.get('seed')})", "",
-                    f"- control: {pair.get('control', '')}", f"- perturbed: {_md_diff(pair)}", ""]
+                    f"- control: {pair.get('control', '')}", f"- perturbed: {_md_diff(pair)}"]
+            out += [f"- {line}" for line in layer_diff_lines(pair)] + [""]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -275,6 +285,32 @@ def _md_mark(text: str, mark: str) -> str:
     lead = text[:len(text) - len(text.lstrip())]
     trail = text[len(text.rstrip()):]
     return f"{lead}{mark}{core}{mark}{trail}"
+
+
+def layer_diff_lines(pair: dict, limit: int = 12) -> list[str]:
+    """What the perturbation changed, layer by layer, in words: where the texts diverge, then per aligned token
+    the chunks that appeared (+) and disappeared (-) at each layer. Empty without a `layer_diff`."""
+    diff = pair.get("layer_diff")
+    if not diff:
+        return []
+    at = diff.get("diverged_at")
+    tokens = diff.get("tokens", [])
+    lines = ["layer diff: the texts agree throughout" if at is None else
+             f"layer diff: the texts diverge at generated token {at}"
+             + (f" ({tokens[at]['control']!r} vs {tokens[at]['perturbed']!r})" if at < len(tokens) else "")]
+    shown = 0
+    for t in tokens:
+        if not t.get("aligned", True) and t["index"] != at:
+            break
+        changes = [f"L{layer} " + " ".join([f"+{c}" for c in d["appeared"]] + [f"-{c}" for c in d["disappeared"]])
+                   for layer, d in t.get("layers", {}).items() if d["appeared"] or d["disappeared"]]
+        if changes:
+            if shown == limit:
+                lines.append("...")
+                break
+            lines.append(f"token {t['index']} {t['perturbed']!r}: " + "; ".join(changes))
+            shown += 1
+    return lines
 
 
 def _md_diff(pair: dict) -> str:
@@ -359,6 +395,8 @@ def render_html(session: dict) -> str:
         out.append(f"<h2>Perturbation {i}: {e(_intervention_line(run))}</h2>")
         if _settings_line(run.get("settings")):
             out.append(f'<p class="meta">settings: {e(_settings_line(run.get("settings")))}</p>')
+        if run.get("protocol"):
+            out += [f"<p>{e(line)}</p>" for line in protocol_lines(run["protocol"])]
         out.append("<table><tr><th>concept</th><th>control rate</th><th>perturbed rate</th><th>change</th>"
                    "<th>log p control</th><th>log p perturbed</th><th>change</th></tr>")
         for label, c in run.get("concepts", {}).items():
@@ -374,6 +412,7 @@ def render_html(session: dict) -> str:
             out.append(f"<p><b>{e(pair.get('prompt', ''))}</b> (seed {e(str(pair.get('seed')))})</p>")
             out.append(f'<div class="pair"><div><b>control</b>\n{control}</div>'
                        f"<div><b>perturbed</b>\n{perturbed}</div></div>")
+            out += [f"<p class=legend>{e(line)}</p>" for line in layer_diff_lines(pair)]
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 

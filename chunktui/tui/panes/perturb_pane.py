@@ -22,8 +22,10 @@ from textual.widgets.option_list import Option
 from chunktui.shared import validate
 from chunktui.shared.perturb_stats import rate_text
 from chunktui.shared.protocol import Compare
+from chunktui.shared.reports import layer_diff_lines
 from chunktui.shared.settings import (CONTROL_KINDS, DEFAULT_LAYERS, DEFAULT_MODE, DEFAULT_POSITIONS, DEFAULT_SAMPLES,
-                                      DEFAULT_STRENGTH, MODES, POSITION_CHOICES, Positions)
+                                      DEFAULT_SITE, DEFAULT_STRENGTH, MODES, POSITION_CHOICES, SITES, Positions,
+                                      check_site)
 from chunktui.tui.colours import token_style
 from chunktui.tui.panes.stream_pane import DEFAULT_PROMPT, SamplingFields
 
@@ -53,6 +55,9 @@ class PerturbPane(Vertical):
             yield Select([(p, p) for p in POSITION_CHOICES], value=DEFAULT_POSITIONS, allow_blank=False,
                          id="perturb-positions",
                          compact=True)
+            yield Select([(s, s) for s in SITES], value=DEFAULT_SITE, allow_blank=False, id="perturb-site",
+                         compact=True, tooltip="residual: the stream entering each block; attention: only what "
+                                               "each block's attention reads (the residual stream is left as it was)")
             yield Button("Regenerate", id="regenerate", variant="primary", compact=True)
         with Horizontal(classes="form-row"):
             yield Input(DEFAULT_PROMPT, id="perturb-prompt", placeholder="prompt", compact=True)
@@ -115,9 +120,10 @@ class PerturbPane(Vertical):
             raise validate.InvalidValue(f"seed {sampling.seed} with {samples} samples runs past the largest seed "
                                         f"({validate.SEED_MAX}).")
         control = str(q("perturb-control").value)
+        site = check_site(str(q("perturb-site").value))
         return Compare(names=names, mode=mode, strength=strength, layers=layers, positions=positions, prompt=prompt,
                        sampling=sampling, chat=q("perturb-chat").value, samples=samples, sweep=sweep,
-                       control=None if control == NO_CONTROL else control, control_seed=sampling.seed)
+                       control=None if control == NO_CONTROL else control, control_seed=sampling.seed, site=site)
 
     def show_progress(self, fraction: float | None, text: str) -> None:
         """A running comparison: which arm, batch or prompt, and how far."""
@@ -142,7 +148,11 @@ class PerturbPane(Vertical):
 
     def show_run(self, run: dict, colours: dict[str, str] | None = None) -> None:
         colours = colours or getattr(self.app, "colours", {})
-        self.query_one("#perturb-summary", Static).update(run_summary(run, colours, self.app.no_color))
+        summary = run_summary(run, colours, self.app.no_color)
+        first = run["pairs"][0] if run.get("pairs") else None
+        for line in layer_diff_lines(first, limit=3) if first else []:  # what changed, layer by layer
+            summary.append(f"\n{line}", style="dim")
+        self.query_one("#perturb-summary", Static).update(summary)
         left, right = Text(), Text()
         fluency_of = lambda pair, arm: (pair.get("fluency") or {}).get(arm) or {}  # noqa: E731
         for i, pair in enumerate(run["pairs"]):
@@ -201,7 +211,7 @@ def run_line(run: dict) -> str:
             change += f" (Δ {rate_text(c['delta_rate'], c['delta_ci'], signed=True)})"
         changes.append(change + f" Δlog p {c['delta_logprob']:+.2f}")
     return (f"{iv['mode']} x{_strengths(run)} {','.join(iv['labels'])} L{_span(iv['layers'])} @{iv['positions']} "
-            f"n={n}: " + "; ".join(changes))
+            f"{iv.get('site', 'residual')} n={n}: " + "; ".join(changes))
 
 
 def _fluency_bit(f: dict | None) -> str:
@@ -219,7 +229,8 @@ def run_summary(run: dict, colours: dict[str, str], no_color: bool = False):
     n = settings.get("samples", 1)
     control = run.get("control_intervention")
     head = Text(f"{iv['mode']} x{_strengths(run)} of {', '.join(iv['labels'])} at layers {_span(iv['layers'])}, "
-                f"positions {iv['positions']} · {n} sample{'s' if n != 1 else ''} per arm, same seeds in every arm",
+                f"positions {iv['positions']}, {iv.get('site', 'residual')} site · {n} sample{'s' if n != 1 else ''} "
+                "per arm, same seeds in every arm",
                 style="dim")
     if control:
         head.append(f" · random control: {control['kind']} (seed {control['seed']})", style="dim")
