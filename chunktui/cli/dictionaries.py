@@ -236,8 +236,10 @@ def evaluate_cmd(model_spec, device, dtype, dict_path, corpus, spans_path, json_
     source = LabelSource(corpus=corpus_text, corpus_name=corpus or "", spans_path=spans_path)
     progress, update = stage_progress()
     t0 = time.perf_counter()
+    token_level: dict = {}
     with progress:
-        records, hs = evaluate_dictionary(loaded, dictionary, source, batch_size=batch_size, progress=update)
+        records, hs = evaluate_dictionary(loaded, dictionary, source, batch_size=batch_size, progress=update,
+                                          token_level=token_level)
     summary = summarise_by_label(records)
     if hs.windowing_note():
         note("note:", hs.windowing_note())
@@ -260,6 +262,11 @@ def evaluate_cmd(model_spec, device, dtype, dict_path, corpus, spans_path, json_
         table.add_row(escape(label), str(agg["layers"]), str(agg["positives"]), f"{agg['tp_rate']:.3f}",
                       f"{agg['fp_rate']:.4f}", f"{agg['accuracy']:.4f}")
     console.print(table)
+    tl = token_level
+    console.print(f"colour rule on this text: {tl['coloured_non_concept']} of {tl['non_concept']} non-concept tokens "
+                  f"shown with a concept ({tl['rate']:.2%}); {tl['shown_own']} of {tl['concept_tokens']} concept "
+                  f"tokens show their own concept ({tl['recall']:.1%})" + ("" if tl["calibrated"] else
+                                                                       " [uncalibrated rule]"), markup=False)
     missing = sorted({r["label"] for r in records if r.get("tp_rate") is None})
     if missing:
         note("not in the held-out text:", ", ".join(missing))
@@ -273,7 +280,8 @@ def evaluate_cmd(model_spec, device, dtype, dict_path, corpus, spans_path, json_
         console.print(Text(f"stored held-out figures of {stored} of {len(dictionary.chunks)} chunks in {dict_path}"))
     if target is not None:
         target.write_json({"dictionary": str(dictionary.path), "corpus": corpus or spans_path,
-                              "tokens": len(hs.tokens), "chunks": records, "by_label": summary})
+                              "tokens": len(hs.tokens), "chunks": records, "by_label": summary,
+                              "colour_rule": token_level})
         console.print(f"wrote {escape(str(target.path))}")
 
 

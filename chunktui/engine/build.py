@@ -406,8 +406,11 @@ def evaluation_records(chunks, labels: Labels, tp: torch.Tensor, fp: torch.Tenso
 
 def evaluate_dictionary(loaded: LoadedModel, dictionary: ChunkDictionary, source: LabelSource,
                         context_mode: str | None = None, batch_size: int = 16, progress: ProgressFn = _quiet,
-                        should_stop=None, group=None):
+                        should_stop=None, group=None, token_level: dict | None = None):
     """Held-out evaluation with the dictionary's own labelling settings (mode, step), streaming.
+
+    With a `token_level` dict, it is filled with the colour rule's figures on this text: how many tokens that
+    are no concept are shown with one, and how many concept tokens show their own concept (per concept too).
 
     Every context runs once; per chunk only its TP and FP counts are kept.
     Returns (records, corpus): one record per chunk, and the tokenised corpus.
@@ -432,7 +435,8 @@ def evaluate_dictionary(loaded: LoadedModel, dictionary: ChunkDictionary, source
     layers = check_layers(dictionary.layers(), loaded.layout)
     corpus = prepare_corpus(loaded.tokenizer, text, mode, contexts=contexts, context_length=loaded.context_length)
     labels = source.labels(corpus, spans)
-    packed = PackedDictionary(dictionary.chunks, loaded.hidden_size, layers, device=loaded.device)
+    packed = PackedDictionary(dictionary.chunks, loaded.hidden_size, layers, device=loaded.device,
+                              rule=dictionary.token_rule())
     names = sorted(labels.masks)
     T = len(corpus.tokens)
     label_masks = torch.stack([labels.masks[k] for k in names]) if names else torch.zeros(0, T, dtype=torch.bool)
@@ -441,13 +445,19 @@ def evaluate_dictionary(loaded: LoadedModel, dictionary: ChunkDictionary, source
     present = column >= 0
     tp = torch.zeros(len(packed), dtype=torch.long)
     fp = torch.zeros(len(packed), dtype=torch.long)
+    # the colour rule per token: shown concept (index into names, -1 none) against the labels
+    concept_of_chunk = torch.tensor([names.index(c.label) if c.label in names else len(names) for c in packed.chunks]
+                                    + [-1], dtype=torch.long)
+    shown = torch.full((T,), -1, dtype=torch.long)
     batches = schedule(corpus, batch_size)
     rate = _Rate(T, group.world_size)
     for j in range(group.rank, len(batches), group.world_size):
         if should_stop is not None and should_stop():
             raise GenerationCancelled("Evaluation cancelled.")
         index, states = run_batch(loaded, corpus, batches[j], layers)
-        hit = packed.match(states).hit.cpu()  # (t, C)
+        matches = packed.match(states)
+        hit = matches.hit.cpu()  # (t, C)
+        shown[index] = concept_of_chunk[matches.token_chunk.cpu()]  # chunk -1 picks the appended -1
         pos = torch.zeros_like(hit)
         if names:
             pos[:, present] = label_masks[:, index].T[:, column[present]]
@@ -455,7 +465,30 @@ def evaluate_dictionary(loaded: LoadedModel, dictionary: ChunkDictionary, source
         fp += (hit & ~pos).sum(0)
         progress("evaluate", *rate.step(len(index)))
     tp, fp = group.all_sum(tp), group.all_sum(fp)
+    if token_level is not None:
+        shown = group.all_sum(shown + 1) - 1 if group.world_size > 1 else shown  # each token filled by one rank
+        token_level.update(token_level_figures(shown, label_masks, names, dictionary.token_rule()))
     return evaluation_records(packed.chunks, labels, tp, fp, T), corpus
+
+
+def token_level_figures(shown: torch.Tensor, label_masks: torch.Tensor, names: list[str], rule) -> dict:
+    """The colour rule on a labelled text: shown (T,) concept index or -1 (len(names): a concept not labelled here)."""
+    T = len(shown)
+    any_label = label_masks.any(0) if len(names) else torch.zeros(T, dtype=torch.bool)
+    non_concept = ~any_label
+    coloured = int(((shown >= 0) & non_concept).sum())
+    per = {}
+    own_total = 0
+    for k, name in enumerate(names):
+        mask = label_masks[k]
+        own = int(((shown == k) & mask).sum())
+        own_total += own
+        per[name] = {"positives": int(mask.sum()), "shown_own": own, "shown_elsewhere": int(((shown == k) & ~mask).sum())}
+    positives = int(label_masks.sum()) if len(names) else 0
+    return {"rule": rule.describe(), "calibrated": rule.calibrated, "tokens": T, "non_concept": int(non_concept.sum()),
+            "coloured_non_concept": coloured, "rate": coloured / max(int(non_concept.sum()), 1),
+            "concept_tokens": positives, "shown_own": own_total, "recall": own_total / max(positives, 1),
+            "by_label": per}
 
 
 def summarise_by_label(records: list[dict]) -> dict[str, dict]:

@@ -151,3 +151,25 @@ def test_an_old_dictionary_gets_the_uncalibrated_rule_and_calibrate_adds_one(tin
     r = CliRunner().invoke(main, ["calibrate", "--model", "random:llama-tiny", "--dict", str(old_path), "--corpus",
                                   str(corpus), "--budget", "1.5", "--out", str(tmp_path / "x.chunks.safetensors")])
     assert r.exit_code == 2 and "budget" in r.output
+
+
+def test_evaluate_reports_the_colour_rule_on_held_out_text(tiny_dict, tmp_path):
+    import json
+
+    from chunktui.cli import main
+    from tests.conftest import make_corpus
+
+    _, path = tiny_dict
+    held_out = tmp_path / "held.txt"
+    held_out.write_text(make_corpus(seed=7, sentences=30))
+    out = tmp_path / "e.json"
+    r = CliRunner().invoke(main, ["evaluate", "--model", "random:llama-tiny", "--dict", str(path), "--corpus",
+                                  str(held_out), "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "colour rule on this text" in r.output
+    figures = json.loads(out.read_text())["colour_rule"]
+    assert figures["calibrated"] and 0 <= figures["coloured_non_concept"] <= figures["non_concept"]
+    assert figures["shown_own"] == sum(v["shown_own"] for v in figures["by_label"].values())
+    assert figures["concept_tokens"] == sum(v["positives"] for v in figures["by_label"].values()) > 0
+    # this fixture's rule is layer 0 alone: the embedding of a concept word is its template, so every one shows
+    assert figures["recall"] == 1.0
