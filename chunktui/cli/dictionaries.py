@@ -143,6 +143,12 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
             return
         for word, why in report.skipped.items():
             note("skipped", f"{word}: {why}")
+        grouped: dict[tuple[str, str], list[str]] = {}
+        for where, why in report.unfit.items():
+            label, _, layer = where.rpartition("@")
+            grouped.setdefault((label, why), []).append(layer)
+        for (label, why), at in grouped.items():
+            note("note:", f"{label}: no chunk at layer{'s' if len(at) > 1 else ''} {', '.join(at)}: {why}")
         if dictionary.notes.get("windowed"):
             note("note:", dictionary.notes["windowed"])
         if n is not None:

@@ -78,6 +78,7 @@ class BuildReport:
     counts: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     empty: list[str] = field(default_factory=list)  # label@layer with no stable subpopulation
+    unfit: dict[str, str] = field(default_factory=dict)  # label@layer -> why no chunk could be made there
     world_size: int = 1
     seconds: float = 0.0
     pass1_tokens: int = 0
@@ -134,6 +135,8 @@ def _chunks_for(label, fits, drawn, labels: Labels, positives: int, tokens: int,
     for fit in fits:
         if fit.subpopulation.numel() == 0:
             report.empty.append(f"{label}@{fit.layer}")
+            if getattr(fit, "note", None):
+                report.unfit[f"{label}@{fit.layer}"] = fit.note
             continue
         stats = dict(fit.stats, n=len(drawn), positives=positives, tokens=tokens,
                      label_mode="part-word" if label in labels.part_word else labels.mode, drawn=drawn.tolist())
@@ -267,6 +270,11 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
     for label, fits in fit.finish().items():
         chunks += _chunks_for(label, fits, draws[label], labels, int(labels.masks[label].sum()), report.tokens,
                               str(crit), seed, corpus.digest, report)
+    if not chunks:
+        why = "; ".join(f"{k}: {v}" for k, v in list(report.unfit.items())[:3]) or \
+            "no concept has a stable subpopulation at any layer"
+        raise CorpusError(f"No chunk could be fitted at any layer ({why}). Try another --criterion, more text, "
+                          "or other --layers.")
     progress("build", 1.0, f"{len(chunks)} chunks")
     notes = {"context_mode": corpus.context_mode, "label_mode": labels.mode, "step": labels.step,
              "n": n if n is not None else "all", "criterion": str(crit), "seed": seed, "tolerances": len(tolerances),

@@ -90,7 +90,7 @@ def test_fp_budget_threshold_is_the_order_statistic(tiny_model, tiny_corpus):
         negatives = tpl.deviations64(hs.H[~mask])[s, :, k].sort().values
         first_out = float(negatives[allowed])
         assert chunk.threshold == pytest.approx(first_out * (1 - 1e-6), rel=1e-7) or (
-            first_out == 0 and chunk.threshold == -1.0)
+            first_out == 0 and False)  # a negative on the template: no chunk at that layer (see test_fp_budget_edges)
     assert checked == len(WORDS)
 
 
