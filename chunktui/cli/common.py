@@ -14,10 +14,30 @@ from rich.text import Text
 from chunktui.shared.errors import ChunkError
 from chunktui.shared.specs import DEFAULT_MODEL, DEVICE_MAPS, DTYPE_CHOICES
 
+class SafeConsole(Console):
+    """A Console whose text never reaches the terminal as a control sequence.
+
+    Every text segment (not Rich's own control segments) goes through
+    `shared.safe.visible` just before it is written: an ESC, an OSC 52
+    clipboard write, a bell, a bidi override or a lone surrogate in a prompt,
+    a corpus, a label, a file name or a model's output is shown as a visible
+    symbol (ESC as U+241B), whatever printed it.
+    """
+
+    def _render_buffer(self, buffer):
+        from rich.segment import Segment
+
+        from chunktui.shared.safe import visible
+
+        return super()._render_buffer(
+            Segment(visible(text), style, control) if not control and text else Segment(text, style, control)
+            for text, style, control in buffer)
+
+
 # No emoji codes (":x:" stays as typed) and no highlighting; markup only where a format string asks for it,
 # and user text (paths, labels, prompts, error messages) goes in escaped or as Text.
-console = Console(stderr=False, highlight=False, emoji=False)
-err_console = Console(stderr=True, highlight=False, emoji=False)
+console = SafeConsole(stderr=False, highlight=False, emoji=False)
+err_console = SafeConsole(stderr=True, highlight=False, emoji=False)
 
 # outputs planned (checked and locked) by the running command; released when it ends, however it ends
 _planned: list = []
