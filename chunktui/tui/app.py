@@ -269,6 +269,14 @@ class ChunkApp(App):
 
     # ------------------------------------------------------------------ one error path
 
+    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
+               markup: bool = False) -> None:
+        """Every toast shows its text as written: file names, labels and error texts are never markup
+        ('[/bad]' stays '[/bad]') and their control characters are shown as symbols (chunktui.tui.plain)."""
+        from chunktui.tui.plain import safe
+
+        super().notify(safe(message), title=safe(title, one=True), severity=severity, timeout=timeout, markup=False)
+
     def fail(self, text: str, title: str = "Error", severity: str = "error", traceback: str | None = None) -> None:
         """Every failure: logged (with its traceback, if any) to the log file, shown as written."""
         try:

@@ -11,6 +11,8 @@ from textual.widgets import DataTable, Input, Label, Static
 from chunktui.tui.widgets.score_plot import ScorePlot
 from chunktui.tui.widgets.token_view import TokenView
 
+from chunktui.tui.plain import plain
+
 COLUMNS = [("label", "label"), ("layer", "layer"), ("kind", "kind"), ("size", "size"), ("threshold", "θ"),
            ("tp", "fit TP"), ("fp", "fit FP")]
 
@@ -63,11 +65,11 @@ class ChunksPane(Vertical):
         rows.sort(key=lambda c: (_key(c, self.sort_column), c.layer, c.label), reverse=self.sort_reverse)
         for c in rows:
             tp, fp = c.tp_rate, c.fp_rate
-            table.add_row(c.label, str(c.layer), c.kind, str(c.size), f"{c.threshold:.3g}",
+            table.add_row(plain(c.label, one=True), str(c.layer), plain(c.kind, one=True), str(c.size), f"{c.threshold:.3g}",
                           "—" if tp is None else f"{tp:.2f}", "—" if fp is None else f"{fp:.3f}", key=c.id)
         arrow = "↓" if self.sort_reverse else "↑"
         self.query_one("#chunk-count", Label).update(
-            f"{len(rows)} of {len(self.chunks)} · sort {self.sort_column} {arrow}")
+            plain(f"{len(rows)} of {len(self.chunks)} · sort {self.sort_column} {arrow}"))
 
     @staticmethod
     def _wanted(chunk, query: str) -> bool:

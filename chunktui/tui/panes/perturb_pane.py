@@ -16,6 +16,7 @@ from chunktui.shared import validate
 from chunktui.shared.protocol import Compare
 from chunktui.tui.colours import token_style
 from chunktui.tui.panes.stream_pane import DEFAULT_PROMPT, SamplingFields
+from chunktui.tui.plain import plain, safe
 
 
 
@@ -78,19 +79,19 @@ class PerturbPane(Vertical):
         history = self.query_one("#perturb-history", OptionList)
         iv = run["intervention"]
         change = ", ".join(f"{label} Δlog p {c['delta_logprob']:+.2f}" for label, c in run["concepts"].items())
-        history.add_option(Option(f"{len(self.runs)}. {iv['mode']} x{iv['strength']:g} "
-                                  f"{','.join(iv['labels'])} L{_span(iv['layers'])} @{iv['positions']}: {change}",
-                                  id=str(len(self.runs) - 1)))
+        history.add_option(Option(plain(f"{len(self.runs)}. {iv['mode']} x{iv['strength']:g} "
+                                        f"{','.join(iv['labels'])} L{_span(iv['layers'])} @{iv['positions']}: {change}",
+                                        one=True), id=str(len(self.runs) - 1)))
         history.highlighted = len(self.runs) - 1
         self.show_run(run)
 
     def show_run(self, run: dict, colours: dict[str, str] | None = None) -> None:
         iv = run["intervention"]
-        summary = Text(f"{iv['mode']} x{iv['strength']:g} of {', '.join(iv['labels'])} at layers "
-                       f"{_span(iv['layers'])}, positions {iv['positions']}; same seed and sampling in both arms",
-                       style="dim")
+        summary = plain(f"{iv['mode']} x{iv['strength']:g} of {', '.join(iv['labels'])} at layers "
+                        f"{_span(iv['layers'])}, positions {iv['positions']}; same seed and sampling in both arms",
+                        style="dim", one=True)
         for label, c in run["concepts"].items():
-            summary.append(f"\n{label}", style=token_style((colours or getattr(self.app, "colours", {})).get(label), no_color=self.app.no_color))
+            summary.append(f"\n{safe(label, one=True)}", style=token_style((colours or getattr(self.app, "colours", {})).get(label), no_color=self.app.no_color))
             summary.append(f"  log p(first token) {c['logprob_control']:.2f} → {c['logprob_perturbed']:.2f} "
                            f"(Δ {c['delta_logprob']:+.2f})   in text: {c['control_rate']:.0%} → "
                            f"{c['perturbed_rate']:.0%}")
@@ -120,9 +121,9 @@ def diff_texts(pair: dict, no_color: bool = False) -> tuple[Text, Text]:
     added = "bold underline" if no_color else "bold underline green"
     for op in pair.get("diff") or [{"op": "equal", "control": pair["control"], "perturbed": pair["perturbed"]}]:
         if op["op"] == "equal":
-            left.append(op["control"])
-            right.append(op["perturbed"])
+            left.append(safe(op["control"]))
+            right.append(safe(op["perturbed"]))
         else:
-            left.append(op["control"], style=removed)
-            right.append(op["perturbed"], style=added)
+            left.append(safe(op["control"]), style=removed)
+            right.append(safe(op["perturbed"]), style=added)
     return left, right

@@ -10,6 +10,8 @@ from textual.widgets.option_list import Option
 
 from chunktui.tui.widgets.trace_view import TraceView
 
+from chunktui.tui.plain import plain
+
 
 class StepPane(Vertical):
     BINDINGS = [Binding("ctrl+o", "app.open_sequences", "open file")]
@@ -36,11 +38,11 @@ class StepPane(Vertical):
         options = self.query_one("#step-list", OptionList)
         options.clear_options()
         for i, (name, _) in enumerate(sequences):
-            options.add_option(Option(name, id=str(i)))
+            options.add_option(Option(plain(name, one=True), id=str(i)))
         options.highlighted = 0 if sequences else None
 
     def set_labels(self, labels: list[str]) -> None:
-        self.query_one("#step-jump", Select).set_options([(label, label) for label in labels])
+        self.query_one("#step-jump", Select).set_options([(plain(label, one=True), label) for label in labels])
 
     def on_select_changed(self, event: Select.Changed) -> None:
         if event.select.id == "step-jump":

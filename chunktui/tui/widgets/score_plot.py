@@ -6,6 +6,8 @@ from rich.style import Style
 from rich.text import Text
 from textual.widget import Widget
 
+from chunktui.tui.plain import safe
+
 
 class ScorePlot(Widget):
     DEFAULT_CSS = "ScorePlot { height: 7; }"
@@ -23,7 +25,7 @@ class ScorePlot(Widget):
 
     def render(self) -> Text:
         out = Text(no_wrap=True, overflow="crop")
-        out.append(self.title or "choose a chunk (Enter) to plot its score across tokens", style="dim")
+        out.append(safe(self.title, one=True) or "choose a chunk (Enter) to plot its score across tokens", style="dim")
         if not self.scores:
             return out
         width = max(1, self.size.width - 3)

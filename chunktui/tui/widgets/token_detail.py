@@ -16,6 +16,8 @@ from textual.widgets import Static
 from chunktui.shared.session import Trace
 from chunktui.tui.colours import spark, token_style
 
+from chunktui.tui.plain import safe
+
 
 class TokenDetail(Static):
     DEFAULT_CSS = "TokenDetail { height: 9; overflow: hidden; }"  # fixed size: updates need no layout pass
@@ -69,7 +71,7 @@ class TokenDetail(Static):
                 out.append("\n  …", style="dim")
                 break
             row = Text(f"\nL{l:<3}", style="dim")
-            row.append(f" {cols.labels[c]} ", style=token_style(colours.get(cols.labels[c]), no_color=no_color))
+            row.append(f" {safe(cols.labels[c], one=True)} ", style=token_style(colours.get(cols.labels[c]), no_color=no_color))
             row.append(f"  score {step.layer_score[l]:+.2f}", style="dim")
             out.append_text(row)
             shown += 1
@@ -85,7 +87,7 @@ class TokenDetail(Static):
         theta = cols.thresholds[c]
         row = Text("\n")
         row.append(f"L{cols.layers[c]:<3}", style="dim")
-        row.append(f" {cols.labels[c]} ", style=token_style(colours.get(cols.labels[c]) if hit else None,
+        row.append(f" {safe(cols.labels[c], one=True)} ", style=token_style(colours.get(cols.labels[c]) if hit else None,
                                                           no_color=no_color))
         if cols.kinds[c] == "pa":
             row.append(f" dev {value:.3g} {'≤' if hit else '>'} θ {theta:.3g}")

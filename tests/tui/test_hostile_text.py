@@ -1,0 +1,74 @@
+"""The app on hostile text: markup, brackets and terminal escapes in file names, labels, sequences and model specs.
+
+Everything is shown literally ('[/bad]' stays '[/bad]'; ESC shows as ␛) and the app keeps running.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.tui.conftest import generate, ready, settle
+
+pytestmark = pytest.mark.anyio
+
+ESC_LABEL = "\x1b]52;c;aGk=\x07dog"  # an OSC 52 clipboard write, then a name
+LABELS = {"cheese": "[/bad]", "dog": ESC_LABEL, "cake": "[link=http:e]cake[/link]", "rain": "[b]rain"}
+
+
+@pytest.fixture()
+def hostile_dict(tiny_dict, tmp_path):
+    from chunktui.engine.dictionary import ChunkDictionary, chunk_id
+
+    dictionary, _ = tiny_dict
+    chunks = []
+    for c in dictionary.chunks:
+        label = LABELS.get(c.label, c.label)
+        chunks.append(type(c)(**{**c.__dict__, "label": label, "id": chunk_id(label, c.layer, c.step, c.kind)}))
+    folder = tmp_path / "dicts"
+    path = folder / "x[link=http:e][b].chunks.safetensors"
+    ChunkDictionary(model=dictionary.model, chunks=chunks, notes=dict(dictionary.notes),
+                    layer_means=dictionary.layer_means).save(path)
+    return path
+
+
+def _rendered(app) -> str:
+    """The whole screen as the terminal would get it (no ESC may come from the app's text)."""
+    return app.export_screenshot()
+
+
+async def test_markup_and_escapes_are_shown_literally(make_test_app, hostile_dict, tmp_path):
+    from chunktui.tui.status import StatusBar
+
+    seqs = tmp_path / "[b]seq[-b].jsonl"
+    seqs.write_text(json.dumps({"id": "[/bad] \x1b[2J", "text": "The dog [/bad] ate the cheese [link=x]."}) + "\n")
+    app = make_test_app(dict_path=str(hostile_dict), dict_dirs=[hostile_dict.parent], sequences_path=str(seqs))
+    async with app.run_test(size=(120, 34)) as pilot:
+        await ready(app, pilot)
+        status = str(app.query_one(StatusBar).content)
+        assert "dict x[link=http:e][b] (" in status
+        await generate(app, pilot, prompt="The dog ate the cheese [/bad] \x1b[2J")
+        legend = str(app.query_one("#stream-trace .legend").content)
+        assert "[/bad]" in legend or "␛" in legend
+        await pilot.press("f3")
+        table = app.query_one("#chunk-table")
+        cells = {str(table.get_row_at(i)[0]) for i in range(table.row_count)}
+        assert "[/bad]" in cells and "[link=http:e]cake[/link]" in cells
+        assert "␛]52;c;aGk=␇dog" in cells and not any("\x1b" in c for c in cells)
+        await pilot.press("f5")
+        assert app.query_one("#step-list").option_count == 1
+        assert "[/bad]" in str(app.query_one("#step-list").get_option_at_index(0).prompt)
+        app.query_one("#step-list").focus()
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert app.step_trace is not None and "[/bad]" in app.step_trace.text
+        await pilot.press("f1")
+        app.query_one("#model-spec").value = "[/x] [link=x]y"
+        app.action_load()
+        await settle(app, pilot)
+        assert app.is_running
+        notes = " ".join(str(n.message) for n in app._notifications)
+        assert "[/x]" in notes and "\x1b" not in notes
+        screen = _rendered(app)
+        assert "\x1b" not in screen and "\x07" not in screen
