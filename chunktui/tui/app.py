@@ -93,6 +93,7 @@ class ChunkApp(App):
         self.options = options
         o = options
         self.restore_at_start, self.use_journal = o.restore, o.journal
+        self.clean_quit = False  # set by quit_cleanly: only then is the journal marked closed
         self.keeper = JournalKeeper(self)  # the session as it happens, for a restart to restore
         self.dirty = False  # the session holds work not exported yet
         self.stop_at_eos = o.stop_at_eos
@@ -193,7 +194,12 @@ class ChunkApp(App):
 
     async def on_unmount(self) -> None:
         self.engine.stop()
-        self.keeper.close()
+        self.keeper.close(clean=self.clean_quit)  # only a quit the user chose marks the session closed
+
+    def quit_cleanly(self) -> None:
+        """End the app as the user asked (Ctrl+Q, Quit, Export and quit): the journal is marked closed."""
+        self.clean_quit = True
+        self.exit()
 
     # ------------------------------------------------------------------ the session journal
 
@@ -230,14 +236,14 @@ class ChunkApp(App):
             self.step_trace = scans[-1]
             self.query_one("#step-trace", TraceView).set_trace(scans[-1], self.colours, n_states)
         self.dirty = self.dirty or (not found.exported and not restored.is_empty())
-        more = f"; {found.skipped} damaged lines were left out" if found.skipped else ""
+        more = f"; {found.skipped_note()}" if found.skipped else ""
         self.notify(f"Restored {len(restored.traces)} texts and {len(restored.runs)} runs from "
                     f"{found.path.name}{more}.", title="Session restored", timeout=6, markup=False)
 
     async def action_quit(self) -> None:
         """Ctrl+Q: with work not exported, ask first (export, quit, cancel)."""
         if not self.dirty or self.session.is_empty():
-            self.exit()
+            self.quit_cleanly()
             return
         text = (f"This session holds {len(self.session.traces)} texts and {len(self.session.runs)} perturbation "
                 "runs that have not been exported. (They stay in the session journal; `chunktui tui --restore` "
@@ -247,7 +253,7 @@ class ChunkApp(App):
 
     def _quit_answer(self, answer: str) -> None:
         if answer == "quit":
-            self.exit()
+            self.quit_cleanly()
         elif answer == "export":
             if self.action_export(then_quit=True) is False:
                 self.action_pane("export")
@@ -782,7 +788,7 @@ class ChunkApp(App):
         self.keeper.record("exported", str(written))
         self.dirty = False
         if then_quit:
-            self.exit()
+            self.quit_cleanly()
         return True
 
     # ------------------------------------------------------------------ benchmark hooks

@@ -34,12 +34,16 @@ class JournalKeeper:
             return
         try:
             if app.restore_at_start:  # `chunktui tui --restore`: the newest earlier session, at once
-                earlier = [p for p in journals() if p != self.journal.path]
-                if not earlier:
-                    app.fail("There is no earlier session to restore.", title="Nothing to restore",
-                             severity="warning")
-                    return
-                app.restore_session(read_journal(earlier[0]))
+                # the newest earlier session that holds something (a start that did nothing is passed over)
+                for path in (p for p in journals() if p != self.journal.path):
+                    try:
+                        found = read_journal(path)
+                    except ChunkError:
+                        continue
+                    if not found.empty:
+                        app.restore_session(found)
+                        return
+                app.fail("There is no earlier session to restore.", title="Nothing to restore", severity="warning")
                 return
             found = latest_unfinished(exclude=self.journal.path)
         except ChunkError as err:
@@ -75,6 +79,11 @@ class JournalKeeper:
                 self.app.fail(f"The session journal could not be written ({err}); journalling stopped. Export "
                               "the session (F6) to keep it.", title="Journal stopped", severity="warning")
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Close the journal; `clean=False` (the app ended any way but a chosen quit) leaves it open to restore."""
         if self.journal is not None:
-            self.journal.close()
+            try:
+                self.journal.close(clean=clean)
+            except OSError:
+                pass
+            self.journal = None

@@ -72,3 +72,57 @@ async def test_markup_and_escapes_are_shown_literally(make_test_app, hostile_dic
         assert "[/x]" in notes and "\x1b" not in notes
         screen = _rendered(app)
         assert "\x1b" not in screen and "\x07" not in screen
+
+
+async def test_an_app_that_ends_without_a_chosen_quit_is_offered_back(make_test_app):
+    """Any end but Ctrl+Q/Quit (an exception, a signal, the test runner closing it) leaves the session open."""
+    from chunktui.shared.journal import journals, read_journal
+    from chunktui.tui.screens import Choice
+
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await generate(app, pilot)
+        path = app.journal.path
+        app.exit()  # not quit_cleanly: as if it crashed
+    assert not read_journal(path).closed
+    again = make_test_app()
+    async with again.run_test(size=(100, 34)) as pilot:
+        await ready(again, pilot)
+        assert isinstance(again.screen, Choice) and "Restore that session" in again.screen.text
+        await pilot.click("#discard")
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+    assert read_journal(again.journal.path if again.journal else journals()[0]).closed
+
+
+async def test_a_damaged_journal_restores_what_is_intact_and_says_what_was_skipped(make_test_app):
+    from chunktui.shared.journal import journals
+
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await generate(app, pilot)
+        path = app.journal.path
+        n_tokens = len(app.stream_trace)
+        app.journal = None  # killed
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    steps = next(r for r in records if r["type"] == "steps")
+    bad = json.loads(json.dumps(steps))
+    bad["steps"][0]["lc"][0] = 10_000
+    run = {"type": "run", "run": {"intervention": {"mode": "graft", "strength": "1", "labels": ["[/bad]"],
+                                                   "layers": [1], "positions": "prompt"}, "concepts": {}, "pairs": []}}
+    with open(path, "a") as fh:
+        for line in (json.dumps(bad), json.dumps(run), '{"type": "run", "run": {"concepts": {}}}', "{not json"):
+            fh.write(line + "\n")
+    again = make_test_app(restore=True)
+    async with again.run_test(size=(100, 34)) as pilot:
+        await ready(again, pilot)
+        await settle(again, pilot)
+        assert again.is_running
+        assert len(again.stream_trace) == n_tokens
+        notes = " ".join(str(n.message) for n in again._notifications)
+        assert "4 damaged records were left out" in notes and "chunk column 10000" in notes
+        await pilot.press("f4")
+        await pilot.press("f6")
+        assert again.is_running
