@@ -53,16 +53,44 @@ def note(label: str, message: str, style: str = "yellow") -> None:
     err_console.print(Text(f"{label} ", style=style) + Text(str(message)), soft_wrap=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C: every `finally` and `with` runs (temporary files,
+    state caches and locks are removed) before the command exits with 143."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _catch_sigterm():
+    """Install the SIGTERM handler for one command (main thread only); returns what to restore."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):
+        return None
+
+
 def friendly_errors(func):
-    """Turn user errors into one clear line and exit code 2; Ctrl-C into exit 130."""
+    """Turn user errors into one clear line and exit code 2; Ctrl-C into exit 130, SIGTERM into 143 (both clean up)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        import signal
+
+        previous = _catch_sigterm()
         try:
             return func(*args, **kwargs)
         except ChunkError as err:
             print_error(str(err))
             sys.exit(2)
+        except Terminated:
+            err_console.print(Text("terminated (SIGTERM); temporary files removed", style="yellow"))
+            sys.exit(143)
         except KeyboardInterrupt:
             err_console.print(Text("cancelled", style="yellow"))
             sys.exit(130)
@@ -73,6 +101,11 @@ def friendly_errors(func):
         finally:
             while _planned:
                 _planned.pop().release()
+            if previous is not None:
+                try:
+                    signal.signal(signal.SIGTERM, previous)
+                except (ValueError, OSError):
+                    pass
 
     return wrapper
 

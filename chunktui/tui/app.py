@@ -752,6 +752,17 @@ class ChunkApp(App):
 
     # ------------------------------------------------------------------ export
 
+    def _journal_files(self) -> list[str]:
+        """The live journal and every session journal kept: never an export target (they are what restores)."""
+        from chunktui.shared.journal import journals
+
+        files = [str(self.journal.path)] if self.journal is not None else []
+        try:
+            files += [str(p) for p in journals()]
+        except OSError:
+            pass
+        return files
+
     def action_export(self, then_quit: bool = False, overwrite: bool = False) -> bool | None:
         """Write the session in the Export pane's format; ask before replacing a file. False: nothing written."""
         from chunktui.shared.reports import write_report
@@ -764,6 +775,13 @@ class ChunkApp(App):
         from chunktui.shared.outputs import plan_output
 
         target = Path(path).expanduser()
+        inputs = [self.session.dictionary, self.sequences_path, self.log_path, *self._journal_files()]
+        try:  # refused before any question: the live journal, the session's inputs, devices and /proc links
+            plan_output(target, inputs=inputs, overwrite=True, lock=False)
+        except ChunkError as err:
+            pane.show_result(str(err), ok=False)
+            self.fail(str(err), title="Export refused")
+            return False
         if target.is_file() and not overwrite:
             self.push_screen(Choice(f"{target} already exists. Replace it with this session's {fmt.upper()} "
                                     "report?", [("overwrite", "Replace", "error"), ("cancel", "Cancel", "default")]),
@@ -775,8 +793,7 @@ class ChunkApp(App):
             self.notify("The session is empty; the report will only describe the model.", severity="warning",
                         timeout=4)
         try:  # the same checks as every CLI output: not an input, not a folder, writable, locked while written
-            planned = plan_output(target, inputs=[self.session.dictionary, self.sequences_path, self.log_path],
-                                  overwrite=overwrite)
+            planned = plan_output(target, inputs=inputs, overwrite=overwrite)
             written = write_report(self.session.to_json(), fmt, planned)
         except ChunkError as err:
             pane.show_result(str(err), ok=False)
