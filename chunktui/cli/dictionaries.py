@@ -100,6 +100,11 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
         word_list = read_word_list(word_file) if word_file else [w for w in words.split(",") if w.strip()]
         if not word_list:
             raise CorpusError("--words names no words.")
+        from chunktui.shared.texts import merge_duplicate_words
+
+        word_list, merged = merge_duplicate_words(word_list)
+        if merged:
+            note("note:", merged)
     text = read_text(corpus) if corpus else None
     if spans_path:
         read_spans(spans_path)  # a malformed span file is reported before the model loads
@@ -294,7 +299,7 @@ def inspect_cmd(dict_path, show_chunks, show_cards) -> None:
         for c in d.chunks:
             t.add_row(escape(c.id), str(c.layer), str(c.size), f"{c.threshold:.4g}",
                       f"{c.tolerance:.3g}" if c.tolerance is not None else "-",
-                      f"{c.fit.get('tp_rate', float('nan')):.3f}", f"{c.fit.get('fp_rate', float('nan')):.4f}")
+                      _rate(c.fit.get("tp_rate"), 3), _rate(c.fit.get("fp_rate"), 4))
         console.print(t)
     if show_cards:
         from chunktui.engine.cards import stored_card
@@ -304,3 +309,8 @@ def inspect_cmd(dict_path, show_chunks, show_cards) -> None:
             console.print("[dim]no stored cards: cards are written by `chunktui discover`[/]")
         for card in cards:
             console.print(card.text(), markup=False, highlight=False)
+
+
+def _rate(value, digits: int) -> str:
+    """A stored fit rate for a table cell ('-' when the file has none)."""
+    return "-" if value is None else f"{value:.{digits}f}"

@@ -74,7 +74,7 @@ def remove_stale_state_caches(cache_dir=None) -> int:
 @click.option("--layers", default="15", show_default=True, callback=checked(validate.layer_spec),
               help="'all', '5', '2-9' or '0,4,8-10' (ranges low-high)")
 @click.option("--k", "k", default=256, show_default=True, callback=checked(validate.count), help="chunks per layer")
-@click.option("--steps", default=300, show_default=True, callback=checked(validate.count), help="Adam steps per layer")
+@click.option("--steps", default=300, show_default=True, callback=checked(validate.steps), help="Adam steps per layer (at most 100000)")
 @click.option("--batch-size", "fit_batch", default=4096, show_default=True, callback=checked(validate.count),
               help="tokens per Adam step")
 @click.option("--lr", default=0.03, show_default=True, callback=checked(validate.number_in, lo=0.0, hi=10.0, lo_open=True),

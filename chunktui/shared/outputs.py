@@ -240,8 +240,17 @@ def _special_path(target: Path) -> str | None:
     import stat
 
     given = os.path.abspath(target)
-    real = os.path.realpath(target)
-    for p in (given, real):
+    hops = [given]  # every link on the way, resolved one at a time (realpath would follow /proc's magic links)
+    current = given
+    for _ in range(40):
+        parent = os.path.realpath(os.path.dirname(current))
+        current = os.path.join(parent, os.path.basename(current))
+        if not os.path.islink(current):
+            hops.append(current)
+            break
+        current = os.path.join(parent, os.readlink(current))
+        hops.append(os.path.normpath(current))
+    for p in hops:
         if p.startswith(_SYSTEM) or p in ("/dev", "/proc", "/sys"):
             return f"is a system path ({p})" if p == given else f"leads to a system path ({p})"
     try:

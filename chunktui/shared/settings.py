@@ -52,6 +52,9 @@ POSITION_CHOICES = ("prompt", "prompt-last:4", "generated", "all")
 DEFAULT_POSITIONS = "prompt"
 
 
+MAX_POSITIONS = 1 << 20  # prompt-last:K accepts K up to this (no model reads a longer prompt)
+
+
 @dataclass(frozen=True)
 class Positions:
     kind: str  # prompt | prompt-last | generated | all
@@ -63,6 +66,9 @@ class Positions:
         if spec in ("prompt", "generated", "all"):
             return Positions(spec)
         m = re.fullmatch(r"prompt-last:(\d+)", spec)
+        if m and int(m.group(1)) > MAX_POSITIONS:
+            raise ChunkError(f"Bad positions '{spec}': K is at most {MAX_POSITIONS:,} (the longest context a model "
+                             "reads); use 'prompt' for every prompt token.")
         if m and int(m.group(1)) > 0:
             return Positions("prompt-last", int(m.group(1)))
         raise ChunkError(f"Bad positions '{spec}': use prompt, prompt-last:K (K >= 1), generated or all.")

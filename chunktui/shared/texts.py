@@ -177,3 +177,26 @@ def read_sequences(path: str | Path) -> list[tuple[str, str]]:
     if not out:
         raise CorpusError(f"{path} holds no sequences.")
     return out
+
+
+def merge_duplicate_words(words: list[str], option: str = "--words") -> tuple[list[str], str | None]:
+    """Words for concepts with duplicates merged (cheese, cheese, Cheese are one concept: the labeller matches a
+    word and its capitalised form alike), and a note saying what was merged; words that are not valid text
+    (bytes that are not UTF-8 in the command line) are refused."""
+    from chunktui.shared.safe import has_lone_surrogate, visible
+
+    kept: dict[str, str] = {}
+    merged: list[str] = []
+    for word in words:
+        w = word.strip()
+        if not w:
+            continue
+        if has_lone_surrogate(w):
+            raise CorpusError(f"{option}: '{visible(w)}' holds bytes that are not UTF-8 text; give the words in UTF-8.")
+        key = w.casefold()
+        if key in kept:
+            merged.append(f"{visible(w)} (same as {visible(kept[key])})")
+            continue
+        kept[key] = w
+    note = f"{option}: merged duplicate words: {', '.join(merged)}" if merged else None
+    return list(kept.values()), note
