@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -14,6 +15,7 @@ from rich.markup import escape
 from chunktui.cli.common import (checked, command_line, console, friendly_errors, load_with_progress, model_inputs,
                                  model_options, note, overwrite_option, plan_outputs, stage_progress)
 from chunktui.shared import validate
+from chunktui.shared.errors import ChunkError
 
 
 @click.command("models")
@@ -108,6 +110,10 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
     text = read_text(corpus) if corpus else None
     if spans_path:
         read_spans(spans_path)  # a malformed span file is reported before the model loads
+    partial = Path(out + ".partial")
+    if os.path.lexists(partial) and not partial.is_dir():
+        raise CorpusError(f"{partial} exists and is not a folder; the build keeps its checkpoints there. Remove it "
+                          "or choose another --out.")
     out_inputs = [corpus, spans_path, word_file, *model_inputs(model_spec)]
     if procs > 1 and not launched_by_torchrun():
         from chunktui.shared.outputs import plan_outputs as check
@@ -165,8 +171,12 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
                       f"{report.seconds:.1f} s (templates {report.collect_seconds:.1f} s, counting "
                       f"{report.fit_seconds:.1f} s) on {group.world_size} process{'es' if group.world_size > 1 else ''}")
         if json_target is not None:
-            json_target.write_json(dict(report.summary(), dictionary=str(path), criterion=str(crit),
-                                        device=str(loaded.device)))
+            try:
+                json_target.write_json(dict(report.summary(), dictionary=str(path), criterion=str(crit),
+                                            device=str(loaded.device)))
+            except ChunkError as err:
+                raise ChunkError(f"The dictionary {path} was written; only the --json summary was not: {err}") \
+                    from None
             console.print(f"wrote {json_out}", markup=False)
     finally:
         group.close()

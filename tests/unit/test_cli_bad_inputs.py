@@ -187,6 +187,8 @@ CASES = [
     (["import", *M, "{npz}", "--layer", "1", "--out", "{new}"], "are not read"),
     (["import", *M, "{npz_as_npy}", "--layer", "1", "--out", "{new}"], "zip archive"),
     (["import", *M, "{st_negative_layer}", "--out", "{new}"], "names layer -1"),
+    (["build", *M, "--corpus", "{corpus}", "--words", "cheese", "--out", "{blocker_out}"],
+     "partial exists and is not a folder"),
     # options with upper bounds
     (["perturb", *M, "--dict", "{dict}", "--chunk", "cheese", "--prompt", "x", "--positions",
       "prompt-last:1000000000000"], "K is at most"),
@@ -233,6 +235,7 @@ def files(tmp_path_factory, tiny_dict, tiny_corpus):
                                                   "layers": [1], "labels": ["cheese"]},
         "concepts": {}, "pairs": [{"prompt": "Q?", "seed": 0, "control": "a", "perturbed": "b", "diff": []}]}))
     (root / "blocker").write_text("x")
+    (root / "b.chunks.safetensors.partial").write_text("x")  # where build keeps checkpoints: a file, not a folder
     (root / "folder").mkdir()
     (root / "bad.gguf").write_bytes(b"\x00" * 64)
     np.save(root / "vec.npy", np.ones(64, dtype=np.float32))
@@ -332,7 +335,8 @@ def _fill(arg: str, root) -> str:
             "{loop}": "loop-a.json", "{dev_link}": "dev-link.html", "{report_deep}": "report-deep.json",
             "{report_no_intervention}": "report-nointervention.json",
             "{report_string_number}": "report-stringnumber.json", "{npy_f128}": "f128.npy", "{npy_huge}": "huge.npy",
-            "{npz}": "arr.npz", "{npz_as_npy}": "zip.npy", "{st_negative_layer}": "neg.safetensors"}
+            "{npz}": "arr.npz", "{npz_as_npy}": "zip.npy", "{st_negative_layer}": "neg.safetensors",
+            "{blocker_out}": "b.chunks.safetensors"}
     for key in re.findall(r"\{bad_dict_(\w+)\}", arg):
         arg = arg.replace("{bad_dict_%s}" % key, str(root / f"bad-{key}.chunks.safetensors"))
     for key, name in subs.items():
@@ -389,3 +393,29 @@ def test_build_records_the_full_command_and_says_when_it_windows(files, tmp_path
     assert (tmp_path / "again.chunks.safetensors").read_bytes() == out.read_bytes() or \
         load_dictionary(tmp_path / "again.chunks.safetensors").notes["corpus_digest"] == \
         load_dictionary(out).notes["corpus_digest"]
+
+
+def test_duplicate_words_are_merged_with_a_note(files, tmp_path):
+    from chunktui.engine.dictionary import load_dictionary
+
+    out = tmp_path / "dup.chunks.safetensors"
+    args = ["build", *M, "--corpus", str(files / "corpus.txt"), "--words", "cheese,cheese,Cheese", "--layers", "1",
+            "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "merged duplicate words: cheese (same as cheese), Cheese (same as cheese)" in text
+    assert load_dictionary(out).labels() == ["cheese"]
+
+
+def test_cli_output_of_hostile_text_holds_no_escape_byte(files, tmp_path):
+    """A prompt, a text and a chunk name full of terminal escapes: whatever the CLI prints shows them as symbols."""
+    hostile = "x \x1b[2J\x1b]52;c;aGk=\x07 \x9b31m \u202e"
+    for args in (["scan", *M, "--dict", str(files / "d.chunks.safetensors"), "--text", "cheese " + hostile],
+                 ["perturb", *M, "--dict", str(files / "d.chunks.safetensors"), "--chunk", hostile, "--prompt", "x"],
+                 ["scan", *M, "--dict", str(files / "d.chunks.safetensors"), "--prompt", hostile, "--generate", "2",
+                  "--no-chat"]):
+        result = CliRunner().invoke(main, args)
+        assert "\x1b" not in result.output and "\x07" not in result.output and "\u202e" not in result.output
+        assert "\x9b" not in result.output
+        assert "Traceback" not in result.output
