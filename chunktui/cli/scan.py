@@ -158,10 +158,13 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
     for label in present:
         legend.append(f" {label} ", style=f"bold black on {colours[label]}")
         legend.append(" ")
+    allowed_cols = torch.tensor([c.layer in keep for c in chunks], dtype=torch.bool)
+    hits = int((matches.hit & allowed_cols).any(-1).sum()) if len(chunks) else 0  # the layers shown, as coloured
     if not present:
-        legend.append("no chunk matched", style="dim")
+        legend.append("no chunk matched" if hits == 0 else
+                      f"{hits} token(s) matched, but no match has a finite score to colour it by "
+                      "(a threshold too large for its scale?)", style="dim")
     console.print(legend)
-    hits = int(matches.hit.any(-1).sum())
     console.print(f"[dim]{len(ids)} tokens, {hits} with at least one match, {len(chunks)} chunks at "
                   f"{len(dictionary.layers())} layers; generated tokens: {sum(generated)}[/]")
     if target is not None:

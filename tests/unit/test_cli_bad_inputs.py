@@ -419,3 +419,17 @@ def test_cli_output_of_hostile_text_holds_no_escape_byte(files, tmp_path):
         assert "\x1b" not in result.output and "\x07" not in result.output and "\u202e" not in result.output
         assert "\x9b" not in result.output
         assert "Traceback" not in result.output
+
+
+def test_scan_summary_and_legend_agree_with_a_huge_threshold(files, tmp_path):
+    def huge(meta, tensors):
+        for rec in meta["chunks"]:
+            rec["threshold"] = 1e308
+
+    path = tmp_path / "huge.chunks.safetensors"
+    _rewrite_dict(files / "d.chunks.safetensors", path, huge)
+    result = CliRunner().invoke(main, ["scan", *M, "--dict", str(path), "--text", "the cheese and the dog"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    hits = int(re.search(r"(\d+) with at least one match", text).group(1))
+    assert not (hits > 0 and "no chunk matched" in text), text
