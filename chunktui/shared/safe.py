@@ -70,5 +70,10 @@ def unsurrogate(text: str) -> str:
     return re.sub("[\ud800-\udfff]", "\ufffd", text) if re.search("[\ud800-\udfff]", text) else text
 
 
+def has_unsafe(text: str) -> bool:
+    """True when `visible` would change `text` (a tab or newline counts: one-line fields)."""
+    return bool(_UNSAFE.search(text))
+
+
 def has_lone_surrogate(text: str) -> bool:
     return bool(re.search("[\ud800-\udfff]", text))

@@ -818,6 +818,15 @@ class ChunkApp(App):
 
     # ------------------------------------------------------------------ events
 
+    @on(Input.Changed)
+    def _no_raw_controls(self, event: Input.Changed) -> None:
+        """A pasted ESC sequence (or any control character) in a field would reach the terminal raw when the
+        field draws itself: it is shown, and used, as its visible symbol (␛) instead."""
+        from chunktui.shared.safe import has_unsafe, visible
+
+        if has_unsafe(event.value):
+            event.input.value = visible(event.value, newlines=False)
+
     def on_input_submitted(self, event: Input.Submitted) -> None:
         action = {"prompt": self.action_generate, "perturb-prompt": self.action_regenerate,
                   "model-spec": self.action_load, "step-path": self.action_open_sequences,

@@ -64,7 +64,9 @@ async def test_markup_and_escapes_are_shown_literally(make_test_app, hostile_dic
         await settle(app, pilot)
         assert app.step_trace is not None and "[/bad]" in app.step_trace.text
         await pilot.press("f1")
-        app.query_one("#model-spec").value = "[/x] [link=x]y"
+        app.query_one("#model-spec").value = "[/x] [link=x]y \x1b[2J"
+        await pilot.pause()
+        assert app.query_one("#model-spec").value == "[/x] [link=x]y ␛[2J"  # a pasted ESC is shown as a symbol
         app.action_load()
         await settle(app, pilot)
         assert app.is_running
