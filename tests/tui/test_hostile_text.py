@@ -128,3 +128,19 @@ async def test_a_damaged_journal_restores_what_is_intact_and_says_what_was_skipp
         await pilot.press("f4")
         await pilot.press("f6")
         assert again.is_running
+
+
+async def test_export_never_targets_the_live_journal(make_test_app):
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await generate(app, pilot)
+        journal = app.journal.path
+        before = journal.read_bytes()
+        await pilot.press("f6")
+        app.query_one("#export-path").value = str(journal)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.is_running and not isinstance(app.screen, type(None))
+        assert any("also an input" in str(n.message) for n in app._notifications)
+        assert journal.read_bytes().startswith(before) and b"<html" not in journal.read_bytes()
