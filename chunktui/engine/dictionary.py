@@ -247,7 +247,8 @@ def _validate_chunk(chunk: Chunk, width, n_layers, where: str) -> None:
             bad("a direction chunk needs a 1-D direction tensor")
         if isinstance(width, int) and chunk.direction.numel() != width:
             bad(f"direction has {chunk.direction.numel()} values, the model width is {width}")
-        norm = float(chunk.direction.double().norm()) if torch.isfinite(chunk.direction).all() else float("nan")
+        # in float32, as matching and grafting compute it: a direction of 1e38s overflows to inf there
+        norm = float(chunk.direction.float().norm()) if torch.isfinite(chunk.direction).all() else float("nan")
         if not math.isfinite(norm) or norm == 0:
             bad("direction must be finite and non-zero")
         if not -1.0 <= chunk.threshold <= 1.0:

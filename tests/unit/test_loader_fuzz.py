@@ -140,3 +140,24 @@ def test_fuzz_report_inputs(tmp_path_factory, kind, key, value, data):
             render(session, fmt).encode("utf-8")
     except ChunkError as err:
         assert str(err)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda meta, t: meta["chunks"][1].__setitem__("threshold", 5), "cosine, so it must lie in -1..1"),
+    (lambda meta, t: t.__setitem__("00001.direction", torch.full((8,), 1e38)), "finite and non-zero"),
+    (lambda meta, t: t.__setitem__("00000.neurons", torch.tensor([3, 3, 3], dtype=torch.int16)), "more than once"),
+    (lambda meta, t: meta["chunks"][0].__setitem__("step", -3), "'step' must be at least 0"),
+])
+def test_bad_chunk_values_are_refused(small_dict, tmp_path, edit, message):
+    from safetensors.torch import save_file
+
+    from chunktui.engine.dictionary import load_dictionary
+    from chunktui.shared.errors import DictionaryError
+
+    meta, tensors = small_dict
+    meta, tensors = json.loads(json.dumps(meta)), dict(tensors)
+    edit(meta, tensors)
+    path = tmp_path / "b.chunks.safetensors"
+    save_file(tensors, str(path), metadata={"chunktui": json.dumps(meta)})
+    with pytest.raises(DictionaryError, match=message):
+        load_dictionary(path)
