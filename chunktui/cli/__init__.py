@@ -7,7 +7,37 @@ import click
 from chunktui import __version__
 
 
-@click.group(invoke_without_command=True)
+class SafeGroup(click.Group):
+    """click's own usage errors (a bad option value, an unknown option) shown with control characters made visible.
+
+    Their messages quote what was typed; an ESC or an OSC sequence in a value
+    must not reach the terminal raw (chunktui.shared.safe).
+    """
+
+    @staticmethod
+    def _clean(err: click.ClickException) -> None:
+        from chunktui.shared.safe import visible
+
+        err.message = visible(err.message)
+        if isinstance(getattr(err, "param_hint", None), str):
+            err.param_hint = visible(err.param_hint)
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.ClickException as err:
+            self._clean(err)
+            raise
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as err:
+            self._clean(err)
+            raise
+
+
+@click.group(cls=SafeGroup, invoke_without_command=True)
 @click.version_option(__version__, prog_name="chunktui")
 @click.pass_context
 def main(ctx: click.Context) -> None:

@@ -14,10 +14,30 @@ from rich.text import Text
 from chunktui.shared.errors import ChunkError
 from chunktui.shared.specs import DEFAULT_MODEL, DEVICE_MAPS, DTYPE_CHOICES
 
+class SafeConsole(Console):
+    """A Console whose text never reaches the terminal as a control sequence.
+
+    Every text segment (not Rich's own control segments) goes through
+    `shared.safe.visible` just before it is written: an ESC, an OSC 52
+    clipboard write, a bell, a bidi override or a lone surrogate in a prompt,
+    a corpus, a label, a file name or a model's output is shown as a visible
+    symbol (ESC as U+241B), whatever printed it.
+    """
+
+    def _render_buffer(self, buffer):
+        from rich.segment import Segment
+
+        from chunktui.shared.safe import visible
+
+        return super()._render_buffer(
+            Segment(visible(text), style, control) if not control and text else Segment(text, style, control)
+            for text, style, control in buffer)
+
+
 # No emoji codes (":x:" stays as typed) and no highlighting; markup only where a format string asks for it,
 # and user text (paths, labels, prompts, error messages) goes in escaped or as Text.
-console = Console(stderr=False, highlight=False, emoji=False)
-err_console = Console(stderr=True, highlight=False, emoji=False)
+console = SafeConsole(stderr=False, highlight=False, emoji=False)
+err_console = SafeConsole(stderr=True, highlight=False, emoji=False)
 
 # outputs planned (checked and locked) by the running command; released when it ends, however it ends
 _planned: list = []
@@ -33,16 +53,44 @@ def note(label: str, message: str, style: str = "yellow") -> None:
     err_console.print(Text(f"{label} ", style=style) + Text(str(message)), soft_wrap=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C: every `finally` and `with` runs (temporary files,
+    state caches and locks are removed) before the command exits with 143."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _catch_sigterm():
+    """Install the SIGTERM handler for one command (main thread only); returns what to restore."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):
+        return None
+
+
 def friendly_errors(func):
-    """Turn user errors into one clear line and exit code 2; Ctrl-C into exit 130."""
+    """Turn user errors into one clear line and exit code 2; Ctrl-C into exit 130, SIGTERM into 143 (both clean up)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        import signal
+
+        previous = _catch_sigterm()
         try:
             return func(*args, **kwargs)
         except ChunkError as err:
             print_error(str(err))
             sys.exit(2)
+        except Terminated:
+            err_console.print(Text("terminated (SIGTERM); temporary files removed", style="yellow"))
+            sys.exit(143)
         except KeyboardInterrupt:
             err_console.print(Text("cancelled", style="yellow"))
             sys.exit(130)
@@ -53,6 +101,11 @@ def friendly_errors(func):
         finally:
             while _planned:
                 _planned.pop().release()
+            if previous is not None:
+                try:
+                    signal.signal(signal.SIGTERM, previous)
+                except (ValueError, OSError):
+                    pass
 
     return wrapper
 

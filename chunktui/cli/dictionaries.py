@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -14,6 +15,7 @@ from rich.markup import escape
 from chunktui.cli.common import (checked, command_line, console, friendly_errors, load_with_progress, model_inputs,
                                  model_options, note, overwrite_option, plan_outputs, stage_progress)
 from chunktui.shared import validate
+from chunktui.shared.errors import ChunkError
 
 
 @click.command("models")
@@ -106,9 +108,18 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
         word_list = read_word_list(word_file) if word_file else [w for w in words.split(",") if w.strip()]
         if not word_list:
             raise CorpusError("--words names no words.")
+        from chunktui.shared.texts import merge_duplicate_words
+
+        word_list, merged = merge_duplicate_words(word_list)
+        if merged:
+            note("note:", merged)
     text = read_text(corpus) if corpus else None
     if spans_path:
         read_spans(spans_path)  # a malformed span file is reported before the model loads
+    partial = Path(out + ".partial")
+    if os.path.lexists(partial) and not partial.is_dir():
+        raise CorpusError(f"{partial} exists and is not a folder; the build keeps its checkpoints there. Remove it "
+                          "or choose another --out.")
     out_inputs = [corpus, spans_path, word_file, *model_inputs(model_spec)]
     if procs > 1 and not launched_by_torchrun():
         from chunktui.shared.outputs import plan_outputs as check
@@ -150,6 +161,12 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
             return
         for word, why in report.skipped.items():
             note("skipped", f"{word}: {why}")
+        grouped: dict[tuple[str, str], list[str]] = {}
+        for where, why in report.unfit.items():
+            label, _, layer = where.rpartition("@")
+            grouped.setdefault((label, why), []).append(layer)
+        for (label, why), at in grouped.items():
+            note("note:", f"{label}: no chunk at layer{'s' if len(at) > 1 else ''} {', '.join(at)}: {why}")
         if dictionary.notes.get("windowed"):
             note("note:", dictionary.notes["windowed"])
         if n is not None:
@@ -163,8 +180,12 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
                       f"{group.world_size} process{'es' if group.world_size > 1 else ''}")
         console.print(f"colour rule: {escape(dictionary.token_rule().describe())}", style="dim")
         if json_target is not None:
-            json_target.write_json(dict(report.summary(), dictionary=str(path), criterion=str(crit),
-                                        device=str(loaded.device)))
+            try:
+                json_target.write_json(dict(report.summary(), dictionary=str(path), criterion=str(crit),
+                                            device=str(loaded.device)))
+            except ChunkError as err:
+                raise ChunkError(f"The dictionary {path} was written; only the --json summary was not: {err}") \
+                    from None
             console.print(f"wrote {json_out}", markup=False)
     finally:
         group.close()
@@ -378,7 +399,7 @@ def inspect_cmd(dict_path, show_chunks, show_cards) -> None:
         for c in d.chunks:
             t.add_row(escape(c.id), str(c.layer), str(c.size), f"{c.threshold:.4g}",
                       f"{c.tolerance:.3g}" if c.tolerance is not None else "-",
-                      f"{c.fit.get('tp_rate', float('nan')):.3f}", f"{c.fit.get('fp_rate', float('nan')):.4f}")
+                      _rate(c.fit.get("tp_rate"), 3), _rate(c.fit.get("fp_rate"), 4))
         console.print(t)
     if show_cards:
         from chunktui.engine.cards import stored_card
@@ -388,3 +409,8 @@ def inspect_cmd(dict_path, show_chunks, show_cards) -> None:
             console.print("[dim]no stored cards: cards are written by `chunktui discover`[/]")
         for card in cards:
             console.print(card.text(), markup=False, highlight=False)
+
+
+def _rate(value, digits: int) -> str:
+    """A stored fit rate for a table cell ('-' when the file has none)."""
+    return "-" if value is None else f"{value:.{digits}f}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +43,29 @@ def _open_target(target, identity: dict, append: bool):
     return ChunkDictionary(model=identity), False
 
 
+def remove_stale_state_caches(cache_dir=None) -> int:
+    """State caches (`chunktui-states.*`) whose discover process is gone (killed by SIGKILL): removed at start."""
+    import shutil
+
+    root = Path(cache_dir).expanduser() if cache_dir else Path(tempfile.gettempdir())
+    removed = 0
+    for folder in root.glob("chunktui-states.*"):
+        try:
+            pid = int((folder / "owner.pid").read_text().strip())
+        except (OSError, ValueError):
+            continue  # not ours to judge (an older chunktui, or being created right now)
+        try:
+            os.kill(pid, 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's live process
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += not folder.exists()
+    return removed
+
+
 @click.command("discover")
 @model_options
 @click.option("--corpus", type=click.Path(dir_okay=False), help="plain text to discover chunks in")
@@ -50,7 +74,7 @@ def _open_target(target, identity: dict, append: bool):
 @click.option("--layers", default="15", show_default=True, callback=checked(validate.layer_spec),
               help="'all', '5', '2-9' or '0,4,8-10' (ranges low-high)")
 @click.option("--k", "k", default=256, show_default=True, callback=checked(validate.count), help="chunks per layer")
-@click.option("--steps", default=300, show_default=True, callback=checked(validate.count), help="Adam steps per layer")
+@click.option("--steps", default=300, show_default=True, callback=checked(validate.steps), help="Adam steps per layer (at most 100000)")
 @click.option("--batch-size", "fit_batch", default=4096, show_default=True, callback=checked(validate.count),
               help="tokens per Adam step")
 @click.option("--lr", default=0.03, show_default=True, callback=checked(validate.number_in, lo=0.0, hi=10.0, lo_open=True),
@@ -111,7 +135,11 @@ def discover_cmd(model_spec, device, dtype, corpus, spans_path, layers, k, steps
         Path(cache_dir).expanduser().mkdir(parents=True, exist_ok=True)
     progress, update = stage_progress()
     t0 = time.perf_counter()
+    removed = remove_stale_state_caches(cache_dir)
+    if removed:
+        note("note:", f"removed {removed} state cache(s) left by a discover that was killed", style="dim")
     with tempfile.TemporaryDirectory(prefix="chunktui-states.", dir=cache_dir) as folder:
+        (Path(folder) / "owner.pid").write_text(str(os.getpid()))
         with progress:
             # the corpus's states go to disk once (safetensors shards); discovery reads one layer at a time
             cache = cache_states(loaded, corpus_states, layer_list, folder,

@@ -9,14 +9,13 @@ from pathlib import Path
 import click
 
 from chunktui.shared.io import write_json
-from rich.console import Console
 from rich.table import Table
 
-from chunktui.cli.common import checked, friendly_errors, overwrite_option, plan_outputs
+from chunktui.cli.common import SafeConsole, checked, friendly_errors, overwrite_option, plan_outputs
 from chunktui.shared import validate
 
 # Off a terminal rich assumes 80 columns, which truncates the tables; allow a wider page.
-console = Console(width=None if sys.stdout.isatty() else 120)
+console = SafeConsole(width=None if sys.stdout.isatty() else 120)
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:

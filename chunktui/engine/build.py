@@ -79,6 +79,7 @@ class BuildReport:
     counts: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     empty: list[str] = field(default_factory=list)  # label@layer with no stable subpopulation
+    unfit: dict[str, str] = field(default_factory=dict)  # label@layer -> why no chunk could be made there
     world_size: int = 1
     seconds: float = 0.0
     pass1_tokens: int = 0
@@ -136,6 +137,8 @@ def _chunks_for(label, fits, drawn, labels: Labels, positives: int, tokens: int,
     for fit in fits:
         if fit.subpopulation.numel() == 0:
             report.empty.append(f"{label}@{fit.layer}")
+            if getattr(fit, "note", None):
+                report.unfit[f"{label}@{fit.layer}"] = fit.note
             continue
         stats = dict(fit.stats, n=len(drawn), positives=positives, tokens=tokens,
                      label_mode="part-word" if label in labels.part_word else labels.mode, drawn=drawn.tolist())
@@ -243,7 +246,8 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
                                 "criterion": str(crit), "seed": seed, "batch_size": batch_size,
                                 "tolerances": list(tolerances), "model": loaded.identity()["fingerprint_digest"],
                                 "batches": len(batches)})
-        restored = checkpoint.restore()
+        expected = {k: tuple(v.shape) for k, v in fit.state_tensors().items()} | {"layer_sums": (S, d)}
+        restored = checkpoint.restore(expected, batches=len(mine))
         if restored is not None:
             start, tensors = restored
             fit.load_state_tensors(tensors)
@@ -270,6 +274,11 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
     for label, fits in fit.finish().items():
         chunks += _chunks_for(label, fits, draws[label], labels, int(labels.masks[label].sum()), report.tokens,
                               str(crit), seed, corpus.digest, report)
+    if not chunks:
+        why = "; ".join(f"{k}: {v}" for k, v in list(report.unfit.items())[:3]) or \
+            "no concept has a stable subpopulation at any layer"
+        raise CorpusError(f"No chunk could be fitted at any layer ({why}). Try another --criterion, more text, "
+                          "or other --layers.")
     progress("build", 1.0, f"{len(chunks)} chunks")
     rule = None
     if colour_budget is not None and chunks:
@@ -323,44 +332,95 @@ class Checkpoint:
     def _paths(self) -> tuple[Path, Path]:
         return self.folder / f"rank{self.rank}.safetensors", self.folder / f"rank{self.rank}.json"
 
-    def restore(self):
-        """(batches done by this rank, tensors) from a matching checkpoint, or None."""
+    def _seal(self, batches_done: int, digest: str, tensors_name: str) -> str:
+        """A digest over everything the JSON says: an edited field (batches_done 999999) no longer matches."""
+        text = json.dumps([self.config, batches_done, digest, tensors_name], sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def restore(self, expected: dict[str, tuple] | None = None, batches: int | None = None):
+        """(batches done by this rank, tensors) from a matching checkpoint, or None.
+
+        `expected` (name -> shape) and `batches` (this rank's batch count) are checked too: a checkpoint that
+        does not match its build (other shapes, a count out of range, an edited JSON) is refused.
+        """
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         if not self.resume:
             return None
-        tensors_path, meta_path = self._paths()
-        if not meta_path.is_file() or not tensors_path.is_file():
+        _, meta_path = self._paths()
+        if not meta_path.is_file():
             return None
+
+        def refuse(why: str):
+            raise CorpusError(f"The checkpoint in {self.folder} {why}; resume with the same command, or delete "
+                              f"{self.folder} to start afresh.")
+
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise CorpusError(f"The checkpoint {meta_path} is unreadable ({err}); delete {self.folder} "
-                              "to start afresh.") from None
+        except (OSError, ValueError) as err:
+            refuse(f"is unreadable ({err})")
+        if not isinstance(meta, dict):
+            refuse("is damaged (its JSON is not an object)")
         saved = json.loads(json.dumps(meta.get("config")))
         if saved != json.loads(json.dumps(self.config)):
             changed = sorted(k for k in set(saved or {}) | set(self.config)
                              if (saved or {}).get(k) != json.loads(json.dumps(self.config)).get(k))
             raise CorpusError(f"The checkpoint in {self.folder} was made with other settings ({', '.join(changed)}); "
                               "resume with the same command, or delete the folder to start afresh.")
-        if meta.get("digest") != _file_digest(tensors_path):
-            raise CorpusError(f"The checkpoint {tensors_path} does not match its JSON (half written?); "
-                              f"delete {self.folder} to start afresh.")
-        return int(meta["batches_done"]), load_file(str(tensors_path))
+        done, digest = meta.get("batches_done"), meta.get("digest")
+        name = meta.get("tensors", self._paths()[0].name)  # older checkpoints: the fixed name
+        if not isinstance(name, str) or "/" in name or not name.startswith(f"rank{self.rank}"):
+            refuse("names a tensor file that is not its own")
+        if isinstance(done, bool) or not isinstance(done, int) or not isinstance(digest, str):
+            refuse("is damaged (batches_done or digest missing or of the wrong type)")
+        if "seal" in meta and meta["seal"] != self._seal(done, digest, name):
+            refuse("was edited after it was written (its fields do not match their seal)")
+        if batches is not None and not 0 <= done <= batches:
+            refuse(f"says {done} batches were done, and this build has {batches} for this process")
+        tensors_path = self.folder / name
+        if not tensors_path.is_file():
+            refuse(f"lacks its tensor file {name}")
+        if digest != _file_digest(tensors_path):
+            refuse(f"does not match its tensor file {name} (half written?)")
+        try:
+            tensors = load_file(str(tensors_path))
+        except (SafetensorError, OSError) as err:
+            refuse(f"holds a damaged tensor file ({err})")
+        if expected is not None:
+            shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+            if shapes != {k: tuple(v) for k, v in expected.items()}:
+                refuse("does not match this build (other tensors or shapes)")
+        return done, tensors
 
     def save(self, batches_done: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Tensors to a new file named by their digest, then the JSON that names it, then the old file removed:
+        a kill at any point leaves the previous checkpoint (or this one) whole and resumable."""
         from safetensors.torch import save
 
         from chunktui.shared.io import atomic_write_bytes, atomic_write_text
 
-        tensors_path, meta_path = self._paths()
+        _, meta_path = self._paths()
         data = save({k: v.contiguous().cpu() for k, v in tensors.items()})
-        atomic_write_bytes(tensors_path, data)
+        digest = hashlib.sha256(data).hexdigest()
+        name = f"rank{self.rank}.{digest[:16]}.safetensors"
+        old = self._current_tensors()
+        atomic_write_bytes(self.folder / name, data)
         atomic_write_text(meta_path, json.dumps({"config": self.config, "batches_done": batches_done,
-                                                 "digest": hashlib.sha256(data).hexdigest()}, indent=1))
+                                                 "digest": digest, "tensors": name,
+                                                 "seal": self._seal(batches_done, digest, name)}, indent=1))
+        for path in old:
+            if path.name != name:
+                path.unlink(missing_ok=True)
+
+    def _current_tensors(self) -> list[Path]:
+        try:
+            return sorted(self.folder.glob(f"rank{self.rank}.*safetensors"))
+        except OSError:
+            return []
 
     def clear(self) -> None:
-        for path in (*self._paths(),):
+        for path in (*self._paths(), *self._current_tensors()):
             path.unlink(missing_ok=True)
         try:
             self.folder.rmdir()

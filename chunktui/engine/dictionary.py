@@ -137,7 +137,7 @@ class ChunkDictionary:
             return (f"made for {mine.get('name')} (width {mine.get('hidden_size')}, {mine.get('n_layers')} layers); "
                     f"the loaded model {identity.get('name')} has width {identity.get('hidden_size')} and "
                     f"{identity.get('n_layers')} layers")
-        if not fingerprints_match(mine.get("fingerprint", []), identity.get("fingerprint", [])):
+        if not fingerprints_match(mine.get("fingerprint") or [], identity.get("fingerprint") or []):
             # name each side once: equal names or equal (coarse) digests are not repeated
             theirs = "the loaded model" if identity.get("name") == mine.get("name") else \
                 f"the loaded model {identity.get('name')}"
@@ -227,10 +227,13 @@ def _validate_chunk(chunk: Chunk, width, n_layers, where: str) -> None:
 
     if chunk.kind not in KINDS:
         bad(f"unknown kind '{chunk.kind}' (expected one of {', '.join(KINDS)})")
-    if not isinstance(chunk.layer, int) or not (0 <= chunk.layer <= (n_layers if isinstance(n_layers, int) else 10**6)):
+    if isinstance(chunk.layer, bool) or not isinstance(chunk.layer, int) or not (0 <= chunk.layer <= (n_layers if isinstance(n_layers, int) else 10**6)):
         bad(f"layer {chunk.layer!r} is outside 0..{n_layers}")
-    if not isinstance(chunk.threshold, (int, float)) or not math.isfinite(chunk.threshold):
+    if isinstance(chunk.threshold, bool) or not isinstance(chunk.threshold, (int, float)) or \
+            not math.isfinite(chunk.threshold):
         bad(f"threshold {chunk.threshold!r} is not a finite number")
+    if isinstance(chunk.step, bool) or not isinstance(chunk.step, int) or chunk.step < 0:
+        bad(f"step {chunk.step!r} must be a whole number >= 0")
     if chunk.kind == "pa":
         if chunk.subpopulation is None or chunk.template is None:
             bad("a population-averaging chunk needs neurons and template tensors")
@@ -246,22 +249,36 @@ def _validate_chunk(chunk: Chunk, width, n_layers, where: str) -> None:
             bad("template has non-finite values")
         if chunk.threshold < 0:
             bad("threshold must be >= 0")
+        if chunk.subpopulation.unique().numel() != chunk.subpopulation.numel():
+            bad(f"the subpopulation names a neuron more than once ({chunk.subpopulation.numel()} indices, "
+                f"{chunk.subpopulation.unique().numel()} distinct)")
     else:
         if chunk.direction is None or chunk.direction.dim() != 1:
             bad("a direction chunk needs a 1-D direction tensor")
         if isinstance(width, int) and chunk.direction.numel() != width:
             bad(f"direction has {chunk.direction.numel()} values, the model width is {width}")
-        if not torch.isfinite(chunk.direction).all() or float(chunk.direction.norm()) == 0:
+        # in float32, as matching and grafting compute it: a direction of 1e38s overflows to inf there
+        norm = float(chunk.direction.float().norm()) if torch.isfinite(chunk.direction).all() else float("nan")
+        if not math.isfinite(norm) or norm == 0:
             bad("direction must be finite and non-zero")
+        if not -1.0 <= chunk.threshold <= 1.0:
+            bad(f"a direction chunk's threshold is a cosine, so it must lie in -1..1, not {chunk.threshold:g} "
+                "(it could never match)")
+        if chunk.typical is not None and (isinstance(chunk.typical, bool) or not math.isfinite(chunk.typical)):
+            bad("typical must be a finite number")
 
 
 def load_dictionary(path: str | Path, identity: dict | None = None) -> ChunkDictionary:
     """Load and validate a dictionary; with `identity`, also refuse one made for another model."""
     from safetensors import SafetensorError, safe_open
 
+    from chunktui.shared.schema import DICTIONARY_CHUNK, DICTIONARY_HEADER, DICTIONARY_MODEL, check_fields
+    from chunktui.shared.texts import check_input_file, loads_json
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise DictionaryError(f"Dictionary not found: {path}")
+    path = check_input_file(path, "chunk dictionary (.chunks.safetensors)", error=DictionaryError)
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
@@ -269,26 +286,35 @@ def load_dictionary(path: str | Path, identity: dict | None = None) -> ChunkDict
             if METADATA_KEY not in meta:
                 raise DictionaryError(f"{path.name} is a safetensors file but not a chunk dictionary (no '{METADATA_KEY}' header).")
             try:
-                doc = json.loads(meta[METADATA_KEY])
-            except json.JSONDecodeError as err:
-                raise DictionaryError(f"{path.name}: the dictionary header is damaged (invalid JSON: {err.msg}).") from None
+                doc = loads_json(meta[METADATA_KEY], surrogates="replace")
+            except ValueError as err:
+                raise DictionaryError(f"{path.name}: the dictionary header is damaged ({err}).") from None
             if not isinstance(doc, dict) or doc.get("format") != FORMAT:
                 raise DictionaryError(f"{path.name}: not a chunktui dictionary (format {doc.get('format') if isinstance(doc, dict) else '?'!r}).")
             version = doc.get("version")
-            if not isinstance(version, int) or version > VERSION:
-                raise DictionaryError(f"{path.name}: format version {version!r} is newer than this chunktui understands "
+            if isinstance(version, bool) or not isinstance(version, int):
+                raise DictionaryError(f"{path.name}: the format version must be a whole number, not {version!r}.")
+            if version > VERSION:
+                raise DictionaryError(f"{path.name}: format version {version} is newer than this chunktui understands "
                                       f"({VERSION}); upgrade chunktui.")
-            model = doc.get("model")
-            if not isinstance(model, dict) or not isinstance(model.get("hidden_size"), int) or not isinstance(model.get("n_layers"), int):
+            if version < 1:
+                raise DictionaryError(f"{path.name}: format version {version} is not a version chunktui ever wrote "
+                                      f"(this chunktui reads 1..{VERSION}).")
+            if not isinstance(doc.get("model"), dict):
                 raise DictionaryError(f"{path.name}: the header does not say which model it was made for.")
-            records = doc.get("chunks")
-            if not isinstance(records, list):
+            if not isinstance(doc.get("chunks"), list):
                 raise DictionaryError(f"{path.name}: the header has no chunk list.")
+            check_fields(doc, DICTIONARY_HEADER, f"{path.name}: the header", DictionaryError)
+            model = check_fields(doc["model"], DICTIONARY_MODEL, f"{path.name}: the header's model", DictionaryError)
+            records = doc["chunks"]
             chunks = []
             for i, rec in enumerate(records):
                 where = f"{path.name}: chunk {i}"
                 if not isinstance(rec, dict):
                     raise DictionaryError(f"{where} is not an object")
+                label = rec.get("label")
+                check_fields(rec, DICTIONARY_CHUNK, f"{where} ({label})" if isinstance(label, str) else where,
+                             DictionaryError)
                 tensors = {}
                 for name, key in (rec.get("tensors") or {}).items():
                     if key not in keys:
@@ -299,10 +325,10 @@ def load_dictionary(path: str | Path, identity: dict | None = None) -> ChunkDict
                     raise DictionaryError(f"{where} ({rec.get('label')}): neuron indices must be integers, got {raw.dtype}.")
                 try:
                     chunk = Chunk(
-                        id=str(rec["id"]), label=str(rec["label"]), layer=rec["layer"], kind=rec.get("kind", "pa"),
+                        id=rec["id"], label=rec["label"], layer=rec["layer"], kind=rec.get("kind", "pa"),
                         subpopulation=None if "neurons" not in tensors else tensors["neurons"].long(), template=tensors.get("template"),
                         direction=tensors.get("direction"), threshold=rec["threshold"], tolerance=rec.get("tolerance"),
-                        typical=rec.get("typical"), step=int(rec.get("step", 0)), method=rec.get("method", ""),
+                        typical=rec.get("typical"), step=rec.get("step", 0), method=rec.get("method") or "",
                         criterion=rec.get("criterion"), seed=rec.get("seed"), corpus_digest=rec.get("corpus_digest"),
                         fit=rec.get("fit") or {}, evaluation=rec.get("evaluation") or {}, extra=rec.get("extra") or {})
                 except (KeyError, TypeError, ValueError) as err:
@@ -340,7 +366,7 @@ def load_dictionary(path: str | Path, identity: dict | None = None) -> ChunkDict
         except (ValueError, TypeError) as err:
             raise DictionaryError(f"{path.name}: the stored colour rule is malformed ({err}); recalibrate it with "
                                   "`chunktui calibrate`.") from None
-    dictionary = ChunkDictionary(model=model, chunks=chunks, created=str(doc.get("created", "")),
+    dictionary = ChunkDictionary(model=model, chunks=chunks, created=str(doc.get("created") or ""),
                                  notes=notes, path=path, layer_means=layer_means)
     if identity is not None:
         dictionary.check_compatible(identity)

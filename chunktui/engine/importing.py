@@ -71,8 +71,57 @@ class ImportResult:
     metadata: dict = field(default_factory=dict)
 
 
+MAX_IMPORT_VALUES = 2**24  # the largest array imported: 16.7M values (64 MiB as float32)
+NPY_DTYPES = ("float16", "float32", "float64")
+
+
+def read_npy(path: Path) -> np.ndarray:
+    """A .npy array, its header checked before anything is allocated: no pickles, no archives, a float16/32/64
+    dtype, one or two dimensions, at most MAX_IMPORT_VALUES values."""
+    from numpy.lib import format as npformat
+
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+        if head[:4] == b"PK\x03\x04":
+            raise DirectionImportError(f"{path.name} is a zip archive (.npz?), not a .npy array; archives are not "
+                                       "read: save one array with numpy.save.")
+        fh.seek(0)
+        try:
+            version = npformat.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = npformat.read_array_header_1_0(fh)
+            else:
+                shape, fortran, dtype = npformat.read_array_header_2_0(fh)
+        except ValueError as err:
+            raise DirectionImportError(f"{path.name} is not a .npy array ({err}).") from None
+        if dtype.hasobject:
+            raise DirectionImportError(f"{path.name} holds Python objects (a pickle); only plain float arrays are "
+                                       "read.")
+        if dtype.name not in NPY_DTYPES:
+            raise DirectionImportError(f"{path.name}: directions must be floating point (float16, float32 or float64), got "
+                                       f"{dtype.name}.")
+        if len(shape) not in (1, 2):
+            raise DirectionImportError(f"{path.name}: expected a 1-D direction or a 2-D array of directions, got shape "
+                                       f"{tuple(shape)}.")
+        count = int(np.prod(shape, dtype=object))
+        if count > MAX_IMPORT_VALUES:
+            raise DirectionImportError(f"{path.name}: shape {tuple(shape)} holds {count:,} values; the largest array "
+                                       f"imported is {MAX_IMPORT_VALUES:,} values.")
+        expected = count * dtype.itemsize
+        left = path.stat().st_size - fh.tell()
+        if left < expected:
+            raise DirectionImportError(f"{path.name}: the header promises {expected:,} bytes of data and the file "
+                                       f"holds {left:,}: it is cut short.")
+        array = np.fromfile(fh, dtype=dtype, count=count)
+    return array.reshape(shape, order="F" if fortran else "C")
+
+
 def detect_format(path: str | Path) -> str:
     suffix = Path(path).suffix.lower()
+    if suffix in (".npz", ".zip", ".tar", ".gz", ".pkl", ".pickle", ".pt", ".pth", ".bin"):
+        raise DirectionImportError(f"{Path(path).name}: '{suffix}' files are not read (archives and pickles can "
+                                   "hold code or many arrays); use one array in .npy, .safetensors or a llama.cpp "
+                                   "control-vector .gguf.")
     if suffix not in FORMATS:
         raise DirectionImportError(f"{Path(path).name}: unknown direction format '{suffix}'; use .npy, .safetensors or a "
                            "llama.cpp control-vector .gguf.")
@@ -89,22 +138,23 @@ def _rows(array: torch.Tensor, key: str, layer: int | None) -> list[ImportedVect
     raise DirectionImportError(f"{key}: expected a 1-D direction or a 2-D array of directions, got shape {tuple(array.shape)}.")
 
 
-_TRAILING_INT = re.compile(r"(\d+)$")
+_TRAILING_INT = re.compile(r"(-?\d+)$")
 
 
 def read_vectors(path: str | Path, layer: int | None = None, layer_offset: int | None = None) -> tuple[list[ImportedVector], dict]:
     """Directions in a file, with the hidden-state index each belongs to. Returns (vectors, file metadata)."""
+    from chunktui.shared.texts import check_input_file
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise DirectionImportError(f"Direction file not found: {path}")
+    check_input_file(path, "direction file", error=DirectionImportError)
     fmt = detect_format(path)
     offset = (1 if fmt == "gguf-control-vector" else 0) if layer_offset is None else layer_offset
     meta: dict = {"format": fmt, "layer_offset": offset}
     try:
         if fmt == "npy":
-            array = np.load(path, allow_pickle=False)
-            if not np.issubdtype(array.dtype, np.floating):
-                raise DirectionImportError(f"{path.name}: directions must be floating point, got {array.dtype}.")
+            array = read_npy(path)
             vectors = _rows(torch.from_numpy(np.ascontiguousarray(array)).float(), path.name, layer)
         elif fmt == "safetensors":
             vectors = _read_safetensors(path, layer)
@@ -137,9 +187,15 @@ def _read_safetensors(path: Path, layer: int | None) -> list[ImportedVector]:
                 tensor = fh.get_tensor(key)
                 if not tensor.dtype.is_floating_point:
                     continue
+                if tensor.numel() > MAX_IMPORT_VALUES:
+                    raise DirectionImportError(f"{path.name}: tensor '{key}' holds {tensor.numel():,} values; the "
+                                               f"largest array imported is {MAX_IMPORT_VALUES:,} values.")
                 if tensor.dim() == 1:
                     m = _TRAILING_INT.search(key)
                     named = int(m.group(1)) if m else None
+                    if named is not None and named < 0 and layer is None:
+                        raise DirectionImportError(f"{path.name}: tensor '{key}' names layer {named}; layers are "
+                                                   "numbered from 0 (give --layer to place it).")
                     out.append(ImportedVector(tensor.float(), layer if layer is not None else named, key, named))
                 else:
                     out.extend(_rows(tensor.float(), key, layer))
@@ -175,6 +231,12 @@ def _read_gguf(path: Path) -> tuple[list[ImportedVector], dict]:
         if not m:
             continue
         data = np.asarray(tensor.data)
+        if sum(int(n) > 1 for n in data.shape) > 1:
+            raise DirectionImportError(f"{path.name}: {tensor.name} holds a {tuple(int(n) for n in data.shape)} "
+                                       "array; a control vector has one direction (one row) per layer.")
+        if data.size > MAX_IMPORT_VALUES:
+            raise DirectionImportError(f"{path.name}: {tensor.name} holds {data.size:,} values; the largest array "
+                                       f"imported is {MAX_IMPORT_VALUES:,} values.")
         if not np.issubdtype(data.dtype, np.floating):
             raise DirectionImportError(f"{path.name}: {tensor.name} is stored as {tensor.tensor_type.name}; control vectors are "
                                "float32 or float16.")

@@ -110,23 +110,41 @@ class SpanCorpus:
 
 def read_spans(path: str | Path) -> SpanCorpus:
     """Read `{"text": ..., "spans": [[start, end, label], ...]}` lines, validating every span."""
+    from chunktui.shared.safe import visible
+    from chunktui.shared.texts import check_input_file
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise CorpusError(f"Span file not found: {path}")
+    check_input_file(path, "span file (.jsonl)")
     parts: list[str] = []
     contexts, spans = [], []
     offset = 0
-    for lineno, record in iter_jsonl(path):
-        text = record.get("text") if isinstance(record, dict) else None
+    for lineno, record in iter_jsonl(path):  # strict UTF-8, line length and depth limits, lone surrogates refused
+        where = f"{path}:{lineno}"
+        if not isinstance(record, dict):
+            raise CorpusError(f"{where}: each line must be a JSON object with \"text\" and \"spans\".")
+        text = record.get("text")
         if not isinstance(text, str):
-            raise CorpusError(f"{path}:{lineno}: each line needs a \"text\" string.")
-        for item in record.get("spans", []):
-            if not (isinstance(item, (list, tuple)) and len(item) == 3 and isinstance(item[0], int)
-                    and isinstance(item[1], int) and isinstance(item[2], str)):
-                raise CorpusError(f"{path}:{lineno}: a span must be [start, end, \"label\"], got {item!r}.")
+            raise CorpusError(f"{where}: each line needs a \"text\" string.")
+        items = record.get("spans", [])
+        if items is None:
+            items = []
+        if not isinstance(items, list):
+            raise CorpusError(f"{where}: \"spans\" must be a list of [start, end, \"label\"], not "
+                              f"{type(items).__name__} {visible(repr(items))[:40]}.")
+        for item in items:
+            if not (isinstance(item, (list, tuple)) and len(item) == 3 and type(item[0]) is int
+                    and type(item[1]) is int and isinstance(item[2], str)):
+                raise CorpusError(f"{where}: a span must be [start, end, \"label\"], got {visible(repr(item))[:80]}.")
             a, b, label = item
+            if not label.strip():
+                raise CorpusError(f"{where}: span [{a}, {b}] has an empty label.")
+            if a >= b and 0 <= b and a <= len(text):
+                raise CorpusError(f"{where}: span [{a}, {b}] is reversed or empty: write [start, end] with "
+                                  "start < end.")
             if not 0 <= a < b <= len(text):
-                raise CorpusError(f"{path}:{lineno}: span [{a}, {b}] is outside the text (length {len(text)}).")
+                raise CorpusError(f"{where}: span [{a}, {b}] is outside the text (length {len(text)}).")
             spans.append((offset + a, offset + b, label))
         contexts.append((offset, offset + len(text)))
         parts.append(text)
@@ -160,10 +178,17 @@ def span_labels(tokens: TokenTable, source: str, spans: list[tuple[int, int, str
 
 
 def read_word_list(path: str | Path) -> list[str]:
+    from chunktui.shared.texts import check_input_file, decode_utf8
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise CorpusError(f"Word list not found: {path}")
-    words = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    check_input_file(path, "word list")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CorpusError(f"Could not read {path}: {err.strerror or err}.") from None
+    words = [line.strip() for line in decode_utf8(data, str(path)).splitlines()]
     words = [w for w in words if w and not w.startswith("#")]
     if not words:
         raise CorpusError(f"Word list {path} is empty.")

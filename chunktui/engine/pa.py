@@ -38,6 +38,7 @@ class LayerFit:
     threshold: float
     tolerance: float
     stats: dict  # tp, fp, tn, fn, tp_rate, fp_rate, accuracy, f1, balanced
+    note: str | None = None  # why this layer has no chunk (empty subpopulation), when it has none
 
 
 def draw_positives(positives: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -372,17 +373,33 @@ class StreamingFit:
                 name = self.criterion.name
             scores = confusion_scores(tp, fp, n_pos, n_neg)
             crit = scores[name].clone()
-            crit[(count == 0).T] = -1.0  # an empty subpopulation is never chosen
+            empty = (count == 0).T  # (S, K)
+            crit[empty] = -1.0  # an empty subpopulation is never chosen
+            infeasible = torch.zeros_like(empty)
+            if self.criterion.calibrated:
+                # no threshold >= 0 keeps the FP count within the budget (negatives on the template itself)
+                infeasible = (theta < 0) & ~empty
+                crit[infeasible] = -1.0
             best = crit.argmax(1)  # (S,) first maximum: the largest tolerance among ties
             fits = []
             M = tpl.M.cpu()
             mu = tpl.mu.cpu()
             for s in range(self.S):
                 k = int(best[s])
-                neurons = M[k, s].nonzero().flatten()
                 stats = {key: float(v[s, k]) for key, v in scores.items()}
                 for key in ("tp", "fp", "tn", "fn"):
                     stats[key] = int(stats[key])
+                if crit[s, k] < 0:  # nothing at this layer can be a valid chunk
+                    nothing = torch.zeros(0, dtype=torch.long)
+                    note = ("no stable subpopulation at any tolerance" if not infeasible[s].any() else
+                            f"no threshold keeps the training false positives within {self.criterion}: more than "
+                            f"{self.allowed_fp(n_neg)} negative token(s) have the template's exact state on every "
+                            "candidate subpopulation (deviation 0; e.g. the same token as a positive at the "
+                            "embedding layer)")
+                    fits.append(LayerFit(layer=self.layers[s], subpopulation=nothing, template=torch.zeros(0),
+                                         threshold=0.0, tolerance=float(self.taus[k]), stats=stats, note=note))
+                    continue
+                neurons = M[k, s].nonzero().flatten()
                 fits.append(LayerFit(layer=self.layers[s], subpopulation=neurons, template=mu[s, neurons].clone(),
                                      threshold=float(theta[s, k]), tolerance=float(self.taus[k]), stats=stats))
             out[label] = fits
@@ -396,13 +413,18 @@ class StreamingFit:
             first_out = torch.full(keep.shape[::2], float("inf"), dtype=torch.float64)
         else:
             first_out = keep[:, m, :]
-        theta = torch.where(first_out > 0, first_out * (1 - CALIBRATION_MARGIN),
-                            torch.full_like(first_out, -1.0))  # a negative equal to the template: match nothing
-        theta = torch.where(torch.isinf(first_out), torch.full_like(first_out, torch.finfo(torch.float64).max), theta)
         posdev = self.posdev[label].clone()
         slots = torch.searchsorted(self.pos_index[label], self.draws[label])
         posdev[:, slots, :] = devR
         posdev = torch.nan_to_num(posdev, nan=float("inf"))
+        # a negative on the template (v = 0, e.g. the same token at the embedding layer, or constant states):
+        # no threshold >= 0 excludes it, so this (layer, tolerance) is marked -1 and never chosen (see finish)
+        theta = torch.where(first_out > 0, first_out * (1 - CALIBRATION_MARGIN), torch.full_like(first_out, -1.0))
+        # no negative to exclude (none in the corpus): the smallest threshold that keeps every positive,
+        # which is the paper's theta over all positives (0 when no positive has a finite deviation)
+        finite = torch.where(torch.isfinite(posdev), posdev, torch.zeros_like(posdev))
+        all_pos = finite.amax(1) if posdev.shape[1] else torch.zeros_like(first_out)
+        theta = torch.where(torch.isinf(first_out), all_pos, theta)
         tp = (posdev <= theta[:, None, :]).sum(1)
         fp = (keep <= theta[:, None, :]).sum(1)
         return theta, tp, fp

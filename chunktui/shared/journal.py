@@ -71,13 +71,66 @@ def step_to_dict(s: TokenStep) -> dict:
             "h": list(s.hits), **({"ag": s.agree, "ev": _finite(s.evidence, 5)} if s.evidence is not None else {})}
 
 
-def step_from_dict(d: dict) -> TokenStep:
-    return TokenStep(index=int(d["i"]), token_id=int(d["id"]), text=str(d["t"]), generated=bool(d["g"]),
-                     logprob=_number(d.get("lp")), top=[(str(p), _number(q) or 0.0) for p, q in d.get("top", [])],
-                     strongest=int(d["s"]), strongest_score=_number(d.get("ss")) or float("-inf"),
-                     layer_chunk=[int(c) for c in d["lc"]], layer_score=[_number(x) for x in d["ls"]],
-                     norms=[_number(x) for x in d["n"]], hits=tuple(int(c) for c in d.get("h", [])),
-                     agree=int(d.get("ag", 0)), evidence=_number(d.get("ev")))
+class Damaged(ValueError):
+    """A journal record that cannot be restored; the message says why (counted, the record is skipped)."""
+
+
+def _int(x, what: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise Damaged(f"{what} is not a whole number")
+    return x
+
+
+def _num(x, what: str) -> float | None:
+    """A stored display number: a JSON number, null, or the strings 'inf' / '-inf' (never another string)."""
+    if x is None or x in ("inf", "-inf"):
+        return _number(x)
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise Damaged(f"{what} is not a number")
+    return float(x)
+
+
+def _str(x, what: str) -> str:
+    if not isinstance(x, str):
+        raise Damaged(f"{what} is not text")
+    return x
+
+
+def _list(x, what: str) -> list:
+    if not isinstance(x, list):
+        raise Damaged(f"{what} is not a list")
+    return x
+
+
+def step_from_dict(d: dict, n_columns: int | None = None) -> TokenStep:
+    """A step back from its record; with `n_columns`, every chunk column it names must exist."""
+    if not isinstance(d, dict):
+        raise Damaged("a token is not an object")
+    try:
+        lc = [_int(c, "a layer's chunk column") for c in _list(d["lc"], "'lc'")]
+        ls = [_num(x, "a layer score") for x in _list(d["ls"], "'ls'")]
+        norms = [_num(x, "a norm") for x in _list(d["n"], "'n'")]
+        hits = tuple(_int(c, "a hit column") for c in _list(d.get("h", []), "'h'"))
+        top = []
+        for item in _list(d.get("top", []), "'top'"):
+            if not isinstance(item, list) or len(item) != 2:
+                raise Damaged("a top-k entry is not a [text, probability] pair")
+            top.append((_str(item[0], "a top-k token"), _num(item[1], "a top-k probability") or 0.0))
+        step = TokenStep(index=_int(d["i"], "'i'"), token_id=_int(d["id"], "'id'"), text=_str(d["t"], "'t'"),
+                         generated=bool(d["g"]), logprob=_num(d.get("lp"), "'lp'"), top=top,
+                         strongest=_int(d["s"], "'s'"), strongest_score=_num(d.get("ss"), "'ss'") or float("-inf"),
+                         layer_chunk=lc, layer_score=ls, norms=norms, hits=hits,
+                         agree=_int(d.get("ag", 0), "'ag'"), evidence=_num(d.get("ev"), "'ev'"))
+    except KeyError as err:
+        raise Damaged(f"a token lacks {err}") from None
+    if not len(lc) == len(ls) == len(norms):
+        raise Damaged("a token's per-layer lists differ in length")
+    if n_columns is not None:
+        bad = [c for c in (*lc, step.strongest) if not -1 <= c < n_columns] + \
+            [c for c in hits if not 0 <= c < n_columns]
+        if bad:
+            raise Damaged(f"a token points at chunk column {bad[0]}, and the trace has {n_columns}")
+    return step
 
 
 def columns_to_dict(c: ChunkColumns) -> dict:
@@ -86,14 +139,69 @@ def columns_to_dict(c: ChunkColumns) -> dict:
 
 
 def columns_from_dict(d: dict) -> ChunkColumns:
-    cols = ChunkColumns(ids=[str(x) for x in d["ids"]], labels=[str(x) for x in d["labels"]],
-                        layers=[int(x) for x in d["layers"]], thresholds=[_number(x) for x in d["thresholds"]],
-                        kinds=[str(x) for x in d["kinds"]],
-                        rule=d.get("rule") if isinstance(d.get("rule"), dict) else None,
-                        voters={str(k): int(v) for k, v in (d.get("voters") or {}).items()})
+    if not isinstance(d, dict):
+        raise Damaged("the chunk columns are not an object")
+    try:
+        cols = ChunkColumns(ids=[_str(x, "a chunk id") for x in _list(d["ids"], "'ids'")],
+                            labels=[_str(x, "a chunk label") for x in _list(d["labels"], "'labels'")],
+                            layers=[_int(x, "a chunk layer") for x in _list(d["layers"], "'layers'")],
+                            thresholds=[_num(x, "a threshold") for x in _list(d["thresholds"], "'thresholds'")],
+                            kinds=[_str(x, "a chunk kind") for x in _list(d["kinds"], "'kinds'")],
+                            rule=d.get("rule") if isinstance(d.get("rule"), dict) else None,
+                            voters={_str(k, "a voter label"): _int(v, "a voter count")
+                                    for k, v in (d.get("voters") or {}).items()} if isinstance(d.get("voters") or {}, dict)
+                            else {})
+    except KeyError as err:
+        raise Damaged(f"the chunk columns lack {err}") from None
     if not len(cols.ids) == len(cols.labels) == len(cols.layers) == len(cols.thresholds) == len(cols.kinds):
-        raise ValueError("chunk columns of different lengths")
+        raise Damaged("chunk columns of different lengths")
     return cols
+
+
+RUN_NUMBERS = ("control_rate", "perturbed_rate", "delta_rate", "logprob_control", "logprob_perturbed",
+               "delta_logprob")
+
+
+def check_run(run) -> dict:
+    """A perturbation run (what `perturb --json` and the app record) checked field by field before anything
+    formats it; raises Damaged naming the first field that is missing or of the wrong type."""
+    if not isinstance(run, dict):
+        raise Damaged("a perturbation run is not an object")
+    iv = run.get("intervention")
+    if not isinstance(iv, dict):
+        raise Damaged("a perturbation run lacks 'intervention'" if iv is None else
+                      "a perturbation run's 'intervention' is not an object")
+    _str(iv.get("mode"), "the intervention's 'mode'")
+    if _num(iv.get("strength"), "the intervention's 'strength'") is None:
+        raise Damaged("the intervention's 'strength' is missing")
+    [_str(x, "an intervention label") for x in _list(iv.get("labels"), "the intervention's 'labels'")]
+    [_int(x, "an intervention layer") for x in _list(iv.get("layers"), "the intervention's 'layers'")]
+    _str(iv.get("positions"), "the intervention's 'positions'")
+    concepts = run.get("concepts")
+    if not isinstance(concepts, dict):
+        raise Damaged("a perturbation run lacks 'concepts'" if concepts is None else "'concepts' is not an object")
+    for label, c in concepts.items():
+        if not isinstance(c, dict):
+            raise Damaged(f"concept {label!r} is not an object")
+        for key in RUN_NUMBERS:
+            if key not in c:
+                raise Damaged(f"concept {label!r} lacks '{key}'")
+            if _num(c[key], f"concept {label!r}'s '{key}'") is None:
+                raise Damaged(f"concept {label!r}'s '{key}' is empty")
+    for pair in _list(run.get("pairs", []), "'pairs'"):
+        if not isinstance(pair, dict):
+            raise Damaged("a pair is not an object")
+        for key in ("control", "perturbed"):
+            _str(pair.get(key), f"a pair's '{key}'")
+        if pair.get("prompt") is not None:
+            _str(pair["prompt"], "a pair's 'prompt'")
+        for op in _list(pair.get("diff") or [], "a pair's 'diff'"):
+            if not isinstance(op, dict):
+                raise Damaged("a diff entry is not an object")
+            _str(op.get("op"), "a diff entry's 'op'")
+            _str(op.get("control"), "a diff entry's 'control'")
+            _str(op.get("perturbed"), "a diff entry's 'perturbed'")
+    return run
 
 
 class Journal:
@@ -151,12 +259,17 @@ class Journal:
     def exported(self, path: str) -> None:
         self.write({"type": "exported", "path": str(path)})
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """End the journal. Only a clean quit (`clean=True`) writes the "closed" record; an app that ends any
+        other way (an exception, a signal) leaves the session open, so the next start offers it back."""
         if self._fh is not None:
-            self.write({"type": "closed"})
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-            self._fh = None
+            if clean:
+                self.write({"type": "closed"})
+            try:
+                os.fsync(self._fh.fileno())
+            finally:
+                self._fh.close()
+                self._fh = None
 
 
 @dataclass
@@ -167,6 +280,15 @@ class Restored:
     exported: bool
     skipped: int = 0  # damaged lines that were left out
     traces_by_id: dict[int, Trace] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)  # why records were skipped -> how many
+
+    def skipped_note(self) -> str:
+        """'3 damaged records were left out (2 not valid JSON; 1 a token points at chunk column 7, ...)', or ''."""
+        if not self.skipped:
+            return ""
+        why = "; ".join(f"{n} {reason}" for reason, n in sorted(self.reasons.items(), key=lambda kv: -kv[1])[:4])
+        more = "" if len(self.reasons) <= 4 else "; ..."
+        return f"{self.skipped} damaged record{'s were' if self.skipped != 1 else ' was'} left out ({why}{more})"
 
     @property
     def empty(self) -> bool:
@@ -174,58 +296,101 @@ class Restored:
 
 
 def read_journal(path: str | Path) -> Restored:
-    """A journal back into a Session; a torn or damaged line is skipped (counted), never fatal."""
+    """A journal back into a Session; a torn or damaged record is skipped (counted, with why), never fatal.
+
+    Every record is checked by type and range before it is kept: a token that
+    names a chunk column its trace lacks, a perturbation run missing a field or
+    holding a number as a string, a line that is not JSON: each is left out and
+    counted under its reason, and the rest of the session is restored.
+    """
+    from chunktui.shared.texts import MAX_LINE_BYTES, loads_json
+
     path = Path(path)
     try:
         body = path.read_bytes().decode("utf-8", errors="replace")
     except OSError as err:
         raise ChunkError(f"Could not read the session journal {path}: {err.strerror or err}.") from None
     session, closed, exported, skipped = Session(), False, False, 0
+    reasons: dict[str, int] = {}
     traces: dict[int, Trace] = {}
     first = True
+
+    def skip(reason: str) -> None:
+        nonlocal skipped
+        skipped += 1
+        reasons[reason] = reasons.get(reason, 0) + 1
+
     for line in body.splitlines():
         if not line.strip():
             continue
         if first:
             try:
-                head = json.loads(line)
+                head = loads_json(line)
             except ValueError:
                 head = None
             if not isinstance(head, dict) or head.get("type") != "journal" or head.get("format") != JOURNAL_FORMAT:
                 raise ChunkError(f"{path} is not a chunktui session journal.")
             first = False
             continue
+        if len(line) > MAX_LINE_BYTES:
+            skip(f"longer than {MAX_LINE_BYTES // 2**20} MiB")
+            continue
         try:
-            rec = json.loads(line)
-            kind = rec["type"]
+            rec = loads_json(line)
+        except ValueError as err:
+            skip("nested too deeply" if "nested too deeply" in str(err) else "not valid JSON (torn or edited)")
+            continue
+        try:
+            if not isinstance(rec, dict):
+                raise Damaged("not an object")
+            kind = rec.get("type")
             if kind == "session":
-                session.model = dict(rec.get("model") or {})
-                session.dictionary = rec.get("dictionary")
-                session.labels = [str(x) for x in rec.get("labels") or []]
+                model = rec.get("model") or {}
+                if not isinstance(model, dict):
+                    raise Damaged("the session's 'model' is not an object")
+                dictionary = rec.get("dictionary")
+                if dictionary is not None:
+                    _str(dictionary, "the session's 'dictionary'")
+                session.labels = [_str(x, "a label") for x in _list(rec.get("labels") or [], "'labels'")]
+                session.model, session.dictionary = dict(model), dictionary
             elif kind == "trace":
-                trace = Trace(str(rec["kind"]), str(rec["title"]), columns_from_dict(rec["columns"]),
-                              settings=dict(rec.get("settings") or {}))
-                trace.trace_id = int(rec["id"])
+                settings = rec.get("settings") or {}
+                if not isinstance(settings, dict):
+                    raise Damaged("a trace's 'settings' is not an object")
+                trace = Trace(_str(rec.get("kind"), "a trace's 'kind'"), _str(rec.get("title"), "a trace's 'title'"),
+                              columns_from_dict(rec.get("columns")), settings=dict(settings))
+                trace.trace_id = _int(rec.get("id"), "a trace's 'id'")
                 traces[trace.trace_id] = trace
-            elif kind == "steps":
-                traces[int(rec["id"])].extend([step_from_dict(d) for d in rec["steps"]])
-            elif kind == "replace":
-                trace = traces[int(rec["id"])]
-                trace.columns = columns_from_dict(rec["columns"])
-                trace.replace_steps([step_from_dict(d) for d in rec["steps"]])
-            elif kind == "finished":
-                trace = traces[int(rec["id"])]
-                trace.finished, trace.elapsed = rec.get("reason"), float(rec.get("elapsed") or 0.0)
+            elif kind in ("steps", "replace", "finished"):
+                trace = traces.get(rec.get("id")) if isinstance(rec.get("id"), int) else None
+                if trace is None:
+                    raise Damaged(f"'{kind}' for a trace that was not restored")
+                if kind == "steps":
+                    trace.extend([step_from_dict(d, len(trace.columns)) for d in _list(rec.get("steps"), "'steps'")])
+                elif kind == "replace":
+                    columns = columns_from_dict(rec.get("columns"))
+                    steps = [step_from_dict(d, len(columns)) for d in _list(rec.get("steps"), "'steps'")]
+                    trace.columns = columns
+                    trace.replace_steps(steps)
+                else:
+                    reason = rec.get("reason")
+                    if reason is not None:
+                        _str(reason, "a trace's end 'reason'")
+                    trace.finished, trace.elapsed = reason, _num(rec.get("elapsed") or 0.0, "'elapsed'") or 0.0
             elif kind == "run":
-                session.add_run(dict(rec["run"]))
+                session.add_run(dict(check_run(rec.get("run"))))
             elif kind == "exported":
                 exported = True
             elif kind == "closed":
                 closed = True
-        except ChunkError:
-            raise
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
-            skipped += 1  # a torn last line (the app was killed mid-write) or a damaged one
+            elif kind == "journal":
+                pass
+            else:
+                raise Damaged(f"unknown record type {str(kind)[:40]!r}")
+        except Damaged as err:
+            skip(str(err))
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
+            skip(f"malformed ({type(err).__name__})")
     if first:
         raise ChunkError(f"{path} is empty: no session to restore.")
     for trace in traces.values():
@@ -233,7 +398,7 @@ def read_journal(path: str | Path) -> Restored:
             if trace.finished is None:
                 trace.finished = "interrupted"  # the app stopped while it streamed
             session.add_trace(trace)
-    return Restored(path, session, closed, exported, skipped, traces)
+    return Restored(path, session, closed, exported, skipped, traces, reasons)
 
 
 def journals(folder: Path | None = None) -> list[Path]:
@@ -245,7 +410,10 @@ def journals(folder: Path | None = None) -> list[Path]:
 
 
 def latest_unfinished(folder: Path | None = None, exclude: Path | None = None) -> Restored | None:
-    """The newest journal whose app did not end normally and holds something worth offering back."""
+    """The newest journal whose app did not end normally and holds something worth offering back.
+
+    Sittings that quit normally (or whose session was discarded) are passed over, so a crashed session is
+    still offered after later sittings that ended well; the newest 20 journals are kept (`prune`)."""
     for path in journals(folder):
         if exclude is not None and path == exclude:
             continue
@@ -254,7 +422,7 @@ def latest_unfinished(folder: Path | None = None, exclude: Path | None = None) -
         except ChunkError:
             continue
         if restored.closed:
-            return None  # the newest sitting ended normally: nothing to offer
+            continue  # ended normally (or discarded): an older sitting that did not may still be waiting
         if not restored.empty:
             return restored
     return None

@@ -137,6 +137,7 @@ class OutputTarget:
     option: str | None = None
     existed: bool = False
     _lock: tuple[int, Path] | None = field(default=None, repr=False)
+    real: Path | None = None  # a symlinked destination is written through: the file it points at is replaced
 
     def __enter__(self) -> "OutputTarget":
         return self
@@ -164,7 +165,7 @@ class OutputTarget:
         """Atomic write (temp file, fsync, rename); releases the lock. Refuses a file that appeared meanwhile."""
         from chunktui.shared.io import write_temp_beside
 
-        path = self.path
+        path = self.real or self.path
         tmp = None
         try:
             if path.is_dir():
@@ -227,6 +228,59 @@ def _finite(obj):
     return obj
 
 
+_SYSTEM = ("/dev/", "/proc/", "/sys/")
+
+
+def _special_path(target: Path) -> str | None:
+    """Why `target` (or what its symlinks lead to) is no place for an atomic write, or None.
+
+    /dev/stdout, /dev/null, /proc/self/fd/1, a FIFO, a terminal: renaming a file onto the name would replace
+    the link itself (as root: the system's /dev/stdout), and writing through it is not atomic.
+    """
+    import stat
+
+    given = os.path.abspath(target)
+    hops = [given]  # every link on the way, resolved one at a time (realpath would follow /proc's magic links)
+    current = given
+    for _ in range(40):
+        parent = os.path.realpath(os.path.dirname(current))
+        current = os.path.join(parent, os.path.basename(current))
+        if not os.path.islink(current):
+            hops.append(current)
+            break
+        current = os.path.join(parent, os.readlink(current))
+        hops.append(os.path.normpath(current))
+    for p in hops:
+        if p.startswith(_SYSTEM) or p in ("/dev", "/proc", "/sys"):
+            return f"is a system path ({p})" if p == given else f"leads to a system path ({p})"
+    try:
+        st = os.stat(target)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+        return "is not a regular file (a device, FIFO or socket)"
+    return None
+
+
+def remove_stale_temps(path: Path) -> int:
+    """Remove `.NAME.*.tmp` files beside `path` (what `write_temp_beside` makes); returns how many.
+
+    Only called while holding the destination's lock, so no live writer owns them.
+    """
+    removed = 0
+    try:
+        for tmp in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
+            try:
+                if tmp.is_file() and not tmp.is_symlink():
+                    tmp.unlink()
+                    removed += 1
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return removed
+
+
 def plan_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False,
                 option: str | None = None, suffix: str | None = None, lock: bool = True) -> OutputTarget:
     """Check an output destination before any work, and lock it; see the module docstring.
@@ -253,7 +307,12 @@ def plan_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | No
     if suffix and not target.name.endswith(suffix):
         raise OutputError(f"{where}: the file name must end in {suffix}.")
     if os.path.lexists(target) and not target.exists():
-        raise OutputError(f"{where} is a broken symbolic link; remove it or choose another file name.")
+        raise OutputError(f"{where} is a broken symbolic link (or a symlink loop); remove it or choose another "
+                          "file name.")
+    special = _special_path(target)
+    if special:
+        raise OutputError(f"{where} {special}; chunktui writes whole files atomically (a temporary file renamed "
+                          "into place) and will not write through it. Give a regular file name.")
     if target.exists() and not target.is_file():
         raise OutputError(f"{where} exists and is not a regular file; choose another file name.")
     parent = target.parent
@@ -265,7 +324,10 @@ def plan_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | No
         raise OutputError(f"Could not write {where}: cannot create files in {existing} ({why}). "
                           "Choose another folder.")
     held = _acquire_lock(target, option) if lock else None
-    result = OutputTarget(path=target, overwrite=overwrite, option=option, _lock=held)
+    real = Path(os.path.realpath(target)) if os.path.islink(target) else None
+    result = OutputTarget(path=target, overwrite=overwrite, option=option, _lock=held, real=real)
+    if held is not None:
+        remove_stale_temps(real or target)  # left by a writer killed mid-write (we hold the lock: none is live)
     # checked under the lock, so two chunktui commands cannot both pass it
     if target.exists():
         if not overwrite:

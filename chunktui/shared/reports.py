@@ -13,11 +13,13 @@ import csv
 import html
 import io
 import json
+import re
 from pathlib import Path
 
 from chunktui.palette import label_colours
 from chunktui.shared.errors import ExportError
 from chunktui.shared.io import DICTIONARY_METADATA_KEY, atomic_write_text, safetensors_metadata
+from chunktui.shared.safe import visible
 from chunktui.shared.session import SESSION_FORMAT, SESSION_VERSION
 from chunktui.shared.settings import protocol_lines
 
@@ -55,10 +57,23 @@ def _check_shape(session: dict, source: str) -> None:
             bad(f"trace {i}: 'tokens' must be a list of objects")
         if not all(isinstance(t.get("text", ""), str) for t in tokens):
             bad(f"trace {i}: every token's 'text' must be a string")
+    from chunktui.shared.journal import Damaged, check_run
+
     for i, run in enumerate(session["runs"], 1):
         for key, kind in (("pairs", list), ("concepts", dict), ("intervention", dict), ("settings", dict)):
             if key in run and not isinstance(run[key], kind):
                 bad(f"run {i}: '{key}' must be a {'list' if kind is list else 'JSON object'}")
+        try:
+            check_run(run)
+        except Damaged as err:
+            bad(f"run {i}: {err}")
+    for i, trace in enumerate(session["traces"], 1):
+        for t in trace.get("tokens", []):
+            if t.get("strongest_label") is not None and not isinstance(t["strongest_label"], str):
+                bad(f"trace {i}: a token's 'strongest_label' must be text")
+            for key in ("strongest_score", "logprob"):
+                if t.get(key) is not None and (isinstance(t[key], bool) or not isinstance(t[key], (int, float))):
+                    bad(f"trace {i}: a token's '{key}' must be a number")
     if not isinstance(session.get("labels", []), list):
         bad("'labels' must be a list")
 
@@ -122,19 +137,25 @@ def _dictionary_labels(path) -> list[str]:
 
 
 def read_input(path: str | Path) -> dict:
-    path = Path(path)
+    """A session / scan / perturb JSON file: a regular readable file, strict UTF-8, JSON within the depth limit
+    (lone surrogates replaced by U+FFFD), every field the renderers use checked by type."""
+    from chunktui.shared.texts import check_input_file, decode_utf8, loads_json
+
+    path = check_input_file(path, "JSON file", error=ExportError)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ExportError(f"{path} does not exist.") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ExportError(f"Could not read {path}: {err}.") from None
+        data = path.read_bytes()
+    except OSError as err:
+        raise ExportError(f"Could not read {path}: {err.strerror or err}.") from None
+    text = decode_utf8(data, str(path), error=ExportError)
     if _is_journal(text):  # the app's session journal (JSONL): the session it records
         return normalise(read_session_journal(path), source=path.name)
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ExportError(f"{path} is not valid JSON (line {err.lineno}: {err.msg}).") from None
+        obj = loads_json(text, surrogates="replace")
+    except ValueError as err:
+        msg = str(err)
+        if msg.startswith("not valid JSON"):
+            msg = "is " + msg
+        raise ExportError(f"{path} {msg if msg.startswith('is ') else 'is refused: ' + msg}.") from None
     return normalise(obj, source=path.name)
 
 
@@ -235,47 +256,69 @@ def render_json(session: dict) -> str:
     return json.dumps(session, indent=2, allow_nan=False) + "\n"
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>])")
+
+
+def md_text(value, one: bool = True) -> str:
+    """Text for Markdown outside code: HTML escaped, every Markdown punctuation backslash-escaped, control
+    characters visible; `one` also shows newlines as ␊ (headings and table cells stay one line)."""
+    text = visible(value if isinstance(value, str) else str(value), newlines=not one, tab=" ")
+    text = html.escape(text, quote=False)
+    text = _MD_SPECIAL.sub(r"\\\1", text)
+    return text if one else text.replace("\n", "<br>\n")
+
+
+def md_fence(text: str, info: str = "text") -> list[str]:
+    """A fenced code block that nothing inside can close: the fence is longer than any backtick run in it."""
+    body = visible(text, tab="\t")
+    longest = max((len(m) for m in re.findall(r"`+", body)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + info, body, fence]
+
+
 def render_markdown(session: dict) -> str:
-    out = [f"# chunktui session", "", f"- model: {_describe_model(session)}",
-           f"- dictionary: {session.get('dictionary') or 'none'}", f"- created: {session.get('created') or '?'}", ""]
+    e = md_text
+    out = ["# chunktui session", "", f"- model: {e(_describe_model(session))}",
+           f"- dictionary: {e(session.get('dictionary') or 'none')}", f"- created: {e(session.get('created') or '?')}",
+           ""]
     for i, trace in enumerate(session.get("traces", []), 1):
-        out += [f"## {i}. {trace.get('kind', 'trace')}: {trace.get('title', '')}", ""]
+        out += [f"## {i}. {e(trace.get('kind', 'trace'))}: {e(trace.get('title', ''))}", ""]
         settings = _settings_line(trace.get("settings"))
         if settings:
-            out += [f"- settings: {settings}"]
+            out += [f"- settings: {e(settings)}"]
         if trace.get("rule"):
-            out += [f"- colours: {trace['rule']}"]
+            out += [f"- colours: {e(trace['rule'])}"]
         if settings or trace.get("rule"):
             out.append("")
         hits = [t for t in trace.get("tokens", []) if t.get("strongest_label")]
-        out += ["Text, each token shown with a concept followed by its label in brackets:", "",
-                "```text", _labelled_text(trace.get("tokens", [])) if hits else trace.get("text", ""), "```", ""]
+        out += ["Text, each token shown with a concept followed by its label in brackets:", ""]
+        out += md_fence(_labelled_text(trace.get("tokens", [])) if hits else str(trace.get("text", ""))) + [""]
         if hits:
             out += ["| # | token | concept | evidence (colour rule) | raw matches at layers |",
                     "|---:|---|---|---|---|"]
             for t in hits:
-                piece = (t.get("text") or "").replace("|", "\\|").replace("\n", "\\n")
-                out.append(f"| {t.get('index')} | `{piece}` | {t.get('strongest_label')} | {_evidence(t) or '-'} | "
-                           f"{', '.join(_layers_hit(t))} |")
+                out.append(f"| {e(t.get('index'))} | {e(t.get('text') or '')} | {e(t.get('strongest_label'))} | "
+                           f"{e(_evidence(t) or '-')} | {e(', '.join(_layers_hit(t)))} |")
             out.append("")
         else:
             out += ["No token is shown with a concept.", ""]
     for i, run in enumerate(session.get("runs", []), 1):
-        out += [f"## Perturbation {i}: {_intervention_line(run)}", ""]
+        out += [f"## Perturbation {i}: {e(_intervention_line(run))}", ""]
         if _settings_line(run.get("settings")):
-            out += [f"- settings: {_settings_line(run.get('settings'))}", ""]
+            out += [f"- settings: {e(_settings_line(run.get('settings')))}", ""]
         if run.get("protocol"):
-            out += [f"- {line}" for line in protocol_lines(run["protocol"])] + [""]
+            out += [f"- {e(line)}" for line in protocol_lines(run["protocol"])] + [""]
         out += ["| concept | control rate | perturbed rate | change | log p control | log p perturbed | change |",
                 "|---|---:|---:|---:|---:|---:|---:|"]
         for label, c in run.get("concepts", {}).items():
-            out.append(f"| {label} | {c['control_rate']:.2f} | {c['perturbed_rate']:.2f} | {c['delta_rate']:+.2f} | "
-                       f"{c['logprob_control']:.2f} | {c['logprob_perturbed']:.2f} | {c['delta_logprob']:+.2f} |")
+            out.append(f"| {e(label)} | {c['control_rate']:.2f} | {c['perturbed_rate']:.2f} | "
+                       f"{c['delta_rate']:+.2f} | {c['logprob_control']:.2f} | {c['logprob_perturbed']:.2f} | "
+                       f"{c['delta_logprob']:+.2f} |")
         out.append("")
         for pair in run.get("pairs", []):
-            out += [f"**{pair.get('prompt', '')}** (seed {pair.get('seed')})", "",
-                    f"- control: {pair.get('control', '')}", f"- perturbed: {_md_diff(pair)}"]
-            out += [f"- {line}" for line in layer_diff_lines(pair)] + [""]
+            out += [f"**{e(pair.get('prompt', ''))}** (seed {e(pair.get('seed'))})", "",
+                    f"- control: {md_text(pair.get('control', ''), one=False)}", f"- perturbed: {_md_diff(pair)}"]
+            out += [f"- {e(line)}" for line in layer_diff_lines(pair)] + [""]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -314,21 +357,22 @@ def layer_diff_lines(pair: dict, limit: int = 12) -> list[str]:
 
 
 def _md_diff(pair: dict) -> str:
-    """The perturbed text with changes marked: ~~removed~~ **added** (markers hug the words, so they render)."""
+    """The perturbed text with changes marked: ~~removed~~ **added** (each piece escaped; markers hug the words,
+    so they render)."""
     if not pair.get("diff"):
-        return pair.get("perturbed", "")
+        return md_text(pair.get("perturbed", ""), one=False)
     parts = []
     for op in pair["diff"]:
         if op["op"] == "equal":
-            parts.append(op["perturbed"])
+            parts.append(md_text(op["perturbed"], one=False))
         else:
             removed, added = op["control"], op["perturbed"]
             if removed.strip():
-                parts.append(_md_mark(removed, "~~"))
+                parts.append(_md_mark(md_text(removed, one=False), "~~"))
             if added.strip():
                 if removed.strip() and not added[:1].isspace():
                     parts.append(" ")  # '~~a~~**b**' renders, but reads as one word
-                parts.append(_md_mark(added, "**"))
+                parts.append(_md_mark(md_text(added, one=False), "**"))
     return "".join(parts)
 
 
@@ -351,9 +395,14 @@ del { background: #fdd; } ins { background: #dfd; text-decoration: none; font-we
 """
 
 
+def _h(value) -> str:
+    """Text for HTML: control characters, bidi overrides and lone surrogates visible, then HTML-escaped."""
+    return html.escape(visible(value if isinstance(value, str) else str(value)))
+
+
 def render_html(session: dict) -> str:
     colours = colours_for(session)
-    e = html.escape
+    e = _h
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', "<title>chunktui session</title>",
            f"<style>{_CSS}</style></head><body>", "<h1>chunktui session</h1>",
            f'<p class="meta">model: {e(_describe_model(session))}<br>dictionary: '
@@ -418,7 +467,7 @@ def render_html(session: dict) -> str:
 
 
 def _html_diff(pair: dict) -> tuple[str, str]:
-    e = html.escape
+    e = _h
     if not pair.get("diff"):
         return e(pair.get("control", "")), e(pair.get("perturbed", ""))
     left, right = [], []
@@ -438,28 +487,49 @@ CSV_COLUMNS = ["source", "kind", "index", "text", "generated", "label", "score",
                "voters", "precision"]
 
 
+def csv_cell(value) -> str:
+    """A text cell no spreadsheet runs: one starting with = + - @ (or tab/CR, which some strip first) gets a
+    leading apostrophe; control characters shown as symbols, lone surrogates as U+FFFD."""
+    text = "" if value is None else visible(str(value), tab="\t")
+    if text[:1] in ("=", "+", "-", "@", "\t", "\r", "\u2409", "\u240d"):
+        text = "'" + text
+    return text
+
+
+def _csv_number(value) -> str | float:
+    """Our own numbers stay numbers; anything else in a number column is treated as text."""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    return csv_cell(value)
+
+
 def render_csv(session: dict) -> str:
     """One row per token of every trace, then one row per concept of every perturbation run."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
+    c = csv_cell
     for i, trace in enumerate(session.get("traces", []), 1):
         source = f"trace {i}: {trace.get('title', '')}"
         for t in trace.get("tokens", []):
-            writer.writerow([source, trace.get("kind", ""), t.get("index"), t.get("text", ""),
-                             int(bool(t.get("generated"))), t.get("strongest_label") or "",
-                             "" if t.get("strongest_score") is None else t["strongest_score"],
-                             "" if t.get("logprob") is None else t["logprob"], " ".join(_layers_hit(t)),
-                             t.get("agree") if isinstance(t.get("agree"), int) else "",
-                             t.get("voters") if isinstance(t.get("voters"), int) else "",
-                             (t.get("precision") or {}).get("value", "") if isinstance(t.get("precision"), dict)
-                             else ""])
+            writer.writerow([c(source), c(trace.get("kind", "")), _csv_number(t.get("index")), c(t.get("text", "")),
+                             int(bool(t.get("generated"))), c(t.get("strongest_label") or ""),
+                             _csv_number(t.get("strongest_score")), _csv_number(t.get("logprob")),
+                             c(" ".join(_layers_hit(t))),
+                             t.get("agree") if isinstance(t.get("agree"), int) and not isinstance(t.get("agree"), bool)
+                             else "",
+                             t.get("voters") if isinstance(t.get("voters"), int) and not isinstance(t.get("voters"), bool)
+                             else "",
+                             _csv_number((t.get("precision") or {}).get("value"))
+                             if isinstance(t.get("precision"), dict) else ""])
     for i, run in enumerate(session.get("runs", []), 1):
         source = f"run {i}: {_intervention_line(run)}"
-        for label, c in run.get("concepts", {}).items():
-            writer.writerow([source, "concept", "", label, "", label, f"{c['delta_rate']:+.4f}",
-                             f"{c['delta_logprob']:+.4f}", " ".join(str(l) for l in run.get("intervention", {})
-                                                                      .get("layers", [])), "", "", ""])
+        for label, cc in run.get("concepts", {}).items():
+            writer.writerow([c(source), "concept", "", c(label), "", c(label), f"{float(cc['delta_rate']):+.4f}",
+                             f"{float(cc['delta_logprob']):+.4f}",
+                             c(" ".join(str(l) for l in run.get("intervention", {}).get("layers", []))), "", "", ""])
     return buf.getvalue()
 
 

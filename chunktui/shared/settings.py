@@ -64,6 +64,9 @@ DEFAULT_SITE = "residual"
 _SLICE = re.compile(r"prompt\[\s*(-?\d+)?\s*:\s*(-?\d+)?\s*\]")
 
 
+MAX_POSITIONS = 1 << 20  # prompt-last:K accepts K up to this (no model reads a longer prompt)
+
+
 @dataclass(frozen=True)
 class Positions:
     """Which token positions an intervention edits.
@@ -84,6 +87,9 @@ class Positions:
         if spec in ("prompt", "generated", "all"):
             return Positions(spec)
         m = re.fullmatch(r"prompt-last:(\d+)", spec)
+        if m and int(m.group(1)) > MAX_POSITIONS:
+            raise ChunkError(f"Bad positions '{spec}': K is at most {MAX_POSITIONS:,} (the longest context a model "
+                             "reads); use 'prompt' for every prompt token.")
         if m and int(m.group(1)) > 0:
             return Positions("prompt-last", int(m.group(1)))
         m = _SLICE.fullmatch(spec)

@@ -69,6 +69,9 @@ class ResolvedSpec:
 
 
 def resolve_spec(spec: str | None) -> ResolvedSpec:
+    if spec is not None and not str(spec).strip():
+        raise ModelLoadError(f"The model spec is empty: name a model (for example {DEFAULT_MODEL}; see "
+                             "`chunktui models`), or leave --model out for the default.")
     spec = (spec or DEFAULT_MODEL).strip()
     if spec in BUILTIN_MODELS:
         return ResolvedSpec("builtin", spec, spec, BUILTIN_MODELS[spec].description)

@@ -120,6 +120,13 @@ def max_new_tokens(value: Any, name: str = "max new tokens") -> int:
     return count(value, name, 1, MAX_NEW_TOKENS)
 
 
+MAX_STEPS = 100_000  # optimisation steps per layer (discover); each is a pass over the cached states
+
+
+def steps(value: Any, name: str = "steps") -> int:
+    return count(value, name, 1, MAX_STEPS)
+
+
 def samples(value: Any, name: str = "samples") -> int:
     return count(value, name, 1, 10_000)
 
@@ -247,6 +254,10 @@ def parse_layers(spec: str | None, n_states: int) -> list[int]:
     out: set[int] = set()
     for part in spec.split(","):
         m = re.fullmatch(r"\s*(-?\d+)\s*(?:(?:-|\.\.)\s*(-?\d+)\s*)?", part)
+        for given in (m.group(1), m.group(2)):  # say what was typed, not what a negative index became
+            if given is not None and not -n_states <= int(given) < n_states:
+                raise InvalidValue(f"Layers [{int(given)}] out of range: this model has hidden states "
+                                   f"0..{n_states - 1} (-1 .. -{n_states} count from the last).")
         a = int(m.group(1))
         a = a + n_states if a < 0 else a
         if m.group(2) is None:

@@ -104,6 +104,7 @@ class ChunkApp(App):
         self.options = options
         o = options
         self.restore_at_start, self.use_journal = o.restore, o.journal
+        self.clean_quit = False  # set by quit_cleanly: only then is the journal marked closed
         self.keeper = JournalKeeper(self)  # the session as it happens, for a restart to restore
         self.dirty = False  # the session holds work not exported yet
         self.stop_at_eos = o.stop_at_eos
@@ -208,7 +209,12 @@ class ChunkApp(App):
 
     async def on_unmount(self) -> None:
         self.engine.stop()
-        self.keeper.close()
+        self.keeper.close(clean=self.clean_quit)  # only a quit the user chose marks the session closed
+
+    def quit_cleanly(self) -> None:
+        """End the app as the user asked (Ctrl+Q, Quit, Export and quit): the journal is marked closed."""
+        self.clean_quit = True
+        self.exit()
 
     # ------------------------------------------------------------------ the session journal
 
@@ -248,7 +254,7 @@ class ChunkApp(App):
         if found.exported:  # what was exported before counts as exported now
             self._exported_tokens.update({id(t): len(t) for t in restored.traces})
             self._exported_runs += len(restored.runs)
-        more = f"; {found.skipped} damaged lines were left out" if found.skipped else ""
+        more = f"; {found.skipped_note()}" if found.skipped else ""
         self.notify(f"Restored {len(restored.traces)} texts and {len(restored.runs)} runs from "
                     f"{found.path.name}{more}.", title="Session restored", timeout=6, markup=False)
 
@@ -266,7 +272,7 @@ class ChunkApp(App):
         """Ctrl+Q: with work not exported, ask first (export, quit, cancel)."""
         texts, runs = self.unexported()
         if not self.dirty or self.session.is_empty() or not (texts or runs):
-            self.exit()
+            self.quit_cleanly()
             return
         since = " since the last export" if self._exported_tokens or self._exported_runs else ""
         text = (f"This session holds {texts} text{'s' if texts != 1 else ''} and {runs} perturbation "
@@ -277,7 +283,7 @@ class ChunkApp(App):
 
     def _quit_answer(self, answer: str) -> None:
         if answer == "quit":
-            self.exit()
+            self.quit_cleanly()
         elif answer == "export":
             if self.action_export(then_quit=True) is False:
                 self.action_pane("export")
@@ -298,6 +304,14 @@ class ChunkApp(App):
                                 lambda pane=pane: self.action_pane(pane))
 
     # ------------------------------------------------------------------ one error path
+
+    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
+               markup: bool = False) -> None:
+        """Every toast shows its text as written: file names, labels and error texts are never markup
+        ('[/bad]' stays '[/bad]') and their control characters are shown as symbols (chunktui.tui.plain)."""
+        from chunktui.tui.plain import safe
+
+        super().notify(safe(message), title=safe(title, one=True), severity=severity, timeout=timeout, markup=False)
 
     def fail(self, text: str, title: str = "Error", severity: str = "error", traceback: str | None = None) -> None:
         """Every failure: logged (with its traceback, if any) to the log file, shown as written."""
@@ -857,6 +871,17 @@ class ChunkApp(App):
 
     # ------------------------------------------------------------------ export
 
+    def _journal_files(self) -> list[str]:
+        """The live journal and every session journal kept: never an export target (they are what restores)."""
+        from chunktui.shared.journal import journals
+
+        files = [str(self.journal.path)] if self.journal is not None else []
+        try:
+            files += [str(p) for p in journals()]
+        except OSError:
+            pass
+        return files
+
     def action_export(self, then_quit: bool = False, overwrite: bool = False) -> bool | None:
         """Write the session in the Export pane's format; ask before replacing a file. False: nothing written."""
         from chunktui.shared.reports import write_report
@@ -869,6 +894,13 @@ class ChunkApp(App):
         from chunktui.shared.outputs import plan_output
 
         target = Path(path).expanduser().absolute()  # said in full: where the file went
+        inputs = [self.session.dictionary, self.sequences_path, self.log_path, *self._journal_files()]
+        try:  # refused before any question: the live journal, the session's inputs, devices and /proc links
+            plan_output(target, inputs=inputs, overwrite=True, lock=False)
+        except ChunkError as err:
+            pane.show_result(str(err), ok=False)
+            self.fail(str(err), title="Export refused")
+            return False
         if target.is_file() and not overwrite:
             self.push_screen(Choice(f"{target} already exists. Replace it with this session's {fmt.upper()} "
                                     "report?", [("overwrite", "Replace", "error"), ("cancel", "Cancel", "default")]),
@@ -880,8 +912,7 @@ class ChunkApp(App):
             self.notify("The session is empty; the report will only describe the model.", severity="warning",
                         timeout=4)
         try:  # the same checks as every CLI output: not an input, not a folder, writable, locked while written
-            planned = plan_output(target, inputs=[self.session.dictionary, self.sequences_path, self.log_path],
-                                  overwrite=overwrite)
+            planned = plan_output(target, inputs=inputs, overwrite=overwrite)
             written = write_report(self.session.to_json(), fmt, planned)
         except ChunkError as err:
             pane.show_result(str(err), ok=False)
@@ -893,7 +924,7 @@ class ChunkApp(App):
         self.keeper.record("exported", str(written))
         self._mark_exported()
         if then_quit:
-            self.exit()
+            self.quit_cleanly()
         return True
 
     # ------------------------------------------------------------------ benchmark hooks
@@ -905,6 +936,15 @@ class ChunkApp(App):
             self._set_busy(None)
 
     # ------------------------------------------------------------------ events
+
+    @on(Input.Changed)
+    def _no_raw_controls(self, event: Input.Changed) -> None:
+        """A pasted ESC sequence (or any control character) in a field would reach the terminal raw when the
+        field draws itself: it is shown, and used, as its visible symbol (␛) instead."""
+        from chunktui.shared.safe import has_unsafe, visible
+
+        if has_unsafe(event.value):
+            event.input.value = visible(event.value, newlines=False)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         action = {"prompt": self.action_generate, "perturb-prompt": self.action_regenerate,

@@ -73,6 +73,11 @@ class JournalKeeper:
                 self.app.fail(f"The session journal could not be written ({err}); journalling stopped. Export "
                               "the session (F6) to keep it.", title="Journal stopped", severity="warning")
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Close the journal; `clean=False` (the app ended any way but a chosen quit) leaves it open to restore."""
         if self.journal is not None:
-            self.journal.close()
+            try:
+                self.journal.close(clean=clean)
+            except OSError:
+                pass
+            self.journal = None

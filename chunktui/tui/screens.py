@@ -7,6 +7,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label
 
+from chunktui.tui.plain import plain
+
 
 class RestartEngine(ModalScreen[bool]):
     """The engine process stopped: restart it (and reload the model), or carry on without."""
@@ -17,7 +19,7 @@ class RestartEngine(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="restart-box"):
-            yield Label(self.text, id="restart-text")
+            yield Label(plain(self.text), id="restart-text", markup=False)
             with Horizontal(classes="form-row"):
                 yield Button("Restart engine", id="restart-yes", variant="primary", compact=True)
                 yield Button("Not now", id="restart-no", compact=True)
@@ -39,7 +41,7 @@ class Choice(ModalScreen[str]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="choice-box"):
-            yield Label(self.text, id="choice-text", markup=False)
+            yield Label(plain(self.text), id="choice-text", markup=False)
             with Horizontal(classes="form-row"):
                 for id_, label, variant in self.buttons:
                     yield Button(label, id=id_, variant=variant, compact=True)

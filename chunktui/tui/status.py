@@ -6,6 +6,8 @@ import os
 
 from textual.widgets import Static
 
+from chunktui.tui.plain import plain
+
 
 def _gib(n: int | None) -> str:
     if n is None:
@@ -61,4 +63,4 @@ class StatusBar(Static):
                 parts.append(f"ui {rss:.0f} MB")
         else:
             parts.append("tok/s —")
-        self.update(" · ".join(parts), layout=False)  # one line: no layout pass
+        self.update(plain(" · ".join(parts), one=True), layout=False)  # one line: no layout pass

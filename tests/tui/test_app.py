@@ -326,7 +326,11 @@ async def test_export_to_unwritable_path_keeps_running(make_test_app, tmp_path):
         app.query_one("#export-path").value = str(tmp_path)  # a folder
         await pilot.press("enter")
         assert any("folder" in n for n in _notes(app))
-        app.query_one("#export-path").value = "/proc/no-such-dir/x.html"
+        app.query_one("#export-path").value = "/proc/no-such-dir/x.html"  # refused as a system path (issue 21)
+        await pilot.press("enter")
+        assert any("system path" in n for n in _notes(app))
+        (tmp_path / "blocker").write_text("x")
+        app.query_one("#export-path").value = str(tmp_path / "blocker" / "x.html")
         await pilot.press("enter")
         assert any("Could not write" in n for n in _notes(app))
         assert app.session.traces  # nothing lost

@@ -21,6 +21,8 @@ from chunktui.tui.colours import token_style
 from chunktui.tui.widgets.score_plot import ScorePlot
 from chunktui.tui.widgets.token_view import TokenView, printable
 
+from chunktui.tui.plain import plain
+
 COLUMNS = [("label", "label"), ("layer", "layer"), ("kind", "kind"), ("size", "size"), ("threshold", "θ"),
            ("tp", "fit TP"), ("fp", "fit FP")]
 HELDOUT_COLUMNS = [("htp", "held TP"), ("hfp", "held FP")]  # when the dictionary stores held-out figures
@@ -104,7 +106,7 @@ class ChunksPane(Vertical):
         held = len(self.columns) > len(COLUMNS)
         rate = lambda x, f: "—" if x is None else format(x, f)  # noqa: E731
         for c in rows:
-            cells = [c.label, str(c.layer), c.kind, str(c.size), f"{c.threshold:.3g}", rate(c.tp_rate, ".2f"),
+            cells = [plain(c.label, one=True), str(c.layer), plain(c.kind, one=True), str(c.size), f"{c.threshold:.3g}", rate(c.tp_rate, ".2f"),
                      rate(c.fp_rate, ".3f")]
             if held:
                 cells += [rate(c.heldout_tp, ".2f"), rate(c.heldout_fp, ".3f")]
@@ -113,7 +115,7 @@ class ChunksPane(Vertical):
         corpora = sorted({c.heldout_corpus for c in self.chunks if c.heldout_corpus})
         where = f" · held out on {', '.join(corpora)}" if corpora else ""
         self.query_one("#chunk-count", Label).update(  # Text: a corpus name is never read as markup
-            Text(f"{len(rows)} of {len(self.chunks)} · sort {self.sort_column} {arrow}{where}"))
+            plain(f"{len(rows)} of {len(self.chunks)} · sort {self.sort_column} {arrow}{where}"))
 
     @staticmethod
     def _wanted(chunk, query: str) -> bool:

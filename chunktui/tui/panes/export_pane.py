@@ -10,6 +10,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Input, Label, Select, Static
 
+from chunktui.tui.plain import plain, safe
+
 FORMATS = [("HTML (self-contained, coloured tokens)", "html"), ("Markdown", "md"), ("CSV (one row per token)", "csv"),
            ("JSON (the session)", "json")]
 
@@ -45,11 +47,12 @@ class ExportPane(Vertical):
         if session.is_empty():
             lines.append("nothing yet: generate (Stream), open a sequence (Step) or regenerate (Perturb)", style="dim")
         for i, trace in enumerate(session.traces, 1):
-            lines.append(f"  {i}. {trace.kind}: {trace.title[:60]} ({len(trace)} tokens)\n")
+            lines.append(f"  {i}. {safe(trace.kind, one=True)}: {safe(trace.title[:60], one=True)} ({len(trace)} tokens)\n")
         for i, run in enumerate(session.runs, 1):
-            iv = run["intervention"]
-            lines.append(f"  run {i}: {iv['mode']} x{iv['strength']:g} of {', '.join(iv['labels'])}\n")
+            iv = run.get("intervention") if isinstance(run.get("intervention"), dict) else {}
+            labels = ", ".join(str(x) for x in iv.get("labels") or [])
+            lines.append(safe(f"  run {i}: {iv.get('mode', '?')} x{iv.get('strength', '?')} of {labels}", one=True) + "\n")
         self.query_one("#export-summary", Static).update(lines)
 
     def show_result(self, text: str, ok: bool) -> None:
-        self.query_one("#export-result", Static).update(Text(text, style="green" if ok else "bold red"))
+        self.query_one("#export-result", Static).update(plain(text, style="green" if ok else "bold red"))

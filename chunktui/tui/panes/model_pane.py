@@ -15,6 +15,8 @@ from textual.widgets.option_list import Option
 from chunktui.shared import specs
 from chunktui.shared.specs import catalog
 
+from chunktui.tui.plain import plain, safe
+
 # what the engine accepts; the engine process sends its own list once it is up (set_catalog)
 CATALOG = catalog()
 DEVICE_MAPS = ["none", *specs.DEVICE_MAPS]
@@ -93,7 +95,7 @@ class ModelPane(Vertical):
             bar.update(total=None)
         else:
             bar.update(total=1.0, progress=fraction)
-        self.query_one("#load-stage", Label).update(f"{stage}: {text}")
+        self.query_one("#load-stage", Label).update(plain(f"{stage}: {text}", one=True))
 
     def show_card(self, card: dict | None, show_timing: bool = True, memory: list[dict] | None = None) -> None:
         if card is None:
@@ -115,7 +117,7 @@ class ModelPane(Vertical):
         card_text = Text()
         for key, value in rows:
             card_text.append(f"{key:<14}", style="bold")
-            card_text.append(f"{value}\n")
+            card_text.append(f"{safe(value, one=True)}\n")
         self.query_one("#model-card", Static).update(card_text)
 
     def show_dictionaries(self, entries: list, current: str | None) -> None:
@@ -128,14 +130,14 @@ class ModelPane(Vertical):
             name = Path(entry.path).name
             if entry.problem is None:
                 mark = "● " if (current and Path(current) == Path(entry.path)) or len(entries) == 1 else "  "
-                prompt = Text(f"{mark}{name}  ({entry.chunks} chunks, {entry.concepts} concepts)")
+                prompt = plain(f"{mark}{name}  ({entry.chunks} chunks, {entry.concepts} concepts)", one=True)
                 if mark.strip():
                     highlight = i
             else:
-                prompt = Text(f"✗ {name}: {entry.problem}", style="dim")
+                prompt = plain(f"✗ {name}: {entry.problem}", style="dim")
             options.add_option(Option(prompt, id=str(i), disabled=entry.problem is not None))
         if highlight is not None:
             options.highlighted = highlight
         valid = sum(e.problem is None for e in entries)
         why = f"{valid} of {len(entries)} usable with this model" if entries else "no dictionaries found"
-        self.query_one("#dict-why", Static).update(Text(why, style="dim"))
+        self.query_one("#dict-why", Static).update(plain(why, style="dim"))

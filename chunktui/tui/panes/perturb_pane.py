@@ -28,6 +28,7 @@ from chunktui.shared.settings import (CONTROL_KINDS, DEFAULT_LAYERS, DEFAULT_MOD
                                       check_site)
 from chunktui.tui.colours import token_style
 from chunktui.tui.panes.stream_pane import DEFAULT_PROMPT, SamplingFields
+from chunktui.tui.plain import plain, safe
 
 NO_CONTROL = "no control"
 
@@ -142,7 +143,7 @@ class PerturbPane(Vertical):
     def add_run(self, run: dict) -> None:
         self.runs.append(run)
         history = self.query_one("#perturb-history", OptionList)
-        history.add_option(Option(f"{len(self.runs)}. {run_line(run)}", id=str(len(self.runs) - 1)))
+        history.add_option(Option(plain(f"{len(self.runs)}. {run_line(run)}", one=True), id=str(len(self.runs) - 1)))
         history.highlighted = len(self.runs) - 1
         self.show_run(run)
 
@@ -163,7 +164,7 @@ class PerturbPane(Vertical):
             left.append(_sample_head(pair, fluency_of(pair, "control"), len(run["pairs"]))).append_text(a)
             right.append(_sample_head(pair, fluency_of(pair, "perturbed"), len(run["pairs"]))).append_text(b)
             if "random" in pair:
-                right.append(Text("\nrandom control: ", style="dim italic")).append(pair["random"], style="italic")
+                right.append(Text("\nrandom control: ", style="dim italic")).append(safe(pair["random"]), style="italic")
         self.query_one("#side-control", Static).update(Text("control\n", style="bold dim") + left)
         self.query_one("#side-perturbed", Static).update(Text("perturbed\n", style="bold dim") + right)
 
@@ -238,7 +239,7 @@ def run_summary(run: dict, colours: dict[str, str], no_color: bool = False):
         return _sweep_table(run, head, colours, no_color)
     out = head
     for label, c in run["concepts"].items():
-        out.append(f"\n{label}", style=token_style(colours.get(label), no_color=no_color))
+        out.append(f"\n{safe(label, one=True)}", style=token_style(colours.get(label), no_color=no_color))
         if c.get("control_ci"):
             out.append(f"  in text (Wilson 95%): control {rate_text(c['control_rate'], c['control_ci'])} → perturbed "
                        f"{rate_text(c['perturbed_rate'], c['perturbed_ci'])}, Δ "
@@ -298,9 +299,9 @@ def diff_texts(pair: dict, no_color: bool = False) -> tuple[Text, Text]:
     added = "bold underline" if no_color else "bold underline green"
     for op in pair.get("diff") or [{"op": "equal", "control": pair["control"], "perturbed": pair["perturbed"]}]:
         if op["op"] == "equal":
-            left.append(op["control"])
-            right.append(op["perturbed"])
+            left.append(safe(op["control"]))
+            right.append(safe(op["perturbed"]))
         else:
-            left.append(op["control"], style=removed)
-            right.append(op["perturbed"], style=added)
+            left.append(safe(op["control"]), style=removed)
+            right.append(safe(op["perturbed"]), style=added)
     return left, right

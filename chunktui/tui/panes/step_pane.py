@@ -10,6 +10,8 @@ from textual.widgets.option_list import Option
 
 from chunktui.tui.widgets.trace_view import TraceView
 
+from chunktui.tui.plain import plain
+
 
 class StepPane(Vertical):
     BINDINGS = [Binding("ctrl+o", "app.open_sequences", "open file")]
@@ -37,12 +39,12 @@ class StepPane(Vertical):
         options = self.query_one("#step-list", OptionList)
         options.clear_options()
         for i, (name, _) in enumerate(sequences):
-            options.add_option(Option(name, id=str(i)))
+            options.add_option(Option(plain(name, one=True), id=str(i)))
         options.highlighted = 0 if sequences else None
 
     def set_labels(self, labels: list[str]) -> None:
         self.labels = list(labels)
-        self.query_one("#step-jump", Select).set_options([(label, label) for label in labels])
+        self.query_one("#step-jump", Select).set_options([(plain(label, one=True), label) for label in labels])
 
     def choose_jump(self, label: str | None) -> None:
         """Make `label` the "n jumps to" choice (None: any chunk); n and p in Step follow what this shows."""

@@ -15,6 +15,8 @@ from textual.widget import Widget
 from chunktui.shared.session import Trace
 from chunktui.tui.colours import strength_glyph
 
+from chunktui.tui.plain import safe
+
 
 class LayerMap(Widget):
     """Rows follow the cursor; the header marks every fifth layer and the chosen one."""
@@ -85,7 +87,7 @@ class LayerMap(Widget):
             return Strip.blank(width, base)
         cursor = len(trace) - 1 if self.cursor is None else self.cursor
         step = trace.steps[t]
-        piece = step.text.replace("\n", "⏎").strip() or "␣"
+        piece = safe(step.text.replace("\n", "⏎").strip(), one=True) or "␣"
         name = piece[: self.label_width].rjust(self.label_width)
         segments = [Segment(name, self._style(base, reverse=t == cursor, bold=t == cursor)), Segment(" ", base)]
         no_color = self.app.no_color

@@ -42,6 +42,9 @@ def x_labels(first: int, count: int, width: int) -> str:
     return "".join(line)
 
 
+from chunktui.tui.plain import safe
+
+
 class ScorePlot(Widget):
     DEFAULT_CSS = "ScorePlot { height: 10; text-wrap: nowrap; }"
     GUTTER = 7  # the y labels and the axis: "+128 ┤"
@@ -60,7 +63,7 @@ class ScorePlot(Widget):
 
     def render(self) -> Text:
         out = Text(no_wrap=True, overflow="crop")
-        title = self.title or "choose a chunk (Enter) to plot its score across tokens"
+        title = safe(self.title, one=True) or "choose a chunk (Enter) to plot its score across tokens"
         if len(title) > self.size.width > 1:  # one line: the axes below keep their rows
             title = title[:self.size.width - 1] + "…"
         out.append(title, style="dim")

@@ -24,6 +24,8 @@ from chunktui.shared.evidence import EXPLAIN_SCORE
 from chunktui.shared.session import Trace
 from chunktui.tui.colours import spark, token_style
 
+from chunktui.tui.plain import safe
+
 
 class TokenDetail(VerticalScroll, can_focus=False):
     DEFAULT_CSS = """
@@ -113,7 +115,7 @@ class TokenDetail(VerticalScroll, can_focus=False):
                 out.append("\n  …", style="dim")
                 break
             row = Text(f"\nL{l:<3}", style="dim")
-            row.append(f" {cols.labels[c]} ", style=token_style(colours.get(cols.labels[c]), no_color=no_color))
+            row.append(f" {safe(cols.labels[c], one=True)} ", style=token_style(colours.get(cols.labels[c]), no_color=no_color))
             row.append(f"  score {step.layer_score[l]:+.2f}", style="dim")
             out.append_text(row)
             rows += 1
@@ -164,7 +166,7 @@ class TokenDetail(VerticalScroll, can_focus=False):
         row = Text("\n")
         row.append(f"L{cols.layers[c]:<3}", style="dim" if not mine else "")
         row.append("✓" if hit else "·", style="bold" if hit else "dim")
-        row.append(f" {cols.labels[c]} ", style=token_style(colours.get(cols.labels[c]) if hit else None,
+        row.append(f" {safe(cols.labels[c], one=True)} ", style=token_style(colours.get(cols.labels[c]) if hit else None,
                                                           no_color=no_color))
         if cols.kinds[c] == "pa":
             row.append(f" {value:.3g} {'≤' if hit else '>'} θ {theta:.3g}")

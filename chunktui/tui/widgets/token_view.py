@@ -23,13 +23,18 @@ from textual.strip import Strip
 from chunktui.shared.session import Trace
 from chunktui.tui.colours import token_style
 
+from chunktui.shared.safe import visible
+from chunktui.tui.plain import safe
+
 
 _CONTROL = {c: chr(0x2400 + c) for c in range(32) if c != 10} | {9: "    ", 127: "\u2421"}
 
 
 def printable(text: str) -> str:
-    """A token's text as the screen can show it: tabs as spaces, control bytes as their visible symbols (␙)."""
-    return text.translate(_CONTROL) if any(ord(ch) < 32 or ord(ch) == 127 for ch in text) else text
+    """A token's text as the screen can show it: tabs as spaces, control bytes as their visible symbols (␙),
+    C1 controls, bidi overrides and lone surrogates as chunktui.shared.safe.visible shows them."""
+    text = text.translate(_CONTROL) if any(ord(ch) < 32 or ord(ch) == 127 for ch in text) else text
+    return visible(text)
 
 
 class TokenView(ScrollView, can_focus=False):
@@ -253,6 +258,6 @@ def legend(labels: list[str], colours: dict[str, str], no_color: bool = False, e
         out.append(empty, style="dim")
         return out
     for label in labels:
-        out.append(f" {label} ", style=token_style(colours.get(label), no_color=no_color))
+        out.append(f" {safe(label, one=True)} ", style=token_style(colours.get(label), no_color=no_color))
         out.append(" ")
     return out

@@ -23,6 +23,8 @@ from chunktui.tui.widgets.layer_map import LayerMap
 from chunktui.tui.widgets.token_detail import TokenDetail
 from chunktui.tui.widgets.token_view import TokenView, legend
 
+from chunktui.tui.plain import safe
+
 
 class TraceView(Widget, can_focus=True):
     """Keyboard: ← → move a token, Home/End, [ ] change layer (all = strongest over layers), n/p next match."""
@@ -127,7 +129,7 @@ class TraceView(Widget, can_focus=True):
             line = legend(present, colours, self.app.no_color)
             line.append(f"· {where} ([ ])", style="dim")
             if self.jump_label:
-                line.append(f" · n: next {self.jump_label}", style="dim")
+                line.append(f" · n: next {safe(self.jump_label, one=True)}", style="dim")
             self.query_one(".legend", Static).update(line, layout=False)  # fixed height: no layout pass
         self.query_one(LayerMap).show(trace, colours, self.cursor, self.layer_index, self.n_states)
         live = self.follow and trace is not None and trace.finished is None
