@@ -161,10 +161,12 @@ def read_input(path: str | Path) -> dict:
 
 def _is_journal(text: str) -> bool:
     """The first non-empty line is a journal's head record."""
+    from chunktui.shared.texts import loads_json
+
     first = next((line for line in text.splitlines() if line.strip()), "")
     try:
-        head = json.loads(first)
-    except ValueError:
+        head = loads_json(first)
+    except ValueError:  # not JSON, or nested too deeply: not a journal's head (read_input says what it is)
         return False
     from chunktui.shared.journal import JOURNAL_FORMAT
 

@@ -48,7 +48,7 @@ def _session():
 
 
 def test_markdown_renders_labels_evidence_and_settings():
-    md = render(_session(), "md")
+    md = re.sub(r"\\(.)", r"\1", render(_session(), "md"))  # as read: md_text's backslash escapes removed
     assert "The cheese[cheese] fell" in md  # labels in text, not by colour alone
     assert "27/30 layers, 96% right in training (n 45)" in md and "| 0, 1 |" in md  # layer evidence per token
     assert "temperature 0.7" in md and "top-p 0.95" in md and "seed 1" in md  # the trace's sampling settings

@@ -2,6 +2,7 @@
 settings and its confounds (docs/method.md section 3.4)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -298,6 +299,7 @@ def test_reports_carry_the_site_the_confound_label_and_the_layer_diff():
            "settings": {}, "pairs": [pair]}
     session = {"format": "chunktui-session", "version": 1, "traces": [], "runs": [run]}
     md = render_markdown(session)
+    md = re.sub(r"\\(.)", r"\1", md)  # as read: the backslash escapes of shared.reports.md_text removed
     assert "attention site" in md and "WITH THE PAPER CODE'S CONFOUNDS" in md and CONFOUND_LABEL in md
     assert "diverge at generated token 1" in md and "token 0 'A': L3 +cheese@3 -dog@3" in md
     html = render(session, "html")
