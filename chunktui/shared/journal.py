@@ -68,7 +68,7 @@ def step_to_dict(s: TokenStep) -> dict:
     return {"i": s.index, "id": s.token_id, "t": s.text, "g": s.generated, "lp": _finite(s.logprob, 5),
             "top": [[p, _finite(q, 5)] for p, q in s.top], "s": s.strongest, "ss": _finite(s.strongest_score, 5),
             "lc": s.layer_chunk, "ls": [_finite(x, 5) for x in s.layer_score], "n": [_finite(x, 5) for x in s.norms],
-            "h": list(s.hits)}
+            "h": list(s.hits), **({"f": [dict(f) for f in s.firings]} if s.firings else {})}
 
 
 def step_from_dict(d: dict) -> TokenStep:
@@ -76,7 +76,8 @@ def step_from_dict(d: dict) -> TokenStep:
                      logprob=_number(d.get("lp")), top=[(str(p), _number(q) or 0.0) for p, q in d.get("top", [])],
                      strongest=int(d["s"]), strongest_score=_number(d.get("ss")) or float("-inf"),
                      layer_chunk=[int(c) for c in d["lc"]], layer_score=[_number(x) for x in d["ls"]],
-                     norms=[_number(x) for x in d["n"]], hits=tuple(int(c) for c in d.get("h", [])))
+                     norms=[_number(x) for x in d["n"]], hits=tuple(int(c) for c in d.get("h", [])),
+                     firings=tuple(dict(f) for f in d.get("f", []) if isinstance(f, dict)))
 
 
 def columns_to_dict(c: ChunkColumns) -> dict:

@@ -62,6 +62,7 @@ class TokenStep:
     layer_score: list[float]  # (S,) its score, -inf if none
     norms: list[float]  # (S,) |h| per layer
     hits: tuple[int, ...] = ()  # every chunk column that matched this token (sparse)
+    firings: tuple[dict, ...] = ()  # rules that fired on this token (shared.rules.Firing.to_json() records)
 
 
 def _finite(x: float | None) -> float | None:
@@ -115,6 +116,19 @@ class Trace:
     def labels(self, layer: int | None = None) -> list[str | None]:
         return [self.label_at(t, layer) for t in range(len(self.steps))]
 
+    @property
+    def firings(self) -> list[dict]:
+        """Every rule firing in the trace, in token order (shared.rules.Firing.to_json() records)."""
+        return [f for s in self.steps for f in s.firings]
+
+    @property
+    def stopped_by(self) -> str | None:
+        """The rule that ended the stream (finished "rule"), if one did."""
+        if self.finished != "rule":
+            return None
+        stops = [f for f in self.firings if f.get("action") == "stop"]
+        return stops[-1]["rule"] if stops else None
+
     def chunk_hits(self, column: int) -> list[bool]:
         return [column in s.hits for s in self.steps]
 
@@ -159,8 +173,12 @@ class Trace:
                 "layer_score": [_finite(x) for x in s.layer_score],
                 "norms": [round(x, 3) for x in s.norms],
             })
-        return {"kind": self.kind, "title": self.title, "settings": self.settings, "finished": self.finished,
-                "text": self.text, "tokens": tokens}
+        out = {"kind": self.kind, "title": self.title, "settings": self.settings, "finished": self.finished,
+               "text": self.text, "tokens": tokens}
+        firings = self.firings
+        if firings or self.settings.get("rules"):
+            out["firings"] = [dict(f) for f in firings]
+        return out
 
 
 @dataclass
