@@ -21,10 +21,10 @@ def main(ctx: click.Context) -> None:
 
 
 def _register() -> None:
-    from chunktui.cli import bench, dictionaries, discover, perturb, report, rnn, scan, tui
+    from chunktui.cli import bench, dictionaries, discover, monitor, perturb, report, rnn, scan, tui
 
     for command in (dictionaries.models_cmd, dictionaries.build_cmd, dictionaries.evaluate_cmd,
-                    dictionaries.inspect_cmd, scan.scan_cmd, scan.demo_cmd, perturb.perturb_cmd, report.report_cmd,
+                    dictionaries.inspect_cmd, scan.scan_cmd, scan.demo_cmd, perturb.perturb_cmd, monitor.monitor_cmd, report.report_cmd,
                     tui.tui_cmd, discover.discover_cmd, discover.import_cmd, rnn.rnn, bench.bench):
         main.add_command(command)
 

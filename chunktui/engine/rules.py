@@ -299,3 +299,138 @@ def compile_rules(rules, packed, loaded, dictionary=None, name: str = "the dicti
     if not rules:
         return None
     return RuleProgram(rules, packed, loaded.layout.n_states, dictionary=dictionary, loaded=loaded, name=name)
+
+
+# --------------------------------------------------------------------------- batched generation with rules
+
+
+@dataclass
+class RuleRun:
+    """One (prompt, seed) row generated under rules: its answer, the rules' firings and why it ended."""
+
+    prompt: str
+    seed: int
+    ids: list[int]
+    text: str
+    firings: list[Firing]
+    finished: str  # "eos", "length" or "rule"
+
+
+@torch.no_grad()
+def generate_rows(loaded, prompts: Sequence[str], seeds_per_prompt: int, sampling, program: RuleProgram | None,
+                  chat: bool = True, batch_size: int = 16, act: bool = True, cancel=None, progress=None,
+                  prompt_index: Sequence[int] | None = None) -> list[RuleRun]:
+    """Every (prompt, seed) row, batched and left-padded as `perturb.run_arm` does (row seeds identical in every
+    arm), with the rules watching each generated token. `act=False` records the firings without acting
+    (no stop, no intervention): the unguarded arm of a comparison. `program=None`: no rules at all."""
+    from chunktui.engine.streaming import PhaseFlag, decode
+    from chunktui.engine.tokens import encode_prompt, eos_ids
+
+    rows = [(i, p, sampling.seed + s) for i, p in enumerate(prompts) for s in range(seeds_per_prompt)]
+    encoded = {p: encode_prompt(loaded, p, chat) for p in set(prompts)}
+    stops = eos_ids(loaded) if sampling.stop_at_eos else set()
+    tok = loaded.tokenizer
+    packed = program.packed if program is not None else None
+    out: list[RuleRun] = []
+    for b in range(0, len(rows), batch_size):
+        batch = rows[b:b + batch_size]
+        ids = [encoded[p] for _, p, _ in batch]
+        B = len(batch)
+        generated: list[list[int]] = [[] for _ in batch]
+        firings: list[list[Firing]] = [[] for _ in batch]
+        finished = ["length"] * B
+        done = [False] * B
+        if program is not None:
+            program.reset(B)
+        hooks = program.installed() if program is not None and act else contextlib.nullcontext()
+        with hooks:
+            steps = decode(loaded, ids, sampling, seeds=[s for _, _, s in batch], cancel=cancel,
+                           phase=PhaseFlag(), record=program is not None)
+            try:
+                for k, step in enumerate(steps):
+                    tokens = step.tokens.tolist()
+                    if program is not None:
+                        hit = packed.match(step.hidden).hit  # (B, C): one match for the whole batch
+                        pieces = [[tok.decode([t])] for t in tokens]
+                        rows_fired = program.observe(hit[:, None], [[len(i) + k] for i in ids], pieces)
+                    for i, t in enumerate(tokens):
+                        if done[i]:
+                            continue
+                        generated[i].append(t)
+                        if program is not None:
+                            for f in rows_fired[i]:
+                                f.extra = {"prompt": batch[i][0] if prompt_index is None else prompt_index[batch[i][0]],
+                                           "seed": batch[i][2], "generated_index": k}
+                            firings[i].extend(rows_fired[i])
+                        if t in stops:
+                            done[i], finished[i] = True, "eos"
+                        elif act and program is not None and program.stopped[i]:
+                            done[i], finished[i] = True, "rule"
+                    if all(done):
+                        break
+            finally:
+                steps.close()
+        for (_, p, s), g, f, end in zip(batch, generated, firings, finished):
+            text = tok.decode([t for t in g if t not in stops], skip_special_tokens=True)
+            out.append(RuleRun(prompt=p, seed=s, ids=g, text=text, firings=f, finished=end))
+        if progress is not None:
+            progress(min(b + batch_size, len(rows)), len(rows))
+    return out
+
+
+def distinct_bigrams(ids: Sequence[int]) -> float | None:
+    """Distinct token bigrams / bigrams: 1 for no repetition, near 0 for a loop (None under 2 tokens)."""
+    pairs = list(zip(ids, ids[1:]))
+    return len(set(pairs)) / len(pairs) if pairs else None
+
+
+def compare_rules(loaded, program: RuleProgram, prompts: Sequence[str], samples: int = 1, sampling=None,
+                  chat: bool = True, batch_size: int = 16, cancel=None, progress=None) -> dict:
+    """Unguarded and guarded arms with identical prompts, sampling and seeds.
+
+    The unguarded arm records where the rules would have fired without acting on it. Per concept the
+    rules name: how often the word occurs in the answers of each arm (whole word, case-insensitive).
+    Per arm: mean distinct-bigram ratio of the answers (a repetition check)."""
+    from chunktui.engine.perturb import occurs, token_diff
+    from chunktui.shared.settings import Sampling
+
+    if not prompts:
+        raise ChunkError("No prompts to compare on.")
+    sampling = sampling or Sampling(max_new_tokens=48, temperature=0.8, top_p=0.9)
+    arm = lambda name, act: generate_rows(  # noqa: E731
+        loaded, list(prompts), samples, sampling, program, chat, batch_size, act=act, cancel=cancel,
+        progress=(lambda d, t: progress(name, d / t)) if progress else None)
+    control, guarded = arm("unguarded", False), arm("guarded", True)
+    labels: list[str] = []
+    for rule in program.rules:
+        for label in rule.positive_labels() + list(rule.action.labels):
+            if label not in labels:
+                labels.append(label)
+    concepts = {}
+    for label in labels:
+        c_rate = sum(occurs(label, r.text) for r in control) / len(control)
+        g_rate = sum(occurs(label, r.text) for r in guarded) / len(guarded)
+        concepts[label] = {"unguarded_rate": c_rate, "guarded_rate": g_rate, "delta_rate": g_rate - c_rate,
+                           "rows": len(control)}
+    summary = {}
+    for rule in program.rules:
+        summary[rule.name] = {
+            "action": str(rule.action),
+            "rows_fired_unguarded": sum(any(f.rule == rule.name for f in r.firings) for r in control),
+            "rows_fired_guarded": sum(any(f.rule == rule.name for f in r.firings) for r in guarded),
+            "firings_guarded": sum(f.rule == rule.name for r in guarded for f in r.firings),
+            "rows": len(control)}
+
+    def fluency(runs):
+        values = [v for v in (distinct_bigrams(r.ids) for r in runs) if v is not None]
+        return sum(values) / len(values) if values else None
+
+    pairs = [{"prompt": c.prompt, "seed": c.seed, "unguarded": c.text, "guarded": g.text, "finished": g.finished,
+              "firings": [f.to_json() for f in g.firings],
+              "unguarded_firings": [f.to_json() for f in c.firings],
+              "diff": token_diff(loaded.tokenizer, c.ids, g.ids)} for c, g in zip(control, guarded)]
+    return {"settings": dict(sampling.describe(), chat=chat, samples=samples, prompts=len(prompts),
+                             identical_sampling_both_arms=True),
+            "rules": program.describe(), "concepts": concepts, "rules_summary": summary,
+            "distinct_bigrams": {"unguarded": fluency(control), "guarded": fluency(guarded)},
+            "pairs": pairs}

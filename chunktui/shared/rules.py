@@ -14,7 +14,8 @@ A condition is a chunk label (quote it, "ice cream", when it is not a plain word
 - `>=K`: at least K of those layers match the token (default 1);
 - `for N`: held on N consecutive tokens (also after a parenthesised condition).
 
-Conditions combine with `and`, `or`, `not` and parentheses (`not` binds tightest, then `and`, then `or`).
+Conditions combine with `and`, `or`, `not` and parentheses (`not` binds tightest, then `for`, then `and`,
+then `or`: `not cheese for 3` is three tokens in a row without cheese; `not (cheese for 3)` says otherwise).
 "A layer matches" means that a chunk of the label at that layer hits the token's state at that layer
 (the per-layer chunk hits every view shows), whatever a token-level summary of them may say.
 
@@ -79,7 +80,7 @@ class Not:
     node: "Condition"
 
     def __str__(self) -> str:
-        return f"not {_wrap(self.node, (And, Or))}"
+        return f"not {_wrap(self.node, (And, Or, Run))}"
 
 
 @dataclass(frozen=True)
@@ -329,14 +330,17 @@ class _Parser:
         return nodes[0] if len(nodes) == 1 else And(tuple(nodes))
 
     def unary(self) -> Condition:
-        if self.is_word("not"):
-            self.take()
-            return Not(self.unary())
-        node = self.primary()
+        node = self.negation()
         if self.is_word("for"):
             self.take()
             node = Run(node, self.integer("a number of tokens after 'for'", 1, MAX_RUN))
         return node
+
+    def negation(self) -> Condition:
+        if self.is_word("not"):
+            self.take()
+            return Not(self.negation())
+        return self.primary()
 
     def primary(self) -> Condition:
         if self.is_op("("):

@@ -31,6 +31,8 @@ def test_precedence_not_and_or():
     assert c == Or((And((Not(Term("cheese")), Term("cake"))), Term("coffee")))
     c = parse_rule("when cheese and (cake or coffee) for 3 -> alert").condition
     assert c == And((Term("cheese"), Run(Or((Term("cake"), Term("coffee"))), 3)))
+    assert parse_rule("when not cheese for 3 -> stop").condition == Run(Not(Term("cheese")), 3)
+    assert parse_rule("when not (cheese for 3) -> stop").condition == Not(Run(Term("cheese"), 3))
 
 
 def test_actions():

@@ -1,0 +1,113 @@
+"""Rules in the CLI (scan, perturb, monitor) and bulk monitoring, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from chunktui.cli import main
+
+TINY = ["--model", "random:llama-tiny"]
+
+
+@pytest.fixture()
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory, tiny_corpus):
+    path = tmp_path_factory.mktemp("c") / "corpus.txt"
+    path.write_text("\n".join(tiny_corpus.splitlines()[:30]))
+    return path
+
+
+def test_scan_text_records_alerts(runner, tmp_path, tiny_dict):
+    _, path = tiny_dict
+    out = tmp_path / "s.json"
+    r = runner.invoke(main, ["scan", *TINY, "--dict", str(path), "--text", "The dog ate the cheese in the rain.",
+                             "--rule", "when cheese -> alert", "--rule", "any: when not cake@0 -> alert",
+                             "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert data["rules"][0] == {"name": "when cheese -> alert", "when": "cheese", "then": "alert"}
+    cheese_tokens = [t["index"] for t in data["tokens"]
+                     if any(m["label"] == "cheese" for ms in t["matches_by_layer"].values() for m in ms)]
+    assert [f["token"] for f in data["firings"] if f["rule"] == "when cheese -> alert"] == cheese_tokens
+    assert any(f["rule"] == "any" for f in data["firings"])
+
+
+def test_perturb_rules_compares_guarded_and_unguarded(runner, tmp_path, tiny_dict):
+    _, path = tiny_dict
+    out = tmp_path / "p.json"
+    r = runner.invoke(main, ["perturb", *TINY, "--dict", str(path), "--prompt", "The dog ate", "--samples", "2",
+                             "--max-new-tokens", "6", "--rule", "g: when not cheese -> suppress dog@1-2 x1 for 2",
+                             "--json", str(out), "--no-chat"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert set(data["concepts"]) == {"cheese", "dog"} or set(data["concepts"]) == {"dog"}
+    assert data["settings"]["identical_sampling_both_arms"]
+    assert data["rules_summary"]["g"]["rows_fired_guarded"] == 2
+    pair = data["pairs"][0]
+    assert pair["firings"] and pair["unguarded_firings"]
+    # the first token of each arm comes from the same prompt, before any rule could act
+    assert pair["diff"][0]["op"] == "equal" or pair["unguarded"][:1] == pair["guarded"][:1]
+    r = runner.invoke(main, ["perturb", *TINY, "--dict", str(path), "--prompt", "x", "--chunk", "cheese",
+                             "--rule", "when cheese -> stop"])
+    assert r.exit_code == 2 and "not both" in r.output
+
+
+def test_monitor_prompts_writes_one_line_per_firing(runner, tmp_path, tiny_dict):
+    _, path = tiny_dict
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The dog ate\n# a comment\nI like cheese\n")
+    out, summary = tmp_path / "f.jsonl", tmp_path / "sum.json"
+    r = runner.invoke(main, ["monitor", *TINY, "--dict", str(path), "--prompts", str(prompts), "--generate", "5",
+                             "--rule", "s: when not cheese for 3 -> stop", "--no-chat", "--out", str(out),
+                             "--json", str(summary)])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    data = json.loads(summary.read_text())
+    assert data["finished"]["rule"] + data["finished"]["eos"] == 2
+    for line in lines:
+        assert line["rule"] == "s" and line["action"] == "stop" and line["generated_index"] == 2
+    assert data["rules_summary"]["s"]["firings"] == len(lines)
+    assert data["rules_summary"]["s"]["first_token"] == {str(x["prompt"]): x["token"] for x in lines}
+
+
+def test_monitor_corpus_alert_scores_agree_with_evaluate(runner, tmp_path, tiny_dict, tiny_model, corpus_file):
+    dictionary, path = tiny_dict
+    chunk = next(c for c in dictionary.chunks if c.label == "cheese")
+    out, summary, ev = tmp_path / "f.jsonl", tmp_path / "sum.json", tmp_path / "ev.json"
+    rule = f"one: when cheese@{chunk.layer} -> alert"
+    r = runner.invoke(main, ["monitor", *TINY, "--dict", str(path), "--corpus", str(corpus_file), "--rule", rule,
+                             "--rule", "two: when cheese>=2 or dog for 2 -> alert", "--out", str(out),
+                             "--json", str(summary)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["evaluate", *TINY, "--dict", str(path), "--corpus", str(corpus_file), "--json", str(ev)])
+    assert r.exit_code == 0, r.output
+    evaluated = json.loads(ev.read_text())
+    record = next(x for x in evaluated["chunks"] if x["id"] == chunk.id)
+    score = json.loads(summary.read_text())["scores"]["one"]
+    assert score["tp"] == record["tp"] and score["fp"] == record["fp"]
+    assert score["recall"] == pytest.approx(record["tp_rate"])
+    assert score["fp_rate"] == pytest.approx(record["fp_rate"])
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sum(x["rule"] == "one" for x in lines) == score["alerts"]
+    assert json.loads(summary.read_text())["tokens"] == evaluated["tokens"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--rule", "when cheese@ -> stop"], "column 14"),
+    (["--rule", "when chese -> stop"], "nearest: cheese"),
+    (["--rule", "when cheese@9 -> alert"], "out of range"),
+    (["--rule", "when cheese -> alert", "--rule", "when cheese -> alert"], "Two rules are named"),
+])
+def test_monitor_bad_rules_exit_2_before_the_model_loads(runner, tmp_path, tiny_dict, args, words):
+    _, path = tiny_dict
+    r = runner.invoke(main, ["monitor", *TINY, "--dict", str(path), "--corpus", str(tmp_path / "none.txt"), *args,
+                             "--out", str(tmp_path / "o.jsonl")])
+    assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output
+    assert "loaded" not in r.output
