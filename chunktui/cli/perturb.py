@@ -151,7 +151,7 @@ def _compare_guarded(engine, rules, prompts, samples, max_new_tokens, temperatur
     for col in ("concept", "unguarded rate", "guarded rate", "change"):
         table.add_column(col, justify="left" if col == "concept" else "right")
     for label, c in report["concepts"].items():
-        table.add_row(escape(label), f"{c['unguarded_rate']:.2f}", f"{c['guarded_rate']:.2f}",
+        table.add_row(escape(label), f"{c['control_rate']:.2f}", f"{c['perturbed_rate']:.2f}",
                       f"{c['delta_rate']:+.2f}")
     console.print(table)
     rules_table = Table(title="rules")
@@ -167,8 +167,8 @@ def _compare_guarded(engine, rules, prompts, samples, max_new_tokens, temperatur
                       f"guarded {d['guarded']:.3f}[/]")
     for pair in report["pairs"][:show]:
         console.print(f"[bold]{escape(pair['prompt'])}[/] (seed {pair['seed']})")
-        console.print(f"  [dim]unguarded:[/] {escape(pair['unguarded'][:300])}")
-        console.print(f"  [dim]guarded  :[/] {escape(pair['guarded'][:300])}")
+        console.print(f"  [dim]unguarded:[/] {escape(pair['control'][:300])}")
+        console.print(f"  [dim]guarded  :[/] {escape(pair['perturbed'][:300])}")
     if report["pairs"][:show]:
         print_firings([f for pair in report["pairs"][:show] for f in pair["firings"]], "firings in the pairs shown")
     if target is not None:

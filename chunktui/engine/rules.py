@@ -386,12 +386,14 @@ def distinct_bigrams(ids: Sequence[int]) -> float | None:
 
 def compare_rules(loaded, program: RuleProgram, prompts: Sequence[str], samples: int = 1, sampling=None,
                   chat: bool = True, batch_size: int = 16, cancel=None, progress=None) -> dict:
-    """Unguarded and guarded arms with identical prompts, sampling and seeds.
+    """Unguarded (control) and guarded (perturbed) arms with identical prompts, sampling and seeds.
 
     The unguarded arm records where the rules would have fired without acting on it. Per concept the
-    rules name: how often the word occurs in the answers of each arm (whole word, case-insensitive).
+    rules name: how often the word occurs in the answers of each arm (whole word, case-insensitive), with
+    the keys of `perturb`'s report (control = unguarded, perturbed = guarded; the first answer token's
+    log-probability is the same in both arms, since rules act from the second generated token on).
     Per arm: mean distinct-bigram ratio of the answers (a repetition check)."""
-    from chunktui.engine.perturb import occurs, token_diff
+    from chunktui.engine.perturb import first_token_ids, next_token_logprobs, occurs, token_diff
     from chunktui.shared.settings import Sampling
 
     if not prompts:
@@ -406,11 +408,15 @@ def compare_rules(loaded, program: RuleProgram, prompts: Sequence[str], samples:
         for label in rule.positive_labels() + list(rule.action.labels):
             if label not in labels:
                 labels.append(label)
+    # rules watch generated tokens only, so the first answer token's distribution is the same in both arms
+    lp = next_token_logprobs(loaded, list(prompts), None, chat, batch_size)
     concepts = {}
-    for label in labels:
+    for label in labels:  # the keys of `perturb`'s report: control = unguarded, perturbed = guarded
         c_rate = sum(occurs(label, r.text) for r in control) / len(control)
         g_rate = sum(occurs(label, r.text) for r in guarded) / len(guarded)
-        concepts[label] = {"unguarded_rate": c_rate, "guarded_rate": g_rate, "delta_rate": g_rate - c_rate,
+        first = float(lp[:, first_token_ids(loaded, label)].logsumexp(-1).mean())
+        concepts[label] = {"control_rate": c_rate, "perturbed_rate": g_rate, "delta_rate": g_rate - c_rate,
+                           "logprob_control": first, "logprob_perturbed": first, "delta_logprob": 0.0,
                            "rows": len(control)}
     summary = {}
     for rule in program.rules:
@@ -425,12 +431,14 @@ def compare_rules(loaded, program: RuleProgram, prompts: Sequence[str], samples:
         values = [v for v in (distinct_bigrams(r.ids) for r in runs) if v is not None]
         return sum(values) / len(values) if values else None
 
-    pairs = [{"prompt": c.prompt, "seed": c.seed, "unguarded": c.text, "guarded": g.text, "finished": g.finished,
+    pairs = [{"prompt": c.prompt, "seed": c.seed, "control": c.text, "perturbed": g.text, "finished": g.finished,
               "firings": [f.to_json() for f in g.firings],
               "unguarded_firings": [f.to_json() for f in c.firings],
               "diff": token_diff(loaded.tokenizer, c.ids, g.ids)} for c, g in zip(control, guarded)]
     return {"settings": dict(sampling.describe(), chat=chat, samples=samples, prompts=len(prompts),
                              identical_sampling_both_arms=True),
+            "intervention": {"mode": "rules", "rules": program.describe(), "arms": "control = unguarded, "
+                             "perturbed = guarded"},
             "rules": program.describe(), "concepts": concepts, "rules_summary": summary,
             "distinct_bigrams": {"unguarded": fluency(control), "guarded": fluency(guarded)},
             "pairs": pairs}

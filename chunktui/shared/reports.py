@@ -54,6 +54,9 @@ def _check_shape(session: dict, source: str) -> None:
             bad(f"trace {i}: 'tokens' must be a list of objects")
         if not all(isinstance(t.get("text", ""), str) for t in tokens):
             bad(f"trace {i}: every token's 'text' must be a string")
+        firings = trace.get("firings", [])
+        if not isinstance(firings, list) or not all(isinstance(f, dict) for f in firings):
+            bad(f"trace {i}: 'firings' must be a list of objects")
     for i, run in enumerate(session["runs"], 1):
         for key, kind in (("pairs", list), ("concepts", dict), ("intervention", dict), ("settings", dict)):
             if key in run and not isinstance(run[key], kind):
@@ -92,7 +95,9 @@ def _normalise(obj: dict, source: str = "") -> dict:
                            "matches_by_layer": tok.get("matches_by_layer", {})})
         base["traces"].append({"kind": "stream" if any(generated) else "scan", "title": source or "scan",
                                "settings": {}, "text": obj.get("text", "".join(t["text"] for t in tokens)),
-                               "tokens": tokens})
+                               "tokens": tokens, "finished": obj.get("finished"),
+                               "firings": obj.get("firings") or []})
+        _check_shape(base, source)
         base["labels"] = _dictionary_labels(obj.get("dictionary")) or sorted(
             {t["strongest_label"] for t in tokens if t["strongest_label"]})
         return base
@@ -160,6 +165,9 @@ def _describe_model(session: dict) -> str:
 
 def _intervention_line(run: dict) -> str:
     iv = run.get("intervention", {})
+    if iv.get("mode") == "rules":  # perturb --rules: control = unguarded, perturbed = guarded
+        rules = [r for r in iv.get("rules", []) if isinstance(r, dict)]
+        return "guarded by " + "; ".join(f"{r.get('name')}: when {r.get('when')} -> {r.get('then')}" for r in rules)
     layers = iv.get("layers", [])
     span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else (str(layers[0]) if layers else "?")
     return (f"{iv.get('mode', '?')} x{iv.get('strength', '?')} of {', '.join(iv.get('labels', []))} at layers "
@@ -186,6 +194,7 @@ def render_markdown(session: dict) -> str:
             out.append("")
         else:
             out += ["No token matched a chunk.", ""]
+        out += _md_firings(trace)
     for i, run in enumerate(session.get("runs", []), 1):
         out += [f"## Perturbation {i}: {_intervention_line(run)}", ""]
         out += ["| concept | control rate | perturbed rate | change | log p control | log p perturbed | change |",
@@ -198,6 +207,29 @@ def render_markdown(session: dict) -> str:
             out += [f"**{pair.get('prompt', '')}** (seed {pair.get('seed')})", "",
                     f"- control: {pair.get('control', '')}", f"- perturbed: {_md_diff(pair)}", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _firing_layers(f: dict) -> str:
+    from chunktui.shared.rules import format_layers
+
+    try:
+        return format_layers([int(x) for x in f.get("layers", [])]) or "-"
+    except (TypeError, ValueError):
+        return "?"
+
+
+def _md_firings(trace: dict) -> list[str]:
+    """The rules that fired on a trace's tokens (and the one that stopped it)."""
+    firings = trace.get("firings") or []
+    if not firings:
+        return []
+    cell = lambda x: str(x).replace("|", "\\|").replace("\n", "\\n")  # noqa: E731
+    out = ["Rule firings" + (" (stopped by a rule)" if trace.get("finished") == "rule" else "") + ":", "",
+           "| token | text | rule | layers | action |", "|---:|---|---|---|---|"]
+    for f in firings:
+        out.append(f"| {f.get('token')} | `{cell(f.get('text', ''))}` | {cell(f.get('rule', ''))} | "
+                   f"{_firing_layers(f)} | {cell(f.get('action', ''))} |")
+    return out + [""]
 
 
 def _md_diff(pair: dict) -> str:
@@ -260,6 +292,16 @@ def render_html(session: dict) -> str:
         out.append(f'<div class="tokens">{"".join(spans)}</div>')
         legend = "".join(f'<span style="background:{colours.get(l, "#ccc")}">{e(l)}</span>' for l in sorted(present))
         out.append(f'<p class="legend">{legend or "no chunk matched"}</p>')
+        firings = trace.get("firings") or []
+        if firings:
+            stopped = " (stopped by a rule)" if trace.get("finished") == "rule" else ""
+            out.append(f"<p>Rule firings{stopped}:</p><table><tr><th>token</th><th>text</th><th>rule</th>"
+                       "<th>layers</th><th>action</th></tr>")
+            for f in firings:
+                out.append(f"<tr><td class=num>{e(str(f.get('token')))}</td><td><code>{e(str(f.get('text', '')))}"
+                           f"</code></td><td>{e(str(f.get('rule', '')))}</td><td>{e(_firing_layers(f))}</td>"
+                           f"<td>{e(str(f.get('action', '')))}</td></tr>")
+            out.append("</table>")
     for i, run in enumerate(session.get("runs", []), 1):
         out.append(f"<h2>Perturbation {i}: {e(_intervention_line(run))}</h2>")
         out.append("<table><tr><th>concept</th><th>control rate</th><th>perturbed rate</th><th>change</th>"
@@ -313,6 +355,9 @@ def render_csv(session: dict) -> str:
                              int(bool(t.get("generated"))), t.get("strongest_label") or "",
                              "" if t.get("strongest_score") is None else t["strongest_score"],
                              "" if t.get("logprob") is None else t["logprob"], " ".join(_layers_hit(t))])
+        for f in trace.get("firings") or []:  # one row per rule firing: kind "rule ACTION", label = the rule
+            writer.writerow([source, f"rule {f.get('action', '')}", f.get("token"), f.get("text", ""), "",
+                             f.get("rule", ""), "", "", " ".join(str(x) for x in f.get("layers", []))])
     for i, run in enumerate(session.get("runs", []), 1):
         source = f"run {i}: {_intervention_line(run)}"
         for label, c in run.get("concepts", {}).items():

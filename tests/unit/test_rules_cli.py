@@ -37,6 +37,13 @@ def test_scan_text_records_alerts(runner, tmp_path, tiny_dict):
                      if any(m["label"] == "cheese" for ms in t["matches_by_layer"].values() for m in ms)]
     assert [f["token"] for f in data["firings"] if f["rule"] == "when cheese -> alert"] == cheese_tokens
     assert any(f["rule"] == "any" for f in data["firings"])
+    for fmt in ("md", "html", "csv"):  # every export format lists the firings
+        report = tmp_path / f"r.{fmt}"
+        r = runner.invoke(main, ["report", str(out), "--out", str(report)])
+        assert r.exit_code == 0, r.output
+        text = report.read_text()
+        assert "when cheese -&gt; alert" in text if fmt == "html" else "when cheese -> alert" in text
+        assert text.count("any") >= sum(f["rule"] == "any" for f in data["firings"])
 
 
 def test_perturb_rules_compares_guarded_and_unguarded(runner, tmp_path, tiny_dict):
@@ -47,13 +54,17 @@ def test_perturb_rules_compares_guarded_and_unguarded(runner, tmp_path, tiny_dic
                              "--json", str(out), "--no-chat"])
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
-    assert set(data["concepts"]) == {"cheese", "dog"} or set(data["concepts"]) == {"dog"}
+    assert set(data["concepts"]) == {"dog"}  # cheese is named only under "not"
+    assert data["concepts"]["dog"]["delta_logprob"] == 0.0
     assert data["settings"]["identical_sampling_both_arms"]
     assert data["rules_summary"]["g"]["rows_fired_guarded"] == 2
     pair = data["pairs"][0]
     assert pair["firings"] and pair["unguarded_firings"]
     # the first token of each arm comes from the same prompt, before any rule could act
     assert pair["diff"][0]["op"] == "equal" or pair["unguarded"][:1] == pair["guarded"][:1]
+    r = runner.invoke(main, ["report", str(out), "--out", str(tmp_path / "p.md")])
+    assert r.exit_code == 0 and "guarded by g: when (not cheese)" in (tmp_path / "p.md").read_text() or \
+        "guarded by g: when not cheese" in (tmp_path / "p.md").read_text()
     r = runner.invoke(main, ["perturb", *TINY, "--dict", str(path), "--prompt", "x", "--chunk", "cheese",
                              "--rule", "when cheese -> stop"])
     assert r.exit_code == 2 and "not both" in r.output
