@@ -706,3 +706,14 @@ class Firing:
         return Firing(rule=str(data["rule"]), token=int(data["token"]), layers=[int(x) for x in data["layers"]],
                       action=str(data["action"]), text=str(data.get("text", "")),
                       extra={k: v for k, v in data.items() if k not in known})
+
+
+def rule_lines(text: str) -> list[str]:
+    """The rules in a block of text: one per line; blank lines and lines starting with # are skipped."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def check_rule_texts(texts: Sequence[str], vocab: Vocabulary | None = None) -> list[Rule]:
+    """Parse rule texts and, when the dictionary is known, check them against it (what the app does as you type)."""
+    rules = parse_rules(list(texts))
+    return check_rules(rules, vocab) if vocab is not None else rules
