@@ -157,11 +157,16 @@ def _mentions(word: str, text: str) -> int:
 @click.option("--tokens", default=32, show_default=True)
 @click.option("--temperature", default=0.8, show_default=True)
 @click.option("--top-p", default=0.9, show_default=True)
+@click.option("--strength", default=None, type=float, help="suppress strength (default: perturb's, 0.5)")
 @click.option("--threads", default=1, show_default=True)
 @click.option("--json", "json_path", default=None)
-def guard(samples: int, tokens: int, temperature: float, top_p: float, threads: int, json_path: str | None) -> None:
+def guard(samples: int, tokens: int, temperature: float, top_p: float, strength: float | None, threads: int,
+          json_path: str | None) -> None:
     """For each concept C of sample_data/inviting.jsonl, the guard "when C -> suppress C" (default strength,
-    layers 2-9, while the condition holds) on C's prompts, against the unguarded run with the same seeds."""
+    layers 2-9, while the condition holds) on C's prompts, against the unguarded run with the same seeds.
+
+    A rule sees a token only once it is generated, so the first answer token is out of its reach; the
+    figures count mentions of C in the whole answer and after its first word."""
     from chunktui.engine.rules import distinct_bigrams, generate_rows
     from chunktui.shared.settings import Sampling
 
@@ -174,7 +179,8 @@ def guard(samples: int, tokens: int, temperature: float, top_p: float, threads: 
     start = time.perf_counter()
     for concept in concepts:
         prompts = [r["prompt"] for r in rows if r["concept"] == concept]
-        program = engine.rules([f"guard: when {concept} -> suppress {concept}"])
+        x = f" x{strength:g}" if strength is not None else ""
+        program = engine.rules([f"guard: when {concept} -> suppress {concept}{x}"])
         arms = {}
         for name, act in (("unguarded", False), ("guarded", True)):
             arms[name] = generate_rows(engine.loaded, prompts, samples, sampling, program, chat=False, act=act)
@@ -183,6 +189,10 @@ def guard(samples: int, tokens: int, temperature: float, top_p: float, threads: 
         for name, runs in arms.items():
             stats[f"{name}_rows_with_word"] = sum(_mentions(concept, r.text) > 0 for r in runs)
             stats[f"{name}_mentions"] = sum(_mentions(concept, r.text) for r in runs)
+            stats[f"{name}_rows_starting_with_word"] = sum(_mentions(concept, r.text.lstrip().split(" ")[0]) > 0
+                                                           for r in runs)
+            stats[f"{name}_mentions_after_first_word"] = sum(
+                _mentions(concept, r.text.lstrip().partition(" ")[2]) for r in runs)
             stats[f"{name}_rows_fired"] = sum(bool(r.firings) for r in runs)
             values = [v for v in (distinct_bigrams(r.ids) for r in runs) if v is not None]
             stats[f"{name}_distinct_bigrams"] = round(sum(values) / len(values), 3)
@@ -192,7 +202,8 @@ def guard(samples: int, tokens: int, temperature: float, top_p: float, threads: 
                           "guarded": g.text, "firings": len(g.firings)})
     total = {k: sum(s[k] for s in per.values()) for k in per[concepts[0]] if not k.endswith("bigrams")}
     _out({"benchmark": "rules guard", "samples": samples, "tokens": tokens, "temperature": temperature,
-          "top_p": top_p, "chat": False, "rule": "when C -> suppress C (x0.5, layers 2-9, while)",
+          "top_p": top_p, "chat": False,
+          "rule": f"when C -> suppress C (x{strength if strength is not None else 0.5:g}, layers 2-9, while)",
           "seconds": round(time.perf_counter() - start, 1), "per_concept": per, "total": total,
           "pairs": pairs}, json_path)
 

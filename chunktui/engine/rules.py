@@ -87,6 +87,7 @@ class RuleProgram:
         self.loaded = loaded
         self.remaining: list[dict[int, int]] = []  # per row: rule index -> tokens left (-1: while)
         self.active_rows: dict[int, torch.Tensor] = {}  # rule index -> (B,) bool on the device, when any row is on
+        self._row_masks: dict[tuple, torch.Tensor] = {}
         self.stopped: list[bool] = []
 
     # ------------------------------------------------------------------ compiling
@@ -282,9 +283,11 @@ class RuleProgram:
         if changed:
             active = {}
             for r in self.interventions:
-                rows = [r in self.remaining[b] for b in range(len(last))]
+                rows = tuple(r in self.remaining[b] for b in range(len(last)))
                 if any(rows):
-                    active[r] = torch.tensor(rows, dtype=torch.bool, device=self.device)
+                    if rows not in self._row_masks:  # made once per pattern: no host-to-device copy per switch
+                        self._row_masks[rows] = torch.tensor(rows, dtype=torch.bool, device=self.device)
+                    active[r] = self._row_masks[rows]
             self.active_rows = active
 
     def describe(self) -> list[dict]:

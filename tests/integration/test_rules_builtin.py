@@ -65,3 +65,22 @@ def test_bad_rules_exit_2_with_a_specific_message(rule, words):
     r = CliRunner().invoke(main, ["scan", "--prompt", "hi", "--rule", rule])
     assert r.exit_code == 2
     assert words in r.output and "Traceback" not in r.output
+
+
+def test_the_readme_rules_example_runs(smol, capsys):
+    """The README's rules snippet (the second Python block of "Use from Python"), on the shared model."""
+    import re
+    from pathlib import Path
+
+    from chunktui.api import Engine
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Use from Python", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[1]
+    namespace = {"engine": Engine.from_loaded(smol, "sample")}
+    exec(compile(code, "README.md", "exec"), namespace)
+    trace = namespace["trace"]
+    assert trace.finished == "rule" and trace.stopped_by == "when cheese -> stop"
+    stop = trace.firings[-1]
+    assert stop["action"] == "stop" and stop["token"] == trace.steps[-1].index and stop["layers"]
+    assert "rule when cheese -> stop" in capsys.readouterr().out
