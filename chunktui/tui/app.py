@@ -557,6 +557,7 @@ class ChunkApp(App):
                 self.fail(message, title="Rules (F7 to fix or switch off)")
                 return
         self.rule_stop = None
+        self.query_one(StreamPane).show_firings([])  # the last stream's firings go with it
         settings = dict(sampling.describe(), chat=chat)
         if request.rules:
             settings["rules"] = list(request.rules)

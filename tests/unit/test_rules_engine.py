@@ -175,3 +175,24 @@ def test_rules_without_a_dictionary_are_refused(tiny_model):
     bare = Engine.from_loaded(tiny_model)
     with pytest.raises(ChunkError, match="need a dictionary"):
         list(bare.stream("hi", max_new_tokens=2, rules=["when cheese -> stop"]))
+
+
+def test_batched_rows_share_sampling_until_the_rule_acts(engine, tiny_model, tiny_dict):
+    from chunktui.engine.rules import generate_rows
+    from chunktui.shared.settings import Sampling
+
+    sampling = Sampling(max_new_tokens=10, temperature=1.0, top_p=0.95, seed=3, stop_at_eos=False)
+    prompts = ["The dog ate the cheese", "I like cake"]
+    program = engine.rules(["g: when not cheese for 3 -> suppress dog,cake@1-3 x1 for 2", "s: when dog@0 -> stop"])
+    plain = generate_rows(tiny_model, prompts, 2, sampling, None, chat=False, batch_size=3)
+    watched = generate_rows(tiny_model, prompts, 2, sampling, program, chat=False, batch_size=3, act=False)
+    guarded = generate_rows(tiny_model, prompts, 2, sampling, program, chat=False, batch_size=3)
+    assert [r.ids for r in watched] == [r.ids for r in plain]  # watching changes nothing
+    assert [(r.prompt, r.seed) for r in guarded] == [(r.prompt, r.seed) for r in plain]
+    for w, g in zip(watched, guarded):
+        first = min(f.extra["generated_index"] for f in w.firings if f.rule == "g")
+        assert first == 2  # three generated tokens without cheese (the tiny model never matches it)
+        # the edit starts with token first + 1's states, so tokens up to first + 1 are the same draws
+        assert g.ids[:first + 2] == w.ids[:first + 2]
+        assert all(f.extra["prompt"] in (0, 1) and f.extra["seed"] in (3, 4) for f in g.firings)
+    assert any(w.ids != g.ids for w, g in zip(watched, guarded))  # and the edit changed something after
