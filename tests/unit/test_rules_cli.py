@@ -122,3 +122,24 @@ def test_monitor_bad_rules_exit_2_before_the_model_loads(runner, tmp_path, tiny_
                              "--out", str(tmp_path / "o.jsonl")])
     assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output
     assert "loaded" not in r.output
+
+
+def test_monitor_spans_scores_agree_with_evaluate_spans(runner, tmp_path, tiny_dict, tiny_corpus):
+    dictionary, path = tiny_dict
+    spans = tmp_path / "spans.jsonl"
+    with spans.open("w") as fh:
+        for line in tiny_corpus.splitlines()[:25]:
+            marks = [[i, i + 6, "cheese"] for i in range(len(line)) if line.startswith("cheese", i)]
+            fh.write(json.dumps({"text": line, "spans": marks}) + "\n")
+    chunk = next(c for c in dictionary.chunks if c.label == "cheese" and c.layer == 1)
+    out, summary, ev = tmp_path / "f.jsonl", tmp_path / "sum.json", tmp_path / "ev.json"
+    r = runner.invoke(main, ["monitor", *TINY, "--dict", str(path), "--spans", str(spans),
+                             "--rule", "one: when cheese@1 -> alert", "--out", str(out), "--json", str(summary)])
+    assert r.exit_code == 0, r.output
+    assert "precision" in r.output and "recall" in r.output
+    r = runner.invoke(main, ["evaluate", *TINY, "--dict", str(path), "--spans", str(spans), "--json", str(ev)])
+    assert r.exit_code == 0, r.output
+    record = next(x for x in json.loads(ev.read_text())["chunks"] if x["id"] == chunk.id)
+    score = json.loads(summary.read_text())["scores"]["one"]
+    assert (score["tp"], score["fp"], score["positives"]) == (record["tp"], record["fp"], record["positives"])
+    assert score["positives"] > 0
