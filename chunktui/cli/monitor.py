@@ -40,17 +40,21 @@ from chunktui.shared import validate
 @click.option("--limit", default=0, callback=checked(validate.non_negative_int),
               help="use only the first N prompts of --prompts (0: all)")
 @click.option("--batch-size", default=16, show_default=True, callback=checked(validate.count))
+@click.option("--resume", is_flag=True, help="continue a killed monitor from its checkpoint (OUT.partial/)")
+@click.option("--checkpoint-every", default=20, show_default=True, callback=checked(validate.count),
+              help="save the firings so far every N batches to OUT.partial/, for --resume")
 @overwrite_option
 @friendly_errors
 def monitor_cmd(model_spec, device, dtype, dict_path, rule_texts, rule_files, prompts_file, n_new, corpus,
-                spans_path, out_path, json_out, samples, temperature, top_p, seed, chat, limit, batch_size,
-                overwrite) -> None:
+                spans_path, out_path, json_out, samples, temperature, top_p, seed, chat, limit, batch_size, resume,
+                checkpoint_every, overwrite) -> None:
     """Run rules over many prompts (--prompts, generating) or texts (--corpus / --spans, reading).
 
     Writes one JSON line per firing to --out and prints, per rule, how many prompts or contexts it fired
     in and at which token first. With --corpus or --spans each alert rule is also scored against the
     labels its condition names: precision and recall per token, on the same tokens and labels `evaluate`
-    uses."""
+    uses. --resume continues a killed run from OUT.partial/ (the build's checkpoints; same command).
+    --procs is not offered yet: one process."""
     from chunktui.shared.errors import CorpusError
     from chunktui.shared.rules import RuleError
 
@@ -85,6 +89,9 @@ def monitor_cmd(model_spec, device, dtype, dict_path, rule_texts, rule_files, pr
     program = engine.rules(rules)
     from chunktui.engine.monitor import rule_summary
 
+    from chunktui.engine.build import Checkpoint
+
+    checkpoint = Checkpoint(out_path + ".partial", every=checkpoint_every, resume=resume)
     progress, update = stage_progress()
     summary: dict = {"model": loaded.name, "dictionary": str(dictionary.path), "rules": program.describe()}
     if prompts is not None:
@@ -96,7 +103,8 @@ def monitor_cmd(model_spec, device, dtype, dict_path, rule_texts, rule_files, pr
         sampling = Sampling(max_new_tokens=n_new, temperature=temperature, top_p=top_p, seed=seed)
         with progress:
             runs = generate_rows(loaded, prompts, samples, sampling, program, chat, batch_size,
-                                 progress=lambda d, t: update("monitor", d / t, f"{d}/{t} rows"))
+                                 progress=lambda d, t: update("monitor", d / t, f"{d}/{t} rows"),
+                                 checkpoint=checkpoint)
         firings = [f for r in runs for f in r.firings]
         tokens = sum(len(r.ids) for r in runs)
         per_rule = rule_summary(program, firings, len(prompts), "prompt")
@@ -114,7 +122,7 @@ def monitor_cmd(model_spec, device, dtype, dict_path, rule_texts, rule_files, pr
         text_corpus, labels = labelled_corpus(loaded, dictionary, source)
         with progress:
             found = monitor_texts(loaded, program, text_corpus, labels, batch_size,
-                                  progress=lambda frac: update("monitor", frac, "reading"))
+                                  progress=lambda frac: update("monitor", frac, "reading"), checkpoint=checkpoint)
         firings, tokens, scores = found.firings, found.tokens, found.scores
         per_rule = rule_summary(program, firings, found.contexts, "context")
         summary.update(contexts=found.contexts, tokens=tokens, rules_summary=per_rule, scores=scores,
@@ -145,3 +153,4 @@ def monitor_cmd(model_spec, device, dtype, dict_path, rule_texts, rule_files, pr
     if json_target is not None:
         json_target.write_json(summary)
         note("wrote", str(json_target.path), style="default")
+    checkpoint.clear()  # everything is written: the checkpoint has done its job

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from chunktui.engine.rules import RuleProgram
+from chunktui.engine.rules import RuleProgram, bind_checkpoint, save_checkpoint
 from chunktui.shared.errors import ChunkError
 from chunktui.shared.rules import Firing
 
@@ -58,8 +58,11 @@ def labelled_corpus(loaded, dictionary, source, context_mode: str | None = None)
 
 @torch.no_grad()
 def monitor_texts(loaded, program: RuleProgram, corpus, labels=None, batch_size: int = 16, progress=None,
-                  should_stop=None) -> TextMonitor:
-    """Rules over every token of a prepared corpus; alert precision / recall against `labels` when given."""
+                  should_stop=None, checkpoint=None) -> TextMonitor:
+    """Rules over every token of a prepared corpus; alert precision / recall against `labels` when given.
+
+    `checkpoint` (an `engine.build.Checkpoint`): the firings so far are saved every `checkpoint.every` batches
+    and, with `resume`, a killed run continues after the last saved batch (same corpus, rules and batch size)."""
     from chunktui.engine.corpus import run_batch, schedule
 
     packed = program.packed
@@ -71,7 +74,19 @@ def monitor_texts(loaded, program: RuleProgram, corpus, labels=None, batch_size:
     batches = schedule(corpus, batch_size)
     source, table = corpus.source, corpus.tokens
     start = time.perf_counter()
+    done = 0
+    if checkpoint is not None:
+        done, saved = bind_checkpoint(checkpoint, {"monitor": "texts", "corpus": corpus.digest, "tokens": T,
+                                                   "rules": program.describe(), "batch_size": batch_size})
+        for record in saved or []:
+            f = Firing.from_json(record)
+            firings.append(f)
+            r = next(i for i, rule in enumerate(program.rules) if rule.name == f.rule)
+            if r in fired_alert:
+                fired_alert[r][f.token] = True
     for j, batch in enumerate(batches):
+        if j < done:
+            continue
         if should_stop is not None and should_stop():
             from chunktui.shared.errors import GenerationCancelled
 
@@ -94,6 +109,8 @@ def monitor_texts(loaded, program: RuleProgram, corpus, labels=None, batch_size:
             if r in fired_alert:
                 fired_alert[r][f.token] = True
         firings.extend(found)
+        if checkpoint is not None and ((j + 1) % checkpoint.every == 0 or j + 1 == len(batches)):
+            save_checkpoint(checkpoint, j + 1, [f.to_json() for f in firings])
         if progress is not None:
             progress((j + 1) / len(batches))
     firings.sort(key=lambda f: (f.token, f.rule))

@@ -19,6 +19,7 @@ t+1 on: token t's states were computed in the forward pass that produced the mat
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -304,6 +305,36 @@ def compile_rules(rules, packed, loaded, dictionary=None, name: str = "the dicti
     return RuleProgram(rules, packed, loaded.layout.n_states, dictionary=dictionary, loaded=loaded, name=name)
 
 
+# --------------------------------------------------------------------------- checkpoints (monitor --resume)
+
+
+def _pack_json(obj) -> torch.Tensor:
+    """JSON in a uint8 tensor: how firings travel in the build's checkpoint files (safetensors + JSON)."""
+    data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+
+
+def _unpack_json(tensor: torch.Tensor):
+    return json.loads(bytes(tensor.tolist()).decode("utf-8"))
+
+
+def bind_checkpoint(checkpoint, config: dict):
+    """A build `Checkpoint` (engine.build) bound to this monitor's settings; (batches done, saved JSON) or (0, None)."""
+    from chunktui.engine.distributed import SingleProcess
+
+    checkpoint.bind(SingleProcess(), config)
+    restored = checkpoint.restore()
+    if restored is None:
+        return 0, None
+    done, tensors = restored
+    return done, _unpack_json(tensors["state"])
+
+
+def save_checkpoint(checkpoint, done: int, state) -> None:
+    checkpoint.save(done, {"state": _pack_json(state)})
+
+
+
 # --------------------------------------------------------------------------- batched generation with rules
 
 
@@ -322,10 +353,12 @@ class RuleRun:
 @torch.no_grad()
 def generate_rows(loaded, prompts: Sequence[str], seeds_per_prompt: int, sampling, program: RuleProgram | None,
                   chat: bool = True, batch_size: int = 16, act: bool = True, cancel=None, progress=None,
-                  prompt_index: Sequence[int] | None = None) -> list[RuleRun]:
+                  prompt_index: Sequence[int] | None = None, checkpoint=None) -> list[RuleRun]:
     """Every (prompt, seed) row, batched and left-padded as `perturb.run_arm` does (row seeds identical in every
     arm), with the rules watching each generated token. `act=False` records the firings without acting
-    (no stop, no intervention): the unguarded arm of a comparison. `program=None`: no rules at all."""
+    (no stop, no intervention): the unguarded arm of a comparison. `program=None`: no rules at all.
+    `checkpoint` (an `engine.build.Checkpoint`): finished rows are saved every `checkpoint.every` batches and,
+    with `resume`, a killed run continues after them (same prompts, rules, sampling and batch size)."""
     from chunktui.engine.streaming import PhaseFlag, decode
     from chunktui.engine.tokens import encode_prompt, eos_ids
 
@@ -335,7 +368,16 @@ def generate_rows(loaded, prompts: Sequence[str], seeds_per_prompt: int, samplin
     tok = loaded.tokenizer
     packed = program.packed if program is not None else None
     out: list[RuleRun] = []
-    for b in range(0, len(rows), batch_size):
+    done_batches = 0
+    if checkpoint is not None:
+        done_batches, saved = bind_checkpoint(checkpoint, {
+            "monitor": "prompts", "prompts": list(prompts), "samples": seeds_per_prompt, "act": act,
+            "sampling": sampling.describe(), "chat": chat, "batch_size": batch_size,
+            "rules": program.describe() if program is not None else []})
+        for r in saved or []:
+            out.append(RuleRun(prompt=r["prompt"], seed=r["seed"], ids=r["ids"], text=r["text"],
+                               firings=[Firing.from_json(f) for f in r["firings"]], finished=r["finished"]))
+    for b in range(done_batches * batch_size, len(rows), batch_size):
         batch = rows[b:b + batch_size]
         ids = [encoded[p] for _, p, _ in batch]
         B = len(batch)
@@ -376,6 +418,11 @@ def generate_rows(loaded, prompts: Sequence[str], seeds_per_prompt: int, samplin
         for (_, p, s), g, f, end in zip(batch, generated, firings, finished):
             text = tok.decode([t for t in g if t not in stops], skip_special_tokens=True)
             out.append(RuleRun(prompt=p, seed=s, ids=g, text=text, firings=f, finished=end))
+        n_done = b // batch_size + 1
+        if checkpoint is not None and (n_done % checkpoint.every == 0 or b + batch_size >= len(rows)):
+            save_checkpoint(checkpoint, n_done, [dict(prompt=r.prompt, seed=r.seed, ids=r.ids, text=r.text,
+                                                      firings=[f.to_json() for f in r.firings], finished=r.finished)
+                                                 for r in out])
         if progress is not None:
             progress(min(b + batch_size, len(rows)), len(rows))
     return out

@@ -95,8 +95,9 @@ def test_monitor_corpus_alert_scores_agree_with_evaluate(runner, tmp_path, tiny_
     rule = f"one: when cheese@{chunk.layer} -> alert"
     r = runner.invoke(main, ["monitor", *TINY, "--dict", str(path), "--corpus", str(corpus_file), "--rule", rule,
                              "--rule", "two: when cheese>=2 or dog for 2 -> alert", "--out", str(out),
-                             "--json", str(summary)])
+                             "--json", str(summary), "--resume", "--checkpoint-every", "1"])
     assert r.exit_code == 0, r.output
+    assert not (tmp_path / "f.jsonl.partial").exists()  # cleared once everything is written
     r = runner.invoke(main, ["evaluate", *TINY, "--dict", str(path), "--corpus", str(corpus_file), "--json", str(ev)])
     assert r.exit_code == 0, r.output
     evaluated = json.loads(ev.read_text())
@@ -143,3 +144,44 @@ def test_monitor_spans_scores_agree_with_evaluate_spans(runner, tmp_path, tiny_d
     score = json.loads(summary.read_text())["scores"]["one"]
     assert (score["tp"], score["fp"], score["positives"]) == (record["tp"], record["fp"], record["positives"])
     assert score["positives"] > 0
+
+
+def test_monitor_resume_continues_from_the_checkpoint(runner, tmp_path, tiny_dict, tiny_model, corpus_file):
+    """A run stopped after its first checkpoint, resumed, writes what an uninterrupted run writes."""
+    from chunktui.api import Engine
+    from chunktui.engine.build import Checkpoint, LabelSource
+    from chunktui.engine.monitor import labelled_corpus, monitor_texts
+    from chunktui.engine.rules import generate_rows
+    from chunktui.shared.errors import GenerationCancelled
+    from chunktui.shared.settings import Sampling
+
+    dictionary, _ = tiny_dict
+    engine = Engine.from_loaded(tiny_model, dictionary)
+    program = engine.rules(["a: when cheese -> alert", "b: when dog for 2 -> alert"])
+    corpus, labels = labelled_corpus(tiny_model, dictionary, LabelSource(corpus=corpus_file.read_text()))
+    whole = monitor_texts(tiny_model, program, corpus, labels, batch_size=4)
+    folder = tmp_path / "out.partial"
+    calls = []
+    with pytest.raises(GenerationCancelled):
+        monitor_texts(tiny_model, program, corpus, labels, batch_size=4, checkpoint=Checkpoint(folder, every=2),
+                      should_stop=lambda: calls.append(1) or len(calls) > 3)
+    assert (folder / "rank0.json").is_file()
+    resumed = monitor_texts(tiny_model, program, corpus, labels, batch_size=4,
+                            checkpoint=Checkpoint(folder, every=2, resume=True))
+    assert [f.to_json() for f in resumed.firings] == [f.to_json() for f in whole.firings]
+    assert resumed.scores == whole.scores
+    other = engine.rules(["a: when cheese>=2 -> alert"])
+    with pytest.raises(Exception, match="other settings"):
+        monitor_texts(tiny_model, other, corpus, labels, batch_size=4, checkpoint=Checkpoint(folder, resume=True))
+    # generated rows: the first batch restored, the rest generated, the same rows as a run without a stop
+    sampling = Sampling(max_new_tokens=4, temperature=1.0, seed=1, stop_at_eos=False)
+    prompts = ["The dog ate", "I like cheese", "A cat", "The rain"]
+    plain = generate_rows(tiny_model, prompts, 1, sampling, program, chat=False, batch_size=2)
+    folder2 = tmp_path / "rows.partial"
+    generate_rows(tiny_model, prompts[:2], 1, sampling, program, chat=False, batch_size=2)  # warm
+    first = generate_rows(tiny_model, prompts, 1, sampling, program, chat=False, batch_size=2,
+                          checkpoint=Checkpoint(folder2, every=1))
+    again = generate_rows(tiny_model, prompts, 1, sampling, program, chat=False, batch_size=2,
+                          checkpoint=Checkpoint(folder2, every=1, resume=True))  # everything restored
+    assert [r.ids for r in again] == [r.ids for r in first] == [r.ids for r in plain]
+    assert [[f.to_json() for f in r.firings] for r in again] == [[f.to_json() for f in r.firings] for r in plain]
