@@ -149,25 +149,54 @@ class Engine:
 
     def stream(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int = 0, chat: bool = True, sampling: Sampling | None = None,
-               cancel: threading.Event | None = None) -> Iterator:
-        """Token events (prompt tokens first, then generated ones), each with every layer's state and matches."""
+               cancel: threading.Event | None = None, rules=None) -> Iterator:
+        """Token events (prompt tokens first, then generated ones), each with every layer's state and matches.
+
+        `rules`: rule texts ("when cheese -> stop"), parsed `shared.rules.Rule`s or a program from
+        `engine.rules(...)`; each generated token's event carries the firings (`event.firings`), a `stop`
+        ends the stream with finished "rule", and an intervention fired at token t edits from token t+1."""
         sampling = sampling or Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                         top_k=top_k, seed=seed)
+        program = self.rules(rules) if rules is not None else None
+        kwargs = {"rules": program} if program is not None else {}
         if self.kind == "lm" and isinstance(prompt, str):  # refused up front when prompt + answer exceed the context
             from chunktui.engine.context import check_fits
             from chunktui.engine.tokens import encode_prompt
 
             ids = encode_prompt(self.loaded, prompt, chat)
             check_fits(self.loaded, len(ids), sampling.max_new_tokens)
-            return self.backend.stream(ids, sampling, self.packed, cancel, chat)
-        return self.backend.stream(prompt, sampling, self.packed, cancel, chat)
+            return self.backend.stream(ids, sampling, self.packed, cancel, chat, **kwargs)
+        return self.backend.stream(prompt, sampling, self.packed, cancel, chat, **kwargs)
+
+    def rules(self, rules):
+        """Rules compiled against this model and dictionary (an `engine.rules.RuleProgram`), or None for none.
+
+        Accepts rule texts, parsed rules, or a program already compiled (returned as is). Unknown labels,
+        layers out of range and the like raise a `shared.rules.RuleError` naming the rule."""
+        from chunktui.engine.rules import RuleProgram, compile_rules
+
+        if rules is None or isinstance(rules, RuleProgram):
+            return rules
+        if isinstance(rules, str):
+            rules = [rules]
+        if self.kind != "lm":
+            raise ChunkError("Rules act on a language model's chunk matches; the reflection RNN has no rules yet.")
+        if self.packed is None or self.dictionary is None:
+            raise ChunkError("Rules need a dictionary: load one first.")
+        name = Path(self.dictionary.path).name if getattr(self.dictionary, "path", None) else "the dictionary"
+        return compile_rules(rules, self.packed, self.loaded, self.dictionary, name=name)
 
     def generate(self, prompt: str, **kwargs) -> Trace:
         """Stream to the end and return the trace (plain values: text, chunk per token and layer, norms)."""
         from chunktui.engine.steps import step_from_event
 
         chat = kwargs.get("chat", True)
-        trace = Trace("stream", prompt, self.columns(), settings={"chat": chat})
+        settings = {"chat": chat}
+        if kwargs.get("rules") is not None:
+            kwargs["rules"] = self.rules(kwargs["rules"])
+            if kwargs["rules"] is not None:
+                settings["rules"] = kwargs["rules"].describe()
+        trace = Trace("stream", prompt, self.columns(), settings=settings)
         reason = None
         for event in self.stream(prompt, **kwargs):
             trace.extend([step_from_event(event)])

@@ -20,7 +20,7 @@ class Backend(Protocol):
     loaded: object  # LoadedModel or RNNLoaded (name, device, layout.n_states, hidden_size, card(), identity())
 
     def stream(self, prompt: str, sampling: Sampling, packed, cancel: threading.Event | None,
-               chat: bool) -> Iterator: ...
+               chat: bool, rules=None) -> Iterator: ...
 
     def scan(self, text: str, packed): ...
 
@@ -38,10 +38,11 @@ class LanguageModelBackend:
     def __init__(self, loaded) -> None:
         self.loaded = loaded
 
-    def stream(self, prompt, sampling, packed, cancel=None, chat=True):
+    def stream(self, prompt, sampling, packed, cancel=None, chat=True, rules=None):
         from chunktui.engine import streaming
 
-        return streaming.generate_stream(self.loaded, prompt, sampling, packed=packed, cancel=cancel, chat=chat)
+        return streaming.generate_stream(self.loaded, prompt, sampling, packed=packed, cancel=cancel, chat=chat,
+                                         rules=rules)
 
     def scan(self, text, packed):
         from chunktui.engine import streaming
@@ -65,9 +66,11 @@ class RNNBackend:
     def __init__(self, loaded) -> None:
         self.loaded = loaded
 
-    def stream(self, prompt, sampling, packed, cancel=None, chat=True):
+    def stream(self, prompt, sampling, packed, cancel=None, chat=True, rules=None):
         from chunktui.rnn.runtime import rnn_stream
 
+        if rules is not None:
+            raise ChunkError("Rules act on a language model's chunk matches; the reflection RNN has no rules yet.")
         return rnn_stream(self.loaded, prompt, sampling, cancel=cancel)
 
     def scan(self, text, packed):

@@ -213,7 +213,9 @@ class Server:
             self.store[req.trace_id] = (columns, values, scores)
         self.send(p.TraceStarted(req.trace_id, columns))
         start, reason = time.perf_counter(), None
-        for event in engine.stream(req.prompt, sampling=req.sampling, chat=req.chat, cancel=self.cancel):
+        rules = engine.rules(list(req.rules)) if req.rules else None  # a bad rule fails here, before any token
+        for event in engine.stream(req.prompt, sampling=req.sampling, chat=req.chat, cancel=self.cancel,
+                                   rules=rules):
             step, value, score = event_rows(event)
             with self.store_lock:
                 values.append(value)

@@ -51,11 +51,12 @@ def main(ctx: click.Context) -> None:
 
 
 def _register() -> None:
-    from chunktui.cli import bench, dictionaries, discover, perturb, report, rnn, scan, top, tui
+    from chunktui.cli import bench, dictionaries, discover, monitor, perturb, report, rnn, scan, top, tui
 
     for command in (dictionaries.models_cmd, dictionaries.build_cmd, dictionaries.evaluate_cmd, dictionaries.calibrate_cmd,
-                    dictionaries.inspect_cmd, scan.scan_cmd, scan.demo_cmd, perturb.perturb_cmd, report.report_cmd,
-                    tui.tui_cmd, discover.discover_cmd, discover.import_cmd, rnn.rnn, bench.bench, top.top_cmd):
+                    dictionaries.inspect_cmd, scan.scan_cmd, scan.demo_cmd, perturb.perturb_cmd, monitor.monitor_cmd,
+                    report.report_cmd, tui.tui_cmd, discover.discover_cmd, discover.import_cmd, rnn.rnn, bench.bench,
+                    top.top_cmd):
         main.add_command(command)
 
 

@@ -17,8 +17,9 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from chunktui.cli.common import (checked, console, err_console, friendly_errors, load_with_progress, model_inputs, model_options,
-                                 note, overwrite_option, plan_outputs, stage_progress)
+from chunktui.cli.rules_options import early_rules, print_firings, rule_options
+from chunktui.cli.common import (checked, console, err_console, friendly_errors, load_with_progress, model_inputs,
+                                 model_options, note, overwrite_option, plan_outputs, stage_progress)
 from chunktui.shared import validate
 from click.core import ParameterSource
 
@@ -32,7 +33,8 @@ from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 @click.command("perturb")
 @model_options
 @click.option("--dict", "dict_path", default=None, help="dictionary (default: the sample dictionary)")
-@click.option("--chunk", "chunk_names", required=True, help="LABEL[,LABEL] or chunk ids")
+@click.option("--chunk", "chunk_names", default=None,
+              help="LABEL[,LABEL] or chunk ids (or, instead, --rule/--rules: compare a guarded run)")
 @click.option("--mode", default="graft", show_default=True,
               type=click.Choice(list(MODES)))
 @click.option("--strength", type=float, default=None,
@@ -83,6 +85,7 @@ from chunktui.paths import DEFAULT_DICT_NAME, sample_path
               help="cut prompts that leave no room for --max-new-tokens in the model's context, from the start")
 @click.option("--batch-size", default=16, show_default=True, callback=checked(validate.count))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
+@rule_options
 @overwrite_option
 @click.option("--show", default=3, show_default=True, callback=checked(validate.non_negative_int),
               help="print this many pairs of continuations")
@@ -90,9 +93,12 @@ from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 @friendly_errors
 def perturb_cmd(ctx, model_spec, device, dtype, dict_path, chunk_names, mode, strength, layers, positions, site,
                 protocol, paper_confounds, prompt, prompts_file, limit, samples, sweep, control_kind, control_seed,
-                max_new_tokens, temperature, top_p, seed, chat, truncate, batch_size, json_out, overwrite,
-                show) -> None:
-    """Regenerate with chunks grafted or suppressed; identical sampling and seeds in every arm."""
+                max_new_tokens, temperature, top_p, seed, chat, truncate, batch_size, json_out, rule_texts, rule_files,
+                overwrite, show) -> None:
+    """Regenerate with chunks grafted or suppressed; identical sampling and seeds in every arm.
+
+    With --rule/--rules instead of --chunk: the rules act on the generated tokens (guarded arm) and the
+    unguarded arm records where they would have fired; identical sampling and seeds in both arms."""
     from chunktui.api import Engine
     from chunktui.engine.dictionary import load_dictionary
     from chunktui.shared.errors import CorpusError
@@ -101,6 +107,10 @@ def perturb_cmd(ctx, model_spec, device, dtype, dict_path, chunk_names, mode, st
 
     if (prompt is None) == (prompts_file is None):
         raise CorpusError("Give exactly one of --prompt and --prompts.")
+    guarded = bool(rule_texts or rule_files)
+    if guarded == (chunk_names is not None):
+        raise CorpusError("Give --chunk (perturb those chunks) or --rule/--rules (compare a guarded run), "
+                          "not both and not neither.")
     strength = validate.strength(strength, mode, "--strength")
     strengths = validate.strengths(sweep, mode, "--sweep")
     if strengths is not None and strength is not None:
@@ -114,7 +124,8 @@ def perturb_cmd(ctx, model_spec, device, dtype, dict_path, chunk_names, mode, st
     top_p, temperature, chat = settings["top_p"], settings["temperature"], settings["chat"]
     max_new_tokens = settings["max_new_tokens"]
     where = Positions.parse(positions)
-    validate.chunk_names(chunk_names, "--chunk")
+    if not guarded:
+        validate.chunk_names(chunk_names, "--chunk")
     if seed + samples - 1 > validate.SEED_MAX:
         raise validate.InvalidValue(f"--seed {seed} with --samples {samples} runs past the largest seed "
                                     f"({validate.SEED_MAX}).")
@@ -128,11 +139,15 @@ def perturb_cmd(ctx, model_spec, device, dtype, dict_path, chunk_names, mode, st
         if limit:
             prompts = prompts[:limit]
     target = plan_outputs(("--json", json_out, None), overwrite=overwrite,
-                          inputs=[dict_path, prompts_file, *model_inputs(model_spec)])
+                          inputs=[dict_path, prompts_file, *rule_files, *model_inputs(model_spec)])
     dictionary = load_dictionary(dict_path)  # a damaged dictionary is reported before the model loads
+    rules = early_rules(rule_texts, rule_files, dictionary) if guarded else []
     loaded = load_with_progress(model_spec, device, dtype)
     dictionary.check_compatible(loaded.identity())
     engine = Engine.from_loaded(loaded, dictionary)  # the same facade as the app's engine process and notebooks
+    if guarded:
+        return _compare_guarded(engine, rules, prompts, samples, max_new_tokens, temperature, top_p, seed, chat,
+                                truncate, batch_size, target, show)
     intervention = engine.intervention(chunk_names, mode, strength, layers, str(where), site,
                                        settings["chunk_layer_shift"])  # 'all': blocks 0..L-1
     from chunktui.engine.context import fit_prompt
@@ -224,3 +239,48 @@ def _progress():
             click.echo(f"[{time.monotonic() - start:6.1f} s] {message}", err=True)
 
     return contextlib.nullcontext(), line
+
+
+def _compare_guarded(engine, rules, prompts, samples, max_new_tokens, temperature, top_p, seed, chat, truncate,
+                     batch_size, target, show) -> None:
+    """perturb --rules: the guarded arm against the unguarded one, identical sampling and seeds."""
+    from chunktui.engine.context import fit_prompt
+    from chunktui.engine.rules import compare_rules
+    from chunktui.shared.settings import Sampling
+
+    loaded = engine.loaded
+    program = engine.rules(rules)
+    prompts = [fit_prompt(loaded, p, max_new_tokens, chat=chat, truncate=truncate).text for p in prompts]
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    progress, update = stage_progress()
+    with progress:
+        report = compare_rules(loaded, program, prompts, samples, sampling, chat, batch_size,
+                               progress=lambda stage, frac: update(stage, frac, f"{stage} arm"))
+    table = Table(title=f"guarded vs unguarded ({len(prompts)} prompts x {samples} samples, T={temperature}, "
+                        f"top-p={top_p}, same seeds)")
+    for col in ("concept", "unguarded rate", "guarded rate", "change"):
+        table.add_column(col, justify="left" if col == "concept" else "right")
+    for label, c in report["concepts"].items():
+        table.add_row(escape(label), f"{c['control_rate']:.2f}", f"{c['perturbed_rate']:.2f}",
+                      f"{c['delta_rate']:+.2f}")
+    console.print(table)
+    rules_table = Table(title="rules")
+    for col in ("rule", "action", "rows fired (unguarded)", "rows fired (guarded)", "firings (guarded)"):
+        rules_table.add_column(col, justify="left" if col in ("rule", "action") else "right")
+    for name, s in report["rules_summary"].items():
+        rules_table.add_row(escape(name), escape(s["action"]), f"{s['rows_fired_unguarded']}/{s['rows']}",
+                            f"{s['rows_fired_guarded']}/{s['rows']}", str(s["firings_guarded"]))
+    console.print(rules_table)
+    d = report["distinct_bigrams"]
+    if d["unguarded"] is not None and d["guarded"] is not None:
+        console.print(f"[dim]distinct bigrams per answer (1 = no repetition): unguarded {d['unguarded']:.3f}, "
+                      f"guarded {d['guarded']:.3f}[/]")
+    for pair in report["pairs"][:show]:
+        console.print(f"[bold]{escape(pair['prompt'])}[/] (seed {pair['seed']})")
+        console.print(f"  [dim]unguarded:[/] {escape(pair['control'][:300])}")
+        console.print(f"  [dim]guarded  :[/] {escape(pair['perturbed'][:300])}")
+    if report["pairs"][:show]:
+        print_firings([f for pair in report["pairs"][:show] for f in pair["firings"]], "firings in the pairs shown")
+    if target is not None:
+        target.write_json(dict(report, model=loaded.name, dictionary=str(engine.dictionary.path)))
+        note("wrote", str(target.path), style="default")

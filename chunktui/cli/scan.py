@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.text import Text
 
+from chunktui.cli.rules_options import early_rules, print_firings, rule_options
 from chunktui.cli.common import (checked, console, friendly_errors, load_with_progress, model_inputs,
                                  model_options, note, overwrite_option, plan_outputs)
 from chunktui.shared import validate
@@ -121,13 +123,18 @@ def _load_dict(path, loaded, dictionary=None, optional: bool = False):
 @click.option("--layers", default="all", show_default=True, callback=checked(validate.layer_spec),
               help="colour by the strongest raw match at these layers only (instead of the calibrated colour rule)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write per-token, per-layer matches")
+@rule_options
 @overwrite_option
 @friendly_errors
 def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_new, chat, temperature, top_p, seed,
-             truncate, layers, json_out, overwrite) -> None:
+             truncate, layers, json_out, rule_texts, rule_files, overwrite) -> None:
     """Print text with each token coloured by the concept the dictionary's colour rule shows, and a legend.
 
-    Without colours (NO_COLOR, or output piped to a file) each shown token is followed by its label: cheese[cheese]."""
+    Without colours (NO_COLOR, or output piped to a file) each shown token is followed by its label: cheese[cheese].
+    With --rule/--rules, the rules watch every generated token (--prompt): their firings are printed and
+    written to --json, a `stop` ends the generation and an intervention edits from the next token on. On a
+    teacher-forced --text/--file they are evaluated on every token and their firings recorded (nothing
+    can be steered or stopped there)."""
     import torch
 
     from chunktui.shared.texts import read_text
@@ -148,11 +155,15 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
     from chunktui.engine.dictionary import load_dictionary
 
     early = load_dictionary(dict_path)  # a damaged dictionary is reported before the model loads
+    rules = early_rules(rule_texts, rule_files, early)  # bad rules are reported before the model loads
     target = plan_outputs(("--json", json_out, None), overwrite=overwrite,
-                          inputs=[dict_path, file_path, *model_inputs(model_spec)])
+                          inputs=[dict_path, file_path, *rule_files, *model_inputs(model_spec)])
     loaded = load_with_progress(model_spec, device, dtype)
     engine, dictionary, packed = _load_dict(dict_path, loaded, early, optional=default_dict)
     keep = set(parse_layers(layers, loaded.layout.n_states))
+    program = engine.rules(rules) if rules else None  # checked again against the model
+    firings: list[dict] = []
+    finished = None
     if prompt is not None:
         from chunktui.engine.context import fit_prompt
         from chunktui.engine.memory import ensure_fits
@@ -164,7 +175,9 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
         n_prompt = len(encode_prompt(loaded, prompt, chat))
         ensure_fits(loaded, "generating", n_prompt, n_new, kept_states=n_prompt + n_new)  # every state is kept
         events = list(engine.stream(prompt, sampling=Sampling(max_new_tokens=n_new, temperature=temperature,
-                                                              top_p=top_p, seed=seed), chat=chat))
+                                                              top_p=top_p, seed=seed), chat=chat, rules=program))
+        firings = [f.to_json() for e in events for f in e.firings]
+        finished = events[-1].finished if events else None
         texts = [e.text for e in events]
         ids = [e.token_id for e in events]
         from chunktui.engine.matching import MatchResult
@@ -177,6 +190,10 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
         result = engine.scan(body)
         texts, ids, matches = result.texts, result.ids, result.matches
         generated = [False] * len(ids)
+        if program is not None:
+            program.reset(1)
+            hit = matches.hit.to(program.device)[None]
+            firings = [f.to_json() for f in program.observe(hit, [list(range(len(ids)))], [texts])[0]]
     chunks = packed.chunks
     rule = engine.colour_rule
     if keep != set(range(loaded.layout.n_states)):
@@ -203,14 +220,22 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
                   f"{sum(generated)}[/]")
     if rule is not None:
         console.print(f"[dim]colour rule: {rule.describe()}[/]")
+    if program is not None:
+        print_firings(firings)
+        if finished == "rule":
+            stop = [f for f in firings if f["action"] == "stop"][-1]
+            console.print(f"stopped by rule [bold]{escape(stop['rule'])}[/] at token {stop['token']}")
     if target is not None:
         voters = dict(zip(packed.concepts, packed.voters)) if rule is not None else {}
-        target.write_json({"model": loaded.name, "dictionary": str(dictionary.path), "text": "".join(texts),
-                           "rule": rule.describe() if rule is not None else "strongest raw match at --layers",
-                           "settings": {"temperature": temperature, "top_p": top_p, "seed": seed,
-                                        "max_new_tokens": n_new, "chat": chat} if prompt is not None else {},
-                           "tokens": token_records(texts, ids, matches, chunks, rule, voters),
-                           "generated": generated})
+        record = {"model": loaded.name, "dictionary": str(dictionary.path), "text": "".join(texts),
+                  "rule": rule.describe() if rule is not None else "strongest raw match at --layers",
+                  "settings": {"temperature": temperature, "top_p": top_p, "seed": seed,
+                               "max_new_tokens": n_new, "chat": chat} if prompt is not None else {},
+                  "tokens": token_records(texts, ids, matches, chunks, rule, voters),
+                  "generated": generated}
+        if program is not None:
+            record.update(rules=program.describe(), firings=firings, finished=finished)
+        target.write_json(record)
         note("wrote", str(target.path), style="default")
 
 

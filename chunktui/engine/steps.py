@@ -59,6 +59,9 @@ def event_rows(event) -> tuple[TokenStep, torch.Tensor, torch.Tensor]:
     """A streaming.TokenEvent -> (TokenStep, value (C,), score (C,))."""
     steps, value, score = compact([event.index], [event.token_id], [event.text], [event.generated], [event.logprob],
                                   [event.top], event.hidden[None], event.matches)
+    firings = getattr(event, "firings", None)
+    if firings:
+        steps[0].firings = tuple(f.to_json() for f in firings)
     return steps[0], value[0], score[0]
 
 

@@ -13,6 +13,7 @@ that gives the distribution over the *next* token.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 import time
@@ -42,8 +43,9 @@ class TokenEvent:
     logprob: float | None  # log-probability the model gave this token (None for the first prompt token)
     matches: MatchResult | None  # this token's matches (T = 1), on the pack's device
     generated: bool
-    finished: str | None = None  # on the last event: "length", "eos", "stop", "cancelled"
+    finished: str | None = None  # on the last event: "length", "eos", "stop", "rule", "cancelled"
     elapsed: float = 0.0  # seconds since generation started
+    firings: list = field(default_factory=list)  # shared.rules.Firing records of the rules that fired on this token
 
 
 def _cache_arg(model) -> str:
@@ -178,13 +180,23 @@ def decode(loaded: LoadedModel, rows: list[list[int]], sampling: Sampling, seeds
 
 def generate_stream(loaded: LoadedModel, prompt: str | list[int], sampling: Sampling | None = None,
                     packed: PackedDictionary | None = None, cancel: threading.Event | None = None,
-                    chat: bool = False, include_prompt: bool = True, phase: PhaseFlag | None = None) -> Iterator[TokenEvent]:
+                    chat: bool = False, include_prompt: bool = True, phase: PhaseFlag | None = None,
+                    rules=None) -> Iterator[TokenEvent]:
     """Generate token by token; yield a TokenEvent per prompt token (if asked) and per new token.
 
     Interventions, if any, are applied by the caller around this generator
     (see `perturb.intervene`), so streaming and perturbation share the loop.
+    `rules` (an `engine.rules.RuleProgram` over `packed`) watches every generated token: its firings ride
+    on the token's event, a `stop` ends the stream with finished "rule", and an intervention fired at
+    token t edits the states from token t+1 on (its hooks are installed for the stream's duration).
     """
     sampling = sampling or Sampling()
+    if rules is not None:
+        if packed is None:
+            from chunktui.shared.errors import ChunkError
+
+            raise ChunkError("Rules need a dictionary: load one first.")
+        rules.reset(1)
     tok = loaded.tokenizer
     ids = encode_prompt(loaded, prompt, chat) if isinstance(prompt, str) else list(prompt)
     start = time.perf_counter()
@@ -192,6 +204,8 @@ def generate_stream(loaded: LoadedModel, prompt: str | list[int], sampling: Samp
     steps = decode(loaded, [ids], sampling, record=True, cancel=cancel, phase=phase, prefill_states=prefill)
     stops = eos_ids(loaded) if sampling.stop_at_eos else set()
     detok = Detokenizer(tok)
+    hooks = rules.installed() if rules is not None else contextlib.nullcontext()
+    hooks.__enter__()
     try:
         first = next(steps, None)
         if include_prompt and prefill:
@@ -230,6 +244,10 @@ def generate_stream(loaded: LoadedModel, prompt: str | list[int], sampling: Samp
             event = TokenEvent(index=index, token_id=token_id, text=piece, hidden=step.hidden[0],
                                top=_top(tok, probs), logprob=float(step.logprobs[0]), matches=matches,
                                generated=True, elapsed=time.perf_counter() - start)
+            if rules is not None:  # one device->host copy for all rules; interventions switch for the next token
+                event.firings = rules.observe(matches.hit[None], [[index]], [[piece]])[0]
+                if rules.stopped[0] and finished in (None, "length"):
+                    finished = "rule"
             index += 1
             if finished is None and cancel is not None and cancel.is_set():
                 finished = "cancelled"
@@ -241,6 +259,7 @@ def generate_stream(loaded: LoadedModel, prompt: str | list[int], sampling: Samp
             step = next(steps, None)
     finally:
         steps.close()
+        hooks.__exit__(None, None, None)
 
 
 @dataclass

@@ -68,7 +68,8 @@ def step_to_dict(s: TokenStep) -> dict:
     return {"i": s.index, "id": s.token_id, "t": s.text, "g": s.generated, "lp": _finite(s.logprob, 5),
             "top": [[p, _finite(q, 5)] for p, q in s.top], "s": s.strongest, "ss": _finite(s.strongest_score, 5),
             "lc": s.layer_chunk, "ls": [_finite(x, 5) for x in s.layer_score], "n": [_finite(x, 5) for x in s.norms],
-            "h": list(s.hits), **({"ag": s.agree, "ev": _finite(s.evidence, 5)} if s.evidence is not None else {})}
+            "h": list(s.hits), **({"ag": s.agree, "ev": _finite(s.evidence, 5)} if s.evidence is not None else {}),
+            **({"f": [dict(f) for f in s.firings]} if s.firings else {})}
 
 
 class Damaged(ValueError):
@@ -120,7 +121,8 @@ def step_from_dict(d: dict, n_columns: int | None = None) -> TokenStep:
                          generated=bool(d["g"]), logprob=_num(d.get("lp"), "'lp'"), top=top,
                          strongest=_int(d["s"], "'s'"), strongest_score=_num(d.get("ss"), "'ss'") or float("-inf"),
                          layer_chunk=lc, layer_score=ls, norms=norms, hits=hits,
-                         agree=_int(d.get("ag", 0), "'ag'"), evidence=_num(d.get("ev"), "'ev'"))
+                         agree=_int(d.get("ag", 0), "'ag'"), evidence=_num(d.get("ev"), "'ev'"),
+                         firings=tuple(dict(f) for f in _list(d.get("f", []), "'f'") if isinstance(f, dict)))
     except KeyError as err:
         raise Damaged(f"a token lacks {err}") from None
     if not len(lc) == len(ls) == len(norms):

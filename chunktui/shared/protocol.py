@@ -62,6 +62,7 @@ class Generate:
     prompt: str
     sampling: Sampling
     chat: bool = True
+    rules: list[str] = field(default_factory=list)  # rule texts (shared.rules), checked again by the engine
 
 
 @dataclass

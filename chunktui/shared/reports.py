@@ -57,6 +57,9 @@ def _check_shape(session: dict, source: str) -> None:
             bad(f"trace {i}: 'tokens' must be a list of objects")
         if not all(isinstance(t.get("text", ""), str) for t in tokens):
             bad(f"trace {i}: every token's 'text' must be a string")
+        firings = trace.get("firings", [])
+        if not isinstance(firings, list) or not all(isinstance(f, dict) for f in firings):
+            bad(f"trace {i}: 'firings' must be a list of objects")
     from chunktui.shared.journal import Damaged, check_run
 
     for i, run in enumerate(session["runs"], 1):
@@ -110,7 +113,9 @@ def _normalise(obj: dict, source: str = "") -> dict:
         settings = obj.get("settings") if isinstance(obj.get("settings"), dict) else {}
         base["traces"].append({"kind": "stream" if any(generated) else "scan", "title": source or "scan",
                                "settings": settings, "rule": obj.get("rule"),
-                               "text": obj.get("text", "".join(t["text"] for t in tokens)), "tokens": tokens})
+                               "text": obj.get("text", "".join(t["text"] for t in tokens)), "tokens": tokens,
+                               "finished": obj.get("finished"), "firings": obj.get("firings") or []})
+        _check_shape(base, source)
         base["labels"] = _dictionary_labels(obj.get("dictionary")) or sorted(
             {t["strongest_label"] for t in tokens if t["strongest_label"]})
         return base
@@ -242,6 +247,9 @@ def _describe_model(session: dict) -> str:
 
 def _intervention_line(run: dict) -> str:
     iv = run.get("intervention", {})
+    if iv.get("mode") == "rules":  # perturb --rules: control = unguarded, perturbed = guarded
+        rules = [r for r in iv.get("rules", []) if isinstance(r, dict)]
+        return "guarded by " + "; ".join(f"{r.get('name')}: when {r.get('when')} -> {r.get('then')}" for r in rules)
     layers = iv.get("layers", [])
     span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else (str(layers[0]) if layers else "?")
     line = (f"{iv.get('mode', '?')} x{iv.get('strength', '?')} of {', '.join(iv.get('labels', []))} at layers "
@@ -304,6 +312,7 @@ def render_markdown(session: dict) -> str:
             out.append("")
         else:
             out += ["No token is shown with a concept.", ""]
+        out += _md_firings(trace)
     for i, run in enumerate(session.get("runs", []), 1):
         out += [f"## Perturbation {i}: {e(_intervention_line(run))}", ""]
         if _settings_line(run.get("settings")):
@@ -356,6 +365,29 @@ def layer_diff_lines(pair: dict, limit: int = 12) -> list[str]:
             lines.append(f"token {t['index']} {t['perturbed']!r}: " + "; ".join(changes))
             shown += 1
     return lines
+
+
+def _firing_layers(f: dict) -> str:
+    from chunktui.shared.rules import format_layers
+
+    try:
+        return format_layers([int(x) for x in f.get("layers", [])]) or "-"
+    except (TypeError, ValueError):
+        return "?"
+
+
+def _md_firings(trace: dict) -> list[str]:
+    """The rules that fired on a trace's tokens (and the one that stopped it)."""
+    firings = trace.get("firings") or []
+    if not firings:
+        return []
+    cell = md_text  # escaped, one line: a table cell
+    out = ["Rule firings" + (" (stopped by a rule)" if trace.get("finished") == "rule" else "") + ":", "",
+           "| token | text | rule | layers | action |", "|---:|---|---|---|---|"]
+    for f in firings:
+        out.append(f"| {cell(f.get('token'))} | {cell(f.get('text', ''))} | {cell(f.get('rule', ''))} | "
+                   f"{cell(_firing_layers(f))} | {cell(f.get('action', ''))} |")
+    return out + [""]
 
 
 def _md_diff(pair: dict) -> str:
@@ -442,6 +474,16 @@ def render_html(session: dict) -> str:
         if rows:
             out.append("<table><tr><th>#</th><th>token</th><th>concept</th><th>evidence (colour rule)</th>"
                        "<th>raw matches at layers</th></tr>" + "".join(rows) + "</table>")
+        firings = trace.get("firings") or []
+        if firings:
+            stopped = " (stopped by a rule)" if trace.get("finished") == "rule" else ""
+            out.append(f"<p>Rule firings{stopped}:</p><table><tr><th>token</th><th>text</th><th>rule</th>"
+                       "<th>layers</th><th>action</th></tr>")
+            for f in firings:
+                out.append(f"<tr><td class=num>{e(str(f.get('token')))}</td><td><code>{e(str(f.get('text', '')))}"
+                           f"</code></td><td>{e(str(f.get('rule', '')))}</td><td>{e(_firing_layers(f))}</td>"
+                           f"<td>{e(str(f.get('action', '')))}</td></tr>")
+            out.append("</table>")
     for i, run in enumerate(session.get("runs", []), 1):
         out.append(f"<h2>Perturbation {i}: {e(_intervention_line(run))}</h2>")
         if _settings_line(run.get("settings")):
@@ -526,6 +568,10 @@ def render_csv(session: dict) -> str:
                              else "",
                              _csv_number((t.get("precision") or {}).get("value"))
                              if isinstance(t.get("precision"), dict) else ""])
+        for f in trace.get("firings") or []:  # one row per rule firing: kind "rule ACTION", label = the rule
+            writer.writerow([c(source), c(f"rule {f.get('action', '')}"), _csv_number(f.get("token")),
+                             c(f.get("text", "")), "", c(f.get("rule", "")), "", "",
+                             c(" ".join(str(x) for x in f.get("layers", []))), "", "", ""])
     for i, run in enumerate(session.get("runs", []), 1):
         source = f"run {i}: {_intervention_line(run)}"
         for label, cc in run.get("concepts", {}).items():

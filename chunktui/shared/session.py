@@ -95,6 +95,7 @@ class TokenStep:
     hits: tuple[int, ...] = ()  # every chunk column that matched this token (sparse)
     agree: int = 0  # voting layers whose chunk of the shown concept matched (the colour rule), 0 if none
     evidence: float | None = None  # the shown concept's pooled evidence (shared/evidence.py), None if none
+    firings: tuple[dict, ...] = ()  # rules that fired on this token (shared.rules.Firing.to_json() records)
 
 
 def _finite(x: float | None) -> float | None:
@@ -148,6 +149,19 @@ class Trace:
     def labels(self, layer: int | None = None) -> list[str | None]:
         return [self.label_at(t, layer) for t in range(len(self.steps))]
 
+    @property
+    def firings(self) -> list[dict]:
+        """Every rule firing in the trace, in token order (shared.rules.Firing.to_json() records)."""
+        return [f for s in self.steps for f in s.firings]
+
+    @property
+    def stopped_by(self) -> str | None:
+        """The rule that ended the stream (finished "rule"), if one did."""
+        if self.finished != "rule":
+            return None
+        stops = [f for f in self.firings if f.get("action") == "stop"]
+        return stops[-1]["rule"] if stops else None
+
     def chunk_hits(self, column: int) -> list[bool]:
         return [column in s.hits for s in self.steps]
 
@@ -199,8 +213,12 @@ class Trace:
                 "layer_score": [_finite(x) for x in s.layer_score],
                 "norms": [round(x, 3) for x in s.norms],
             })
-        return {"kind": self.kind, "title": self.title, "settings": self.settings, "finished": self.finished,
-                "rule": rule.describe() if rule is not None else None, "text": self.text, "tokens": tokens}
+        out = {"kind": self.kind, "title": self.title, "settings": self.settings, "finished": self.finished,
+               "rule": rule.describe() if rule is not None else None, "text": self.text, "tokens": tokens}
+        firings = self.firings
+        if firings or self.settings.get("rules"):
+            out["firings"] = [dict(f) for f in firings]
+        return out
 
 
 @dataclass

@@ -42,6 +42,7 @@ from chunktui.tui.panes.step_pane import StepPane
 from chunktui.tui.panes.stream_pane import StreamPane
 from chunktui.tui.journal_keeper import JournalKeeper
 from chunktui.tui.options import AppOptions
+from chunktui.tui.rules_screen import RuleSettings, RulesScreen, check_message
 from chunktui.tui.screens import Choice, RestartEngine
 from chunktui.tui.status import StatusBar
 from chunktui.tui.token_buffer import TokenBuffer
@@ -90,6 +91,7 @@ class ChunkApp(App):
         Binding("ctrl+r", "regenerate", "perturb", show=False),
         # priority: a text field's own Ctrl+E (end of line) must not swallow the export
         Binding("ctrl+e", "export", "export", show=False, priority=True),
+        Binding("f7", "rules", "rules", show=False),
         Binding("slash", "focus_input", "prompt", key_display="/"),
         Binding("question_mark", "toggle_help", "keys", key_display="?"),
     ]
@@ -106,6 +108,8 @@ class ChunkApp(App):
         self.restore_at_start, self.use_journal = o.restore, o.journal
         self.clean_quit = False  # set by quit_cleanly: only then is the journal marked closed
         self.keeper = JournalKeeper(self)  # the session as it happens, for a restart to restore
+        self.rule_settings = RuleSettings()  # rules written in the Rules screen (F7), on or off
+        self.rule_stop: str | None = None  # the rule that stopped the last stream, for the status bar
         self.dirty = False  # the session holds work not exported yet
         self.stop_at_eos = o.stop_at_eos
         self.model_spec, self.device, self.dtype = o.model_spec, o.device, o.dtype
@@ -297,6 +301,8 @@ class ChunkApp(App):
                             self.action_regenerate)
         yield SystemCommand("Open sequences", "Open the file in the Step pane", self.action_open_sequences)
         yield SystemCommand("Export session", "Write the session in the Export pane's format", self.action_export)
+        yield SystemCommand("Rules", "Write rules that alert, stop or steer on chunk matches (F7)",
+                            self.action_rules)
         yield SystemCommand("Restart engine", "Start a new engine process and load the model again",
                             self.action_restart_engine)
         for pane, title, key in PANES:
@@ -621,7 +627,18 @@ class ChunkApp(App):
         prompt, sampling, chat = request.prompt, request.sampling, request.chat
         if self.dictionary is None:
             self.notify("No dictionary in use: tokens will not be coloured.", severity="warning", timeout=4)
-        trace = self._new_trace("stream", prompt, dict(sampling.describe(), chat=chat))
+        request.rules = self.rule_settings.active()
+        if request.rules:
+            ok, message = check_message(self.rule_settings.text, self._rule_vocab())
+            if not ok:
+                self.fail(message, title="Rules (F7 to fix or switch off)")
+                return
+        self.rule_stop = None
+        self.query_one(StreamPane).show_firings([])  # the last stream's firings go with it
+        settings = dict(sampling.describe(), chat=chat)
+        if request.rules:
+            settings["rules"] = list(request.rules)
+        trace = self._new_trace("stream", prompt, settings)
         self.stream_trace = self.current_trace = trace
         view = self.query_one("#stream-trace", TraceView)
         view.set_trace(trace, self.colours, self.model.n_states)
@@ -652,6 +669,7 @@ class ChunkApp(App):
                 self.dirty = True
         self.tokens_per_second = self.buffer.rate(self._gen_started)
         if self.stream_trace is not None and self.stream_trace.trace_id in arrived:
+            self._new_firings([f for step in arrived[self.stream_trace.trace_id] for f in step.firings])
             self.query_one("#stream-trace", TraceView).grew()
             self.frames += 1
             self.frame_times.append(time.perf_counter())
@@ -685,6 +703,11 @@ class ChunkApp(App):
             if event.reason == "cancelled":
                 self.notify(f"Generation cancelled after {trace.n_generated} tokens; the tokens so far are kept "
                             "in the session.", severity="warning", timeout=4)
+            if event.reason == "rule":
+                self.rule_stop = trace.stopped_by
+                self.query_one(StreamPane).show_firings(trace.firings, self.rule_stop)
+                self.notify(f"Stopped by rule {self.rule_stop} after {trace.n_generated} tokens.", timeout=4)
+                self.update_status()
             return
         if self._busy == "scan":
             self._set_busy(None)
@@ -698,6 +721,32 @@ class ChunkApp(App):
         view.redraw()
         view.focus()
         view.want_detail()
+
+    # ------------------------------------------------------------------ rules
+
+    def _rule_vocab(self):
+        """The dictionary in use as rules see it (labels at layers, the model's depth), or None."""
+        from chunktui.shared.rules import Vocabulary
+
+        if self.dictionary is None or self.model is None:
+            return None
+        cols = self.dictionary.columns
+        return Vocabulary.from_columns(cols.labels, cols.layers, self.model.n_states, self.dictionary.name)
+
+    def action_rules(self) -> None:
+        def done(settings: RuleSettings | None) -> None:
+            if settings is not None:
+                self.rule_settings = settings
+                self.update_status()
+        self.push_screen(RulesScreen(self.rule_settings, self._rule_vocab()), done)
+
+    def _new_firings(self, firings: list[dict]) -> None:
+        """Firings that just streamed: listed under the trace; an alert rings the bell when asked."""
+        if not firings:
+            return
+        self.query_one(StreamPane).show_firings(self.stream_trace.firings)
+        if self.rule_settings.bell and any(f.get("action") == "alert" for f in firings):
+            self.bell()
 
     def _finish_running(self, reason: str) -> None:
         """The engine went away mid-run: keep what streamed, marked as such."""

@@ -47,6 +47,11 @@ class StatusBar(Static):
             parts.append(f"{app.model.card['name']} on {app.model.card['device']}")
         parts.append(f"dict {app.dictionary.name} ({len(app.dictionary.chunks)} chunks)" if app.dictionary
                      else "no dictionary")
+        rules = getattr(app, "rule_settings", None)
+        if rules is not None and rules.on and rules.texts:
+            parts.append(f"rules on ({len(rules.texts)})")
+        if getattr(app, "rule_stop", None):
+            parts.append(f"stopped by rule {app.rule_stop}")
         if app._busy == "load":
             parts.append(getattr(app, "_progress", "starting the engine"))
         elif app._busy == "perturb" and getattr(app, "_perturb_progress", None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Button, Checkbox, Input, Label
+from textual.widgets import Button, Checkbox, Input, Label, Static
 
 from chunktui.shared import validate
 from chunktui.shared.protocol import Generate
@@ -50,6 +50,25 @@ class StreamPane(Vertical):
             yield Checkbox("chat", value=True, id="chat", compact=True)
         yield TraceView(placeholder="Type a prompt and press Enter (or Generate). Tokens appear here, coloured "
                                     "by their strongest chunk.", id="stream-trace")
+        firings = Static("", id="stream-firings", markup=False)  # rule firings: shown once a rule fires
+        firings.display = False
+        yield firings
+
+    def show_firings(self, firings: list[dict], stopped_by: str | None = None) -> None:
+        """The latest rule firings under the trace (underlined tokens in the trace are where they fired)."""
+        view = self.query_one("#stream-firings", Static)
+        if not firings:
+            view.display = False
+            return
+        from chunktui.shared.rules import format_layers
+
+        lines = [f"{f.get('rule')} @ token {f.get('token')} {f.get('text', '')!r} layers "
+                 f"{format_layers(f.get('layers', [])) or '-'}: {f.get('action')}" for f in firings[-5:]]
+        head = f"{len(firings)} rule firing{'s' if len(firings) != 1 else ''}"
+        if stopped_by:
+            head += f"; stopped by rule {stopped_by}"
+        view.update("\n".join([head] + lines))
+        view.display = True
 
     def request(self) -> Generate:
         """The typed request for the engine (the app gives it a trace id); ChunkError on a bad field."""

@@ -201,12 +201,14 @@ class TokenView(ScrollView, can_focus=False):
         else:
             label = trace.label_at(t, self.shown_layer)
         colour = self.colours.get(label) if label else None
-        key = (colour, t == self.cursor, step.generated and label is None, self.app.no_color, base)
+        key = (colour, t == self.cursor, step.generated and label is None, self.app.no_color, base, bool(step.firings))
         style = self._styles.get(key)
         if style is None:
             style = token_style(colour, cursor=key[1], no_color=key[3])
             if key[2] and not key[3]:
                 style += Style(italic=True)
+            if key[5]:  # a rule fired on this token
+                style += Style(underline=True, bold=True)
             style = self._styles[key] = base + style
         return style
 

@@ -1,0 +1,154 @@
+"""Bulk monitoring: rules over many prompts (generated) or over a corpus / labelled spans (teacher-forced).
+
+Over texts, every token of every context is read once, in the same batches, contexts and labels as
+`evaluate` (`build.evaluate_dictionary`), matched, and the rules evaluated on the (tokens x chunks) hits of
+each context in one pass (run lengths restart at each context). Interventions and stops cannot act on a
+text that is read, not written; their firings are recorded all the same.
+
+With labels (the dictionary's words in a corpus, as `evaluate` labels them, or a span file), each `alert`
+rule is scored against the labels its condition names outside any `not`: precision = alerted tokens
+that carry one of those labels / alerted tokens; recall = labelled tokens alerted / labelled tokens.
+A one-term rule on one chunk (`when cheese@12 -> alert`) alerts exactly where that chunk hits, so its
+recall and false-positive rate are `evaluate`'s TP and FP rates for that chunk.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from chunktui.engine.rules import RuleProgram, bind_checkpoint, save_checkpoint
+from chunktui.shared.errors import ChunkError
+from chunktui.shared.rules import Firing
+
+
+@dataclass
+class TextMonitor:
+    """What a monitor over texts found."""
+
+    firings: list[Firing]
+    tokens: int
+    contexts: int
+    scores: dict = field(default_factory=dict)  # alert rule -> precision / recall / counts (with labels)
+    seconds: float = 0.0
+    skipped: dict = field(default_factory=dict)  # label -> why it has no mask
+
+
+def labelled_corpus(loaded, dictionary, source, context_mode: str | None = None):
+    """The corpus, tokenised and labelled exactly as `evaluate` does it: (corpus, labels)."""
+    from chunktui.engine.corpus import prepare_corpus
+
+    notes = dictionary.notes
+    if source.words is None and source.spans_path is None:
+        part = {c.label for c in dictionary.chunks if c.fit.get("label_mode") == "part-word"}
+        source.words = [label + "*" if label in part else label for label in dictionary.labels()]
+    if notes.get("label_mode") in ("exact", "part-word"):
+        source.label_mode = notes["label_mode"]
+    steps = {c.step for c in dictionary.chunks}
+    source.step = steps.pop() if len(steps) == 1 else 0
+    source.min_count = 1
+    mode = context_mode or notes.get("context_mode", "sentence")
+    mode = mode if mode in ("sentence", "window") else "sentence"
+    text, contexts, spans = source.read()
+    corpus = prepare_corpus(loaded.tokenizer, text, mode, contexts=contexts, context_length=loaded.context_length)
+    return corpus, source.labels(corpus, spans)
+
+
+@torch.no_grad()
+def monitor_texts(loaded, program: RuleProgram, corpus, labels=None, batch_size: int = 16, progress=None,
+                  should_stop=None, checkpoint=None) -> TextMonitor:
+    """Rules over every token of a prepared corpus; alert precision / recall against `labels` when given.
+
+    `checkpoint` (an `engine.build.Checkpoint`): the firings so far are saved every `checkpoint.every` batches
+    and, with `resume`, a killed run continues after the last saved batch (same corpus, rules and batch size)."""
+    from chunktui.engine.corpus import run_batch, schedule
+
+    packed = program.packed
+    layers = list(packed.layers)
+    T = len(corpus.tokens)
+    fired_alert = {r: torch.zeros(T, dtype=torch.bool) for r, rule in enumerate(program.rules)
+                   if rule.action.kind == "alert"}
+    firings: list[Firing] = []
+    batches = schedule(corpus, batch_size)
+    source, table = corpus.source, corpus.tokens
+    start = time.perf_counter()
+    done = 0
+    if checkpoint is not None:
+        done, saved = bind_checkpoint(checkpoint, {"monitor": "texts", "corpus": corpus.digest, "tokens": T,
+                                                   "rules": program.describe(), "batch_size": batch_size})
+        for record in saved or []:
+            f = Firing.from_json(record)
+            firings.append(f)
+            r = next(i for i, rule in enumerate(program.rules) if rule.name == f.rule)
+            if r in fired_alert:
+                fired_alert[r][f.token] = True
+    for j, batch in enumerate(batches):
+        if j < done:
+            continue
+        if should_stop is not None and should_stop():
+            from chunktui.shared.errors import GenerationCancelled
+
+            raise GenerationCancelled("Monitoring cancelled.")
+        index, states = run_batch(loaded, corpus, batch, layers)
+        hit = packed.match(states).hit  # (t, C) on the pack's device
+        starts = torch.zeros(len(index), dtype=torch.bool)
+        at = 0
+        for i in batch:  # run_batch concatenates each row's kept tokens in batch order
+            n = len(corpus.rows[i][0]) - corpus.rows[i][2]
+            starts[at] = True
+            at += n
+        program.reset(1)
+        positions = index.tolist()
+        texts = [source[table.starts[t]:table.ends[t]] for t in positions]
+        found = program.observe(hit[None], [positions], [texts], starts=starts[None].to(hit.device))[0]
+        for f in found:
+            f.extra = {"context": table.context[f.token]}
+            r = next(i for i, rule in enumerate(program.rules) if rule.name == f.rule)
+            if r in fired_alert:
+                fired_alert[r][f.token] = True
+        firings.extend(found)
+        if checkpoint is not None and ((j + 1) % checkpoint.every == 0 or j + 1 == len(batches)):
+            save_checkpoint(checkpoint, j + 1, [f.to_json() for f in firings])
+        if progress is not None:
+            progress((j + 1) / len(batches))
+    firings.sort(key=lambda f: (f.token, f.rule))
+    seconds = time.perf_counter() - start
+    scores = {}
+    if labels is not None:
+        for r, fired in fired_alert.items():
+            rule = program.rules[r]
+            named = [label for label in rule.positive_labels() if label in labels.masks]
+            if not named:
+                scores[rule.name] = {"labels": rule.positive_labels(), "precision": None, "recall": None,
+                                     "note": "no labelled token carries the labels it names"}
+                continue
+            pos = torch.zeros(T, dtype=torch.bool)
+            for label in named:
+                pos |= labels.masks[label]
+            tp, fp = int((fired & pos).sum()), int((fired & ~pos).sum())
+            n_pos, n_fired = int(pos.sum()), int(fired.sum())
+            scores[rule.name] = {"labels": named, "alerts": n_fired, "positives": n_pos, "tp": tp, "fp": fp,
+                                 "precision": tp / n_fired if n_fired else None,
+                                 "recall": tp / n_pos if n_pos else None,
+                                 "fp_rate": fp / (T - n_pos) if T > n_pos else None}
+    return TextMonitor(firings=firings, tokens=T, contexts=len(corpus.contexts), scores=scores, seconds=seconds,
+                       skipped=dict(labels.skipped) if labels is not None else {})
+
+
+def rule_summary(program: RuleProgram, firings: list[Firing], rows: int, key: str) -> dict:
+    """Per rule: firings, rows (prompts or contexts) where it fired, and the first token it fired at per row."""
+    out = {}
+    for rule in program.rules:
+        mine = [f for f in firings if f.rule == rule.name]
+        first: dict = {}
+        for f in mine:
+            row = f.extra.get(key)
+            first[row] = min(first.get(row, f.token), f.token)
+        out[rule.name] = {"action": str(rule.action), "firings": len(mine), f"{key}s_fired": len(first),
+                          f"{key}s": rows, "first_token": {str(k): v for k, v in sorted(first.items(),
+                                                                                         key=lambda kv: str(kv[0]))}}
+    if not program.rules:
+        raise ChunkError("No rules to monitor with.")
+    return out

@@ -1,0 +1,494 @@
+"""Rules in the decode loop: conditions compiled to tensor operations over a token's (layers x chunks) hits.
+
+`RuleProgram` turns parsed rules (`chunktui.shared.rules`) into
+
+- one (K*S, C) 0/1 matrix: term k's chunk columns, placed at their layer axis position s. A token's hits
+  (C,) times its transpose give, for every term at once, which layers have a hitting chunk of the label;
+  summed over layers and compared with `>=K`, every term is decided by one matmul;
+- elementwise `and` / `or` / `not` over those booleans, and run lengths (`for N`) kept as counters on
+  the device (vectorised over time with a cumulative maximum, so a teacher-forced text is one pass);
+- the rules' firings and matched layers for the token, copied to the host in ONE transfer per token,
+  however many rules there are (the decode loop already synchronises once per token for the token id).
+
+Interventions are edit pre-hooks on the blocks they edit (`hooks.block_hooks`, edits before records).
+Whether a rule's intervention is on is decided on the host from the fired flags already copied, so an
+idle intervention costs nothing on the device. A rule that fires at token t edits the states from token
+t+1 on: token t's states were computed in the forward pass that produced the match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from chunktui.engine.hooks import block_hooks
+from chunktui.engine.models import module_device
+from chunktui.shared.errors import ChunkError
+from chunktui.shared.rules import (And, Firing, Not, Or, Rule, Run, Term, Vocabulary, action_layers,
+                                   check_rules, parse_rule)
+
+_NEG = -(1 << 40)
+
+
+def vocabulary(packed, n_states: int, name: str = "the dictionary") -> Vocabulary:
+    chunks = packed.chunks if packed is not None else []
+    return Vocabulary.from_columns([c.label for c in chunks], [int(c.layer) for c in chunks], n_states, name)
+
+
+@dataclass
+class Evaluation:
+    """Host-side result for a batch of rows over T tokens: fired (B, T, R) and layers (B, T, R, S), as lists."""
+
+    fired: list  # [b][t][r] bool
+    layers: list  # [b][t][r] -> list of layer numbers (the model's layer indices)
+
+
+class RuleProgram:
+    """Parsed rules compiled against a packed dictionary; evaluates batches of rows token by token."""
+
+    def __init__(self, rules: Sequence[Rule | str], packed, n_states: int, dictionary=None, loaded=None,
+                 name: str = "the dictionary") -> None:
+        rules = [parse_rule(r) if isinstance(r, str) else r for r in rules]
+        if packed is None:
+            raise ChunkError("Rules need a dictionary: load one first.")
+        self.rules = check_rules(rules, vocabulary(packed, n_states, name))
+        self.packed = packed
+        self.device = packed.device
+        self.layer_axis = list(packed.layers)  # axis position s -> model layer
+        S, C = len(self.layer_axis), len(packed.chunks)
+        self.S = S
+        terms: list[Term] = []
+        for rule in self.rules:
+            for term in rule.terms():
+                if term not in terms:
+                    terms.append(term)
+        self.terms = terms
+        M = torch.zeros(len(terms) * S, max(C, 1))
+        axis = {layer: s for s, layer in enumerate(self.layer_axis)}
+        for k, term in enumerate(terms):
+            for c, chunk in enumerate(packed.chunks):
+                if chunk.label == term.label and (term.layers is None or chunk.layer in term.layers):
+                    M[k * S + axis[int(chunk.layer)], c] = 1.0
+        self.M = M[:, :C].T.contiguous().to(self.device)  # (C, K*S)
+        self.at_least = torch.tensor([t.at_least for t in terms], dtype=torch.long, device=self.device)
+        self.runs: list[Run] = []
+        for rule in self.rules:
+            self._collect_runs(rule.condition)
+        self.counts: torch.Tensor | None = None  # (B, n_runs) run lengths so far
+        # interventions: rule index -> Intervention; host-side state per row
+        self.interventions: dict[int, object] = {}
+        if any(r.action.kind == "intervene" for r in self.rules):
+            if dictionary is None or loaded is None:
+                raise ChunkError("Rules with interventions need the model and its dictionary.")
+            self._build_interventions(dictionary, loaded, n_states)
+        self.loaded = loaded
+        self.remaining: list[dict[int, int]] = []  # per row: rule index -> tokens left (-1: while)
+        self.active_rows: dict[int, torch.Tensor] = {}  # rule index -> (B,) bool on the device, when any row is on
+        self._row_masks: dict[tuple, torch.Tensor] = {}
+        self.stopped: list[bool] = []
+
+    # ------------------------------------------------------------------ compiling
+
+    def _collect_runs(self, node) -> None:
+        if isinstance(node, Run):
+            self._collect_runs(node.node)
+            if all(node is not r for r in self.runs):
+                self.runs.append(node)
+        elif isinstance(node, Not):
+            self._collect_runs(node.node)
+        elif isinstance(node, (And, Or)):
+            for n in node.nodes:
+                self._collect_runs(n)
+
+    def _build_interventions(self, dictionary, loaded, n_states: int) -> None:
+        from chunktui.engine.perturb import Intervention, _LayerEdit, select_chunks
+        from chunktui.shared.settings import Positions
+
+        layout = loaded.layout
+        self.edits: dict[int, list[tuple[int, _LayerEdit]]] = {}
+        for r, rule in enumerate(self.rules):
+            action = rule.action
+            if action.kind != "intervene":
+                continue
+            layers = action_layers(action, n_states)
+            chunks = select_chunks(dictionary, list(action.labels), layers)
+            iv = Intervention(chunks=chunks, mode=action.mode, strength=action.strength,
+                              positions=Positions("generated"), layer_means=dictionary.layer_means)
+            self.interventions[r] = iv
+            for layer in iv.layers:
+                mean = iv.layer_means[layer] if iv.layer_means is not None else None
+                device = module_device(layout.blocks[layer], loaded.device)
+                edit = _LayerEdit([c for c in iv.chunks if c.layer == layer], iv.mode, iv.strength, mean, device,
+                                  loaded.dtype)
+                self.edits.setdefault(layer, []).append((r, edit))
+
+    # ------------------------------------------------------------------ state
+
+    def reset(self, batch: int = 1) -> None:
+        """Fresh state for `batch` rows (a new generation, or new texts)."""
+        self.counts = torch.zeros(batch, len(self.runs), dtype=torch.long, device=self.device)
+        self.remaining = [dict() for _ in range(batch)]
+        self.active_rows = {}
+        self.stopped = [False] * batch
+
+    @property
+    def has_interventions(self) -> bool:
+        return bool(self.interventions)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The interventions' edit hooks on their blocks for the duration (no-op without interventions)."""
+        if not self.interventions:
+            yield
+            return
+        edits = {layer: self._hook(pairs) for layer, pairs in self.edits.items()}
+        with block_hooks(self.loaded.layout, edits=edits):
+            yield
+
+    def _hook(self, pairs):
+        def hook(module, args, kwargs):
+            if not self.active_rows:
+                return None
+            live = [(r, edit) for r, edit in pairs if r in self.active_rows]
+            if not live:
+                return None
+            h = args[0] if args else kwargs["hidden_states"]
+            for r, edit in live:
+                if h.device != edit.device:
+                    h = h.to(edit.device)
+                rows = self.active_rows[r].to(h.device)
+                h = edit.apply(h, rows[:, None].expand(h.shape[0], h.shape[1]))
+            if args:
+                return (h,) + tuple(args[1:]), kwargs
+            return args, dict(kwargs, hidden_states=h)
+        return hook
+
+    # ------------------------------------------------------------------ evaluating
+
+    def evaluate(self, hit: torch.Tensor, starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """hit (B, T, C) bool -> fired (B, T, R) bool, layers (B, T, R, S) bool, on the device; no host sync.
+
+        Run lengths continue from the previous call (per row) unless `starts` (B, T) marks where a new text
+        begins. Call `reset(B)` first."""
+        B, T, C = hit.shape
+        if self.counts is None or self.counts.shape[0] != B:
+            self.reset(B)
+        K, S = len(self.terms), self.S
+        if C:
+            layer_hits = (hit.to(self.M.dtype) @ self.M).view(B, T, K, S) > 0  # (B, T, K, S)
+        else:
+            layer_hits = torch.zeros(B, T, K, S, dtype=torch.bool, device=hit.device)
+        term_true = layer_hits.sum(-1) >= self.at_least  # (B, T, K)
+        self._idx = torch.arange(T, device=hit.device)
+        self._starts = starts
+        new_counts = self.counts.clone()
+        cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def ev(node):
+            key = id(node)
+            if key in cache:
+                return cache[key]
+            if isinstance(node, Term):
+                k = self.terms.index(node)
+                out = (term_true[..., k], layer_hits[..., k, :] & term_true[..., k, None])
+            elif isinstance(node, Not):
+                value, _ = ev(node.node)
+                out = (~value, torch.zeros(B, T, S, dtype=torch.bool, device=hit.device))
+            elif isinstance(node, And):
+                parts = [ev(n) for n in node.nodes]
+                value = parts[0][0]
+                layers = parts[0][1]
+                for v, lay in parts[1:]:
+                    value = value & v
+                    layers = layers | lay
+                out = (value, layers & value[..., None])
+            elif isinstance(node, Or):
+                parts = [ev(n) for n in node.nodes]
+                value = parts[0][0]
+                layers = parts[0][1] & parts[0][0][..., None]
+                for v, lay in parts[1:]:
+                    value = value | v
+                    layers = layers | (lay & v[..., None])
+                out = (value, layers)
+            else:  # Run
+                value, layers = ev(node.node)
+                j = next(i for i, r in enumerate(self.runs) if r is node)
+                run = self._run_length(value, self.counts[:, j])
+                new_counts[:, j] = run[:, -1].clamp(max=node.n)
+                held = run >= node.n
+                out = (held, layers & held[..., None])
+            cache[key] = out
+            return out
+
+        results = [ev(rule.condition) for rule in self.rules]
+        self.counts = new_counts
+        fired = torch.stack([v for v, _ in results], dim=-1)  # (B, T, R)
+        layers = torch.stack([lay for _, lay in results], dim=2)  # (B, T, R, S)
+        return fired, layers
+
+    def _run_length(self, value: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool -> (B, T) consecutive-true count ending at each token, continuing `carry` (B,)."""
+        idx = self._idx[None, :].expand_as(value)
+        neg = torch.full_like(idx, _NEG)
+        brk = torch.where(~value, idx, neg)
+        if self._starts is not None:
+            brk = torch.maximum(brk, torch.where(self._starts, idx - 1, neg))
+        last = torch.cummax(brk, dim=1).values
+        return torch.where(last > _NEG, idx - last, idx + 1 + carry[:, None])
+
+    def observe(self, hit: torch.Tensor, positions: Sequence[Sequence[int]], texts=None,
+                starts: torch.Tensor | None = None) -> list[list[Firing]]:
+        """Evaluate (B, T, C) hits, copy the result to the host once, update interventions and stops.
+
+        `positions[b][t]` is the token's index in its sequence (for the records); `texts[b][t]` its text.
+        Returns the firings per row, in token order."""
+        fired, layers = self.evaluate(hit, starts)
+        packed = torch.cat([fired[..., None], layers], dim=-1).cpu()  # the one transfer: (B, T, R, S + 1)
+        B, T = packed.shape[:2]
+        out: list[list[Firing]] = [[] for _ in range(B)]
+        any_fired = packed[..., 0]
+        for b, t, r in any_fired.nonzero().tolist():
+            rule = self.rules[r]
+            mask = packed[b, t, r, 1:].tolist()
+            out[b].append(Firing(rule=rule.name, token=int(positions[b][t]),
+                                 layers=[self.layer_axis[s] for s, m in enumerate(mask) if m],
+                                 action=str(rule.action), text=texts[b][t] if texts is not None else ""))
+        if self.interventions or any(r.action.kind == "stop" for r in self.rules):
+            self._update(any_fired[:, -1].tolist() if T else [[False] * len(self.rules)] * B)
+        return out
+
+    def _update(self, last: list[list[bool]]) -> None:
+        """After the last token of the call: stops, and which rows each intervention edits next."""
+        changed = False
+        for b, flags in enumerate(last):
+            for r, rule in enumerate(self.rules):
+                kind = rule.action.kind
+                if kind == "stop" and flags[r]:
+                    self.stopped[b] = True
+                if kind != "intervene":
+                    continue
+                before = self.remaining[b].get(r, 0)
+                if flags[r]:
+                    now = rule.action.duration if rule.action.duration is not None else 1
+                else:
+                    now = max(before - 1, 0)
+                if now:
+                    self.remaining[b][r] = now
+                else:
+                    self.remaining[b].pop(r, None)
+                changed |= bool(before) != bool(now)
+        if changed:
+            active = {}
+            for r in self.interventions:
+                rows = tuple(r in self.remaining[b] for b in range(len(last)))
+                if any(rows):
+                    if rows not in self._row_masks:  # made once per pattern: no host-to-device copy per switch
+                        self._row_masks[rows] = torch.tensor(rows, dtype=torch.bool, device=self.device)
+                    active[r] = self._row_masks[rows]
+            self.active_rows = active
+
+    def describe(self) -> list[dict]:
+        return [rule.to_json() for rule in self.rules]
+
+
+def compile_rules(rules, packed, loaded, dictionary=None, name: str = "the dictionary") -> RuleProgram | None:
+    """A RuleProgram from rules (parsed or text), or None when there are none (or it is one already)."""
+    if rules is None or isinstance(rules, RuleProgram):
+        return rules
+    rules = list(rules)
+    if not rules:
+        return None
+    return RuleProgram(rules, packed, loaded.layout.n_states, dictionary=dictionary, loaded=loaded, name=name)
+
+
+# --------------------------------------------------------------------------- checkpoints (monitor --resume)
+
+
+def _pack_json(obj) -> torch.Tensor:
+    """JSON in a uint8 tensor: how firings travel in the build's checkpoint files (safetensors + JSON)."""
+    data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+
+
+def _unpack_json(tensor: torch.Tensor):
+    return json.loads(bytes(tensor.tolist()).decode("utf-8"))
+
+
+def bind_checkpoint(checkpoint, config: dict):
+    """A build `Checkpoint` (engine.build) bound to this monitor's settings; (batches done, saved JSON) or (0, None)."""
+    from chunktui.engine.distributed import SingleProcess
+
+    checkpoint.bind(SingleProcess(), config)
+    restored = checkpoint.restore()
+    if restored is None:
+        return 0, None
+    done, tensors = restored
+    return done, _unpack_json(tensors["state"])
+
+
+def save_checkpoint(checkpoint, done: int, state) -> None:
+    checkpoint.save(done, {"state": _pack_json(state)})
+
+
+
+# --------------------------------------------------------------------------- batched generation with rules
+
+
+@dataclass
+class RuleRun:
+    """One (prompt, seed) row generated under rules: its answer, the rules' firings and why it ended."""
+
+    prompt: str
+    seed: int
+    ids: list[int]
+    text: str
+    firings: list[Firing]
+    finished: str  # "eos", "length" or "rule"
+
+
+@torch.no_grad()
+def generate_rows(loaded, prompts: Sequence[str], seeds_per_prompt: int, sampling, program: RuleProgram | None,
+                  chat: bool = True, batch_size: int = 16, act: bool = True, cancel=None, progress=None,
+                  prompt_index: Sequence[int] | None = None, checkpoint=None) -> list[RuleRun]:
+    """Every (prompt, seed) row, batched and left-padded as `perturb.run_arm` does (row seeds identical in every
+    arm), with the rules watching each generated token. `act=False` records the firings without acting
+    (no stop, no intervention): the unguarded arm of a comparison. `program=None`: no rules at all.
+    `checkpoint` (an `engine.build.Checkpoint`): finished rows are saved every `checkpoint.every` batches and,
+    with `resume`, a killed run continues after them (same prompts, rules, sampling and batch size)."""
+    from chunktui.engine.streaming import PhaseFlag, decode
+    from chunktui.engine.tokens import encode_prompt, eos_ids
+
+    rows = [(i, p, sampling.seed + s) for i, p in enumerate(prompts) for s in range(seeds_per_prompt)]
+    encoded = {p: encode_prompt(loaded, p, chat) for p in set(prompts)}
+    stops = eos_ids(loaded) if sampling.stop_at_eos else set()
+    tok = loaded.tokenizer
+    packed = program.packed if program is not None else None
+    out: list[RuleRun] = []
+    done_batches = 0
+    if checkpoint is not None:
+        done_batches, saved = bind_checkpoint(checkpoint, {
+            "monitor": "prompts", "prompts": list(prompts), "samples": seeds_per_prompt, "act": act,
+            "sampling": sampling.describe(), "chat": chat, "batch_size": batch_size,
+            "rules": program.describe() if program is not None else []})
+        for r in saved or []:
+            out.append(RuleRun(prompt=r["prompt"], seed=r["seed"], ids=r["ids"], text=r["text"],
+                               firings=[Firing.from_json(f) for f in r["firings"]], finished=r["finished"]))
+    for b in range(done_batches * batch_size, len(rows), batch_size):
+        batch = rows[b:b + batch_size]
+        ids = [encoded[p] for _, p, _ in batch]
+        B = len(batch)
+        generated: list[list[int]] = [[] for _ in batch]
+        firings: list[list[Firing]] = [[] for _ in batch]
+        finished = ["length"] * B
+        done = [False] * B
+        if program is not None:
+            program.reset(B)
+        hooks = program.installed() if program is not None and act else contextlib.nullcontext()
+        with hooks:
+            steps = decode(loaded, ids, sampling, seeds=[s for _, _, s in batch], cancel=cancel,
+                           phase=PhaseFlag(), record=program is not None)
+            try:
+                for k, step in enumerate(steps):
+                    tokens = step.tokens.tolist()
+                    if program is not None:
+                        hit = packed.match(step.hidden).hit  # (B, C): one match for the whole batch
+                        pieces = [[tok.decode([t])] for t in tokens]
+                        rows_fired = program.observe(hit[:, None], [[len(i) + k] for i in ids], pieces)
+                    for i, t in enumerate(tokens):
+                        if done[i]:
+                            continue
+                        generated[i].append(t)
+                        if program is not None:
+                            for f in rows_fired[i]:
+                                f.extra = {"prompt": batch[i][0] if prompt_index is None else prompt_index[batch[i][0]],
+                                           "seed": batch[i][2], "generated_index": k}
+                            firings[i].extend(rows_fired[i])
+                        if t in stops:
+                            done[i], finished[i] = True, "eos"
+                        elif act and program is not None and program.stopped[i]:
+                            done[i], finished[i] = True, "rule"
+                    if all(done):
+                        break
+            finally:
+                steps.close()
+        for (_, p, s), g, f, end in zip(batch, generated, firings, finished):
+            text = tok.decode([t for t in g if t not in stops], skip_special_tokens=True)
+            out.append(RuleRun(prompt=p, seed=s, ids=g, text=text, firings=f, finished=end))
+        n_done = b // batch_size + 1
+        if checkpoint is not None and (n_done % checkpoint.every == 0 or b + batch_size >= len(rows)):
+            save_checkpoint(checkpoint, n_done, [dict(prompt=r.prompt, seed=r.seed, ids=r.ids, text=r.text,
+                                                      firings=[f.to_json() for f in r.firings], finished=r.finished)
+                                                 for r in out])
+        if progress is not None:
+            progress(min(b + batch_size, len(rows)), len(rows))
+    return out
+
+
+def distinct_bigrams(ids: Sequence[int]) -> float | None:
+    """Distinct token bigrams / bigrams: 1 for no repetition, near 0 for a loop (None under 2 tokens)."""
+    pairs = list(zip(ids, ids[1:]))
+    return len(set(pairs)) / len(pairs) if pairs else None
+
+
+def compare_rules(loaded, program: RuleProgram, prompts: Sequence[str], samples: int = 1, sampling=None,
+                  chat: bool = True, batch_size: int = 16, cancel=None, progress=None) -> dict:
+    """Unguarded (control) and guarded (perturbed) arms with identical prompts, sampling and seeds.
+
+    The unguarded arm records where the rules would have fired without acting on it. Per concept the
+    rules name: how often the word occurs in the answers of each arm (whole word, case-insensitive), with
+    the keys of `perturb`'s report (control = unguarded, perturbed = guarded; the first answer token's
+    log-probability is the same in both arms, since rules act from the second generated token on).
+    Per arm: mean distinct-bigram ratio of the answers (a repetition check)."""
+    from chunktui.engine.perturb import first_token_ids, next_token_logprobs, occurs, token_diff
+    from chunktui.shared.settings import Sampling
+
+    if not prompts:
+        raise ChunkError("No prompts to compare on.")
+    sampling = sampling or Sampling(max_new_tokens=48, temperature=0.8, top_p=0.9)
+    arm = lambda name, act: generate_rows(  # noqa: E731
+        loaded, list(prompts), samples, sampling, program, chat, batch_size, act=act, cancel=cancel,
+        progress=(lambda d, t: progress(name, d / t)) if progress else None)
+    control, guarded = arm("unguarded", False), arm("guarded", True)
+    labels: list[str] = []
+    for rule in program.rules:
+        for label in rule.positive_labels() + list(rule.action.labels):
+            if label not in labels:
+                labels.append(label)
+    # rules watch generated tokens only, so the first answer token's distribution is the same in both arms
+    lp = next_token_logprobs(loaded, list(prompts), None, chat, batch_size)
+    concepts = {}
+    for label in labels:  # the keys of `perturb`'s report: control = unguarded, perturbed = guarded
+        c_rate = sum(occurs(label, r.text) for r in control) / len(control)
+        g_rate = sum(occurs(label, r.text) for r in guarded) / len(guarded)
+        first = float(lp[:, first_token_ids(loaded, label)].logsumexp(-1).mean())
+        concepts[label] = {"control_rate": c_rate, "perturbed_rate": g_rate, "delta_rate": g_rate - c_rate,
+                           "logprob_control": first, "logprob_perturbed": first, "delta_logprob": 0.0,
+                           "rows": len(control)}
+    summary = {}
+    for rule in program.rules:
+        summary[rule.name] = {
+            "action": str(rule.action),
+            "rows_fired_unguarded": sum(any(f.rule == rule.name for f in r.firings) for r in control),
+            "rows_fired_guarded": sum(any(f.rule == rule.name for f in r.firings) for r in guarded),
+            "firings_guarded": sum(f.rule == rule.name for r in guarded for f in r.firings),
+            "rows": len(control)}
+
+    def fluency(runs):
+        values = [v for v in (distinct_bigrams(r.ids) for r in runs) if v is not None]
+        return sum(values) / len(values) if values else None
+
+    pairs = [{"prompt": c.prompt, "seed": c.seed, "control": c.text, "perturbed": g.text, "finished": g.finished,
+              "firings": [f.to_json() for f in g.firings],
+              "unguarded_firings": [f.to_json() for f in c.firings],
+              "diff": token_diff(loaded.tokenizer, c.ids, g.ids)} for c, g in zip(control, guarded)]
+    return {"settings": dict(sampling.describe(), chat=chat, samples=samples, prompts=len(prompts),
+                             identical_sampling_both_arms=True),
+            "intervention": {"mode": "rules", "rules": program.describe(), "arms": "control = unguarded, "
+                             "perturbed = guarded"},
+            "rules": program.describe(), "concepts": concepts, "rules_summary": summary,
+            "distinct_bigrams": {"unguarded": fluency(control), "guarded": fluency(guarded)},
+            "pairs": pairs}

@@ -1,0 +1,86 @@
+"""Rules on the built-in model: `scan --rule "when cheese -> stop"` stops where the unguarded run first matches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from chunktui.cli import main
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "What goes well with crackers and wine at a party?"
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from chunktui.engine.models import load_model
+
+    torch.set_num_threads(2)
+    yield load_model("smollm2-135m", device="cpu")
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def cli(smol, monkeypatch):
+    """The CLI with the module's model (loaded once for these tests)."""
+    import chunktui.cli.scan as scan
+
+    monkeypatch.setattr(scan, "load_with_progress", lambda *args, **kwargs: smol)
+    runner = CliRunner()
+    return lambda args: runner.invoke(main, args)
+
+
+def test_stop_rule_stops_at_the_first_cheese_token_of_the_unguarded_run(cli, tmp_path):
+    plain, guarded = tmp_path / "plain.json", tmp_path / "guarded.json"
+    common = ["scan", "--prompt", PROMPT, "--generate", "40"]
+    r = cli(common + ["--json", str(plain)])
+    assert r.exit_code == 0, r.output
+    r = cli(common + ["--rule", "when cheese -> stop", "--json", str(guarded)])
+    assert r.exit_code == 0, r.output
+    a, b = json.loads(plain.read_text()), json.loads(guarded.read_text())
+    first = next(t for t, g in zip(a["tokens"], a["generated"])
+                 if g and any(m["label"] == "cheese" for ms in t["matches_by_layer"].values() for m in ms))
+    cut = first["index"]
+    assert [t["token_id"] for t in b["tokens"]] == [t["token_id"] for t in a["tokens"][:cut + 1]]
+    assert b["text"] == "".join(t["text"] for t in a["tokens"][:cut + 1])
+    assert b["finished"] == "rule"
+    layers = sorted(int(layer) for layer, ms in first["matches_by_layer"].items()
+                    if any(m["label"] == "cheese" for m in ms))
+    assert b["firings"] == [{"rule": "when cheese -> stop", "token": cut, "layers": layers, "action": "stop",
+                             "text": first["text"]}]
+    assert "stopped by rule" in r.output
+
+
+@pytest.mark.parametrize("rule, words", [
+    ("when cheese@ -> stop", "column 14"),
+    ("when chese -> stop", "nearest: cheese"),
+    ("when cheese@31 -> stop", "layer 31 is out of range"),
+    ("when cheese -> squash cheese", "unknown action 'squash'"),
+])
+def test_bad_rules_exit_2_with_a_specific_message(rule, words):
+    r = CliRunner().invoke(main, ["scan", "--prompt", "hi", "--rule", rule])
+    assert r.exit_code == 2
+    assert words in r.output and "Traceback" not in r.output
+
+
+def test_the_readme_rules_example_runs(smol, capsys):
+    """The README's rules snippet (the second Python block of "Use from Python"), on the shared model."""
+    import re
+    from pathlib import Path
+
+    from chunktui.api import Engine
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Use from Python", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[1]
+    namespace = {"engine": Engine.from_loaded(smol, "sample")}
+    exec(compile(code, "README.md", "exec"), namespace)
+    trace = namespace["trace"]
+    assert trace.finished == "rule" and trace.stopped_by == "when cheese -> stop"
+    stop = trace.firings[-1]
+    assert stop["action"] == "stop" and stop["token"] == trace.steps[-1].index and stop["layers"]
+    assert "rule when cheese -> stop" in capsys.readouterr().out

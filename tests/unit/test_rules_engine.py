@@ -1,0 +1,198 @@
+"""Rules in the decode loop (chunktui/engine/rules.py) on the tiny random model."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from chunktui.api import Engine
+from chunktui.engine.rules import RuleProgram
+from chunktui.shared.errors import ChunkError
+from chunktui.shared.rules import And, Not, Or, RuleError, Run, Term
+
+RULES = [
+    "a: when cheese -> alert",
+    "b: when cheese@1-2>=2 -> alert",
+    "c: when cake and not dog -> alert",
+    "d: when (cheese or rain@3) for 3 -> alert",
+    "e: when not (cake@0,4 for 2) or dog>=3 -> alert",
+]
+
+
+def _reference(rule, hits_by_layer, t, history):
+    """Plain Python: does `rule` hold at token t? hits_by_layer[t][label] = set of layers with a hitting chunk."""
+    def holds(node, t):
+        if isinstance(node, Term):
+            layers = hits_by_layer[t].get(node.label, set())
+            if node.layers is not None:
+                layers = layers & set(node.layers)
+            return len(layers) >= node.at_least
+        if isinstance(node, Not):
+            return not holds(node.node, t)
+        if isinstance(node, And):
+            return all(holds(n, t) for n in node.nodes)
+        if isinstance(node, Or):
+            return any(holds(n, t) for n in node.nodes)
+        assert isinstance(node, Run)
+        return t + 1 >= node.n and all(holds(node.node, u) for u in range(t - node.n + 1, t + 1))
+    return holds(rule.condition, t)
+
+
+def _matched_layers(node, hits_by_layer, t):
+    if isinstance(node, Term):
+        layers = hits_by_layer[t].get(node.label, set())
+        if node.layers is not None:
+            layers = layers & set(node.layers)
+        return layers if len(layers) >= node.at_least else set()
+    return None  # checked only for single terms
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model, tiny_dict):
+    return Engine.from_loaded(tiny_model, tiny_dict[0])
+
+
+def test_evaluation_matches_a_plain_python_reference(engine):
+    program = RuleProgram(RULES, engine.packed, engine.n_states)
+    chunks = engine.packed.chunks
+    rng = random.Random(0)
+    B, T, C = 3, 14, len(chunks)
+    hit = torch.tensor([[[rng.random() < 0.3 for _ in range(C)] for _ in range(T)] for _ in range(B)])
+    program.reset(B)
+    fired, layers = program.evaluate(hit)
+    # the same tokens one at a time (as the decode loop feeds them): run lengths carry over
+    program.reset(B)
+    steps = [program.evaluate(hit[:, t:t + 1]) for t in range(T)]
+    assert torch.equal(torch.cat([f for f, _ in steps], dim=1), fired)
+    assert torch.equal(torch.cat([lay for _, lay in steps], dim=1), layers)
+    for b in range(B):
+        hits_by_layer = []
+        for t in range(T):
+            seen: dict[str, set[int]] = {}
+            for c in hit[b, t].nonzero().flatten().tolist():
+                seen.setdefault(chunks[c].label, set()).add(int(chunks[c].layer))
+            hits_by_layer.append(seen)
+        for r, rule in enumerate(program.rules):
+            want = [_reference(rule, hits_by_layer, t, None) for t in range(T)]
+            assert fired[b, :, r].tolist() == want, rule.name
+        for t in range(T):  # rule a is one term: its matched layers are exactly the cheese layers that hit
+            got = {program.layer_axis[s] for s in layers[b, t, 0].nonzero().flatten().tolist()}
+            assert got == _matched_layers(program.rules[0].condition, hits_by_layer, t)
+    assert fired.any() and not fired.all()  # the random hits exercise both outcomes
+
+
+def test_text_starts_reset_run_lengths(engine):
+    program = RuleProgram(["when cheese for 2 -> alert"], engine.packed, engine.n_states)
+    cheese = torch.tensor([c.label == "cheese" for c in engine.packed.chunks])
+    hit = cheese.expand(1, 4, -1).clone()  # cheese at every token
+    starts = torch.tensor([[True, False, True, False]])
+    program.reset(1)
+    fired, _ = program.evaluate(hit, starts)
+    assert fired[0, :, 0].tolist() == [False, True, False, True]
+
+
+def test_rules_are_checked_against_the_dictionary(engine):
+    with pytest.raises(RuleError, match="nearest: cheese"):
+        RuleProgram(["when chese -> stop"], engine.packed, engine.n_states)
+    with pytest.raises(RuleError, match="out of range"):
+        RuleProgram(["when cheese@9 -> stop"], engine.packed, engine.n_states)
+    with pytest.raises(RuleError, match="blocks 0-3"):
+        engine.rules(["when cheese -> suppress cheese@4"])
+
+
+def _loose(dictionary, engine, label, prompt):
+    """A copy of the dictionary whose `label` chunks hit about half the generated tokens of `prompt`."""
+    evs = [e for e in engine.stream(prompt, max_new_tokens=16, chat=False) if e.generated]
+    values = torch.cat([e.matches.value for e in evs])  # (T, C)
+    loose = copy.deepcopy(dictionary)
+    for chunk in loose.chunks:
+        if chunk.label == label and chunk.kind == "pa":
+            c = next(i for i, p in enumerate(engine.packed.chunks) if p.id == chunk.id)
+            chunk.threshold = float(values[:, c].median())
+    return loose
+
+
+PROMPT = "The dog ate the cheese"
+
+
+def test_stop_ends_the_stream_where_the_unguarded_run_first_matches(engine, tiny_model, tiny_dict):
+    loose = Engine.from_loaded(tiny_model, _loose(tiny_dict[0], engine, "cheese", PROMPT))
+    plain = [e for e in loose.stream(PROMPT, max_new_tokens=16, chat=False) if e.generated]
+    cheese = torch.tensor([c.label == "cheese" for c in loose.packed.chunks])
+    first = next(i for i, e in enumerate(plain) if (e.matches.hit[0] & cheese).any())
+    guarded = [e for e in loose.stream(PROMPT, max_new_tokens=16, chat=False, rules=["when cheese -> stop"])
+               if e.generated]
+    assert len(guarded) == first + 1
+    assert [e.token_id for e in guarded] == [e.token_id for e in plain[:first + 1]]
+    assert guarded[-1].finished == "rule"
+    (firing,) = guarded[-1].firings
+    want = sorted({int(c.layer) for c, h in zip(loose.packed.chunks, plain[first].matches.hit[0].tolist())
+                   if h and c.label == "cheese"})
+    assert (firing.rule, firing.token, firing.layers, firing.action) == (
+        "when cheese -> stop", plain[first].index, want, "stop")
+    assert all(not e.firings for e in guarded[:-1])
+    trace = loose.generate(PROMPT, max_new_tokens=16, chat=False, rules=["when cheese -> stop"])
+    assert trace.finished == "rule" and trace.stopped_by == "when cheese -> stop"
+    assert [f["token"] for f in trace.firings] == [plain[first].index]
+    assert trace.to_record()["firings"][0]["layers"] == want
+
+
+def test_an_intervention_fired_at_t_edits_from_t_plus_1(engine, tiny_model, tiny_dict):
+    loose = Engine.from_loaded(tiny_model, _loose(tiny_dict[0], engine, "cheese", PROMPT))
+    plain = [e for e in loose.stream(PROMPT, max_new_tokens=12, chat=False) if e.generated]
+    rule = "when cheese -> suppress dog@1-2 x1 for 1"
+    guarded = [e for e in loose.stream(PROMPT, max_new_tokens=12, chat=False, rules=[rule]) if e.generated]
+    fired = [i for i, e in enumerate(guarded) if e.firings]
+    assert fired, "the loosened cheese chunks should fire"
+    t = fired[0]
+    for i in range(t + 1):  # up to and including the firing token nothing is edited
+        assert torch.equal(guarded[i].hidden, plain[i].hidden)
+    assert guarded[t + 1].token_id == plain[t + 1].token_id  # sampled from token t's (unedited) distribution
+    assert torch.equal(guarded[t + 1].hidden[0], plain[t + 1].hidden[0])  # below the edited block
+    assert not torch.equal(guarded[t + 1].hidden[1], plain[t + 1].hidden[1])  # the stream entering block 1
+    assert guarded[t].firings[0].action == "suppress dog@1-2 x1 for 1"
+
+
+def test_durations_on_the_host(engine, tiny_model):
+    program = engine.rules(["w: when cheese -> suppress dog@1 while", "n: when cheese -> suppress dog@2 for 3"])
+    cheese = torch.tensor([c.label == "cheese" for c in engine.packed.chunks])
+    program.reset(1)
+    active = []
+    for flag in [1, 0, 0, 0, 0, 1, 1, 0]:
+        hit = (cheese if flag else torch.zeros_like(cheese))[None, None]
+        program.observe(hit, [[0]])
+        active.append((0 in program.active_rows and bool(program.active_rows[0][0]),
+                       1 in program.active_rows and bool(program.active_rows[1][0])))
+    # active_rows after token t says whether token t + 1 is edited
+    assert [w for w, _ in active] == [True, False, False, False, False, True, True, False]
+    assert [n for _, n in active] == [True, True, True, False, False, True, True, True]
+
+
+def test_rules_without_a_dictionary_are_refused(tiny_model):
+    bare = Engine.from_loaded(tiny_model)
+    with pytest.raises(ChunkError, match="need a dictionary"):
+        list(bare.stream("hi", max_new_tokens=2, rules=["when cheese -> stop"]))
+
+
+def test_batched_rows_share_sampling_until_the_rule_acts(engine, tiny_model, tiny_dict):
+    from chunktui.engine.rules import generate_rows
+    from chunktui.shared.settings import Sampling
+
+    sampling = Sampling(max_new_tokens=10, temperature=1.0, top_p=0.95, seed=3, stop_at_eos=False)
+    prompts = ["The dog ate the cheese", "I like cake"]
+    program = engine.rules(["g: when not cheese for 3 -> suppress dog,cake@1-3 x1 for 2", "s: when dog@0 -> stop"])
+    plain = generate_rows(tiny_model, prompts, 2, sampling, None, chat=False, batch_size=3)
+    watched = generate_rows(tiny_model, prompts, 2, sampling, program, chat=False, batch_size=3, act=False)
+    guarded = generate_rows(tiny_model, prompts, 2, sampling, program, chat=False, batch_size=3)
+    assert [r.ids for r in watched] == [r.ids for r in plain]  # watching changes nothing
+    assert [(r.prompt, r.seed) for r in guarded] == [(r.prompt, r.seed) for r in plain]
+    for w, g in zip(watched, guarded):
+        first = min(f.extra["generated_index"] for f in w.firings if f.rule == "g")
+        assert first == 2  # three generated tokens without cheese (the tiny model never matches it)
+        # the edit starts with token first + 1's states, so tokens up to first + 1 are the same draws
+        assert g.ids[:first + 2] == w.ids[:first + 2]
+        assert all(f.extra["prompt"] in (0, 1) and f.extra["seed"] in (3, 4) for f in g.firings)
+    assert any(w.ids != g.ids for w, g in zip(watched, guarded))  # and the edit changed something after
