@@ -173,12 +173,19 @@ def check_run(run) -> dict:
     if not isinstance(iv, dict):
         raise Damaged("a perturbation run lacks 'intervention'" if iv is None else
                       "a perturbation run's 'intervention' is not an object")
-    _str(iv.get("mode"), "the intervention's 'mode'")
-    if _num(iv.get("strength"), "the intervention's 'strength'") is None:
-        raise Damaged("the intervention's 'strength' is missing")
-    [_str(x, "an intervention label") for x in _list(iv.get("labels"), "the intervention's 'labels'")]
-    [_int(x, "an intervention layer") for x in _list(iv.get("layers"), "the intervention's 'layers'")]
-    _str(iv.get("positions"), "the intervention's 'positions'")
+    mode = _str(iv.get("mode"), "the intervention's 'mode'")
+    if mode == "rules":  # `perturb --rules`: a guarded run; its intervention is the rules themselves
+        for rule in _list(iv.get("rules"), "the intervention's 'rules'"):
+            if not isinstance(rule, dict):
+                raise Damaged("a rule of the intervention is not an object")
+            for key in ("name", "when", "then"):
+                _str(rule.get(key), f"a rule's '{key}'")
+    else:
+        if _num(iv.get("strength"), "the intervention's 'strength'") is None:
+            raise Damaged("the intervention's 'strength' is missing")
+        [_str(x, "an intervention label") for x in _list(iv.get("labels"), "the intervention's 'labels'")]
+        [_int(x, "an intervention layer") for x in _list(iv.get("layers"), "the intervention's 'layers'")]
+        _str(iv.get("positions"), "the intervention's 'positions'")
     concepts = run.get("concepts")
     if not isinstance(concepts, dict):
         raise Damaged("a perturbation run lacks 'concepts'" if concepts is None else "'concepts' is not an object")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -42,6 +44,8 @@ def test_scan_text_records_alerts(runner, tmp_path, tiny_dict):
         r = runner.invoke(main, ["report", str(out), "--out", str(report)])
         assert r.exit_code == 0, r.output
         text = report.read_text()
+        if fmt == "md":  # as read: the backslash escapes of shared.reports.md_text removed
+            text = html.unescape(re.sub(r"\\(.)", r"\1", text))
         assert "when cheese -&gt; alert" in text if fmt == "html" else "when cheese -> alert" in text
         assert text.count("any") >= sum(f["rule"] == "any" for f in data["firings"])
 
@@ -63,7 +67,8 @@ def test_perturb_rules_compares_guarded_and_unguarded(runner, tmp_path, tiny_dic
     # the first token of each arm comes from the same prompt, before any rule could act
     assert pair["diff"][0]["op"] == "equal" or pair["unguarded"][:1] == pair["guarded"][:1]
     r = runner.invoke(main, ["report", str(out), "--out", str(tmp_path / "p.md")])
-    assert r.exit_code == 0 and "guarded by g: when (not cheese)" in (tmp_path / "p.md").read_text() or \
+    assert r.exit_code == 0, r.output
+    assert "guarded by g: when (not cheese)" in (tmp_path / "p.md").read_text() or \
         "guarded by g: when not cheese" in (tmp_path / "p.md").read_text()
     r = runner.invoke(main, ["perturb", *TINY, "--dict", str(path), "--prompt", "x", "--chunk", "cheese",
                              "--rule", "when cheese -> stop"])
