@@ -28,7 +28,14 @@ def hostile_dict(tiny_dict, tmp_path):
         chunks.append(type(c)(**{**c.__dict__, "label": label, "id": chunk_id(label, c.layer, c.step, c.kind)}))
     folder = tmp_path / "dicts"
     path = folder / "x[link=http:e][b].chunks.safetensors"
-    ChunkDictionary(model=dictionary.model, chunks=chunks, notes=dict(dictionary.notes),
+    notes = dict(dictionary.notes)
+    if isinstance(notes.get("token_rule"), dict):  # the colour rule knows concepts by label: rename them there too
+        rule = dict(notes["token_rule"])
+        for key in ("required", "per_label"):
+            if isinstance(rule.get(key), dict):
+                rule[key] = {LABELS.get(k, k): v for k, v in rule[key].items()}
+        notes["token_rule"] = rule
+    ChunkDictionary(model=dictionary.model, chunks=chunks, notes=notes,
                     layer_means=dictionary.layer_means).save(path)
     return path
 
@@ -120,6 +127,12 @@ async def test_a_damaged_journal_restores_what_is_intact_and_says_what_was_skipp
     again = make_test_app(restore=True)
     async with again.run_test(size=(100, 34)) as pilot:
         await ready(again, pilot)
+        await settle(again, pilot)
+        from chunktui.tui.restore_picker import RestorePicker
+
+        assert isinstance(again.screen, RestorePicker)  # --restore: a picker of recent sessions, newest first
+        assert again.screen.found[0].path == path
+        await pilot.press("enter")
         await settle(again, pilot)
         assert again.is_running
         assert len(again.stream_trace) == n_tokens

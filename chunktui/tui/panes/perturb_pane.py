@@ -10,6 +10,7 @@ versions (one sample, no intervals) still show, marked as such.
 
 from __future__ import annotations
 
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
@@ -151,8 +152,10 @@ class PerturbPane(Vertical):
         colours = colours or getattr(self.app, "colours", {})
         summary = run_summary(run, colours, self.app.no_color)
         first = run["pairs"][0] if run.get("pairs") else None
-        for line in layer_diff_lines(first, limit=3) if first else []:  # what changed, layer by layer
-            summary.append(f"\n{line}", style="dim")
+        lines = layer_diff_lines(first, limit=3) if first else []  # what changed, layer by layer
+        if lines:
+            diff = Text("\n".join(safe(line, one=True) for line in lines), style="dim")
+            summary = Text.assemble(summary, "\n", diff) if isinstance(summary, Text) else Group(summary, diff)
         self.query_one("#perturb-summary", Static).update(summary)
         left, right = Text(), Text()
         fluency_of = lambda pair, arm: (pair.get("fluency") or {}).get(arm) or {}  # noqa: E731
