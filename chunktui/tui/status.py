@@ -59,4 +59,7 @@ class StatusBar(Static):
                 parts.append(f"ui {rss:.0f} MB")
         else:
             parts.append("tok/s —")
-        self.update(" · ".join(parts), layout=False)  # one line: no layout pass
+        text = " · ".join(parts)
+        if text != getattr(self, "_shown", None):  # repainted only when it says something new
+            self._shown = text
+            self.update(text, layout=False)  # one line: no layout pass
