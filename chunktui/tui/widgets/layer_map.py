@@ -34,6 +34,7 @@ class LayerMap(Widget):
         self._styles_base: Style | None = None
         self._top: int | None = None  # the first token row on screen
         self._shown_len = 0  # the trace's length at the last repaint
+        self._drawn_cursor: int | None = None  # the token row last drawn as the cursor's
 
     def show(self, trace: Trace | None, colours: dict[str, str], cursor: int | None, layer: int | None,
              n_states: int) -> None:
@@ -46,10 +47,11 @@ class LayerMap(Widget):
         """
         resized = n_states != self.n_states
         old = (self.trace, self.colours, self.layer_index, self._top, self._shown_len)
-        old_cursor = self._cursor_row()
+        old_cursor = self._drawn_cursor  # the trace may have grown in place: the row drawn as the cursor's
         self.trace, self.colours, self.cursor, self.layer_index, self.n_states = trace, colours, cursor, layer, n_states
+        self._drawn_cursor = self._cursor_row()
         if resized:
-            self._top = None
+            self._top, self._shown_len = None, len(trace) if trace is not None else 0
             self.refresh(layout=True)  # a layout pass only when the number of layers changes
             return
         if trace is not old[0]:
