@@ -257,7 +257,7 @@ def bench_start(model: str = DEFAULT_MODEL, dict_path: str | None = None, thread
                    "min": round(min(r[k] for r in records), 3), "max": round(max(r[k] for r in records), 3)}
                for k in keys}
     try:
-        load = os.getloadavg()[0]
+        load = round(os.getloadavg()[0], 2)
     except OSError:
         load = None
     return {"model": model, "threads": threads, "runs": runs, "prestart": prestart_engine,
