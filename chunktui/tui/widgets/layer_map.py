@@ -43,7 +43,9 @@ class LayerMap(Widget):
         The rows on screen stay put while the cursor moves inside them, so a key
         repaints two rows (the old cursor's and the new one's) and a frame of a
         running stream repaints the rows of the new tokens; the window moves (a
-        full repaint) only when the cursor leaves it, by half a screen at a time.
+        full repaint) only when the cursor leaves it, by half a screen at a time
+        on a grid of half screens (so where it stands depends on the cursor, not
+        on how many tokens each frame brought).
         """
         resized = n_states != self.n_states
         old = (self.trace, self.colours, self.layer_index, self._top, self._shown_len)
@@ -100,10 +102,16 @@ class LayerMap(Widget):
             self._top = 0
             return 0
         top = self._top
+        half = max(1, rows // 2)
+        span = min(2 * half, rows)
         if top is None:  # a fresh trace: the cursor mid-way, or the last tokens filling the rows
             top = max(0, min(cursor - rows // 2, len(self.trace) - rows))
-        elif not top <= cursor < top + rows:
-            top = max(0, cursor - rows // 2)
+        elif rows < 2:
+            top = cursor
+        elif cursor >= top + span:  # past the bottom: half a screen on, on a grid of half screens, so the
+            top = max(0, (cursor // half - 1) * half)  # rows depend on the cursor, not on how tokens came in
+        elif cursor < top:  # above the top: half a screen back
+            top = (cursor // half) * half
         self._top = top
         return top
 
