@@ -7,11 +7,14 @@ seed), then:
 1. builds a dictionary of --words concepts at every layer in a subprocess
    (`python -m chunktui build --json`), which reports its own peak RSS;
 2. runs a plain forward pass over the same contexts, in the same batches, with
-   the hidden states recorded and dropped (the baseline, in this process), and
-   prints build tokens/s against it (target: ratio >= 0.8);
+   the hidden states recorded and dropped (the baseline, in this process),
+   before and after the build, and prints build tokens/s against their mean
+   (target: ratio >= 0.8); with --baseline-tree DIR it also builds with the
+   code of another checkout in between and checks the dictionaries are
+   byte-identical in their tensors;
 3. builds again with `--procs 2` and prints the wall times side by side.
 
-    python benchmarks/pa_scale.py [--tokens 100000] [--words 30] [--no-procs]
+    python benchmarks/pa_scale.py [--tokens 100000] [--words 30] [--no-procs] [--baseline-tree DIR]
 
 The state matrix the in-memory build would hold is printed for comparison:
 tokens x layers x width x 4 bytes.
@@ -64,8 +67,11 @@ def make_corpus(tokenizer, target: int, seed: int = 0) -> str:
 @click.option("--words", "n_words", default=30, show_default=True, help="the first N concepts of concepts.txt")
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--procs/--no-procs", "compare_procs", default=True, help="also build with --procs 2")
+@click.option("--baseline-tree", default=None, type=click.Path(file_okay=False, exists=True),
+              help="also build with the code of another checkout (e.g. the commit before a change), interleaved "
+                   "with this one, and check the two dictionaries are byte-identical in their tensors")
 @click.option("--json", "json_out", default=None)
-def main(model, tokens, n_words, batch_size, compare_procs, json_out):
+def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, json_out):
     from chunktui.engine.corpus import prepare_corpus, run_batch, schedule
     from chunktui.engine.labels import read_word_list
     from chunktui.engine.models import load_model
@@ -86,12 +92,20 @@ def main(model, tokens, n_words, batch_size, compare_procs, json_out):
     out = {"tokens": T, "words": len(words), "layers": S, "threads": threads,
            "state_matrix_bytes": T * S * d * 4}
 
-    def build(procs: int, name: str) -> dict:
+    def forward() -> float:
+        # the baseline: the same contexts, the same batches, states recorded and dropped
+        layers = list(range(S))
+        t0 = time.perf_counter()
+        for batch in schedule(corpus, batch_size):
+            run_batch(loaded, corpus, batch, layers)
+        return time.perf_counter() - t0
+
+    def build(procs: int, name: str, tree: Path = ROOT) -> dict:
         summary = work / f"{name}.json"
         cmd = [sys.executable, "-m", "chunktui", "build", "--model", model, "--corpus", str(corpus_path),
                "--words", ",".join(words), "--batch-size", str(batch_size), "--procs", str(procs),
                "--out", str(work / f"{name}.chunks.safetensors"), "--json", str(summary)]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]))
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, env=env)
         wall = time.perf_counter() - t0
@@ -99,26 +113,40 @@ def main(model, tokens, n_words, batch_size, compare_procs, json_out):
         record["wall_seconds"] = wall
         return record
 
+    # interleaved, so a change in the machine's load shows as spread rather than as a speed-up:
+    # forward, build (this code), [build (baseline code)], forward
+    forwards = [forward()]
     one = build(1, "one")
     out["build_1"] = one
+    if baseline_tree:
+        base = build(1, "base", Path(baseline_tree).resolve())
+        out["build_baseline"] = base
+    forwards.append(forward())
     rss = one["peak_memory_bytes"]["rss"]
     print(f"\n1 process: {one['seconds']:.0f} s build ({one['wall_seconds']:.0f} s with model load), "
           f"pass 1 {one['pass1_tokens']} tokens in {one['pass1_seconds']:.0f} s, pass 2 {T} tokens in "
           f"{one['pass2_seconds']:.0f} s; peak RSS {rss / 2**30:.2f} GiB")
-
-    # the baseline: the same contexts, the same batches, states recorded and dropped
-    layers = list(range(S))
-    t0 = time.perf_counter()
-    for batch in schedule(corpus, batch_size):
-        run_batch(loaded, corpus, batch, layers)
-    forward = time.perf_counter() - t0
-    out["forward_seconds"] = forward
-    fwd_rate = T / forward
+    forward_s = sum(forwards) / len(forwards)
+    out["forward_seconds"] = forward_s
+    out["forward_seconds_each"] = forwards
+    fwd_rate = T / forward_s
     pass2_rate = T / one["pass2_seconds"]
     build_rate = T / one["seconds"]
     out.update(forward_tok_s=fwd_rate, pass2_tok_s=pass2_rate, build_tok_s=build_rate)
-    print(f"plain forward: {fwd_rate:.0f} tok/s; pass 2: {pass2_rate:.0f} tok/s (ratio {pass2_rate / fwd_rate:.2f}); "
-          f"whole build incl. pass 1: {build_rate:.0f} tok/s (ratio {build_rate / fwd_rate:.2f}; target >= 0.8)")
+    print(f"plain forward: {fwd_rate:.0f} tok/s (before the build {T / forwards[0]:.0f}, after {T / forwards[1]:.0f}); "
+          f"pass 2: {pass2_rate:.0f} tok/s (ratio {pass2_rate / fwd_rate:.2f}); whole build incl. pass 1: "
+          f"{build_rate:.0f} tok/s (ratio {build_rate / fwd_rate:.2f}; target >= 0.8)")
+    if baseline_tree:
+        from safetensors.torch import load_file
+
+        print(f"baseline code: pass 2 {T / base['pass2_seconds']:.0f} tok/s (ratio "
+              f"{T / base['pass2_seconds'] / fwd_rate:.2f}), whole build {T / base['seconds']:.0f} tok/s (ratio "
+              f"{T / base['seconds'] / fwd_rate:.2f})")
+        a, b = load_file(str(work / "one.chunks.safetensors")), load_file(str(work / "base.chunks.safetensors"))
+        same = a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].numpy().tobytes() == b[k].numpy().tobytes()
+                                            for k in a)
+        out["baseline_byte_identical"] = same
+        print(f"dictionary tensors byte-identical to the baseline code's: {same}")
 
     if compare_procs:
         two = build(2, "two")

@@ -55,3 +55,43 @@ def bench_app_cmd(model_spec, dict_path, device, tokens, threads, interval, json
     if target is not None:
         target.write_json(result)
         console.print(f"wrote {target.path}", markup=False)
+
+
+@bench.command("start")
+@click.option("--model", "-m", "model_spec", default=DEFAULT_MODEL, show_default=True)
+@click.option("--dict", "dict_path", default=None, help="dictionary (default: the sample dictionary)")
+@click.option("--threads", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="torch threads of the engine process")
+@click.option("--runs", type=click.IntRange(1, 50), default=3, show_default=True,
+              help="fresh launches (the figures are their median, min and max)")
+@click.option("--prestart/--no-prestart", default=True, show_default=True,
+              help="start the engine process before the UI imports Textual (as `chunktui tui` does); "
+                   "--no-prestart starts it when the screen is up, for comparison")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the figures as JSON")
+@overwrite_option
+@friendly_errors
+def bench_start_cmd(model_spec, dict_path, threads, runs, prestart, json_out, overwrite) -> None:
+    """Launch -> first streamed token of `chunktui tui --prompt` (headless), split into imports, model load,
+    dictionary load and first token. The model must be cached (run `chunktui tui` or `chunktui models` once)."""
+    from rich.table import Table
+
+    from chunktui.tui.bench import bench_start
+
+    target = plan_outputs(("--json", json_out, None), overwrite=overwrite, inputs=[dict_path])  # before any work
+    result = bench_start(model=model_spec, dict_path=dict_path, threads=threads, runs=runs, prestart_engine=prestart,
+                         say=lambda text: console.print(text, markup=False))
+    table = Table(title=f"chunktui bench start: {model_spec}, {threads} thread(s), {runs} launches "
+                        f"(load average {result['load_average_1min']}, {result['cores']} cores)")
+    for name in ("figure", "median s", "min s", "max s"):
+        table.add_column(name, justify="left" if name == "figure" else "right")
+    names = {"total": "launch -> first streamed token", "ui_ready": "launch -> screen up (keys answered)",
+             "ui_imports": "launch -> UI imported (Textual, the app)",
+             "engine_imports": "launch -> engine imported torch", "model_load": "model load (after torch)",
+             "dictionary_load": "dictionary load", "first_token": "dictionary in use -> first token"}
+    for key, name in names.items():
+        s = result["seconds"][key]
+        table.add_row(name, f"{s['median']:.2f}", f"{s['min']:.2f}", f"{s['max']:.2f}")
+    console.print(table)
+    if target is not None:
+        target.write_json(result)
+        console.print(f"wrote {target.path}", markup=False)

@@ -50,14 +50,18 @@ def tui_cmd(model_spec, dict_path, device, dtype, sequences_path, file_path, pro
     import os
     from pathlib import Path
 
-    from chunktui.tui.app import make_app
-    from chunktui.tui.options import AppOptions
-
     if prompt is not None and not prompt.strip():
         raise click.BadParameter("the prompt is empty", param_hint="--prompt")
     if file_path is not None and not Path(file_path).is_file():
         raise click.BadParameter(f"{file_path} does not exist", param_hint="--file")
     threads = threads or (os.cpu_count() or 1)
+    from chunktui.tui.engine_client import engine_log_path, prestart
+
+    prestart(threads, engine_log_path())  # the engine imports torch while Textual is imported and the screen built
+
+    from chunktui.tui.app import make_app
+    from chunktui.tui.options import AppOptions
+
     options = AppOptions.for_users(model_spec=model_spec, dict_path=dict_path, device=device, dtype=dtype,
                                    sequences_path=file_path or sequences_path, threads=threads, prompt=prompt,
                                    max_new_tokens=max_new_tokens, open_step=file_path is not None,

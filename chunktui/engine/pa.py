@@ -219,11 +219,94 @@ class ConceptTemplate:
         self.mu64, self.Mf64, self.inv64 = self.mu.double(), self.Mf.double(), self.inv.double()
         self.devR = self.deviations64(X)  # (S, n, K)
         self.theta = self.devR.amax(1)  # (S, K) the paper's threshold: the largest deviation among R
+        self._share_columns()
+
+    def _share_columns(self) -> None:
+        """The distinct subpopulations per layer, for the float32 screen of pass 2.
+
+        The M_k are nested (M_k = {spread < tau_k}), so two tolerances with the
+        same count have the same subpopulation, and an empty one needs no sum.
+        With a few positives most of the K tolerances repeat a neighbour or are
+        empty (SmolLM2-135M, n=5: 15-33 distinct non-empty sets at the widest
+        layer of 40 tolerances, about 8-24 on average), so the screen's matmul
+        runs over each layer's distinct sets only and every tolerance reads its
+        set's column. On the CPU each layer is its own matmul of its own width;
+        elsewhere one batched matmul over all layers, padded to the widest.
+        """
+        count = self.M.sum(-1).T.cpu()  # (S, K)
+        S, K = count.shape
+        column = torch.zeros(S, K, dtype=torch.long)
+        widths, firsts = [], []
+        for s in range(S):
+            values, first = [], {}
+            for k, c in enumerate(count[s].tolist()):
+                if c == 0:
+                    continue  # empty: inv is NaN, so whichever column it reads, the deviation is NaN
+                if c not in first:
+                    first[c] = len(values)
+                    values.append(k)
+                column[s, k] = first[c]
+            widths.append(len(values))
+            firsts.append(values)
+        device = self.mu.device
+        M = self.M.cpu()
+        self.layer_columns = [M[ks, s].T.float().contiguous().to(device) if ks else None
+                              for s, ks in enumerate(firsts)]  # (d, K'_s) per layer
+        self.layer_index = [column[s].to(device) for s in range(S)]
+        shared = torch.zeros(S, M.shape[-1], max(widths, default=0) or 1, dtype=torch.float32)
+        for s, ks in enumerate(firsts):
+            if ks:
+                shared[s, :, :len(ks)] = M[ks, s].T.float()
+        self.Mu = shared.to(device)  # (S, d, K') distinct columns, zero padded to the widest layer
+        self.column = column.to(device)  # (S, K) which distinct column each tolerance reads
+        self.per_layer = device.type == "cpu"
+        # how far (relative) a float32 deviation may sit from the exact one: a sum of m <= d non-negative
+        # terms is off by at most (m - 1) units of rounding, the square and the scaling a few more; the
+        # screen re-decides in float64 everything within twice that (and never less than 1e-4)
+        self.band = max(1e-4, 2.0 * (self.M.shape[-1] + 8) * 2.0 ** -24)
+        # the screen compares sums (not means) with theta * |M|: below `low` a match, above `high` none, between
+        # the two the float64 deviation decides; NaN (an empty M) compares False everywhere
+        limit = self.theta * self.count.T.to(self.theta.dtype)  # (S, K) float64
+        slack = self.band * limit + 1e-12 * self.count.T.to(self.theta.dtype)
+        self.sum_limit = limit.float()
+        self.sum_low, self.sum_high = (limit - slack).float(), (limit + slack).float()
+
+    def sums(self, states_t: torch.Tensor) -> torch.Tensor:
+        """states_t (S, t, d) float32, layers first -> (S, t, K) float32 sums over each M_k of (h - mu)^2.
+
+        Where M_k is empty the sum is 0 (and the threshold NaN, so it never matches).
+        """
+        S, t, _ = states_t.shape
+        if not self.per_layer:
+            d2 = torch.sub(states_t, self.mu[:, None, :]).square_()  # (S, t, d)
+            sums = torch.bmm(d2, self.Mu)  # (S, t, K') one column per distinct subpopulation
+            return sums.gather(2, self.column[:, None, :].expand(-1, t, -1))
+        out = torch.zeros(S, t, self.column.shape[1], dtype=torch.float32, device=states_t.device)
+        for s in range(S):  # one layer at a time: its (t, d) squares stay in cache for its matmul
+            columns = self.layer_columns[s]
+            if columns is None:
+                continue
+            d2 = torch.sub(states_t[s], self.mu[s]).square_()  # (t, d)
+            torch.index_select(d2 @ columns, 1, self.layer_index[s], out=out[s])
+        return out
+
+    def screen(self, states: torch.Tensor, states_t: torch.Tensor) -> torch.Tensor:
+        """match (S, t, K) bool: dev <= theta, decided as in float64 (`deviations64`) for every token."""
+        sums = self.sums(states_t)
+        match = sums <= self.sum_limit[:, None, :]
+        near = ((sums >= self.sum_low[:, None, :]) & (sums <= self.sum_high[:, None, :])).any(-1).any(0)  # (t,)
+        if near.any():
+            idx = near.nonzero().flatten()
+            match[:, idx, :] = self.deviations64(states[idx]) <= self.theta[:, None, :]
+        return match
 
     def deviations(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows (t, S, d) -> (S, t, K) float32; NaN where M is empty (never matches)."""
-        d2 = (rows.float() - self.mu).square_().transpose(0, 1)  # (S, t, d)
-        return torch.bmm(d2, self.Mf) * self.inv[:, None, :]
+        """rows (t, S, d) -> (S, t, K) float32; NaN where M is empty (never matches).
+
+        A screen: within `band` (relative) of the float64 `deviations64`; decisions that close
+        to a threshold are taken again in float64, so the float32 rounding never decides anything.
+        """
+        return self.sums(rows.float().transpose(0, 1)) * self.inv[:, None, :]
 
     def deviations64(self, rows: torch.Tensor) -> torch.Tensor:
         """The same in float64, one row at a time: the precision thresholds and decisions are taken in."""
@@ -286,6 +369,7 @@ class StreamingFit:
     @torch.no_grad()
     def update(self, index: torch.Tensor, states: torch.Tensor) -> None:
         """Pass 2: one batch, token indices (t,) and states (t, S, d) on the device."""
+        states_t = None
         for label in self.labels:
             tpl = self.templates[label]
             pos = self.masks[label][index]
@@ -293,17 +377,14 @@ class StreamingFit:
             if self.criterion.calibrated:
                 self._update_calibrated(label, tpl, index, states, pos, own)
                 continue
-            dev = tpl.deviations(states)  # (S, t, K)
-            theta = tpl.theta.to(dev.dtype)
-            match = dev <= theta[:, None, :]  # NaN compares False
-            near = ((dev - theta[:, None, :]).abs() <= 1e-4 * theta[:, None, :] + 1e-12).any(-1).any(0)  # (t,)
-            if near.any():
-                idx = near.nonzero().flatten()
-                match[:, idx, :] = tpl.deviations64(states[idx]) <= tpl.theta[:, None, :]
-            pos_d = (pos & ~own).to(match.device).view(1, -1, 1)
-            neg_d = (~pos).to(match.device).view(1, -1, 1)
-            self.tp[label] += (match & pos_d).sum(1).cpu()
-            self.fp[label] += (match & neg_d).sum(1).cpu()
+            if states_t is None:  # layers first, once for every concept
+                states_t = states.float().transpose(0, 1).contiguous()  # (S, t, d)
+            match = tpl.screen(states, states_t)  # (S, t, K)
+            # TP and FP counts in one matmul: the columns weigh positives (not drawn) and negatives
+            weights = torch.stack([pos & ~own, ~pos], 1).to(match.device, torch.float32)  # (t, 2)
+            counts = torch.matmul(match.transpose(1, 2).float(), weights).round_().long().cpu()  # (S, K, 2), exact
+            self.tp[label] += counts[..., 0]
+            self.fp[label] += counts[..., 1]
 
     def _update_calibrated(self, label, tpl, index, states, pos, own) -> None:
         keep = self.keep[label]
@@ -312,7 +393,7 @@ class StreamingFit:
             # only negatives that can enter the k smallest need their exact float64 deviation
             dev = tpl.deviations(states[neg_rows.to(states.device)])  # (S, u, K) float32
             kth = keep[:, -1, :].to(dev.device, torch.float32)  # (S, K) the current k-th smallest
-            cand = (dev <= kth[:, None, :] * (1 + 1e-4) + 1e-12).any(-1).any(0)
+            cand = (dev <= kth[:, None, :] * (1 + tpl.band) + 1e-12).any(-1).any(0)
             rows = neg_rows[cand.cpu()]
             if len(rows):
                 d64 = tpl.deviations64(states[rows.to(states.device)]).cpu()  # (S, u, K)

@@ -51,6 +51,7 @@ from chunktui.tui.widgets.trace_view import TraceView
 PANES = [("model", "Model", "f1"), ("stream", "Stream", "f2"), ("chunks", "Chunks", "f3"), ("perturb", "Perturb", "f4"),
          ("step", "Step", "f5"), ("export", "Export", "f6")]
 FRAME_RATE = 20  # redraws per second while tokens stream
+STATUS_SECONDS = 0.5  # the status bar's speed figure is redrawn at most this often while tokens stream
 # The app's handler for each engine event, keyed by class (tests check every event has exactly one);
 # token steps never come here: the client's reader thread puts them in the TokenBuffer (engine_client.BUFFERED).
 ON_EVENT = Handlers("the app")
@@ -428,7 +429,11 @@ class ChunkApp(App):
     # ------------------------------------------------------------------ status
 
     def update_status(self) -> None:
-        self.query_one(StatusBar).show(self)
+        bar = getattr(self, "_status_bar", None)
+        if bar is None or not bar.is_attached:
+            bar = self._status_bar = self.query_one(StatusBar)
+        self._status_at = time.perf_counter()
+        bar.show(self)
 
     def _set_busy(self, what: str | None) -> None:
         self._busy = what
@@ -670,10 +675,14 @@ class ChunkApp(App):
         self.tokens_per_second = self.buffer.rate(self._gen_started)
         if self.stream_trace is not None and self.stream_trace.trace_id in arrived:
             self._new_firings([f for step in arrived[self.stream_trace.trace_id] for f in step.firings])
-            self.query_one("#stream-trace", TraceView).grew()
+            view = getattr(self, "_stream_view", None)
+            if view is None or not view.is_attached:
+                view = self._stream_view = self.query_one("#stream-trace", TraceView)
+            view.grew()
             self.frames += 1
             self.frame_times.append(time.perf_counter())
-        self.update_status()
+        if time.perf_counter() - getattr(self, "_status_at", 0.0) >= STATUS_SECONDS:
+            self.update_status()  # the speed a few times a second, not every frame
 
     @ON_EVENT(p.TraceDone)
     def _handle_tracedone(self, event: p.TraceDone) -> None:
@@ -763,10 +772,17 @@ class ChunkApp(App):
             self.send(p.TokenDetail(event.trace.trace_id, event.index, event.layer_index,
                                     label=event.trace.label_at(event.index)))
 
+    def trace_views(self) -> list[TraceView]:
+        """The app's trace views (Stream, Step), found once: a DOM query costs milliseconds per key."""
+        views = getattr(self, "_trace_views", None)
+        if not views or not all(v.is_attached for v in views):
+            views = self._trace_views = list(self.query(TraceView))
+        return views
+
     @ON_EVENT(p.Detail)
     def _handle_detail(self, event: p.Detail) -> None:
         self._asks = max(0, self._asks - 1)
-        for view in self.query(TraceView):
+        for view in self.trace_views():
             if view.trace is not None and view.trace.trace_id == event.trace_id:
                 view.set_detail(event)
 

@@ -142,3 +142,123 @@ async def run_bench(model: str = DEFAULT_MODEL, dict_path: str | None = None, to
 
 def bench_app(**kwargs) -> dict:
     return asyncio.run(run_bench(**kwargs))
+
+
+# --------------------------------------------------------------------------- `chunktui bench start`
+
+START_PARTS = ("ui_imports", "engine_imports", "model_load", "dictionary_load", "first_token")
+
+
+def _start_child(model: str, dict_path: str | None, threads: int, prompt: str, tokens: int, launched: float,
+                 prestart_engine: bool) -> dict:
+    """In a fresh interpreter: `chunktui tui --prompt` headless, with the arrival time of each milestone.
+
+    `launched` is the parent's clock (time.time()) when it spawned this interpreter. Times are seconds
+    from then: `ui_ready` the screen is up and answers keys, `engine_ready` the engine process has
+    imported torch, `loaded` the model is loaded, `dictionary` the dictionary is in use, `first_token`
+    the first streamed token reached the app.
+    """
+    marks: dict[str, float] = {}
+
+    def mark(name: str) -> None:
+        marks.setdefault(name, time.time() - launched)
+
+    mark("interpreter")
+    if prestart_engine:
+        from chunktui.tui.engine_client import engine_log_path, prestart
+
+        prestart(threads, engine_log_path())  # as `chunktui tui` does
+    from chunktui.shared import protocol as p
+    from chunktui.tui.app import make_app
+    from chunktui.tui.options import AppOptions
+
+    mark("ui_imported")
+    app = make_app(AppOptions.for_users(model_spec=model, dict_path=dict_path, threads=threads, prompt=prompt,
+                                        max_new_tokens=tokens, stop_at_eos=False, journal=False))
+    on_event, push = app.engine.on_event, app.buffer.push
+    names = {p.Ready: "engine_ready", p.Loaded: "loaded", p.DictionaryInUse: "dictionary"}
+
+    def seen(event) -> None:
+        if type(event) in names:
+            mark(names[type(event)])
+        on_event(event)
+
+    def pushed(trace_id, steps) -> None:
+        if any(s.generated for s in steps):
+            mark("first_token")
+        push(trace_id, steps)
+
+    app.engine.on_event, app.buffer.push = seen, pushed
+
+    async def drive() -> None:
+        async with app.run_test(size=(120, 36)) as pilot:
+            mark("ui_ready")
+            started = time.time()
+            while "first_token" not in marks and time.time() - started < 300 and app.engine.alive:
+                await pilot.pause(0.02)
+            app.action_cancel()
+            await pilot.pause(0.2)
+
+    asyncio.run(drive())
+    return {k: round(v, 3) for k, v in marks.items()}
+
+
+def _start_child_main() -> None:
+    import json
+
+    args = json.loads(sys.argv[1])
+    print("START-RESULT " + json.dumps(_start_child(**args)), flush=True)
+
+
+def bench_start(model: str = DEFAULT_MODEL, dict_path: str | None = None, threads: int = 1, runs: int = 3,
+                prompt: str = PROMPT, tokens: int = 8, prestart_engine: bool = True, say=lambda text: None) -> dict:
+    """Launch -> first streamed token, `runs` times, each in a fresh interpreter (the model cached on disk).
+
+    Split into: UI imports (launch -> Textual and the app imported), engine imports (launch -> the engine
+    process has imported torch; it starts at launch, alongside the UI), model load, dictionary load, and
+    first token (dictionary in use -> the first generated token reaches the app).
+    """
+    import json
+    import os
+    import subprocess
+
+    from pathlib import Path
+
+    from chunktui.paths import DEFAULT_DICT_NAME, sample_path
+
+    dict_path = dict_path or str(sample_path(DEFAULT_DICT_NAME))
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    records = []
+    for i in range(runs):
+        args = dict(model=model, dict_path=dict_path, threads=threads, prompt=prompt, tokens=tokens,
+                    launched=time.time(), prestart_engine=prestart_engine)
+        done = subprocess.run([sys.executable, "-c", "from chunktui.tui.bench import _start_child_main; "
+                               "_start_child_main()", json.dumps(args)], capture_output=True, text=True, env=env,
+                              timeout=600)
+        line = next((x for x in done.stdout.splitlines() if x.startswith("START-RESULT ")), None)
+        if line is None:
+            raise RuntimeError(f"the start-up run failed (exit {done.returncode}): {done.stderr[-2000:]}")
+        marks = json.loads(line[len("START-RESULT "):])
+        if "first_token" not in marks:
+            raise RuntimeError(f"no token streamed within the time limit: {marks}")
+        record = {"total": marks["first_token"], "ui_ready": marks.get("ui_ready"),
+                  "ui_imports": marks.get("ui_imported"), "engine_imports": marks.get("engine_ready"),
+                  "model_load": round(marks["loaded"] - marks["engine_ready"], 3),
+                  "dictionary_load": round(marks["dictionary"] - marks["loaded"], 3),
+                  "first_token": round(marks["first_token"] - marks["dictionary"], 3), "marks": marks}
+        records.append(record)
+        say(f"run {i + 1}/{runs}: first token {record['total']:.2f} s after launch (screen up at "
+            f"{record['ui_ready']:.2f} s; torch imported {record['engine_imports']:.2f} s, model "
+            f"{record['model_load']:.2f} s, dictionary {record['dictionary_load']:.2f} s, first token "
+            f"{record['first_token']:.2f} s)")
+    keys = ("total", "ui_ready", "ui_imports", "engine_imports", "model_load", "dictionary_load", "first_token")
+    summary = {k: {"median": round(statistics.median(r[k] for r in records), 3),
+                   "min": round(min(r[k] for r in records), 3), "max": round(max(r[k] for r in records), 3)}
+               for k in keys}
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except OSError:
+        load = None
+    return {"model": model, "threads": threads, "runs": runs, "prestart": prestart_engine,
+            "cores": os.cpu_count(), "load_average_1min": load, "seconds": summary, "records": records}

@@ -68,4 +68,7 @@ class StatusBar(Static):
                 parts.append(f"ui {rss:.0f} MB")
         else:
             parts.append("tok/s —")
-        self.update(plain(" · ".join(parts), one=True), layout=False)  # one line: no layout pass
+        text = " · ".join(parts)
+        if text != getattr(self, "_shown", None):  # repainted only when it says something new
+            self._shown = text
+            self.update(plain(text, one=True), layout=False)  # one line: no layout pass

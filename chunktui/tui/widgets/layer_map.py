@@ -2,13 +2,14 @@
 
 Drawn line by line (Textual's line API): only the rows on screen are built,
 with styles cached per (colour, emphasis), so a frame costs the same at any
-length of text.
+length of text; and only rows that changed are repainted (see `show`).
 """
 
 from __future__ import annotations
 
 from rich.segment import Segment
 from rich.style import Style
+from textual.geometry import Region
 from textual.strip import Strip
 from textual.widget import Widget
 
@@ -33,12 +34,46 @@ class LayerMap(Widget):
         self.label_width = 6
         self._styles: dict[tuple, Style] = {}
         self._styles_base: Style | None = None
+        self._top: int | None = None  # the first token row on screen
+        self._shown_len = 0  # the trace's length at the last repaint
+        self._drawn_cursor: int | None = None  # the token row last drawn as the cursor's
 
     def show(self, trace: Trace | None, colours: dict[str, str], cursor: int | None, layer: int | None,
              n_states: int) -> None:
+        """Show (trace, cursor, layer); repaint only the rows that changed.
+
+        The rows on screen stay put while the cursor moves inside them, so a key
+        repaints two rows (the old cursor's and the new one's) and a frame of a
+        running stream repaints the rows of the new tokens; the window moves (a
+        full repaint) only when the cursor leaves it, by half a screen at a time
+        on a grid of half screens (so where it stands depends on the cursor, not
+        on how many tokens each frame brought).
+        """
         resized = n_states != self.n_states
+        old = (self.trace, self.colours, self.layer_index, self._top, self._shown_len)
+        old_cursor = self._drawn_cursor  # the trace may have grown in place: the row drawn as the cursor's
         self.trace, self.colours, self.cursor, self.layer_index, self.n_states = trace, colours, cursor, layer, n_states
-        self.refresh(layout=resized)  # a layout pass only when the number of layers changes
+        self._drawn_cursor = self._cursor_row()
+        if resized:
+            self._top, self._shown_len = None, len(trace) if trace is not None else 0
+            self.refresh(layout=True)  # a layout pass only when the number of layers changes
+            return
+        if trace is not old[0]:
+            self._top = None
+        rows = self._rows()
+        top = self._place(rows)
+        new_len = len(trace) if trace is not None else 0
+        if (trace is not old[0] or colours is not old[1] or layer != old[2] or top != old[3] or not self.size.height
+                or new_len < old[4]):
+            self._shown_len = new_len
+            self.refresh()
+            return
+        changed = {old_cursor, self._cursor_row()} | set(range(old[4], new_len))
+        self._shown_len = new_len
+        width = self.size.width
+        for t in sorted(changed):
+            if t is not None and top <= t < top + rows:
+                self.refresh(Region(0, 1 + t - top, width, 1))
 
     def get_content_width(self, container, viewport) -> int:
         return self.label_width + 1 + max(self.n_states, 1)
@@ -54,11 +89,42 @@ class LayerMap(Widget):
                                                      reverse=reverse or None)
         return style
 
+    def _rows(self) -> int:
+        return max(1, self.size.height - 1)
+
+    def _cursor_row(self) -> int | None:
+        if self.trace is None or not len(self.trace):
+            return None
+        return len(self.trace) - 1 if self.cursor is None else self.cursor
+
+    def _place(self, rows: int) -> int:
+        """The first token row on screen: kept while the cursor is on screen, else moved to put it mid-way."""
+        cursor = self._cursor_row()
+        if cursor is None:
+            self._top = 0
+            return 0
+        top = self._top
+        half = max(1, rows // 2)
+        span = min(2 * half, rows)
+        if top is None:  # a fresh trace: the cursor mid-way, or the last tokens filling the rows
+            top = max(0, min(cursor - rows // 2, len(self.trace) - rows))
+        elif rows < 2:
+            top = cursor
+        elif cursor >= top + span:  # past the bottom: half a screen on, on a grid of half screens, so the
+            top = max(0, (cursor // half - 1) * half)  # rows depend on the cursor, not on how tokens came in
+        elif cursor < top:  # above the top: half a screen back
+            top = (cursor // half) * half
+        self._top = top
+        return top
+
     def _first_row(self, rows: int) -> int:
-        """Keep the cursor row in view, the newest tokens at the bottom while streaming."""
-        T = len(self.trace)
-        cursor = T - 1 if self.cursor is None else self.cursor
-        return max(0, min(cursor - rows // 2, T - rows))
+        """The first token row on screen (see `_place`)."""
+        return self._top if self._top is not None else self._place(rows)
+
+    def on_resize(self) -> None:
+        self._top = None
+        if self.trace is not None:
+            self._place(self._rows())
 
     def render_lines(self, crop):
         self._base = self.rich_style  # computed once per pass: it costs about a millisecond each time

@@ -71,12 +71,13 @@ class TokenView(ScrollView, can_focus=False):
     def show(self, trace: Trace | None, colours: dict[str, str], cursor: int | None = None, layer: int | None = None,
              only_column: int | None = None, placeholder: str = "") -> None:
         """Show a trace (laid out anew if it is another one), or grow the one shown; redraw what changed."""
-        if trace is not self.trace or (trace is not None and len(trace) < self._laid):
+        new_trace = trace is not self.trace or (trace is not None and len(trace) < self._laid)
+        if new_trace:
             self.trace = trace
             self.anchor = None
             self._reset_layout()
         self.colours, self.placeholder = colours, placeholder
-        restyle = layer != self.shown_layer or only_column != self.only_column
+        restyle = new_trace or layer != self.shown_layer or only_column != self.only_column  # every line anew
         self.shown_layer, self.only_column = layer, only_column
         old_cursor, self.cursor = self.cursor, cursor
         first_new = self._extend()
@@ -170,8 +171,24 @@ class TokenView(ScrollView, can_focus=False):
                 lines[-1].append((t, ""))
         self._col = col
         self._laid = len(trace)
-        self.virtual_size = Size(width, len(lines))
+        self._set_virtual_size(Size(width, len(lines)))
         return first
+
+    def _set_virtual_size(self, size: Size) -> None:
+        """A longer text without a layout pass: the scrollbar is updated in place (a layout pass of the
+        whole screen per new line was the largest single cost of a frame); only when the scrollbar
+        appears or goes is the screen laid out again."""
+        if size == self.virtual_size:
+            return
+        update = getattr(self, "_scroll_update", None)
+        if update is None or not self.is_mounted or not self.size:
+            self.virtual_size = size  # Textual's own way: a layout pass
+            return
+        shown = (self.show_vertical_scrollbar, self.show_horizontal_scrollbar)
+        self.set_reactive(TokenView.virtual_size, size)
+        update(size)
+        if (self.show_vertical_scrollbar, self.show_horizontal_scrollbar) != shown:
+            self.refresh(layout=True)
 
     def on_resize(self) -> None:
         if self._wrap_width() != self._width:
