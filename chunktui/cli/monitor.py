@@ -115,7 +115,8 @@ def monitor_cmd(model_spec, device, dtype, dict_path, rule_texts, rule_files, pr
         unit, rows = "prompts", len(prompts)
     else:
         from chunktui.engine.build import LabelSource
-        from chunktui.engine.monitor import labelled_corpus, monitor_texts
+        from chunktui.engine.labels import labelled_corpus
+        from chunktui.engine.monitor import monitor_texts
         from chunktui.shared.texts import read_text
 
         source = LabelSource(corpus=read_text(corpus) if corpus else None, spans_path=spans_path)

@@ -476,25 +476,13 @@ def evaluate_dictionary(loaded: LoadedModel, dictionary: ChunkDictionary, source
     Returns (records, corpus): one record per chunk, and the tokenised corpus.
     """
     from chunktui.engine.distributed import SingleProcess
-    from chunktui.engine.corpus import check_layers, prepare_corpus, run_batch, schedule
+    from chunktui.engine.corpus import check_layers, run_batch, schedule
+    from chunktui.engine.labels import labelled_corpus
 
     group = group or SingleProcess()
     dictionary.check_compatible(loaded.identity())
-    notes = dictionary.notes
-    if source.words is None and source.spans_path is None:
-        part = {c.label for c in dictionary.chunks if c.fit.get("label_mode") == "part-word"}
-        source.words = [label + "*" if label in part else label for label in dictionary.labels()]
-    if notes.get("label_mode") in ("exact", "part-word"):
-        source.label_mode = notes["label_mode"]
-    steps = {c.step for c in dictionary.chunks}
-    source.step = steps.pop() if len(steps) == 1 else 0
-    source.min_count = 1
-    mode = context_mode or notes.get("context_mode", "sentence")
-    mode = mode if mode in ("sentence", "window") else "sentence"
-    text, contexts, spans = source.read()
+    corpus, labels = labelled_corpus(loaded, dictionary, source, context_mode)
     layers = check_layers(dictionary.layers(), loaded.layout)
-    corpus = prepare_corpus(loaded.tokenizer, text, mode, contexts=contexts, context_length=loaded.context_length)
-    labels = source.labels(corpus, spans)
     packed = PackedDictionary(dictionary.chunks, loaded.hidden_size, layers, device=loaded.device,
                               rule=dictionary.token_rule())
     names = sorted(labels.masks)

@@ -132,26 +132,14 @@ def calibrate_dictionary(loaded, dictionary, source, budget: float = DEFAULT_BUD
 
     The text is labelled with the dictionary's own settings (label mode, step, part-word labels) and read in
     the dictionary's context mode, as `evaluate` does. For a dictionary made before rules were stored."""
-    from chunktui.engine.corpus import check_layers, prepare_corpus
+    from chunktui.engine.corpus import check_layers
+    from chunktui.engine.labels import labelled_corpus
 
     dictionary.check_compatible(loaded.identity())
-    notes = dictionary.notes
-    if source.words is None and source.spans_path is None:
-        part = {c.label for c in dictionary.chunks if c.fit.get("label_mode") == "part-word"}
-        source.words = [label + "*" if label in part else label for label in dictionary.labels()]
-    if notes.get("label_mode") in ("exact", "part-word"):
-        source.label_mode = notes["label_mode"]
-    steps = {c.step for c in dictionary.chunks}
-    source.step = steps.pop() if len(steps) == 1 else 0
-    source.min_count = 1
-    mode = context_mode or notes.get("context_mode", "sentence")
-    mode = mode if mode in ("sentence", "window") else "sentence"
-    text, contexts, spans = source.read()
+    corpus, labels = labelled_corpus(loaded, dictionary, source, context_mode)
     layers = check_layers(dictionary.layers(), loaded.layout)
-    corpus = prepare_corpus(loaded.tokenizer, text, mode, contexts=contexts, context_length=loaded.context_length)
-    labels = source.labels(corpus, spans)
     rule = rule_for_corpus(loaded, dictionary.chunks, corpus, labels.masks, layers, budget=budget,
                            batch_size=batch_size, progress=progress, should_stop=should_stop,
                            source={"corpus": source.corpus_name or source.spans_path})
-    dictionary.notes = dict(notes, token_rule=rule.to_json())
+    dictionary.notes = dict(dictionary.notes, token_rule=rule.to_json())
     return rule

@@ -193,3 +193,24 @@ def read_word_list(path: str | Path) -> list[str]:
     if not words:
         raise CorpusError(f"Word list {path} is empty.")
     return words
+
+
+def labelled_corpus(loaded, dictionary, source, context_mode: str | None = None):
+    """The corpus tokenised and labelled with a dictionary's own settings (label mode, step, part-word labels,
+    context mode): (corpus, labels). `evaluate`, `calibrate` and `monitor` all read their text this way."""
+    from chunktui.engine.corpus import prepare_corpus  # corpus imports nothing from here
+
+    notes = dictionary.notes
+    if source.words is None and source.spans_path is None:
+        part = {c.label for c in dictionary.chunks if c.fit.get("label_mode") == "part-word"}
+        source.words = [label + "*" if label in part else label for label in dictionary.labels()]
+    if notes.get("label_mode") in ("exact", "part-word"):
+        source.label_mode = notes["label_mode"]
+    steps = {c.step for c in dictionary.chunks}
+    source.step = steps.pop() if len(steps) == 1 else 0
+    source.min_count = 1
+    mode = context_mode or notes.get("context_mode", "sentence")
+    mode = mode if mode in ("sentence", "window") else "sentence"
+    text, contexts, spans = source.read()
+    corpus = prepare_corpus(loaded.tokenizer, text, mode, contexts=contexts, context_length=loaded.context_length)
+    return corpus, source.labels(corpus, spans)

@@ -36,26 +36,6 @@ class TextMonitor:
     skipped: dict = field(default_factory=dict)  # label -> why it has no mask
 
 
-def labelled_corpus(loaded, dictionary, source, context_mode: str | None = None):
-    """The corpus, tokenised and labelled exactly as `evaluate` does it: (corpus, labels)."""
-    from chunktui.engine.corpus import prepare_corpus
-
-    notes = dictionary.notes
-    if source.words is None and source.spans_path is None:
-        part = {c.label for c in dictionary.chunks if c.fit.get("label_mode") == "part-word"}
-        source.words = [label + "*" if label in part else label for label in dictionary.labels()]
-    if notes.get("label_mode") in ("exact", "part-word"):
-        source.label_mode = notes["label_mode"]
-    steps = {c.step for c in dictionary.chunks}
-    source.step = steps.pop() if len(steps) == 1 else 0
-    source.min_count = 1
-    mode = context_mode or notes.get("context_mode", "sentence")
-    mode = mode if mode in ("sentence", "window") else "sentence"
-    text, contexts, spans = source.read()
-    corpus = prepare_corpus(loaded.tokenizer, text, mode, contexts=contexts, context_length=loaded.context_length)
-    return corpus, source.labels(corpus, spans)
-
-
 @torch.no_grad()
 def monitor_texts(loaded, program: RuleProgram, corpus, labels=None, batch_size: int = 16, progress=None,
                   should_stop=None, checkpoint=None) -> TextMonitor:

@@ -25,7 +25,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Button, Checkbox, DataTable, Footer, Input, OptionList, Static, TabbedContent, TabPane
+from textual.widgets import Button, Checkbox, DataTable, Footer, Input, OptionList, TabbedContent, TabPane
 
 from chunktui.shared import protocol as p
 from chunktui.shared.dispatch import Handlers

@@ -155,7 +155,8 @@ def test_monitor_resume_continues_from_the_checkpoint(runner, tmp_path, tiny_dic
     """A run stopped after its first checkpoint, resumed, writes what an uninterrupted run writes."""
     from chunktui.api import Engine
     from chunktui.engine.build import Checkpoint, LabelSource
-    from chunktui.engine.monitor import labelled_corpus, monitor_texts
+    from chunktui.engine.labels import labelled_corpus
+    from chunktui.engine.monitor import monitor_texts
     from chunktui.engine.rules import generate_rows
     from chunktui.shared.errors import GenerationCancelled
     from chunktui.shared.settings import Sampling
