@@ -68,7 +68,7 @@ async def test_where_a_chunk_fires_in_the_sample_text_and_in_a_file(make_test_ap
 
 async def test_a_long_search_runs_in_the_engine_and_esc_stops_it(make_test_app, tmp_path):
     big = tmp_path / "big.txt"
-    big.write_text(sample_path("heldout.txt").read_text() * 12)
+    big.write_text(sample_path("heldout.txt").read_text() * 60)  # long enough to still run when the next job comes
     app = make_test_app()
     async with app.run_test(size=(100, 34)) as pilot:
         await ready(app, pilot)
