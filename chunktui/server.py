@@ -51,6 +51,10 @@ class Server:
         self.send_lock = threading.Lock()
         self.jobs: queue.Queue = queue.Queue()
         self.cancel = threading.Event()
+        # a Cancel cancels every job sent before it, including one still waiting in the queue: jobs are numbered
+        # as they arrive, and the worker starts a job at or below `cancelled_upto` already cancelled
+        self.received = 0
+        self.cancelled_upto = 0
         self.engine = None
         # trace id -> (columns, [value rows (C,)], [score rows (C,)]): what token detail and chunk plots read
         self.store: dict[int, tuple] = {}
@@ -87,17 +91,22 @@ class Server:
             if ANSWERED_AT_ONCE.handles(request):  # cancel and the small questions never wait behind a job
                 ANSWERED_AT_ONCE.dispatch(self, request)
             else:
-                self.jobs.put(request)
+                self.received += 1
+                self.jobs.put((self.received, request))
         self.cancel.set()
         self.jobs.put(None)
         worker.join(timeout=5)  # a running job stops within one token
 
     def _work(self) -> None:
         while True:
-            request = self.jobs.get()
-            if request is None:
+            item = self.jobs.get()
+            if item is None:
                 return
-            self.cancel.clear()
+            number, request = item
+            if number <= self.cancelled_upto:  # cancelled before it started: it stops at its first check
+                self.cancel.set()
+            else:
+                self.cancel.clear()
             name = type(request).__name__
             try:
                 JOBS.dispatch(self, request)
@@ -375,6 +384,7 @@ class Server:
 
     @ANSWERED_AT_ONCE(p.Cancel)
     def _cancel(self, req: p.Cancel) -> None:
+        self.cancelled_upto = self.received  # the reader thread numbers jobs, so this is every job sent so far
         self.cancel.set()
 
     @ANSWERED_AT_ONCE(p.Shutdown)

@@ -71,8 +71,8 @@ class LayerMap(Widget):
         changed = {old_cursor, self._cursor_row()} | set(range(old[4], new_len))
         self._shown_len = new_len
         width = self.size.width
-        for t in sorted(changed):
-            if t is not None and top <= t < top + rows:
+        for t in sorted(t for t in changed if t is not None):  # no cursor: None, nothing to repaint for it
+            if top <= t < top + rows:
                 self.refresh(Region(0, 1 + t - top, width, 1))
 
     def get_content_width(self, container, viewport) -> int:
