@@ -1,6 +1,6 @@
 """`python -m chunktui ...` (and `torchrun --nproc-per-node K -m chunktui build ...`)."""
 
-from chunktui.cli import main
+from chunktui.launch import main
 
 if __name__ == "__main__":
     main()

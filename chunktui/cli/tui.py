@@ -55,9 +55,11 @@ def tui_cmd(model_spec, dict_path, device, dtype, sequences_path, file_path, pro
     if file_path is not None and not Path(file_path).is_file():
         raise click.BadParameter(f"{file_path} does not exist", param_hint="--file")
     threads = threads or (os.cpu_count() or 1)
-    from chunktui.tui.engine_client import engine_log_path, prestart
+    from chunktui.tui.early import engine_log_path, prestart
 
-    prestart(threads, engine_log_path())  # the engine imports torch while Textual is imported and the screen built
+    # a no-op when the console script already started it (chunktui.launch); the engine imports torch while
+    # Textual is imported and the screen built
+    prestart(threads, engine_log_path())
 
     from chunktui.tui.app import make_app
     from chunktui.tui.options import AppOptions

@@ -102,6 +102,7 @@ class LoadedModel:
     fingerprint: list[float] = field(default_factory=list)
     device_map: dict | None = None  # accelerate's hf_device_map when the model is dispatched, else None
     offload_folder: str | None = None
+    model_code: str = "transformers"  # whose forward pass runs: "transformers", or "chunktui-llama" (engine.lean)
 
     @property
     def n_layers(self) -> int:
@@ -148,6 +149,7 @@ class LoadedModel:
             "memory_mb": round(self.memory_bytes() / 2**20, 1),
             "placement": placement_summary(self.device_map) if self.device_map else str(self.device),
             "load_seconds": round(self.load_seconds, 2),
+            "model_code": self.model_code,
             "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
         }
 
@@ -407,9 +409,22 @@ def check_model_folder(path: Path) -> None:
                              "copy the tokenizer files from the model's download.")
 
 
-def _load_folder(path: str, dtype: torch.dtype, local_only: bool, placement: dict | None = None):
+def _load_folder(path: str, dtype: torch.dtype, local_only: bool, placement: dict | None = None,
+                 device: torch.device | None = None):
     """Tokenizer and model from a local folder; `placement` (device_map, max_memory, offload_folder) puts the
-    weights straight where they will compute."""
+    weights straight where they will compute. A plain LLaMA checkpoint on one device runs chunktui's own copy of
+    transformers' forward (engine.lean, checked equal), which skips 1.5 s of transformers' imports."""
+    from chunktui.engine import lean
+
+    mapped = (placement or {}).get("device_map")
+    if not placement:
+        target = device
+    elif set(placement) == {"device_map"} and isinstance(mapped, dict) and list(mapped) == [""]:
+        target = torch.device(mapped[""])  # everything on one device
+    else:
+        target = None  # accelerate's dispatch: transformers places the weights
+    if target is not None and lean.supported(Path(path)) is None:
+        return lean.load(Path(path), dtype, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
@@ -543,18 +558,18 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
                         raise ModelLoadError(f"Could not convert {gguf.name}: it is damaged or uses an architecture "
                                              f"transformers cannot read from GGUF ({type(err).__name__}: {err}).") from None
                 progress("load", 0.5, f"loading weights from the safetensors cache onto {where}")
-                model, tokenizer = _load_folder(str(converted), dt, local_only=True, placement=placement)
+                model, tokenizer = _load_folder(str(converted), dt, local_only=True, placement=placement, device=dev)
                 source = str(gguf)
             elif resolved.kind == "folder":
                 check_model_folder(Path(resolved.detail))
                 progress("load", 0.3, f"loading {resolved.detail} onto {where}")
-                model, tokenizer = _load_folder(resolved.detail, dt, local_only=True, placement=placement)
+                model, tokenizer = _load_folder(resolved.detail, dt, local_only=True, placement=placement, device=dev)
             else:  # hub: the local cache, or a download
                 from chunktui.engine.hub import fetch_hub_model
 
                 folder = fetch_hub_model(resolved.spec, offline=offline, progress=progress)
                 progress("load", 0.9, f"loading {resolved.spec} onto {where}")
-                model, tokenizer = _load_folder(str(folder), dt, local_only=True, placement=placement)
+                model, tokenizer = _load_folder(str(folder), dt, local_only=True, placement=placement, device=dev)
                 source = f"Hugging Face cache ({folder})"
             model = model.eval()
     except (ModelLoadError, DeviceMemoryError):
@@ -577,7 +592,8 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
     loaded = LoadedModel(model=model, tokenizer=tokenizer, name=resolved.name, spec=resolved.spec, layout=layout,
                          device=input_device(model, dev) if hf_map else dev, dtype=dt, source=source,
                          fingerprint=model_fingerprint(model, layout), device_map=dict(hf_map) if hf_map else None,
-                         offload_folder=placement.get("offload_folder"))
+                         offload_folder=placement.get("offload_folder"),
+                         model_code="chunktui-llama" if type(model).__module__ == "chunktui.engine.lean" else "transformers")
     loaded.load_seconds = time.perf_counter() - start
     progress("done", 1.0, f"loaded {resolved.name} in {loaded.load_seconds:.1f} s")
     return loaded

@@ -164,10 +164,10 @@ def _start_child(model: str, dict_path: str | None, threads: int, prompt: str, t
         marks.setdefault(name, time.time() - launched)
 
     mark("interpreter")
-    if prestart_engine:
-        from chunktui.tui.engine_client import engine_log_path, prestart
+    if prestart_engine:  # already done by _START_CHILD before this module was imported (a no-op then)
+        from chunktui.tui.early import engine_log_path, prestart
 
-        prestart(threads, engine_log_path())  # as `chunktui tui` does
+        prestart(threads, engine_log_path())  # as `chunktui tui` does (chunktui.launch)
     from chunktui.shared import protocol as p
     from chunktui.tui.app import make_app
     from chunktui.tui.options import AppOptions
@@ -203,6 +203,13 @@ def _start_child(model: str, dict_path: str | None, threads: int, prompt: str, t
     return {k: round(v, 3) for k, v in marks.items()}
 
 
+# the child starts the engine first, as the `chunktui` console script does (chunktui.launch), then imports the rest
+_START_CHILD = ("import json, sys, time; launched_args = json.loads(sys.argv[1]); "
+                "from chunktui.tui.early import engine_log_path, prestart; "
+                "launched_args['prestart_engine'] and prestart(launched_args['threads'], engine_log_path()); "
+                "from chunktui.tui.bench import _start_child_main; _start_child_main()")
+
+
 def _start_child_main() -> None:
     import json
 
@@ -233,9 +240,8 @@ def bench_start(model: str = DEFAULT_MODEL, dict_path: str | None = None, thread
     for i in range(runs):
         args = dict(model=model, dict_path=dict_path, threads=threads, prompt=prompt, tokens=tokens,
                     launched=time.time(), prestart_engine=prestart_engine)
-        done = subprocess.run([sys.executable, "-c", "from chunktui.tui.bench import _start_child_main; "
-                               "_start_child_main()", json.dumps(args)], capture_output=True, text=True, env=env,
-                              timeout=600)
+        done = subprocess.run([sys.executable, "-c", _START_CHILD, json.dumps(args)], capture_output=True, text=True,
+                              env=env, timeout=600)
         line = next((x for x in done.stdout.splitlines() if x.startswith("START-RESULT ")), None)
         if line is None:
             raise RuntimeError(f"the start-up run failed (exit {done.returncode}): {done.stderr[-2000:]}")

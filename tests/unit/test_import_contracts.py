@@ -14,7 +14,7 @@ import grimp
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-FLOORS = ["chunktui.__main__", "chunktui.cli", "chunktui.tui", "chunktui.server", "chunktui.api", "chunktui.backends",
+FLOORS = ["chunktui.__main__", "chunktui.launch", "chunktui.cli", "chunktui.tui", "chunktui.server", "chunktui.api", "chunktui.backends",
           "chunktui.rnn", "chunktui.engine", "chunktui.shared", "chunktui.paths|chunktui.palette"]
 # the one deliberate exception, also listed in pyproject.toml: the app's test mode runs the server in a thread
 ALLOWED_UP = {("chunktui.tui.engine_client", "chunktui.server")}

@@ -1,0 +1,145 @@
+"""engine.lean computes transformers' LlamaForCausalLM forward exactly (a tiny random checkpoint, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from chunktui.engine import lean
+from chunktui.engine.hooks import ResidualRecorder
+from chunktui.engine.layout import find_layout
+from chunktui.engine.models import load_model
+from chunktui.engine.streaming import left_pad
+from chunktui.shared.errors import ModelLoadError
+
+
+def _save_random_llama(folder, *, tie: bool, seed: int = 0, **overrides) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chunktui.engine.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=tie, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # norms away from 1, so a norm that is skipped or misplaced shows
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def checkpoint(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama-tied" if request.param else "llama-untied")
+    _save_random_llama(folder, tie=request.param)
+    return folder
+
+
+def _both(folder, dtype):
+    from transformers import AutoModelForCausalLM
+
+    ours, tokenizer = lean.load(folder, dtype, torch.device("cpu"))
+    theirs = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+    return ours, theirs, tokenizer
+
+
+def _run(model, rows, pad_id):
+    """Prefill a left-padded batch with states recorded, then 3 greedy decode steps on the cache, then the
+    same rows without mask or cache, then logits_to_keep=1: every output of the forward pass the engine uses."""
+    out = []
+    ids, mask = left_pad(rows, pad_id)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    layout = find_layout(model)
+    with torch.no_grad():
+        with ResidualRecorder(layout) as rec:
+            step = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
+        out += [rec.states(), step.logits]
+        cache = step.cache
+        nxt, pos = step.logits[:, -1].argmax(-1)[:, None], position[:, -1:] + 1
+        for _ in range(3):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            with ResidualRecorder(layout) as rec:
+                step = model(input_ids=nxt, attention_mask=mask, position_ids=pos, use_cache=True, cache=cache)
+            out += [rec.states(), step.logits]
+            cache, nxt, pos = step.cache, step.logits[:, -1].argmax(-1)[:, None], pos + 1
+        out.append(model(input_ids=torch.tensor([rows[0]]), use_cache=False).logits)
+        out.append(model(input_ids=torch.tensor([rows[0]])).logits)  # use_cache from the config, no mask
+        out.append(model(input_ids=ids, attention_mask=mask[:, :ids.shape[1]], position_ids=position,
+                         use_cache=False, logits_to_keep=1).logits)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_every_state_and_logit_equals_transformers(checkpoint, dtype):
+    ours, theirs, tokenizer = _both(checkpoint, dtype)
+    texts = ["The cheese was on the table next to the cake.", "A dog", "Three dogs, ten cats and one horse"]
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert len({len(r) for r in rows}) == 3  # padding in two rows of three
+    a, b = _run(ours, rows, tokenizer.pad_token_id), _run(theirs, rows, tokenizer.pad_token_id)
+    assert len(a) == len(b) == 11
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert x.dtype == y.dtype == dtype
+        assert x.shape == y.shape, i
+        assert torch.equal(x, y), f"output {i} differs by {(x.float() - y.float()).abs().max().item():.3g}"
+
+
+def test_same_parameters_names_and_ties(checkpoint):
+    ours, theirs, _ = _both(checkpoint, torch.float32)
+    a, b = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    tied = json.loads((checkpoint / "config.json").read_text())["tie_word_embeddings"]
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tied
+    assert not any(p.is_meta for p in ours.parameters()) and not ours.model.rotary_emb.inv_freq.is_meta
+    assert torch.equal(ours.model.rotary_emb.inv_freq, theirs.model.rotary_emb.inv_freq)
+
+
+def test_load_model_uses_it_and_says_so(checkpoint, monkeypatch):
+    loaded = load_model(str(checkpoint), device="cpu")
+    assert loaded.model_code == "chunktui-llama" and loaded.card()["model_code"] == "chunktui-llama"
+    assert loaded.layout.n_layers == 3
+    monkeypatch.setenv(lean.ENV, "transformers")
+    again = load_model(str(checkpoint), device="cpu")
+    assert again.model_code == "transformers" and type(again.model).__module__.startswith("transformers.")
+    assert again.fingerprint == loaded.fingerprint
+
+
+def test_other_checkpoints_go_to_transformers(tmp_path):
+    assert lean.supported(tmp_path) is not None  # nothing there
+    folder = tmp_path / "scaled"
+    _save_random_llama(folder, tie=True)
+    assert lean.supported(folder) is None
+    config = json.loads((folder / "config.json").read_text())
+    for change, reason in [({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope"),
+                           ({"attention_bias": True}, "bias"), ({"model_type": "mistral"}, "Llama"),
+                           ({"hidden_act": "gelu"}, "SiLU")]:
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+        assert reason in lean.supported(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    assert load_model(str(folder), device="cpu", device_map="sequential").model_code == "transformers"
+
+
+def test_weights_that_do_not_fit_the_config_are_a_load_error(tmp_path):
+    folder = tmp_path / "misfit"
+    _save_random_llama(folder, tie=True)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 80}))
+    with pytest.raises(ModelLoadError, match="size mismatch|shape"):
+        load_model(str(folder), device="cpu")
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4}))
+    with pytest.raises(ModelLoadError, match="missing"):
+        load_model(str(folder), device="cpu")
+
+
+def test_packed_position_ids_are_refused_not_silently_wrong(checkpoint):
+    ours, _, _ = _both(checkpoint, torch.float32)
+    with pytest.raises(ValueError, match="packed"):
+        ours(input_ids=torch.tensor([[5, 6, 7, 8]]), position_ids=torch.tensor([[0, 1, 0, 1]]), use_cache=False)
