@@ -32,11 +32,15 @@ def measure(loaded, packed, dictionary, tokens: int = 128, repeats: int = 3) -> 
     ids = encode_prompt(loaded, "Tell me about your favourite foods and where they come from.", chat=True)
     sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
 
+    from chunktui.engine.lean import transformers_twin
+
+    reference = transformers_twin(loaded.model)  # transformers' generate over the same weights
+
     def run_generate():
         x = torch.tensor([ids], device=loaded.device)
         sync()
         t = time.perf_counter()
-        out = loaded.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=tokens,
+        out = reference.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=tokens,
                                     min_new_tokens=tokens, do_sample=False)
         sync()
         assert out.shape[1] - len(ids) == tokens

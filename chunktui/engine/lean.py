@@ -371,3 +371,26 @@ class LlamaForCausalLM(nn.Module):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:, :]
         return CausalLMOutput(logits=self.lm_head(hidden), cache=cache)
+
+
+def transformers_twin(model: nn.Module) -> nn.Module:
+    """transformers' own LlamaForCausalLM over the same parameters (shared, not copied): the reference a test
+    or a benchmark compares with (`generate`, the forward pass). Any other model is returned as it is."""
+    if not isinstance(model, LlamaForCausalLM):
+        return model
+    from transformers import GenerationConfig, LlamaConfig
+    from transformers import LlamaForCausalLM as Reference
+
+    config = LlamaConfig(**{k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "dtype"})
+    with torch.device("meta"):
+        twin = Reference(config)
+    twin.load_state_dict(dict(model.state_dict()), strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        twin.lm_head.weight = twin.model.embed_tokens.weight
+    inv_freq = twin.model.rotary_emb.compute_default_rope_parameters(config)[0]
+    twin.model.rotary_emb.inv_freq = inv_freq.to(model.model.rotary_emb.inv_freq.device)
+    twin.model.rotary_emb.original_inv_freq = twin.model.rotary_emb.inv_freq.clone()
+    gen = model.generation_config
+    twin.generation_config = GenerationConfig(bos_token_id=gen.bos_token_id, eos_token_id=gen.eos_token_id,
+                                              pad_token_id=gen.pad_token_id)
+    return twin.eval()

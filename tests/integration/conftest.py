@@ -30,3 +30,14 @@ def smol_engine(smol, sample_dict):
     from chunktui.api import Engine
 
     return Engine.from_loaded(smol, sample_dict)
+
+
+@pytest.fixture(scope="session")
+def transformers_smol(smol):
+    """transformers' own LlamaForCausalLM over `smol`'s weights (shared): the reference for `generate` and for
+    the forward pass `smol` runs (chunktui's copy, engine.lean)."""
+    from chunktui.engine.lean import transformers_twin
+
+    twin = transformers_twin(smol.model)
+    assert type(twin).__module__.startswith("transformers.")
+    return twin

@@ -27,9 +27,10 @@ def test_builtin_model_and_sample_dictionary(smol, sample_dict):
     assert len(sample_dict) == len(sample_dict.labels()) * 31
 
 
-def test_streaming_equals_generate(smol):
+def test_streaming_equals_generate(smol, transformers_smol):
+    """The engine's stream (chunktui's forward) gives transformers' own `generate` tokens, greedy."""
     ids = encode_prompt(smol, "What should I cook for dinner tonight?", chat=True)
-    reference = smol.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+    reference = transformers_smol.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                     max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
     streamed = [e.token_id for e in generate_stream(smol, ids, Sampling(max_new_tokens=24, stop_at_eos=False))
                 if e.generated]

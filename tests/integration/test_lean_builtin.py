@@ -2,22 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
-
-
-@pytest.fixture(scope="module")
-def transformers_smol(smol):
-    """The same checkpoint through transformers' own LlamaForCausalLM, the weights shared with `smol`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**{k: v for k, v in smol.model.config.to_dict().items() if not k.startswith("_")})
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model.load_state_dict(dict(smol.model.state_dict()), strict=False, assign=True)
-    model.tie_weights()
-    model.model.rotary_emb.inv_freq = model.model.rotary_emb.compute_default_rope_parameters(config)[0]
-    return model.eval()
 
 
 def test_the_builtin_model_runs_the_lean_forward(smol):

@@ -74,6 +74,14 @@ def _run(model, rows, pad_id):
         out.append(model(input_ids=torch.tensor([rows[0]])).logits)  # use_cache from the config, no mask
         out.append(model(input_ids=ids, attention_mask=mask[:, :ids.shape[1]], position_ids=position,
                          use_cache=False, logits_to_keep=1).logits)
+        # as the corpus pass feeds it: right-padded rows, a mask, no positions, no cache, the states recorded
+        right = torch.full_like(ids, pad_id)
+        right_mask = torch.zeros_like(ids)
+        for k, row in enumerate(rows):
+            right[k, :len(row)], right_mask[k, :len(row)] = torch.tensor(row), 1
+        with ResidualRecorder(layout) as rec:
+            step = model(input_ids=right, attention_mask=right_mask, use_cache=False, logits_to_keep=1)
+        out += [rec.states(), step.logits]
     return out
 
 
@@ -84,7 +92,7 @@ def test_every_state_and_logit_equals_transformers(checkpoint, dtype):
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     assert len({len(r) for r in rows}) == 3  # padding in two rows of three
     a, b = _run(ours, rows, tokenizer.pad_token_id), _run(theirs, rows, tokenizer.pad_token_id)
-    assert len(a) == len(b) == 11
+    assert len(a) == len(b) == 13
     for i, (x, y) in enumerate(zip(a, b)):
         assert x.dtype == y.dtype == dtype
         assert x.shape == y.shape, i
