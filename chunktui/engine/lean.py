@@ -83,7 +83,9 @@ def load(folder: Path, dtype: torch.dtype, device: torch.device):
     config.dtype = str(dtype).replace("torch.", "")
     config._attn_implementation = "sdpa"
     tokenizer = TokenizersBackend.from_pretrained(str(folder), local_files_only=True)
-    state = load_file(str(folder / "model.safetensors"), device=str(device))
+    # read on the host, then one copy per tensor straight to the device in the model's dtype (no float32
+    # staging on the GPU)
+    state = load_file(str(folder / "model.safetensors"))
     model = LlamaForCausalLM(config)  # every parameter an empty meta tensor until the weights are assigned
     model.load_state(state, dtype=dtype, device=device)
     model.generation_config = _generation_config(folder, config)
@@ -356,7 +358,8 @@ class LlamaForCausalLM(nn.Module):
         if missing or extra:
             raise KeyError(f"weights do not fit the config: missing {missing[:4]}, unexpected {extra[:4]}")
         # a shape that does not fit the config is refused here (size mismatch)
-        self.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+        self.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=False,
+                             assign=True)
         if tied:
             self.lm_head.weight = self.model.embed_tokens.weight
         # as transformers initialises the buffer: computed on the CPU, then copied to the device
