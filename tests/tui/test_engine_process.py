@@ -115,7 +115,11 @@ async def test_the_app_keeps_its_session_when_the_engine_dies_and_restarts_it(ma
         assert app.model is None and app.session.traces == [trace]  # the session on screen stays
         assert "engine process stopped (killed by signal 9" in app.screen.text  # said, with the restart offer
         await pilot.click("#restart-yes")
-        await settle(app, pilot, timeout=120)
+        # the click's callback (restart, then load) may run after a first idle check on a busy machine: wait for
+        # the model itself, not only for an idle engine
+        deadline = time.monotonic() + 120
+        while app.model is None and time.monotonic() < deadline:
+            await settle(app, pilot, timeout=5)
         assert app.model is not None and app.engine.pid != first_pid
         app.action_generate()
         await settle(app, pilot, timeout=120)
