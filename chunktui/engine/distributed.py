@@ -148,6 +148,9 @@ def launch(procs: int, argv: list[str]) -> int:
         with held:
             run(args)
     except Exception as err:  # torchrun's ChildFailedError carries the failing rank's exit code
+        sigval = getattr(err, "sigval", None)  # SignalException: the launcher was sent SIGTERM / SIGINT and
+        if sigval is not None:                 # has passed it on to the workers, which said so themselves
+            return 128 + int(sigval)
         failures = getattr(err, "failures", None) or {}
         codes = [getattr(f, "exitcode", 1) for f in failures.values()]
         code = max([c for c in codes if isinstance(c, int) and c > 0] or [1])

@@ -37,7 +37,7 @@ def inputs(tmp_path_factory, tiny_corpus):
     lines = tiny_corpus.splitlines()
     (folder / "corpus.txt").write_text("\n".join(lines[:30]))
     with (folder / "spans.jsonl").open("w") as fh:
-        for line in lines[30:55]:
+        for line in lines[30:90]:
             marks = [[i, i + 6, "cheese"] for i in range(len(line)) if line.startswith("cheese", i)]
             fh.write(json.dumps({"text": line, "spans": marks}) + "\n")
     (folder / "prompts.txt").write_text("The dog ate\n# a comment\nI like cheese\nA cat found\n")
@@ -48,7 +48,7 @@ TEXT_RULES = ["--rule", "one: when cheese@1 -> alert", "--rule", "two: when chee
               "--rule", "three: when not cake@0 for 3 -> stop"]
 KINDS = {
     "corpus": ["--corpus", "corpus.txt", *TEXT_RULES, "--batch-size", "4"],
-    "spans": ["--spans", "spans.jsonl", *TEXT_RULES, "--batch-size", "3"],
+    # --spans: in the resume test below (two processes, killed and resumed, against one)
     # every row fires every rule (a: most tokens, g: an intervention, s: a stop), so rows out of order show
     "prompts": ["--prompts", "prompts.txt", "--generate", "6", "--samples", "2", "--temperature", "1.0", "--no-chat",
                 "--rule", "a: when not cake@0 -> alert", "--rule", "g: when not cheese for 2 -> suppress dog@1-2 x1 for 2",
@@ -107,7 +107,7 @@ def test_two_gloo_processes_write_what_one_writes(inputs, tiny_dict, kind, monke
     s1, s2 = (json.loads((inputs / f"{n}-{kind}.json").read_text()) for n in ("one", "two"))
     assert (s1["procs"], s2["procs"]) == (1, 2)
     assert _volatile(s2) == _volatile(s1)  # per rule: firings, prompts / contexts, first tokens; the scores
-    if kind != "prompts":
+    if kind == "corpus":
         assert s1["scores"]["one"]["positives"] > 0 and "precision" in p.stdout and "recall" in p.stdout
     # the printed tables too (the lines before "wrote")
     table = lambda text: [x.rstrip() for x in text.splitlines() if "│" in x or "firings over" in x]  # noqa: E731
@@ -115,15 +115,18 @@ def test_two_gloo_processes_write_what_one_writes(inputs, tiny_dict, kind, monke
 
 
 def test_a_killed_sharded_run_resumes_to_the_same_output(inputs, tiny_dict, monkeypatch):
-    """Two processes killed (SIGKILL, the whole process group) after both checkpointed, then resumed on two."""
+    """--spans on two processes, both killed (SIGKILL) once each has checkpointed, then resumed on two: the
+    firings, precision and recall of one uninterrupted process."""
     _, dict_path = tiny_dict
     monkeypatch.chdir(inputs)
-    # 30 batches a process; the run cannot end before the slower process has done all of its own, so a kill
-    # once both have checkpointed once comes before the end
-    common = ["monitor", *TINY, "--dict", str(dict_path), "--corpus", "corpus.txt", *TEXT_RULES, "--batch-size", "1",
+    # one context a batch, dozens a process: the run cannot end before the slower process has done all of its
+    # own, so a kill once both have checkpointed once comes before the end
+    common = ["monitor", *TINY, "--dict", str(dict_path), "--spans", "spans.jsonl", *TEXT_RULES, "--batch-size", "1",
               "--checkpoint-every", "1"]
-    r = CliRunner().invoke(main, [*common, "--out", "fresh.jsonl"])
+    r = CliRunner().invoke(main, [*common, "--out", "fresh.jsonl", "--json", "fresh.json"])
     assert r.exit_code == 0, r.output
+    fresh = json.loads((inputs / "fresh.json").read_text())
+    assert fresh["contexts"] >= 50 and fresh["scores"]["one"]["positives"] > 0
     proc = subprocess.Popen(chunktui_cmd(*common, "--procs", "2", "--out", "killed.jsonl"), env=env(), cwd=inputs,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     folder = inputs / "killed.jsonl.partial"
@@ -144,7 +147,7 @@ def test_a_killed_sharded_run_resumes_to_the_same_output(inputs, tiny_dict, monk
     assert len(workers) == 2
     assert not (inputs / "killed.jsonl").exists()
     done = [json.loads(m.read_text())["batches_done"] for m in metas]
-    assert all(d > 0 for d in done) and min(done) < 30
+    assert all(d > 0 for d in done) and min(done) < fresh["contexts"] // 2
     # each process resumes its own share: a resume on another number of processes is refused before any loads
     r = CliRunner().invoke(main, [*common, "--out", "killed.jsonl", "--resume"])
     assert r.exit_code == 2 and "--procs 2" in r.output and "Traceback" not in r.output
@@ -152,8 +155,11 @@ def test_a_killed_sharded_run_resumes_to_the_same_output(inputs, tiny_dict, monk
     p = subprocess.run(chunktui_cmd(*common, "--procs", "2", "--out", "killed.jsonl", "--resume", "--json",
                                     "resumed.json"), env=env(), cwd=inputs, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert json.loads((inputs / "resumed.json").read_text())["resumed_batches"] == sum(done)
+    resumed = json.loads((inputs / "resumed.json").read_text())
+    assert resumed["resumed_batches"] == sum(done) and resumed["procs"] == 2
     assert (inputs / "killed.jsonl").read_text() == (inputs / "fresh.jsonl").read_text()
+    drop = lambda d: {k: v for k, v in _volatile(d).items() if k != "resumed_batches"}  # noqa: E731
+    assert drop(resumed) == drop(fresh)  # per rule: firings, contexts, first tokens; precision and recall
     assert not folder.exists()
 
 
