@@ -214,3 +214,62 @@ def test_monitor_texts_refuses_more_processes_than_batches(tiny_model, tiny_dict
     corpus, labels = labelled_corpus(tiny_model, dictionary, LabelSource(corpus=(inputs / "corpus.txt").read_text()))
     with pytest.raises(CorpusError, match="--procs 99 is more processes than there are batches"):
         monitor_texts(tiny_model, program, corpus, labels, batch_size=16, group=Wide())
+
+
+class _Share(Exception):
+    """Raised by a stand-in rank at the gather: what it made of its share."""
+
+
+class _Rank:
+    """Rank `rank` of `world`, in this process: the gather returns the other ranks' parts given, or raises
+    _Share with this rank's own part when none are given (how a rank's share is read without the others)."""
+
+    def __init__(self, rank: int, world: int, parts: dict | None = None):
+        from chunktui.engine.distributed import SingleProcess
+
+        self.base = SingleProcess()
+        self.rank, self.world_size, self.parts, self.is_main = rank, world, parts, rank == 0
+
+    def all_gather_json(self, obj):
+        if self.parts is None:
+            raise _Share(obj)
+        return [obj if r == self.rank else self.parts[r] for r in range(self.world_size)]
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+
+def test_generated_rows_sharded_and_resumed_are_one_process_rows(tiny_model, tiny_dict):
+    """generate_rows on two ranks (stand-ins, in this process): rank 1 stopped after its first checkpoint and
+    resumed; rank 0 gathers rank 1's rows: every row equals the one-process run's, in row order."""
+    import tempfile
+
+    from chunktui.api import Engine
+    from chunktui.engine.build import Checkpoint
+    from chunktui.engine.rules import generate_rows
+    from chunktui.shared.settings import Sampling
+
+    dictionary, _ = tiny_dict
+    program = Engine.from_loaded(tiny_model, dictionary).rules(
+        ["a: when not cake@0 -> alert", "g: when not cheese for 2 -> suppress dog@1-2 x1 for 2",
+         "s: when not dog for 4 -> stop"])
+    sampling = Sampling(max_new_tokens=5, temperature=1.0, seed=3, stop_at_eos=False)
+    prompts = ["The dog ate", "I like cheese", "A cat", "The rain", "My friend saw"]
+    args = (tiny_model, prompts, 2, sampling, program)
+    plain = [r.to_json() for r in generate_rows(*args, chat=False, batch_size=2)]  # 10 rows, 5 batches
+    with tempfile.TemporaryDirectory() as folder:
+        def stop_after_first(done, total):
+            raise KeyboardInterrupt  # a kill, right after the first batch's checkpoint
+
+        with pytest.raises(KeyboardInterrupt):
+            generate_rows(*args, chat=False, batch_size=2, group=_Rank(1, 2), progress=stop_after_first,
+                          checkpoint=Checkpoint(folder, every=1))
+        checkpoint = Checkpoint(folder, every=1, resume=True)
+        with pytest.raises(_Share) as share:
+            generate_rows(*args, chat=False, batch_size=2, group=_Rank(1, 2), checkpoint=checkpoint)
+        assert checkpoint.resumed == 1  # batch 1 restored, batch 3 made
+        part1 = share.value.args[0]
+        assert part1 == plain[2:4] + plain[6:8]  # rank 1: batches 1 and 3
+        rows = generate_rows(*args, chat=False, batch_size=2, group=_Rank(0, 2, {1: part1}))
+    assert [r.to_json() for r in rows] == plain
+    assert len({tuple(r["ids"]) for r in plain}) >= 4 and sum(len(r["firings"]) for r in plain) > 10
