@@ -4,6 +4,7 @@
     python benchmarks/rules.py monitor [--paragraphs 40] [--repeats 3]   # monitor tok/s vs a plain forward
     python benchmarks/rules.py guard   [--samples 4] [--tokens 32]       # "when C -> suppress C" on inviting.jsonl
     python benchmarks/rules.py alerts                                     # alert rules on heldout.txt vs evaluate
+    python benchmarks/rules.py procs   [--paragraphs 40] [--procs 2]      # `monitor --procs K` vs --procs 1
 
 Every run prints its figures and the settings; add --json FILE to keep them. Arms are interleaved
 (A B A B ...) so drift in machine load hits both alike; medians and the range over repeats are given.
@@ -249,6 +250,60 @@ def alerts(threads: int, json_path: str | None) -> None:
           "means_over_concepts [value, concepts]": summary, "cheese": rows.get("cheese"), "per_concept": rows},
          json_path)
 
+
+@cli.command()
+@click.option("--paragraphs", default=40, show_default=True, help="first N paragraphs of sample_data/heldout.txt")
+@click.option("--procs", "procs", default=2, show_default=True)
+@click.option("--repeats", default=1, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--json", "json_path", default=None)
+def procs(paragraphs: int, procs: int, repeats: int, batch_size: int, json_path: str | None) -> None:
+    """`chunktui monitor --corpus` (the built-in model, the sample dictionary, 5 alert rules) run as a user runs it,
+    three arms interleaved: --procs 1 (torch's default threads), --procs 1 with one thread (OMP_NUM_THREADS=1,
+    what each of the K workers gets on a machine of K cores), and --procs K. Per run: the whole command's wall
+    time (start, model load, labelling, reading, writing) and the reading loop's own seconds (rank 0, from
+    --json, the gather included). Every run's firings file must be byte-identical to the first run's."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    text = "\n".join((ROOT / "sample_data" / "heldout.txt").read_text(encoding="utf-8").splitlines()[:paragraphs])
+    rules = STREAM_RULES[:3] + ["f: when tea for 2 -> alert", "g: when snow>=4 -> alert"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env.pop("OMP_NUM_THREADS", None)
+    arms = {"procs 1": (1, {}), "procs 1, 1 thread": (1, {"OMP_NUM_THREADS": "1"}), f"procs {procs}": (procs, {})}
+    runs: dict[str, list[dict]] = {name: [] for name in arms}
+    reference = None
+    with tempfile.TemporaryDirectory() as folder:
+        corpus = Path(folder) / "heldout.txt"
+        corpus.write_text(text, encoding="utf-8")
+        for _ in range(repeats):
+            for name, (k, extra) in arms.items():
+                out, summary = Path(folder) / "f.jsonl", Path(folder) / "s.json"
+                cmd = [sys.executable, "-m", "chunktui", "monitor", "--model", "smollm2-135m", "--device", "cpu",
+                       "--corpus", str(corpus), "--batch-size", str(batch_size), "--procs", str(k),
+                       "--out", str(out), "--json", str(summary), "--overwrite"]
+                for rule in rules:
+                    cmd += ["--rule", rule]
+                t = time.perf_counter()
+                p = subprocess.run(cmd, env=dict(env, **extra), capture_output=True, text=True)
+                wall = time.perf_counter() - t
+                if p.returncode:
+                    raise SystemExit(p.stdout + p.stderr)
+                data = json.loads(summary.read_text())
+                lines = out.read_bytes()
+                reference = reference if reference is not None else lines
+                runs[name].append({"wall_s": round(wall, 2), "reading_s": data["seconds"], "tokens": data["tokens"],
+                                   "contexts": data["contexts"], "firings": lines.count(b"\n"),
+                                   "identical_to_first_run": lines == reference,
+                                   "loadavg_after": [round(x, 2) for x in os.getloadavg()]})
+                print(name, runs[name][-1], file=sys.stderr, flush=True)
+    med = lambda name, key: round(statistics.median(r[key] for r in runs[name]), 2)  # noqa: E731
+    _out({"benchmark": "monitor --procs", "paragraphs": paragraphs, "batch_size": batch_size, "repeats": repeats,
+          "cpu_count": os.cpu_count(), "rules": rules, "runs": runs,
+          "wall_s_median": {name: med(name, "wall_s") for name in runs},
+          "reading_s_median": {name: med(name, "reading_s") for name in runs}}, json_path)
 
 if __name__ == "__main__":
     cli()

@@ -219,6 +219,29 @@ def command_line(ctx: click.Context | None = None) -> str:
     return " ".join(words)
 
 
+def worker_argv(ctx: click.Context, *skip: str) -> list[str]:
+    """The running command's options as given (from the parsed values), less `skip`: what the processes that
+    `--procs` launches run. Repeated options repeat, `--x/--no-x` pairs keep their side, and the placement
+    options (which the command's signature does not see) travel too."""
+    placed = ctx.meta.get(_PLACEMENT, {})
+    argv: list[str] = []
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name in skip:
+            continue
+        value = ctx.params[param.name] if param.name in ctx.params else placed.get(param.name)
+        if param.is_flag:
+            if param.secondary_opts:
+                argv.append(param.opts[0] if value else param.secondary_opts[0])
+            elif value:
+                argv.append(param.opts[0])
+        elif param.multiple:
+            for item in value or ():
+                argv += [param.opts[0], str(item)]
+        elif value is not None:
+            argv += [param.opts[0], str(value)]
+    return argv
+
+
 def model_options(func):
     func = placement_options(func)
     func = click.option("--dtype", default="auto", show_default=True,

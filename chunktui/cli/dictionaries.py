@@ -13,7 +13,7 @@ from rich.text import Text
 from rich.markup import escape
 
 from chunktui.cli.common import (checked, command_line, console, friendly_errors, load_with_progress, model_inputs,
-                                 model_options, note, overwrite_option, plan_outputs, stage_progress)
+                                 model_options, note, overwrite_option, plan_outputs, stage_progress, worker_argv)
 from chunktui.shared import validate
 from chunktui.shared.errors import ChunkError
 
@@ -87,7 +87,7 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
 
     from chunktui.engine.build import Checkpoint, LabelSource, build_dictionary
     from chunktui.shared.texts import read_text
-    from chunktui.engine.distributed import launch, launched_by_torchrun, process_group, rank_device
+    from chunktui.engine.distributed import check_procs, launch, launched_by_torchrun, process_group, rank_device
     from chunktui.shared.errors import CorpusError
     from chunktui.shared.validate import parse_layers
     from chunktui.engine.labels import read_spans, read_word_list
@@ -98,8 +98,7 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
     if words and not corpus:
         raise CorpusError("--words needs a --corpus to find them in.")
     word_file = words[1:] if words and words.startswith("@") else None
-    if procs < 1:
-        raise CorpusError(f"--procs must be at least 1, got {procs}.")
+    check_procs(procs, device)
     if checkpoint_every < 1:
         raise CorpusError(f"--checkpoint-every must be at least 1 context, got {checkpoint_every}.")
     crit = parse_criterion(criterion)
@@ -121,6 +120,8 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
         raise CorpusError(f"{partial} exists and is not a folder; the build keeps its checkpoints there. Remove it "
                           "or choose another --out.")
     out_inputs = [corpus, spans_path, word_file, *model_inputs(model_spec)]
+    if not launched_by_torchrun():
+        Checkpoint.check_procs(partial, procs, resume)
     if procs > 1 and not launched_by_torchrun():
         from chunktui.shared.outputs import plan_outputs as check
 
@@ -129,7 +130,7 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
             if target is not None:
                 target.release()
         ctx = click.get_current_context()
-        code = launch(procs, ["build", *_argv_without(ctx, "procs")])
+        code = launch(procs, ["build", *worker_argv(ctx, "procs")])
         sys.exit(code)
 
     group = process_group(device)
@@ -197,21 +198,6 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
-
-
-def _argv_without(ctx: click.Context, *skip: str) -> list[str]:
-    """The command's options as given (from the parsed values), less `skip`: what torchrun's workers run."""
-    argv: list[str] = []
-    for param in ctx.command.params:
-        if not isinstance(param, click.Option) or param.name in skip:
-            continue
-        value = ctx.params.get(param.name)
-        if param.is_flag:
-            if value:
-                argv.append(param.opts[0])
-        elif value is not None:
-            argv += [param.opts[0], str(value)]
-    return argv
 
 
 @click.command("evaluate")

@@ -328,6 +328,46 @@ class Checkpoint:
     def bind(self, group, config: dict) -> None:
         self.rank, self.world = group.rank, group.world_size
         self.config = dict(config, world_size=self.world)
+        if not self.resume and self.rank == 0:  # a fresh run: what ranks it will not have left behind goes now
+            for path in self._files():
+                rank = path.name.split(".")[0][len("rank"):]
+                if rank.isdigit() and int(rank) >= self.world:
+                    path.unlink(missing_ok=True)
+                    for left in self._leftovers(int(rank)):
+                        left.unlink(missing_ok=True)
+
+    def _files(self) -> list[Path]:
+        try:
+            return sorted(p for p in self.folder.glob("rank*.*") if p.suffix in (".json", ".safetensors"))
+        except OSError:
+            return []
+
+    @staticmethod
+    def saved_world_size(folder: str | Path) -> int | None:
+        """The number of processes (`--procs`) that wrote the checkpoints in `folder`, or None (none readable).
+        Read before a run launches its processes, so a resume with another --procs is refused at once."""
+        sizes = set()
+        try:
+            metas = sorted(Path(folder).glob("rank*.json"))
+        except OSError:
+            return None
+        for path in metas:
+            try:
+                size = json.loads(path.read_text(encoding="utf-8"))["config"]["world_size"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if isinstance(size, int) and not isinstance(size, bool):
+                sizes.add(size)
+        return max(sizes) if sizes else None
+
+    @staticmethod
+    def check_procs(folder: str | Path, procs: int, resume: bool) -> None:
+        """--resume continues on as many processes as wrote the checkpoint: each rank resumes its own shard."""
+        saved = Checkpoint.saved_world_size(folder) if resume else None
+        if saved is not None and saved != procs:
+            raise CorpusError(f"The checkpoint in {folder} was written by {saved} process{'es' if saved > 1 else ''} "
+                              f"(--procs {saved}): each process resumes its own share of the work, so resume "
+                              f"with --procs {saved}, or delete {folder} to start afresh.")
 
     def _paths(self) -> tuple[Path, Path]:
         return self.folder / f"rank{self.rank}.safetensors", self.folder / f"rank{self.rank}.json"
@@ -366,6 +406,8 @@ class Checkpoint:
         if saved != json.loads(json.dumps(self.config)):
             changed = sorted(k for k in set(saved or {}) | set(self.config)
                              if (saved or {}).get(k) != json.loads(json.dumps(self.config)).get(k))
+            if changed == ["world_size"]:
+                self.check_procs(self.folder, self.world, True)
             raise CorpusError(f"The checkpoint in {self.folder} was made with other settings ({', '.join(changed)}); "
                               "resume with the same command, or delete the folder to start afresh.")
         done, digest = meta.get("batches_done"), meta.get("digest")
@@ -419,8 +461,15 @@ class Checkpoint:
         except OSError:
             return []
 
+    def _leftovers(self, rank: int) -> list[Path]:
+        """Half-written temporary files a killed save of `rank` left (shared.io writes `.NAME.XXXX.tmp` first)."""
+        try:
+            return sorted(self.folder.glob(f".rank{rank}.*.tmp"))
+        except OSError:
+            return []
+
     def clear(self) -> None:
-        for path in (*self._paths(), *self._current_tensors()):
+        for path in (*self._paths(), *self._current_tensors(), *self._leftovers(self.rank)):
             path.unlink(missing_ok=True)
         try:
             self.folder.rmdir()

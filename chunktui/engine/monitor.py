@@ -3,7 +3,9 @@
 Over texts, every token of every context is read once, in the same batches, contexts and labels as
 `evaluate` (`build.evaluate_dictionary`), matched, and the rules evaluated on the (tokens x chunks) hits of
 each context in one pass (run lengths restart at each context). Interventions and stops cannot act on a
-text that is read, not written; their firings are recorded all the same.
+text that is read, not written; their firings are recorded all the same. With a process group (`chunktui
+monitor --procs K`) the batches are dealt round-robin to the ranks and the firings gathered: the same
+firings, in the same order, as one process.
 
 With labels (the dictionary's words in a corpus, as `evaluate` labels them, or a span file), each `alert`
 rule is scored against the labels its condition names outside any `not`: precision = alerted tokens
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from chunktui.engine.rules import RuleProgram, bind_checkpoint, save_checkpoint
-from chunktui.shared.errors import ChunkError
+from chunktui.shared.errors import ChunkError, CorpusError
 from chunktui.shared.rules import Firing
 
 
@@ -38,35 +40,37 @@ class TextMonitor:
 
 @torch.no_grad()
 def monitor_texts(loaded, program: RuleProgram, corpus, labels=None, batch_size: int = 16, progress=None,
-                  should_stop=None, checkpoint=None) -> TextMonitor:
+                  should_stop=None, checkpoint=None, group=None) -> TextMonitor:
     """Rules over every token of a prepared corpus; alert precision / recall against `labels` when given.
 
-    `checkpoint` (an `engine.build.Checkpoint`): the firings so far are saved every `checkpoint.every` batches
-    and, with `resume`, a killed run continues after the last saved batch (same corpus, rules and batch size)."""
+    `checkpoint` (an `engine.build.Checkpoint`): the firings so far are saved every `checkpoint.every` batches and,
+    with `resume`, a killed run continues after the last saved batch (same corpus, rules and batch size).
+    `group` (engine.distributed): the batches (laid out from the corpus alone, as `evaluate` lays them out) are
+    dealt round-robin to the ranks; the rules restart at every batch, so each batch's firings are those of one
+    process, and every rank returns all of them. Each rank checkpoints its own batches."""
     from chunktui.engine.corpus import run_batch, schedule
+    from chunktui.engine.distributed import SingleProcess
+    from chunktui.engine.rules import too_many_processes
 
+    group = group or SingleProcess()
     packed = program.packed
     layers = list(packed.layers)
     T = len(corpus.tokens)
-    fired_alert = {r: torch.zeros(T, dtype=torch.bool) for r, rule in enumerate(program.rules)
-                   if rule.action.kind == "alert"}
     firings: list[Firing] = []
     batches = schedule(corpus, batch_size)
+    if group.world_size > max(len(batches), 1):
+        raise CorpusError(too_many_processes(group.world_size, len(batches), batch_size))
+    mine = list(range(group.rank, len(batches), group.world_size))
     source, table = corpus.source, corpus.tokens
     start = time.perf_counter()
     done = 0
     if checkpoint is not None:
         done, saved = bind_checkpoint(checkpoint, {"monitor": "texts", "corpus": corpus.digest, "tokens": T,
-                                                   "rules": program.describe(), "batch_size": batch_size})
-        for record in saved or []:
-            f = Firing.from_json(record)
-            firings.append(f)
-            r = next(i for i, rule in enumerate(program.rules) if rule.name == f.rule)
-            if r in fired_alert:
-                fired_alert[r][f.token] = True
-    for j, batch in enumerate(batches):
-        if j < done:
-            continue
+                                                   "rules": program.describe(), "batch_size": batch_size},
+                                      group=group, batches=len(mine))
+        firings = [Firing.from_json(record) for record in saved or []]
+    for pos in range(done, len(mine)):
+        batch = batches[mine[pos]]
         if should_stop is not None and should_stop():
             from chunktui.shared.errors import GenerationCancelled
 
@@ -85,18 +89,26 @@ def monitor_texts(loaded, program: RuleProgram, corpus, labels=None, batch_size:
         found = program.observe(hit[None], [positions], [texts], starts=starts[None].to(hit.device))[0]
         for f in found:
             f.extra = {"context": table.context[f.token]}
-            r = next(i for i, rule in enumerate(program.rules) if rule.name == f.rule)
-            if r in fired_alert:
-                fired_alert[r][f.token] = True
         firings.extend(found)
-        if checkpoint is not None and ((j + 1) % checkpoint.every == 0 or j + 1 == len(batches)):
-            save_checkpoint(checkpoint, j + 1, [f.to_json() for f in firings])
+        if checkpoint is not None and ((pos + 1) % checkpoint.every == 0 or pos + 1 == len(mine)):
+            save_checkpoint(checkpoint, pos + 1, [f.to_json() for f in firings])
         if progress is not None:
-            progress((j + 1) / len(batches))
+            progress((pos + 1) / len(mine))
+    if group.world_size > 1:
+        firings = [Firing.from_json(r) for part in group.all_gather_json([f.to_json() for f in firings]) for r in part]
+    # a token is read once, and a rule fires at most once per token: (token, rule) orders the firings alike
+    # whichever process found them
     firings.sort(key=lambda f: (f.token, f.rule))
     seconds = time.perf_counter() - start
     scores = {}
     if labels is not None:
+        fired_alert = {r: torch.zeros(T, dtype=torch.bool) for r, rule in enumerate(program.rules)
+                       if rule.action.kind == "alert"}
+        index_of = {rule.name: r for r, rule in enumerate(program.rules)}
+        for f in firings:
+            r = index_of[f.rule]
+            if r in fired_alert:
+                fired_alert[r][f.token] = True
         for r, fired in fired_alert.items():
             rule = program.rules[r]
             named = [label for label in rule.positive_labels() if label in labels.masks]

@@ -27,7 +27,7 @@ import torch
 
 from chunktui.engine.hooks import block_hooks
 from chunktui.engine.models import module_device
-from chunktui.shared.errors import ChunkError
+from chunktui.shared.errors import ChunkError, CorpusError
 from chunktui.shared.rules import (And, Firing, Not, Or, Rule, Run, Term, Vocabulary, action_layers,
                                    check_rules, parse_rule)
 
@@ -318,12 +318,15 @@ def _unpack_json(tensor: torch.Tensor):
     return json.loads(bytes(tensor.tolist()).decode("utf-8"))
 
 
-def bind_checkpoint(checkpoint, config: dict):
-    """A build `Checkpoint` (engine.build) bound to this monitor's settings; (batches done, saved JSON) or (0, None)."""
+def bind_checkpoint(checkpoint, config: dict, group=None, batches: int | None = None):
+    """A build `Checkpoint` (engine.build) bound to this monitor's settings and process group (one file pair per
+    rank); (batches this rank has done, its saved JSON) or (0, None). `batches`: this rank's batch count.
+    Sets `checkpoint.resumed` to the batches restored."""
     from chunktui.engine.distributed import SingleProcess
 
-    checkpoint.bind(SingleProcess(), config)
-    restored = checkpoint.restore()
+    checkpoint.bind(group or SingleProcess(), config)
+    restored = checkpoint.restore(batches=batches)
+    checkpoint.resumed = 0 if restored is None else restored[0]
     if restored is None:
         return 0, None
     done, tensors = restored
@@ -349,20 +352,44 @@ class RuleRun:
     firings: list[Firing]
     finished: str  # "eos", "length" or "rule"
 
+    def to_json(self) -> dict:
+        return dict(prompt=self.prompt, seed=self.seed, ids=self.ids, text=self.text,
+                    firings=[f.to_json() for f in self.firings], finished=self.finished)
+
+    @staticmethod
+    def from_json(r: dict) -> "RuleRun":
+        return RuleRun(prompt=r["prompt"], seed=r["seed"], ids=r["ids"], text=r["text"],
+                       firings=[Firing.from_json(f) for f in r["firings"]], finished=r["finished"])
+
+
+def too_many_processes(world: int, batches: int, batch_size: int) -> str:
+    return (f"--procs {world} is more processes than there are batches of work: {batches} batch"
+            f"{'es' if batches != 1 else ''} of up to {batch_size} (--batch-size); use --procs {batches} or fewer, "
+            "or a smaller --batch-size.")
+
 
 @torch.no_grad()
 def generate_rows(loaded, prompts: Sequence[str], seeds_per_prompt: int, sampling, program: RuleProgram | None,
                   chat: bool = True, batch_size: int = 16, act: bool = True, cancel=None, progress=None,
-                  prompt_index: Sequence[int] | None = None, checkpoint=None) -> list[RuleRun]:
+                  prompt_index: Sequence[int] | None = None, checkpoint=None, group=None) -> list[RuleRun]:
     """Every (prompt, seed) row, batched and left-padded as `perturb.run_arm` does (row seeds identical in every
     arm), with the rules watching each generated token. `act=False` records the firings without acting
     (no stop, no intervention): the unguarded arm of a comparison. `program=None`: no rules at all.
     `checkpoint` (an `engine.build.Checkpoint`): finished rows are saved every `checkpoint.every` batches and,
-    with `resume`, a killed run continues after them (same prompts, rules, sampling and batch size)."""
+    with `resume`, a killed run continues after them (same prompts, rules, sampling and batch size).
+    `group` (engine.distributed): the batches are dealt round-robin to the ranks, each batch made exactly as
+    one process makes it (same rows, padding and seeds), and every rank returns every row, in row order;
+    each rank checkpoints its own batches."""
+    from chunktui.engine.distributed import SingleProcess
     from chunktui.engine.streaming import PhaseFlag, decode
     from chunktui.engine.tokens import encode_prompt, eos_ids
 
+    group = group or SingleProcess()
     rows = [(i, p, sampling.seed + s) for i, p in enumerate(prompts) for s in range(seeds_per_prompt)]
+    n_batches = -(-len(rows) // batch_size)
+    if group.world_size > max(n_batches, 1):
+        raise CorpusError(too_many_processes(group.world_size, n_batches, batch_size))
+    mine = list(range(group.rank, n_batches, group.world_size))
     encoded = {p: encode_prompt(loaded, p, chat) for p in set(prompts)}
     stops = eos_ids(loaded) if sampling.stop_at_eos else set()
     tok = loaded.tokenizer
@@ -373,11 +400,11 @@ def generate_rows(loaded, prompts: Sequence[str], seeds_per_prompt: int, samplin
         done_batches, saved = bind_checkpoint(checkpoint, {
             "monitor": "prompts", "prompts": list(prompts), "samples": seeds_per_prompt, "act": act,
             "sampling": sampling.describe(), "chat": chat, "batch_size": batch_size,
-            "rules": program.describe() if program is not None else []})
-        for r in saved or []:
-            out.append(RuleRun(prompt=r["prompt"], seed=r["seed"], ids=r["ids"], text=r["text"],
-                               firings=[Firing.from_json(f) for f in r["firings"]], finished=r["finished"]))
-    for b in range(done_batches * batch_size, len(rows), batch_size):
+            "rules": program.describe() if program is not None else []}, group=group, batches=len(mine))
+        out = [RuleRun.from_json(r) for r in saved or []]
+    my_rows = sum(len(rows[b * batch_size:(b + 1) * batch_size]) for b in mine)
+    for pos in range(done_batches, len(mine)):
+        b = mine[pos] * batch_size
         batch = rows[b:b + batch_size]
         ids = [encoded[p] for _, p, _ in batch]
         B = len(batch)
@@ -418,14 +445,20 @@ def generate_rows(loaded, prompts: Sequence[str], seeds_per_prompt: int, samplin
         for (_, p, s), g, f, end in zip(batch, generated, firings, finished):
             text = tok.decode([t for t in g if t not in stops], skip_special_tokens=True)
             out.append(RuleRun(prompt=p, seed=s, ids=g, text=text, firings=f, finished=end))
-        n_done = b // batch_size + 1
-        if checkpoint is not None and (n_done % checkpoint.every == 0 or b + batch_size >= len(rows)):
-            save_checkpoint(checkpoint, n_done, [dict(prompt=r.prompt, seed=r.seed, ids=r.ids, text=r.text,
-                                                      firings=[f.to_json() for f in r.firings], finished=r.finished)
-                                                 for r in out])
+        if checkpoint is not None and ((pos + 1) % checkpoint.every == 0 or pos + 1 == len(mine)):
+            save_checkpoint(checkpoint, pos + 1, [r.to_json() for r in out])
         if progress is not None:
-            progress(min(b + batch_size, len(rows)), len(rows))
-    return out
+            progress(len(out), my_rows)
+    if group.world_size == 1:
+        return out
+    # every rank's rows, put back in row order: rank r made the rows of batches r, r + W, r + 2W, ... in turn
+    placed: list[RuleRun | None] = [None] * len(rows)
+    for rank, part in enumerate(group.all_gather_json([r.to_json() for r in out])):
+        where = [i for j in range(rank, n_batches, group.world_size)
+                 for i in range(j * batch_size, min((j + 1) * batch_size, len(rows)))]
+        for i, r in zip(where, part, strict=True):
+            placed[i] = RuleRun.from_json(r)
+    return placed  # type: ignore[return-value]
 
 
 def distinct_bigrams(ids: Sequence[int]) -> float | None:
