@@ -353,17 +353,20 @@ class ConceptScreen:
         """states (t, S, d), states_t (S, t, d) float32 -> match (C, S, t, K) bool, as `ConceptTemplate.screen`."""
         C, S, K = len(self.templates), self.S, self.K
         t = states_t.shape[1]
+        from chunktui.engine.matching import _ieee_float32
+
         match = torch.zeros(C, S, t, K, dtype=torch.bool, device=states_t.device)
         near = torch.zeros(C, t, dtype=torch.bool, device=states_t.device)
-        for s in range(S):
-            cols = self.columns[s]
-            if cols is None:
-                continue
-            d2 = torch.sub(states_t[s][None], self.mu[s][:, None, :]).square_()  # (C, t, d)
-            sums = torch.bmm(d2, cols).gather(2, self.index[s][:, None, :].expand(-1, t, -1))  # (C, t, K)
-            del d2
-            torch.le(sums, self.limit[:, s, None, :], out=match[:, s])
-            near |= ((sums >= self.low[:, s, None, :]) & (sums <= self.high[:, s, None, :])).any(-1)
+        with _ieee_float32():  # the band holds for IEEE float32 products, not TF32's
+            for s in range(S):
+                cols = self.columns[s]
+                if cols is None:
+                    continue
+                d2 = torch.sub(states_t[s][None], self.mu[s][:, None, :]).square_()  # (C, t, d)
+                sums = torch.bmm(d2, cols).gather(2, self.index[s][:, None, :].expand(-1, t, -1))  # (C, t, K)
+                del d2
+                torch.le(sums, self.limit[:, s, None, :], out=match[:, s])
+                near |= ((sums >= self.low[:, s, None, :]) & (sums <= self.high[:, s, None, :])).any(-1)
         for c in near.any(1).nonzero().flatten().tolist():
             tpl = self.templates[c]
             idx = near[c].nonzero().flatten()
