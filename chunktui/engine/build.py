@@ -170,7 +170,7 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
                      store_dtype: torch.dtype = torch.float32, progress: ProgressFn = _quiet,
                      should_stop=None, group=None, checkpoint: "Checkpoint | None" = None,
                      colour_budget: float | None = 0.01, vote_layers: list[int] | None = None,
-                     ) -> tuple[ChunkDictionary, BuildReport]:
+                     reuse_states: bool | None = None) -> tuple[ChunkDictionary, BuildReport]:
     """Fit one PA chunk per concept per layer, streaming: no corpus-sized state is ever held.
 
     Pass 1 tokenises and labels the corpus without the model, draws R per
@@ -182,6 +182,12 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
     returns the same dictionary. `n=None` makes the template the mean of all
     positives (the default for fp-budget). `store_dtype` is accepted for
     compatibility: nothing is stored.
+
+    Pass 3 (the colour rule) needs the states of pass 2's batches again. With
+    `reuse_states` (default: on a CPU, where the forward pass is the cost) pass 2
+    writes each batch's states to a temporary folder and pass 3 reads them back
+    instead of running the model a second time: the same bytes, so the same rule
+    (`corpus.BatchStates`; batches it could not keep run the model as before).
     """
     from chunktui.engine.distributed import SingleProcess, peak_memory_bytes
     from chunktui.engine.corpus import check_layers, prepare_corpus, run_batch, schedule
@@ -256,43 +262,56 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
     rate = _Rate(report.tokens, group.world_size)
     rate.done = sum(len(batches[j]) for j in mine[:start])  # approximate: contexts, not tokens, until it moves
     since = 0
-    for pos in range(start, len(mine)):
-        stop_check()
-        index, states = run_batch(loaded, corpus, batches[mine[pos]], layers)
-        fit.update(index, states)
-        sums += states.double().sum(0).cpu()
-        progress("build", *rate.step(len(index)))
-        since += len(batches[mine[pos]])
-        if checkpoint is not None and since >= checkpoint.every:
-            checkpoint.save(pos + 1, dict(fit.state_tensors(), layer_sums=sums))
-            since = 0
-    fit.merge(group)
-    sums = group.all_sum(sums)
-    report.fit_seconds = time.perf_counter() - t1
+    if reuse_states is None:
+        reuse_states = loaded.device.type == "cpu"
+    kept = None
+    if reuse_states and colour_budget is not None:
+        from chunktui.engine.corpus import BatchStates
 
-    chunks: list[Chunk] = []
-    for label, fits in fit.finish().items():
-        chunks += _chunks_for(label, fits, draws[label], labels, int(labels.masks[label].sum()), report.tokens,
-                              str(crit), seed, corpus.digest, report)
-    if not chunks:
-        why = "; ".join(f"{k}: {v}" for k, v in list(report.unfit.items())[:3]) or \
-            "no concept has a stable subpopulation at any layer"
-        raise CorpusError(f"No chunk could be fitted at any layer ({why}). Try another --criterion, more text, "
-                          "or other --layers.")
-    progress("build", 1.0, f"{len(chunks)} chunks")
-    rule = None
-    if colour_budget is not None and chunks:
-        # pass 3: the token-level colour rule, calibrated on the same text (shared/evidence.py, engine/calibrate.py)
-        from chunktui.engine.calibrate import rule_for_corpus
+        kept = BatchStates()
+    try:
+        for pos in range(start, len(mine)):
+            stop_check()
+            index, states = run_batch(loaded, corpus, batches[mine[pos]], layers)
+            if kept is not None:
+                kept.put(mine[pos], index, states)
+            fit.update(index, states)
+            sums += states.double().sum(0).cpu()
+            progress("build", *rate.step(len(index)))
+            since += len(batches[mine[pos]])
+            if checkpoint is not None and since >= checkpoint.every:
+                checkpoint.save(pos + 1, dict(fit.state_tensors(), layer_sums=sums))
+                since = 0
+        fit.merge(group)
+        sums = group.all_sum(sums)
+        report.fit_seconds = time.perf_counter() - t1
 
-        t2 = time.perf_counter()
-        rate = _Rate(report.tokens, group.world_size)
-        rule = rule_for_corpus(loaded, chunks, corpus, labels.masks, layers, budget=colour_budget,
-                               voting_layers=vote_layers,
-                               batch_size=batch_size, should_stop=stop_check, group=group,
-                               progress=lambda k: progress("calibrate", *rate.step(k)),
-                               source={"corpus": source.corpus_name or source.spans_path})
-        report.calibrate_seconds = time.perf_counter() - t2
+        chunks: list[Chunk] = []
+        for label, fits in fit.finish().items():
+            chunks += _chunks_for(label, fits, draws[label], labels, int(labels.masks[label].sum()), report.tokens,
+                                  str(crit), seed, corpus.digest, report)
+        if not chunks:
+            why = "; ".join(f"{k}: {v}" for k, v in list(report.unfit.items())[:3]) or \
+                "no concept has a stable subpopulation at any layer"
+            raise CorpusError(f"No chunk could be fitted at any layer ({why}). Try another --criterion, more text, "
+                              "or other --layers.")
+        progress("build", 1.0, f"{len(chunks)} chunks")
+        rule = None
+        if colour_budget is not None and chunks:
+            # pass 3: the token-level colour rule, calibrated on the same text (shared/evidence.py, engine/calibrate.py)
+            from chunktui.engine.calibrate import rule_for_corpus
+
+            t2 = time.perf_counter()
+            rate = _Rate(report.tokens, group.world_size)
+            rule = rule_for_corpus(loaded, chunks, corpus, labels.masks, layers, budget=colour_budget,
+                                   voting_layers=vote_layers,
+                                   batch_size=batch_size, should_stop=stop_check, group=group,
+                                   progress=lambda k: progress("calibrate", *rate.step(k)),
+                                   source={"corpus": source.corpus_name or source.spans_path}, states=kept)
+            report.calibrate_seconds = time.perf_counter() - t2
+    finally:
+        if kept is not None:
+            kept.close()
     notes = {"context_mode": corpus.context_mode, "label_mode": labels.mode, "step": labels.step,
              "n": n if n is not None else "all", "criterion": str(crit), "seed": seed, "tolerances": len(tolerances),
              "corpus": source.corpus_name or source.spans_path, "tokens": report.tokens,

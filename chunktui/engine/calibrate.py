@@ -36,8 +36,12 @@ _MAX_STORED = 400  # positives' evidence values kept per concept (evenly spaced 
 
 
 def evidence_on_corpus(loaded, chunks, corpus, layers: list[int], rule: TokenRule, batch_size: int = 16,
-                       progress: Callable[[int], None] | None = None, should_stop=None, group=None):
-    """(T, concepts) float64 evidence of every token of `corpus`, and the concept order."""
+                       progress: Callable[[int], None] | None = None, should_stop=None, group=None, states=None):
+    """(T, concepts) float64 evidence of every token of `corpus`, and the concept order.
+
+    `states` (a `corpus.BatchStates` filled by an earlier pass over the same batches, same `batch_size` and
+    layers): the batches it kept are read back instead of running the model again (the same bytes, so the
+    same evidence); the others run as usual."""
     from chunktui.engine.corpus import run_batch, schedule
     from chunktui.engine.distributed import SingleProcess
     from chunktui.engine.matching import PackedDictionary
@@ -50,8 +54,9 @@ def evidence_on_corpus(loaded, chunks, corpus, layers: list[int], rule: TokenRul
     for j in range(group.rank, len(batches), group.world_size):
         if should_stop is not None:
             should_stop()
-        index, states = run_batch(loaded, corpus, batches[j], layers)
-        m = packed.match(states)
+        kept = states.get(j, loaded.device) if states is not None else None
+        index, H = kept if kept is not None else run_batch(loaded, corpus, batches[j], layers)
+        m = packed.match(H)
         E[index] = packed.evidence(m.score, m.hit).cpu().double()
         if progress is not None:
             progress(len(index))
@@ -113,10 +118,13 @@ def calibrate_required(E: torch.Tensor, positives: torch.Tensor, concepts: list[
 def rule_for_corpus(loaded, chunks, corpus, masks: dict, layers: list[int], budget: float = DEFAULT_BUDGET,
                     voting_layers: list[int] | None = None, cap: float = DEFAULT_CAP, batch_size: int = 16,
                     progress: Callable[[int], None] | None = None, should_stop=None, group=None,
-                    source: dict | None = None) -> TokenRule:
-    """Stream `corpus` (labelled by `masks`, label -> (T,) bool) and calibrate the colour rule on it."""
+                    source: dict | None = None, states=None) -> TokenRule:
+    """Stream `corpus` (labelled by `masks`, label -> (T,) bool) and calibrate the colour rule on it.
+
+    `states`: batches already computed by an earlier pass (see `evidence_on_corpus`)."""
     probe = TokenRule(kind=RULE_KIND, voting_layers=voting_layers, cap=cap, budget=budget)
-    E, concepts = evidence_on_corpus(loaded, chunks, corpus, layers, probe, batch_size, progress, should_stop, group)
+    E, concepts = evidence_on_corpus(loaded, chunks, corpus, layers, probe, batch_size, progress, should_stop, group,
+                                     states=states)
     T = len(corpus.tokens)
     positives = torch.stack([masks[c] if c in masks else torch.zeros(T, dtype=torch.bool) for c in concepts], 1) \
         if concepts else torch.zeros(T, 0, dtype=torch.bool)

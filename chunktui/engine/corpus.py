@@ -400,3 +400,61 @@ def cache_states(loaded: LoadedModel, corpus: Corpus, layers: Sequence[int], fol
             progress(done, T)
     flush()
     return StateCache(folder, layers, T, loaded.hidden_size, shards)
+
+
+class BatchStates:
+    """The states one pass computed, batch by batch, for a later pass over the same batches (on disk, temporary).
+
+    The build's pass 3 (the colour rule) needs every token's states again, from the same batches pass 2 ran:
+    on a CPU, reading them back costs a small fraction of a forward pass, and the bytes are the very ones the
+    model gave (a forward over the same batch gives the same bytes, so the results are identical to running
+    it again). Each batch goes to its own safetensors file in a temporary folder, removed by `close`; a batch
+    that was never put (no space left, a resumed build's batches before the checkpoint) reads back as None, and
+    the caller runs the model for it as before. Nothing corpus-sized is held in memory.
+    """
+
+    def __init__(self, folder=None, keep_free_bytes: int = 2 << 30):
+        import tempfile
+        from pathlib import Path
+
+        self.folder = Path(tempfile.mkdtemp(prefix="chunktui-states.", dir=folder))
+        self.keep_free = keep_free_bytes
+        self.stored: set[int] = set()
+        self.full = False  # set when the disk had no room for a batch: later batches are not stored either
+        self.bytes = 0
+
+    def _path(self, key: int):
+        return self.folder / f"{int(key):07d}.safetensors"
+
+    def put(self, key: int, index: torch.Tensor, states: torch.Tensor) -> bool:
+        """Keep one batch's (token indices, states); False (and nothing kept) when the disk is short of room."""
+        import shutil
+
+        from safetensors.torch import save_file
+
+        if self.full:
+            return False
+        size = states.numel() * states.element_size() + index.numel() * 8
+        if shutil.disk_usage(self.folder).free < size + self.keep_free:
+            self.full = True
+            return False
+        save_file({"index": index.contiguous().cpu(), "states": states.contiguous().cpu()}, str(self._path(key)))
+        self.stored.add(int(key))
+        self.bytes += size
+        return True
+
+    def get(self, key: int, device=None):
+        """(token indices, states) of a batch put under `key`, on `device`; None if it was not kept."""
+        from safetensors.torch import load_file
+
+        if int(key) not in self.stored:
+            return None
+        tensors = load_file(str(self._path(key)))
+        states = tensors["states"]
+        return tensors["index"], (states if device is None else states.to(device))
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.stored.clear()

@@ -249,15 +249,15 @@ class ConceptTemplate:
             widths.append(len(values))
             firsts.append(values)
         device = self.mu.device
-        M = self.M.cpu()
-        self.layer_columns = [M[ks, s].T.float().contiguous().to(device) if ks else None
+        Mf = self.Mf  # (S, d, K) 0/1: column k of layer s is M_k there
+        self.layer_columns = [Mf[s][:, ks].contiguous() if ks else None
                               for s, ks in enumerate(firsts)]  # (d, K'_s) per layer
         self.layer_index = [column[s].to(device) for s in range(S)]
-        shared = torch.zeros(S, M.shape[-1], max(widths, default=0) or 1, dtype=torch.float32)
+        shared = torch.zeros(S, Mf.shape[1], max(widths, default=0) or 1, dtype=torch.float32, device=device)
         for s, ks in enumerate(firsts):
             if ks:
-                shared[s, :, :len(ks)] = M[ks, s].T.float()
-        self.Mu = shared.to(device)  # (S, d, K') distinct columns, zero padded to the widest layer
+                shared[s, :, :len(ks)] = self.layer_columns[s]
+        self.Mu = shared  # (S, d, K') distinct columns, zero padded to the widest layer
         self.column = column.to(device)  # (S, K) which distinct column each tolerance reads
         self.per_layer = device.type == "cpu"
         # how far (relative) a float32 deviation may sit from the exact one: a sum of m <= d non-negative
@@ -313,12 +313,75 @@ class ConceptTemplate:
         return rowwise_deviations64(rows, self.mu64, self.Mf64, self.inv64)
 
 
+class ConceptScreen:
+    """Pass 2's screen for many concepts at once: one (concepts x tokens x d) square and one batched matmul per layer.
+
+    The same decisions as each template's `ConceptTemplate.screen` (the float64 reference's, for every token):
+    per concept and layer the float32 sums over its distinct subpopulations are sums of d non-negative products
+    (a zero-padded column adds exact zeros), so the same `band` bounds their rounding, and every token within
+    it of some threshold of a concept is decided again in float64 by that concept's `deviations64`. What changes
+    is the work: per layer one subtraction and square for all concepts and one matmul over them, instead of one
+    of each per concept (30 concepts x 31 layers: 930 small products per batch become 31 larger ones).
+    """
+
+    def __init__(self, templates: list[ConceptTemplate]):
+        self.templates = templates
+        first = templates[0]
+        S, K = first.column.shape
+        self.S, self.K = S, K
+        device = first.mu.device
+        d = first.mu.shape[1]
+        self.mu = [torch.stack([t.mu[s] for t in templates]) for s in range(S)]  # (C, d) per layer
+        self.columns, self.index = [], []
+        for s in range(S):
+            widths = [0 if t.layer_columns[s] is None else t.layer_columns[s].shape[1] for t in templates]
+            if max(widths) == 0:
+                self.columns.append(None)  # no concept has a non-empty subpopulation here: nothing matches
+                self.index.append(None)
+                continue
+            cols = torch.zeros(len(templates), d, max(widths), dtype=torch.float32, device=device)
+            for c, t in enumerate(templates):
+                if widths[c]:
+                    cols[c, :, :widths[c]] = t.layer_columns[s]
+            self.columns.append(cols)  # (C, d, K'max) each concept's distinct columns, zero padded
+            self.index.append(torch.stack([t.column[s] for t in templates]))  # (C, K) the column each tolerance reads
+        self.limit = torch.stack([t.sum_limit for t in templates])  # (C, S, K)
+        self.low = torch.stack([t.sum_low for t in templates])
+        self.high = torch.stack([t.sum_high for t in templates])
+
+    def screen(self, states: torch.Tensor, states_t: torch.Tensor) -> torch.Tensor:
+        """states (t, S, d), states_t (S, t, d) float32 -> match (C, S, t, K) bool, as `ConceptTemplate.screen`."""
+        C, S, K = len(self.templates), self.S, self.K
+        t = states_t.shape[1]
+        from chunktui.engine.matching import _ieee_float32
+
+        match = torch.zeros(C, S, t, K, dtype=torch.bool, device=states_t.device)
+        near = torch.zeros(C, t, dtype=torch.bool, device=states_t.device)
+        with _ieee_float32():  # the band holds for IEEE float32 products, not TF32's
+            for s in range(S):
+                cols = self.columns[s]
+                if cols is None:
+                    continue
+                d2 = torch.sub(states_t[s][None], self.mu[s][:, None, :]).square_()  # (C, t, d)
+                sums = torch.bmm(d2, cols).gather(2, self.index[s][:, None, :].expand(-1, t, -1))  # (C, t, K)
+                del d2
+                torch.le(sums, self.limit[:, s, None, :], out=match[:, s])
+                near |= ((sums >= self.low[:, s, None, :]) & (sums <= self.high[:, s, None, :])).any(-1)
+        for c in near.any(1).nonzero().flatten().tolist():
+            tpl = self.templates[c]
+            idx = near[c].nonzero().flatten()
+            match[c][:, idx, :] = tpl.deviations64(states[idx]) <= tpl.theta[:, None, :]
+        return match
+
+
 class StreamingFit:
     """Accumulates pass 2 for every concept; `finish` picks the chunk per layer.
 
     masks   label -> (T,) bool positives over the whole corpus (labels need no model)
     draws   label -> (n,) token indices of the positives R the template is made from
     """
+
+    batched = True  # the paper's criteria screen every concept at once (`ConceptScreen`); False: one at a time
 
     def __init__(self, masks: dict[str, torch.Tensor], draws: dict[str, torch.Tensor], layers: list[int],
                  tolerances: tuple[float, ...], criterion: Criterion, device="cpu"):
@@ -365,10 +428,19 @@ class StreamingFit:
             R = self.draws[label]
             rows = torch.searchsorted(index, R)
             self.templates[label] = ConceptTemplate(label, R, X[rows], self.taus, self.device)
+        self.shared = None
+        if self.batched and not self.criterion.calibrated and self.labels:
+            self.shared = ConceptScreen([self.templates[label] for label in self.labels])
+            # positives (not drawn) and negatives per concept, to weigh the matches with (C, T) each
+            self._pos = torch.stack([self.masks[label] for label in self.labels])
+            self._own = torch.stack([self.drawn[label] for label in self.labels])
 
     @torch.no_grad()
     def update(self, index: torch.Tensor, states: torch.Tensor) -> None:
         """Pass 2: one batch, token indices (t,) and states (t, S, d) on the device."""
+        if getattr(self, "shared", None) is not None:
+            self._update_shared(index, states)
+            return
         states_t = None
         for label in self.labels:
             tpl = self.templates[label]
@@ -385,6 +457,18 @@ class StreamingFit:
             counts = torch.matmul(match.transpose(1, 2).float(), weights).round_().long().cpu()  # (S, K, 2), exact
             self.tp[label] += counts[..., 0]
             self.fp[label] += counts[..., 1]
+
+    def _update_shared(self, index: torch.Tensor, states: torch.Tensor) -> None:
+        """`update` for every concept at once (`ConceptScreen`): the same matches, so the same counts."""
+        states_t = states.float().transpose(0, 1).contiguous()  # (S, t, d)
+        match = self.shared.screen(states, states_t)  # (C, S, t, K)
+        pos, own = self._pos[:, index], self._own[:, index]  # (C, t)
+        weights = torch.stack([pos & ~own, ~pos], 2).to(match.device, torch.float32)  # (C, t, 2)
+        # (C, S, K, t) @ (C, 1, t, 2): TP and FP counts, exact (integers far below 2^24)
+        counts = torch.matmul(match.transpose(2, 3).float(), weights[:, None]).round_().long().cpu()
+        for c, label in enumerate(self.labels):
+            self.tp[label] += counts[c, ..., 0]
+            self.fp[label] += counts[c, ..., 1]
 
     def _update_calibrated(self, label, tpl, index, states, pos, own) -> None:
         keep = self.keep[label]

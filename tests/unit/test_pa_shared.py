@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from chunktui.engine.build import LabelSource, build_dictionary
-from chunktui.engine.pa import PAPER_TOLERANCES, ConceptTemplate
+from chunktui.engine.pa import PAPER_TOLERANCES, ConceptScreen, ConceptTemplate, StreamingFit
 
 WORDS = ["cheese", "cake", "dog", "rain"]
 
@@ -54,16 +54,28 @@ def _padded(monkeypatch):
     monkeypatch.setattr(ConceptTemplate, "_share_columns", padded)
 
 
-@pytest.mark.parametrize("criterion,n,layout", [("accuracy", 5, "per-layer"), ("accuracy", 5, "padded"),
+@pytest.mark.parametrize("criterion,n,layout", [("accuracy", 5, "all-concepts"), ("accuracy", 5, "per-layer"),
+                                                ("accuracy", 5, "padded"), ("f1", 3, "all-concepts"),
                                                 ("f1", 3, "per-layer"), ("fp-budget:0.01", None, "per-layer"),
                                                 ("fp-budget:0.01", None, "padded")])
 def test_shared_screen_gives_byte_identical_dictionaries(tiny_model, tiny_corpus, tmp_path, monkeypatch, criterion, n,
                                                          layout):
+    """all-concepts: `ConceptScreen` (the default for the paper's criteria); per-layer and padded: one concept
+    at a time (`ConceptTemplate.screen`, the CPU's and the accelerator's layouts); the reference: one concept at
+    a time, one column per tolerance."""
     source = dict(corpus=tiny_corpus, words=WORDS)
     if layout == "padded":
         _padded(monkeypatch)
+    if layout != "all-concepts":
+        monkeypatch.setattr(StreamingFit, "batched", False)
+    screens = []
+    if layout == "all-concepts":
+        real = ConceptScreen.screen
+        monkeypatch.setattr(ConceptScreen, "screen", lambda self, *a: screens.append(1) or real(self, *a))
     new, _ = build_dictionary(tiny_model, LabelSource(**source), n=n, criterion=criterion, batch_size=5)
+    assert bool(screens) == (layout == "all-concepts")  # the path under test ran
     monkeypatch.undo()
+    monkeypatch.setattr(StreamingFit, "batched", False)
     monkeypatch.setattr(ConceptTemplate, "deviations", _per_tolerance_deviations)
     monkeypatch.setattr(ConceptTemplate, "screen", _per_tolerance_screen)
     old, _ = build_dictionary(tiny_model, LabelSource(**source), n=n, criterion=criterion, batch_size=5)
@@ -113,3 +125,20 @@ def test_band_widens_with_the_width():
     wide, _ = _template(S=1, d=4096, scale=torch.ones(4096))
     assert small.band == 1e-4
     assert wide.band > 2 * 4096 * 2.0 ** -24  # float32 sums over 4096 neurons may be off by more than 1e-4
+
+
+def test_all_concepts_screen_decides_as_each_template_does():
+    """`ConceptScreen` against each template's own screen, on tokens far from and on a threshold (a drawn positive)."""
+    templates = [_template(seed=seed)[0] for seed in range(3)]
+    templates.append(_template(seed=9, scale=torch.full((40,), 1e3))[0])  # spreads above every tolerance: M empty
+    g = torch.Generator().manual_seed(4)
+    S, d = templates[0].mu.shape
+    rows = torch.cat([torch.randn(60, S, d, generator=g) * torch.logspace(-3, 1, d)] + [t.mu[None] + 0.0 for t in templates])
+    screen = ConceptScreen(templates)
+    assert any(screen.columns[s] is not None for s in range(S))
+    match = screen.screen(rows, rows.transpose(0, 1).contiguous())
+    for c, tpl in enumerate(templates):
+        own = tpl.screen(rows, rows.transpose(0, 1).contiguous())
+        assert torch.equal(match[c], own), c
+        assert torch.equal(own, tpl.deviations64(rows) <= tpl.theta[:, None, :])
+    assert match.any() and not match[-1].any()

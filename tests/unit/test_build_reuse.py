@@ -1,0 +1,86 @@
+"""Pass 3 (the colour rule) reads pass 2's states back instead of running the model again: the same dictionary."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors import safe_open
+
+import chunktui.engine.corpus as corpus_module
+from chunktui.engine.build import LabelSource, build_dictionary
+from chunktui.engine.corpus import BatchStates
+
+WORDS = ["cheese", "cake", "dog", "rain"]
+
+
+def _dump(dictionary, path):
+    dictionary.save(path)
+    with safe_open(str(path), "pt") as f:
+        return {k: (str(f.get_tensor(k).dtype), f.get_tensor(k).numpy().tobytes()) for k in f.keys()}
+
+
+def _counting(monkeypatch):
+    calls = []
+    real = corpus_module.run_batch
+
+    def counted(loaded, corpus, batch, layers):
+        calls.append(tuple(batch))
+        return real(loaded, corpus, batch, layers)
+
+    monkeypatch.setattr(corpus_module, "run_batch", counted)
+    return calls
+
+
+def _build(tiny_model, tiny_corpus, **kw):
+    return build_dictionary(tiny_model, LabelSource(corpus=tiny_corpus, words=WORDS), n=5, batch_size=5, **kw)
+
+
+def test_reused_states_give_the_same_dictionary_and_rule_without_a_third_forward(tiny_model, tiny_corpus, tmp_path,
+                                                                                  monkeypatch):
+    calls = _counting(monkeypatch)
+    again, _ = _build(tiny_model, tiny_corpus, reuse_states=False)
+    runs_again = len(calls)
+    calls.clear()
+    reused, report = _build(tiny_model, tiny_corpus, reuse_states=True)
+    batches = len(corpus_module.schedule(corpus_module.prepare_corpus(tiny_model.tokenizer, tiny_corpus), 5))
+    assert len(calls) == runs_again - batches  # pass 3 ran no batch through the model
+    assert report.calibrate_seconds > 0 and "token_rule" in reused.notes
+    a, b = _dump(reused, tmp_path / "a.chunks.safetensors"), _dump(again, tmp_path / "b.chunks.safetensors")
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+    assert json.dumps(reused.notes, sort_keys=True) == json.dumps(again.notes, sort_keys=True)
+    assert reused.notes["token_rule"]["per_label"]  # a rule with figures, not an empty one on both sides
+
+
+def test_batches_not_kept_run_the_model_and_give_the_same_rule(tiny_model, tiny_corpus, monkeypatch):
+    again, _ = _build(tiny_model, tiny_corpus, reuse_states=False)
+    put = BatchStates.put
+
+    def every_other(self, key, index, states):  # as when the disk fills up, or a resumed build's first batches
+        return put(self, key, index, states) if key % 2 else False
+
+    monkeypatch.setattr(BatchStates, "put", every_other)
+    calls = _counting(monkeypatch)
+    partly, _ = _build(tiny_model, tiny_corpus, reuse_states=True)
+    batches = corpus_module.schedule(corpus_module.prepare_corpus(tiny_model.tokenizer, tiny_corpus), 5)
+    assert calls[-len(batches) // 2:] == [tuple(b) for b in batches[::2]]  # pass 3 ran the even batches only
+    assert json.dumps(partly.notes, sort_keys=True) == json.dumps(again.notes, sort_keys=True)
+
+
+def test_batch_states_read_back_the_same_bytes_and_clean_up(tmp_path):
+    kept = BatchStates(folder=tmp_path)
+    index, states = torch.arange(7, 12), torch.randn(5, 3, 8)
+    assert kept.put(4, index, states)
+    assert kept.get(3) is None
+    got_index, got_states = kept.get(4)
+    assert torch.equal(got_index, index) and got_states.dtype == states.dtype
+    assert got_states.numpy().tobytes() == states.numpy().tobytes()
+    kept.close()
+    assert list(tmp_path.iterdir()) == [] and kept.get(4) is None
+
+
+def test_batch_states_keep_nothing_when_the_disk_is_short(tmp_path):
+    kept = BatchStates(folder=tmp_path, keep_free_bytes=1 << 62)  # more free space asked for than any disk has
+    assert not kept.put(0, torch.arange(3), torch.zeros(3, 2, 4))
+    assert kept.full and kept.get(0) is None
+    kept.close()
