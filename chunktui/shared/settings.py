@@ -60,6 +60,12 @@ CONTROL_KINDS = ("subpopulation", "direction")
 SWEEP_MAX = 12  # strengths in one sweep
 SITES = ("residual", "attention")
 DEFAULT_SITE = "residual"
+# what rules do with the prompt (docs/rules.md): "off" (they watch generated tokens only), "watch" (an intervention
+# whose condition holds on the prompt is on from the first generated token), "act" (as watch, and the prompt is read
+# again with the edits its matches call for, so the first answer token is guarded too). Alerts and stops watch
+# generated tokens only, whatever this says.
+RULES_ON_PROMPT_CHOICES = ("off", "watch", "act")
+RULES_ON_PROMPT = "off"
 
 _SLICE = re.compile(r"prompt\[\s*(-?\d+)?\s*:\s*(-?\d+)?\s*\]")
 
@@ -137,6 +143,17 @@ class Positions:
         if self.kind == "prompt-slice":
             return f"prompt[{'' if self.start is None else self.start}:{'' if self.stop is None else self.stop}]"
         return self.kind
+
+
+def check_on_prompt(value: str) -> str:
+    """`off`, `watch` or `act` (what rules do with the prompt); ChunkError otherwise."""
+    value = (value or "").strip().lower()
+    if value not in RULES_ON_PROMPT_CHOICES:
+        raise ChunkError(f"Bad --on-prompt '{value}': use off (rules watch generated tokens only), watch (an "
+                         "intervention whose condition holds on the prompt is on from the first answer token) or "
+                         "act (the prompt is also read again with those edits, so the first answer token is "
+                         "guarded).")
+    return value
 
 
 def check_site(site: str) -> str:
