@@ -192,6 +192,7 @@ def _arm_stats(concept_of: list[str], runs, nll) -> dict:
             "rows_fired": sum(bool(r.firings) for r in runs),
             "rows_fired_on_prompt": sum(any(f.extra.get("on_prompt") for f in r.firings) for r in runs),
             "perplexity": round(math.exp(sum(s for s, _ in nll) / tokens), 3) if tokens else None,
+            "median_row_perplexity": round(statistics.median(math.exp(s / t) for s, t in nll if t), 3),
             "tokens": tokens, "degenerate": k, "degenerate_share": round(k / n, 4),
             "degenerate_ci": [round(x, 4) for x in st.wilson(k, n)],
             "distinct_bigrams": round(sum(values) / len(values), 4) if values else None}
@@ -211,11 +212,13 @@ def _arm_stats(concept_of: list[str], runs, nll) -> dict:
 @click.option("--site", "sites", multiple=True, help="residual or attention (one per --action, or one for all)")
 @click.option("--when", "whens", multiple=True, help="the condition, C standing for the concept (default: C; one per "
               "--action, or one for all)")
+@click.option("--mode", "modes", multiple=True, help="the guard's mode (default suppress; one per --action, or one "
+              "for all)")
 @click.option("--limit", default=0, help="first N prompts per concept of the split (0: all)")
 @click.option("--threads", default=1, show_default=True)
 @click.option("--json", "json_path", default=None)
 def guard(split: str, samples: int, tokens: int, temperature: float, top_p: float, actions, on_prompts, sites,
-          whens, limit: int, threads: int, json_path: str | None) -> None:
+          whens, modes, limit: int, threads: int, json_path: str | None) -> None:
     """For each concept C of sample_data/guard_prompts.jsonl (the split asked), the guard "when C -> suppress C
     ACTION" on C's prompts, against the unguarded run with the same seeds (completions, no chat template).
 
@@ -243,13 +246,13 @@ def guard(split: str, samples: int, tokens: int, temperature: float, top_p: floa
     configs = []
     for i, action in enumerate(actions):
         configs.append({"action": action, "on_prompt": pick(on_prompts, i, None), "site": pick(sites, i, None),
-                        "when": pick(whens, i, "C")})
+                        "when": pick(whens, i, "C"), "mode": pick(modes, i, "suppress")})
     for concept in concepts:
         prompts = by_concept[concept]
         concept_of.extend([concept] * (len(prompts) * samples))
         for i, cfg in enumerate(configs):
             when = cfg["when"].replace("C", concept)
-            program = compile_rules([f"guard: when {when} -> suppress {concept} {cfg['action']}".strip()],
+            program = compile_rules([f"guard: when {when} -> {cfg['mode']} {concept} {cfg['action']}".strip()],
                                     engine.packed, loaded, engine.dictionary, on_prompt=cfg["on_prompt"],
                                     site=cfg["site"])
             cfg["rule"] = str(program.rules[0]).replace(concept, "C")  # (the last concept's, C for it)

@@ -109,6 +109,7 @@ class RuleProgram:
         self.stopped: list[bool] = []
         # on_prompt == "act": rule index -> (B, T) bool, the prompt columns the re-read of the prompt edits
         self.prompt_edits: dict[int, torch.Tensor] | None = None
+        self._every_row: set[int] = set()  # interventions on in every row (no per-row selection needed)
         # runs that only intervention rules use: the prompt's run lengths carry over into the answer for them
         self._intervention_runs = [j for j, run in enumerate(self.runs)
                                    if all(not _contains(r.condition, run) for r in self.rules
@@ -158,6 +159,7 @@ class RuleProgram:
         self.active_rows = {}
         self.stopped = [False] * batch
         self.prompt_edits = None
+        self._every_row = set()
 
     @property
     def has_interventions(self) -> bool:
@@ -193,6 +195,8 @@ class RuleProgram:
                     h = h.to(edit.device)
                 if self.prompt_edits is not None:  # re-reading the prompt: (B, T) columns
                     where = on[r].to(h.device)
+                elif r in self._every_row:  # every row is on (known on the host): nothing to select
+                    where = None
                 else:
                     where = on[r].to(h.device)[:, None].expand(h.shape[0], h.shape[1])
                 h = edit.apply(h, where)
@@ -364,8 +368,11 @@ class RuleProgram:
 
     def _set_active(self, batch: int) -> None:
         active = {}
+        self._every_row = set()
         for r in self.interventions:
             rows = tuple(r in self.remaining[b] for b in range(batch))
+            if all(rows):
+                self._every_row.add(r)
             if any(rows):
                 if rows not in self._row_masks:  # made once per pattern: no host-to-device copy per switch
                     self._row_masks[rows] = torch.tensor(rows, dtype=torch.bool, device=self.device)

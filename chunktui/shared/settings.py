@@ -65,7 +65,7 @@ DEFAULT_SITE = "residual"
 # again with the edits its matches call for, so the first answer token is guarded too). Alerts and stops watch
 # generated tokens only, whatever this says.
 RULES_ON_PROMPT_CHOICES = ("off", "watch", "act")
-RULES_ON_PROMPT = "off"
+RULES_ON_PROMPT = "act"  # picked on the development split of sample_data/guard_prompts.jsonl (docs/rules.md)
 
 _SLICE = re.compile(r"prompt\[\s*(-?\d+)?\s*:\s*(-?\d+)?\s*\]")
 

@@ -143,8 +143,8 @@ def test_stop_ends_the_stream_where_the_unguarded_run_first_matches(engine, tiny
 def test_an_intervention_fired_at_t_edits_from_t_plus_1(engine, tiny_model, tiny_dict):
     loose = Engine.from_loaded(tiny_model, _loose(tiny_dict[0], engine, "cheese", PROMPT))
     plain = [e for e in loose.stream(PROMPT, max_new_tokens=12, chat=False) if e.generated]
-    rule = "when cheese -> suppress dog@1-2 x1 for 1"
-    guarded = [e for e in loose.stream(PROMPT, max_new_tokens=12, chat=False, rules=[rule]) if e.generated]
+    rule = loose.rules(["when cheese -> suppress dog@1-2 x1 for 1"], on_prompt="off")  # generated tokens only
+    guarded = [e for e in loose.stream(PROMPT, max_new_tokens=12, chat=False, rules=rule) if e.generated]
     fired = [i for i, e in enumerate(guarded) if e.firings]
     assert fired, "the loosened cheese chunks should fire"
     t = fired[0]
@@ -183,7 +183,8 @@ def test_batched_rows_share_sampling_until_the_rule_acts(engine, tiny_model, tin
 
     sampling = Sampling(max_new_tokens=10, temperature=1.0, top_p=0.95, seed=3, stop_at_eos=False)
     prompts = ["The dog ate the cheese", "I like cake"]
-    program = engine.rules(["g: when not cheese for 3 -> suppress dog,cake@1-3 x1 for 2", "s: when dog@0 -> stop"])
+    program = engine.rules(["g: when not cheese for 3 -> suppress dog,cake@1-3 x1 for 2", "s: when dog@0 -> stop"],
+                           on_prompt="off")  # generated tokens only (the prompt: test_a_prompt_guard_...)
     plain = generate_rows(tiny_model, prompts, 2, sampling, None, chat=False, batch_size=3)
     watched = generate_rows(tiny_model, prompts, 2, sampling, program, chat=False, batch_size=3, act=False)
     guarded = generate_rows(tiny_model, prompts, 2, sampling, program, chat=False, batch_size=3)
