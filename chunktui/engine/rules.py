@@ -566,9 +566,10 @@ def distinct_bigrams(ids: Sequence[int]) -> float | None:
 
 @torch.no_grad()
 def first_token_logprobs(loaded, program: RuleProgram, prompts: Sequence[str], chat: bool = True,
-                         batch_size: int = 16) -> torch.Tensor:
+                         batch_size: int = 16, firings: list | None = None) -> torch.Tensor:
     """(P, V) log-probabilities of the first answer token with the rules in place: what `on_prompt="act"` changes
-    (the prompt read again with the edits its matches call for); otherwise the unguarded model's."""
+    (the prompt read again with the edits its matches call for); otherwise the unguarded model's. `firings`, a
+    list, gets each prompt's firings on the prompt."""
     from chunktui.engine.hooks import ResidualRecorder
     from chunktui.engine.streaming import left_pad
     from chunktui.engine.tokens import encode_prompt
@@ -590,12 +591,16 @@ def first_token_logprobs(loaded, program: RuleProgram, prompts: Sequence[str], c
                 states = rec.states()
                 B, T = states.shape[:2]
                 hit = program.packed.match(states.reshape(B * T, *states.shape[2:])).hit.view(B, T, -1)
-                _, reread = program.observe_prompt(hit, [len(r) for r in rows])
+                found, reread = program.observe_prompt(hit, [len(r) for r in rows])
+                if firings is not None:
+                    firings.extend(found)
                 if reread:
                     logits = run()
                 program.end_prompt()
             else:
                 logits = run()
+                if firings is not None:
+                    firings.extend([] for _ in rows)
         out.append(logits[:, -1].float().log_softmax(-1).cpu())
     program.reset(1)
     return torch.cat(out)

@@ -82,8 +82,7 @@ def test_a_prompt_guard_acts_before_the_first_answer_token(smol_engine):
     first answer token's distribution moves; where it does not fire, and with `watch`, that token is untouched.
     (Whether the concept falls is a population question: benchmarks/rules.py guard.)"""
     from chunktui.engine.perturb import next_token_logprobs
-    from chunktui.engine.rules import first_token_logprobs, generate_rows
-    from chunktui.shared.settings import Sampling
+    from chunktui.engine.rules import first_token_logprobs
 
     loaded = smol_engine.loaded
     prompts = ["Swiss cheese has holes. Cheddar is a hard", "Grate some parmesan"]
@@ -91,12 +90,11 @@ def test_a_prompt_guard_acts_before_the_first_answer_token(smol_engine):
     base = next_token_logprobs(loaded, prompts, None, chat=False)
     watched = first_token_logprobs(loaded, smol_engine.rules(rule, on_prompt="watch"), prompts, chat=False)
     assert torch.allclose(watched, base, atol=1e-4)
-    acted = first_token_logprobs(loaded, smol_engine.rules(rule, on_prompt="act"), prompts, chat=False)
-    runs = generate_rows(loaded, prompts, 1, Sampling(max_new_tokens=1, seed=0), smol_engine.rules(rule),
-                         chat=False)
-    fired = [any(f.extra.get("on_prompt") for f in r.firings) for r in runs]
-    assert fired[0], "the prompt's cheese tokens should match"
-    for row, on in enumerate(fired):
+    firings: list = []
+    acted = first_token_logprobs(loaded, smol_engine.rules(rule, on_prompt="act"), prompts, chat=False,
+                                 firings=firings)
+    assert len(firings) == len(prompts) and firings[0], "the prompt's cheese tokens should match"
+    for row, found in enumerate(firings):
         moved = float((acted[row] - base[row]).abs().max())
-        assert moved > 1e-2 if on else moved < 1e-4, (row, on, moved)
-    assert all(f.rule == "guard" and f.layers for r in runs for f in r.firings if f.extra.get("on_prompt"))
+        assert moved > 1e-2 if found else moved < 1e-4, (row, len(found), moved)
+    assert all(f.rule == "guard" and f.layers and f.extra == {"on_prompt": True} for fs in firings for f in fs)
