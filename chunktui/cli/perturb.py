@@ -97,8 +97,9 @@ def perturb_cmd(ctx, model_spec, device, dtype, dict_path, chunk_names, mode, st
                 on_prompt, overwrite, show) -> None:
     """Regenerate with chunks grafted or suppressed; identical sampling and seeds in every arm.
 
-    With --rule/--rules instead of --chunk: the rules act on the generated tokens (guarded arm) and the
-    unguarded arm records where they would have fired; identical sampling and seeds in both arms."""
+    With --rule/--rules instead of --chunk: the rules act on the generated tokens, and on the prompt as
+    --on-prompt says (guarded arm), and the unguarded arm records where they would have fired; identical
+    sampling and seeds in both arms."""
     from chunktui.api import Engine
     from chunktui.engine.dictionary import load_dictionary
     from chunktui.shared.errors import CorpusError
