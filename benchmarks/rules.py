@@ -56,9 +56,11 @@ def cli() -> None:
 @click.option("--tokens", default=48, show_default=True)
 @click.option("--repeats", default=9, show_default=True, help="interleaved pairs (ABBA order)")
 @click.option("--threads", default=1, show_default=True)
+@click.option("--on-prompt", default=None, help="off, watch or act (default: the rules' default)")
 @click.option("--json", "json_path", default=None)
-def stream(tokens: int, repeats: int, threads: int, json_path: str | None) -> None:
-    """Streaming (every layer recorded, all 1,054 chunks matched) with the 5 rules against without.
+def stream(tokens: int, repeats: int, threads: int, on_prompt: str | None, json_path: str | None) -> None:
+    """Streaming (every layer recorded, all 1,054 chunks matched) with the 5 rules against without; the rules
+    read the prompt as they do by default (`on_prompt`).
 
     Run it under `flock /tmp/chunktui-bench.lock`. The two arms alternate A B B A A B ... (so drift in machine
     load hits both alike) and each pair gives one ratio; the figure is the median ratio, with the range and the
@@ -72,30 +74,31 @@ def stream(tokens: int, repeats: int, threads: int, json_path: str | None) -> No
     engine = _load(threads)
     loaded = engine.loaded
     ids = encode_prompt(loaded, "Tell me about your favourite foods and where they come from.", chat=True)
-    program = engine.rules(STREAM_RULES)
+    program = engine.rules(STREAM_RULES, on_prompt=on_prompt)
     load_before = os.getloadavg()
 
     def run(rules):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         n, fired = 0, 0
         for event in generate_stream(loaded, ids, Sampling(max_new_tokens=tokens, stop_at_eos=False),
                                      packed=engine.packed, include_prompt=False, rules=rules):
             n += event.generated
             fired += len(event.firings)
         assert n == tokens
-        return tokens / (time.perf_counter() - t), fired
+        return tokens / (time.perf_counter() - t), fired, tokens / (time.process_time() - c)
 
     run(None), run(program)  # warm-up
-    plain, ruled, ratios, fired = [], [], [], []
+    plain, ruled, ratios, fired, cpu_ratios = [], [], [], [], []
     for i in range(repeats):
         if i % 2 == 0:
-            a, _ = run(None)
-            b, f = run(program)
+            a, _, ca = run(None)
+            b, f, cb = run(program)
         else:
-            b, f = run(program)
-            a, _ = run(None)
-        plain.append(a), ruled.append(b), ratios.append(b / a), fired.append(f)
+            b, f, cb = run(program)
+            a, _, ca = run(None)
+        plain.append(a), ruled.append(b), ratios.append(b / a), fired.append(f), cpu_ratios.append(cb / ca)
     q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    cq = statistics.quantiles(cpu_ratios, n=4) if len(cpu_ratios) >= 2 else [cpu_ratios[0]] * 3
     _out({"benchmark": "rules stream", "tokens": tokens, "repeats": repeats, "order": "ABBA", "threads": threads,
           "chunks": len(engine.packed.chunks), "layers": engine.n_states, "rules": STREAM_RULES,
           "firings_per_run": fired,
@@ -104,6 +107,11 @@ def stream(tokens: int, repeats: int, threads: int, json_path: str | None) -> No
           "ratio_median": round(statistics.median(ratios), 3),
           "ratio_iqr": [round(q[0], 3), round(q[2], 3)],
           "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)], "goal": ">= 0.95",
+          # the same ratio in this process's CPU time (one torch thread): what other jobs' load moves least
+          "cpu_ratio_median": round(statistics.median(cpu_ratios), 3),
+          "cpu_ratio_iqr": [round(cq[0], 3), round(cq[2], 3)],
+          "cpu_ratio_range": [round(min(cpu_ratios), 3), round(max(cpu_ratios), 3)],
+          "on_prompt": program.on_prompt,
           "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()]},
          json_path)
 
