@@ -1,13 +1,15 @@
 """Rules on the built-in model: speed, a guard demonstration, and alert precision / recall.
 
-    python benchmarks/rules.py stream  [--tokens 64] [--repeats 5]       # streaming with 5 rules vs none
+    python benchmarks/rules.py stream  [--tokens 48] [--repeats 9]       # streaming with 5 rules vs none
     python benchmarks/rules.py monitor [--paragraphs 40] [--repeats 3]   # monitor tok/s vs a plain forward
-    python benchmarks/rules.py guard   [--samples 4] [--tokens 32]       # "when C -> suppress C" on inviting.jsonl
+    python benchmarks/rules.py guard   [--split dev|heldout] [--action 'x1 for 8' --on-prompt act ...]
+                                                                          # "when C -> suppress C" on guard_prompts.jsonl
     python benchmarks/rules.py alerts                                     # alert rules on heldout.txt vs evaluate
     python benchmarks/rules.py procs   [--paragraphs 40] [--procs 2]      # `monitor --procs K` vs --procs 1
 
-Every run prints its figures and the settings; add --json FILE to keep them. Arms are interleaved
-(A B A B ...) so drift in machine load hits both alike; medians and the range over repeats are given.
+Every run prints its figures and the settings; add --json FILE to keep them. Timed arms are interleaved
+(A B B A ...) so drift in machine load hits both alike; medians, quartiles and the range over repeats are
+given. Run timed commands under `flock /tmp/chunktui-bench.lock` (the machine is shared).
 """
 
 from __future__ import annotations
@@ -52,12 +54,20 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--tokens", default=64, show_default=True)
-@click.option("--repeats", default=5, show_default=True)
+@click.option("--tokens", default=48, show_default=True)
+@click.option("--repeats", default=9, show_default=True, help="interleaved pairs (ABBA order)")
 @click.option("--threads", default=1, show_default=True)
+@click.option("--on-prompt", default=None, help="off, watch or act (default: the rules' default)")
 @click.option("--json", "json_path", default=None)
-def stream(tokens: int, repeats: int, threads: int, json_path: str | None) -> None:
-    """Streaming (every layer recorded, all 1,054 chunks matched) with the 5 rules against without."""
+def stream(tokens: int, repeats: int, threads: int, on_prompt: str | None, json_path: str | None) -> None:
+    """Streaming (every layer recorded, all 1,054 chunks matched) with the 5 rules against without; the rules
+    read the prompt as they do by default (`on_prompt`).
+
+    Run it under `flock /tmp/chunktui-bench.lock`. The two arms alternate A B B A A B ... (so drift in machine
+    load hits both alike) and each pair gives one ratio; the figure is the median ratio, with the range and the
+    interquartile range over the pairs, and the load averages before and after."""
+    import os
+
     from chunktui.engine.streaming import generate_stream
     from chunktui.engine.tokens import encode_prompt
     from chunktui.shared.settings import Sampling
@@ -65,31 +75,46 @@ def stream(tokens: int, repeats: int, threads: int, json_path: str | None) -> No
     engine = _load(threads)
     loaded = engine.loaded
     ids = encode_prompt(loaded, "Tell me about your favourite foods and where they come from.", chat=True)
-    program = engine.rules(STREAM_RULES)
+    program = engine.rules(STREAM_RULES, on_prompt=on_prompt)
+    load_before = os.getloadavg()
 
     def run(rules):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         n, fired = 0, 0
         for event in generate_stream(loaded, ids, Sampling(max_new_tokens=tokens, stop_at_eos=False),
                                      packed=engine.packed, include_prompt=False, rules=rules):
             n += event.generated
             fired += len(event.firings)
         assert n == tokens
-        return tokens / (time.perf_counter() - t), fired
+        return tokens / (time.perf_counter() - t), fired, tokens / (time.process_time() - c)
 
     run(None), run(program)  # warm-up
-    plain, ruled, ratios, fired = [], [], [], []
-    for _ in range(repeats):
-        a, _ = run(None)
-        b, f = run(program)
-        plain.append(a), ruled.append(b), ratios.append(b / a), fired.append(f)
-    _out({"benchmark": "rules stream", "tokens": tokens, "repeats": repeats, "threads": threads,
+    plain, ruled, ratios, fired, cpu_ratios = [], [], [], [], []
+    for i in range(repeats):
+        if i % 2 == 0:
+            a, _, ca = run(None)
+            b, f, cb = run(program)
+        else:
+            b, f, cb = run(program)
+            a, _, ca = run(None)
+        plain.append(a), ruled.append(b), ratios.append(b / a), fired.append(f), cpu_ratios.append(cb / ca)
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    cq = statistics.quantiles(cpu_ratios, n=4) if len(cpu_ratios) >= 2 else [cpu_ratios[0]] * 3
+    _out({"benchmark": "rules stream", "tokens": tokens, "repeats": repeats, "order": "ABBA", "threads": threads,
           "chunks": len(engine.packed.chunks), "layers": engine.n_states, "rules": STREAM_RULES,
           "firings_per_run": fired,
           "tok_s_plain_median": round(statistics.median(plain), 2),
           "tok_s_rules_median": round(statistics.median(ruled), 2),
           "ratio_median": round(statistics.median(ratios), 3),
-          "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)], "goal": ">= 0.95"}, json_path)
+          "ratio_iqr": [round(q[0], 3), round(q[2], 3)],
+          "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)], "goal": ">= 0.95",
+          # the same ratio in this process's CPU time (one torch thread): what other jobs' load moves least
+          "cpu_ratio_median": round(statistics.median(cpu_ratios), 3),
+          "cpu_ratio_iqr": [round(cq[0], 3), round(cq[2], 3)],
+          "cpu_ratio_range": [round(min(cpu_ratios), 3), round(max(cpu_ratios), 3)],
+          "on_prompt": program.on_prompt,
+          "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()]},
+         json_path)
 
 
 @cli.command()
@@ -153,60 +178,117 @@ def _mentions(word: str, text: str) -> int:
     return len(re.findall(rf"(?<![\w]){re.escape(word)}(?![\w])", text, flags=re.IGNORECASE))
 
 
+GUARD_PROMPTS = ROOT / "sample_data" / "guard_prompts.jsonl"
+
+
+def _arm_stats(concept_of: list[str], runs, nll) -> dict:
+    from chunktui.engine.rules import distinct_bigrams
+    from chunktui.shared import perturb_stats as st
+
+    n = len(runs)
+    hits = sum(_mentions(c, r.text) > 0 for c, r in zip(concept_of, runs))
+    later = sum(_mentions(c, r.text.lstrip().partition(" ")[2]) > 0 for c, r in zip(concept_of, runs))
+    opening = sum(_mentions(c, r.text.lstrip().split(" ")[0]) > 0 for c, r in zip(concept_of, runs))
+    reasons = [st.degenerate_reason(r.text) for r in runs]
+    k = sum(x is not None for x in reasons)
+    tokens = sum(t for _, t in nll)
+    values = [v for v in (distinct_bigrams(r.ids) for r in runs) if v is not None]
+    import math
+
+    return {"rows": n, "rows_with_word": hits, "rate": round(hits / n, 4),
+            "rate_ci": [round(x, 4) for x in st.wilson(hits, n)],
+            "rows_with_word_after_first": later, "rows_opening_with_word": opening,
+            "rows_fired": sum(bool(r.firings) for r in runs),
+            "rows_fired_on_prompt": sum(any(f.extra.get("on_prompt") for f in r.firings) for r in runs),
+            "perplexity": round(math.exp(sum(s for s, _ in nll) / tokens), 3) if tokens else None,
+            "median_row_perplexity": round(statistics.median(math.exp(s / t) for s, t in nll if t), 3),
+            "tokens": tokens, "degenerate": k, "degenerate_share": round(k / n, 4),
+            "degenerate_ci": [round(x, 4) for x in st.wilson(k, n)],
+            "distinct_bigrams": round(sum(values) / len(values), 4) if values else None}
+
+
 @cli.command()
-@click.option("--samples", default=4, show_default=True, help="seeds per prompt")
-@click.option("--tokens", default=32, show_default=True)
+@click.option("--split", type=click.Choice(["dev", "heldout"]), default="dev", show_default=True,
+              help="which half of sample_data/guard_prompts.jsonl (defaults are picked on dev only)")
+@click.option("--samples", default=2, show_default=True, help="seeds per prompt")
+@click.option("--tokens", default=40, show_default=True)
 @click.option("--temperature", default=0.8, show_default=True)
 @click.option("--top-p", default=0.9, show_default=True)
-@click.option("--strength", default=None, type=float, help="suppress strength (default: perturb's, 0.5)")
+@click.option("--action", "actions", multiple=True,
+              help="the guard's action after 'suppress C' (e.g. 'x1 for 8', '@2-9 while'); repeat for several "
+                   "configurations against one unguarded arm; default: perturb's defaults")
+@click.option("--on-prompt", "on_prompts", multiple=True, help="off, watch or act (one per --action, or one for all)")
+@click.option("--site", "sites", multiple=True, help="residual or attention (one per --action, or one for all)")
+@click.option("--when", "whens", multiple=True, help="the condition, C standing for the concept (default: C; one per "
+              "--action, or one for all)")
+@click.option("--mode", "modes", multiple=True, help="the guard's mode (default suppress; one per --action, or one "
+              "for all)")
+@click.option("--limit", default=0, help="first N prompts per concept of the split (0: all)")
 @click.option("--threads", default=1, show_default=True)
 @click.option("--json", "json_path", default=None)
-def guard(samples: int, tokens: int, temperature: float, top_p: float, strength: float | None, threads: int,
-          json_path: str | None) -> None:
-    """For each concept C of sample_data/inviting.jsonl, the guard "when C -> suppress C" (default strength,
-    layers 2-9, while the condition holds) on C's prompts, against the unguarded run with the same seeds.
+def guard(split: str, samples: int, tokens: int, temperature: float, top_p: float, actions, on_prompts, sites,
+          whens, modes, limit: int, threads: int, json_path: str | None) -> None:
+    """For each concept C of sample_data/guard_prompts.jsonl (the split asked), the guard "when C -> suppress C
+    ACTION" on C's prompts, against the unguarded run with the same seeds (completions, no chat template).
 
-    A rule sees a token only once it is generated, so the first answer token is out of its reach; the
-    figures count mentions of C in the whole answer and after its first word."""
-    from chunktui.engine.rules import distinct_bigrams, generate_rows
+    Per arm: answers with the word (whole word, case-insensitive) with a Wilson 95% interval, the change with a
+    Newcombe interval, perplexity under the unguarded model (perturb's measure) and the degenerate share."""
+    from chunktui.engine.perturb import continuation_nll
+    from chunktui.engine.rules import compile_rules, generate_rows
+    from chunktui.shared import perturb_stats as st
     from chunktui.shared.settings import Sampling
 
     engine = _load(threads)
-    rows = [json.loads(line) for line in (ROOT / "sample_data" / "inviting.jsonl").read_text().splitlines()
-            if line.strip()]
-    concepts = sorted({r["concept"] for r in rows})
+    loaded = engine.loaded
+    rows = [json.loads(line) for line in GUARD_PROMPTS.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["split"] == split]
+    concepts = list(dict.fromkeys(r["concept"] for r in rows))
+    by_concept = {c: [r["prompt"] for r in rows if r["concept"] == c] for c in concepts}
+    if limit:
+        by_concept = {c: p[:limit] for c, p in by_concept.items()}
+    actions = list(actions) or [""]
+    pick = lambda values, i, default: (values[i] if len(values) > 1 else values[0]) if values else default  # noqa
     sampling = Sampling(max_new_tokens=tokens, temperature=temperature, top_p=top_p, seed=0)
-    per, pairs = {}, []
     start = time.perf_counter()
+    arms: dict[str, list] = {}
+    concept_of: list[str] = []
+    configs = []
+    for i, action in enumerate(actions):
+        configs.append({"action": action, "on_prompt": pick(on_prompts, i, None), "site": pick(sites, i, None),
+                        "when": pick(whens, i, "C"), "mode": pick(modes, i, "suppress")})
     for concept in concepts:
-        prompts = [r["prompt"] for r in rows if r["concept"] == concept]
-        x = f" x{strength:g}" if strength is not None else ""
-        program = engine.rules([f"guard: when {concept} -> suppress {concept}{x}"])
-        arms = {}
-        for name, act in (("unguarded", False), ("guarded", True)):
-            arms[name] = generate_rows(engine.loaded, prompts, samples, sampling, program, chat=False, act=act)
-        n = len(arms["unguarded"])
-        stats = {"rows": n}
-        for name, runs in arms.items():
-            stats[f"{name}_rows_with_word"] = sum(_mentions(concept, r.text) > 0 for r in runs)
-            stats[f"{name}_mentions"] = sum(_mentions(concept, r.text) for r in runs)
-            stats[f"{name}_rows_starting_with_word"] = sum(_mentions(concept, r.text.lstrip().split(" ")[0]) > 0
-                                                           for r in runs)
-            stats[f"{name}_mentions_after_first_word"] = sum(
-                _mentions(concept, r.text.lstrip().partition(" ")[2]) for r in runs)
-            stats[f"{name}_rows_fired"] = sum(bool(r.firings) for r in runs)
-            values = [v for v in (distinct_bigrams(r.ids) for r in runs) if v is not None]
-            stats[f"{name}_distinct_bigrams"] = round(sum(values) / len(values), 3)
-        per[concept] = stats
-        for u, g in zip(arms["unguarded"], arms["guarded"]):
-            pairs.append({"concept": concept, "prompt": u.prompt, "seed": u.seed, "unguarded": u.text,
-                          "guarded": g.text, "firings": len(g.firings)})
-    total = {k: sum(s[k] for s in per.values()) for k in per[concepts[0]] if not k.endswith("bigrams")}
-    _out({"benchmark": "rules guard", "samples": samples, "tokens": tokens, "temperature": temperature,
-          "top_p": top_p, "chat": False,
-          "rule": f"when C -> suppress C (x{strength if strength is not None else 0.5:g}, layers 2-9, while)",
-          "seconds": round(time.perf_counter() - start, 1), "per_concept": per, "total": total,
-          "pairs": pairs}, json_path)
+        prompts = by_concept[concept]
+        concept_of.extend([concept] * (len(prompts) * samples))
+        for i, cfg in enumerate(configs):
+            when = cfg["when"].replace("C", concept)
+            program = compile_rules([f"guard: when {when} -> {cfg['mode']} {concept} {cfg['action']}".strip()],
+                                    engine.packed, loaded, engine.dictionary, on_prompt=cfg["on_prompt"],
+                                    site=cfg["site"])
+            cfg["rule"] = str(program.rules[0]).replace(concept, "C")  # (the last concept's, C for it)
+            cfg["on_prompt"], cfg["site"] = program.on_prompt, program.site
+            if i == 0:
+                arms.setdefault("unguarded", []).extend(
+                    generate_rows(loaded, prompts, samples, sampling, program, chat=False, act=False))
+            arms.setdefault(f"guarded{i}", []).extend(
+                generate_rows(loaded, prompts, samples, sampling, program, chat=False, act=True))
+    nll = {name: continuation_nll(loaded, runs, chat=False) for name, runs in arms.items()}
+    stats = {name: _arm_stats(concept_of, runs, nll[name]) for name, runs in arms.items()}
+    n = stats["unguarded"]["rows"]
+    base = stats["unguarded"]["rows_with_word"]
+    for i, cfg in enumerate(configs):
+        g = stats[f"guarded{i}"]
+        g["config"] = cfg
+        g["delta_rate"] = round((g["rows_with_word"] - base) / n, 4)
+        g["delta_ci"] = [round(x, 4) for x in st.newcombe_difference(base, n, g["rows_with_word"], n)]
+    pairs = [{"concept": c, "prompt": u.prompt, "seed": u.seed, "unguarded": u.text,
+              **{name: arms[name][k].text for name in arms if name != "unguarded"}}
+             for k, (c, u) in enumerate(zip(concept_of, arms["unguarded"]))]
+    _out({"benchmark": "rules guard", "split": split, "prompts": sum(len(p) for p in by_concept.values()),
+          "concepts": concepts, "samples": samples, "tokens": tokens, "temperature": temperature, "top_p": top_p,
+          "chat": False, "seed": 0, "seconds": round(time.perf_counter() - start, 1),
+          "load": list(__import__("os").getloadavg()), "arms": stats}, None)
+    if json_path:
+        Path(json_path).write_text(json.dumps({"arms": stats, "pairs": pairs}, indent=2) + "\n", encoding="utf-8")
 
 
 @cli.command()

@@ -168,11 +168,13 @@ class Engine:
             return self.backend.stream(ids, sampling, self.packed, cancel, chat, **kwargs)
         return self.backend.stream(prompt, sampling, self.packed, cancel, chat, **kwargs)
 
-    def rules(self, rules):
+    def rules(self, rules, on_prompt: str | None = None, site: str | None = None):
         """Rules compiled against this model and dictionary (an `engine.rules.RuleProgram`), or None for none.
 
         Accepts rule texts, parsed rules, or a program already compiled (returned as is). Unknown labels,
-        layers out of range and the like raise a `shared.rules.RuleError` naming the rule."""
+        layers out of range and the like raise a `shared.rules.RuleError` naming the rule. `on_prompt` (off,
+        watch, act; default `settings.RULES_ON_PROMPT`) says what interventions do with the prompt's matches and
+        `site` (residual, attention) where they edit (docs/rules.md)."""
         from chunktui.engine.rules import RuleProgram, compile_rules
 
         if rules is None or isinstance(rules, RuleProgram):
@@ -184,7 +186,8 @@ class Engine:
         if self.packed is None or self.dictionary is None:
             raise ChunkError("Rules need a dictionary: load one first.")
         name = Path(self.dictionary.path).name if getattr(self.dictionary, "path", None) else "the dictionary"
-        return compile_rules(rules, self.packed, self.loaded, self.dictionary, name=name)
+        return compile_rules(rules, self.packed, self.loaded, self.dictionary, name=name, on_prompt=on_prompt,
+                             site=site)
 
     def generate(self, prompt: str, **kwargs) -> Trace:
         """Stream to the end and return the trace (plain values: text, chunk per token and layer, norms)."""

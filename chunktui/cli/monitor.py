@@ -53,7 +53,7 @@ from chunktui.shared import validate
               help="save the firings so far every N batches (per process) to OUT.partial/, for --resume")
 @overwrite_option
 @friendly_errors
-def monitor_cmd(model_spec, device, dtype, dict_path, rule_texts, rule_files, prompts_file, n_new, corpus,
+def monitor_cmd(model_spec, device, dtype, dict_path, rule_texts, rule_files, on_prompt, prompts_file, n_new, corpus,
                 spans_path, out_path, json_out, samples, temperature, top_p, seed, chat, limit, batch_size, procs,
                 resume, checkpoint_every, overwrite) -> None:
     """Run rules over many prompts (--prompts, generating) or texts (--corpus / --spans, reading).
@@ -133,7 +133,7 @@ def _monitor(group, model_spec, device, dtype, dictionary, rules, prompts, n_new
     from chunktui.api import Engine
 
     engine = Engine.from_loaded(loaded, dictionary)
-    program = engine.rules(rules)
+    program = engine.rules(rules, on_prompt=on_prompt)
     from chunktui.engine.monitor import rule_summary
 
     checkpoint = Checkpoint(partial, every=checkpoint_every, resume=resume)

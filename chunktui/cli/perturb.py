@@ -94,11 +94,12 @@ from chunktui.paths import DEFAULT_DICT_NAME, sample_path
 def perturb_cmd(ctx, model_spec, device, dtype, dict_path, chunk_names, mode, strength, layers, positions, site,
                 protocol, paper_confounds, prompt, prompts_file, limit, samples, sweep, control_kind, control_seed,
                 max_new_tokens, temperature, top_p, seed, chat, truncate, batch_size, json_out, rule_texts, rule_files,
-                overwrite, show) -> None:
+                on_prompt, overwrite, show) -> None:
     """Regenerate with chunks grafted or suppressed; identical sampling and seeds in every arm.
 
-    With --rule/--rules instead of --chunk: the rules act on the generated tokens (guarded arm) and the
-    unguarded arm records where they would have fired; identical sampling and seeds in both arms."""
+    With --rule/--rules instead of --chunk: the rules act on the generated tokens, and on the prompt as
+    --on-prompt says (guarded arm), and the unguarded arm records where they would have fired; identical
+    sampling and seeds in both arms."""
     from chunktui.api import Engine
     from chunktui.engine.dictionary import load_dictionary
     from chunktui.shared.errors import CorpusError
@@ -147,7 +148,7 @@ def perturb_cmd(ctx, model_spec, device, dtype, dict_path, chunk_names, mode, st
     engine = Engine.from_loaded(loaded, dictionary)  # the same facade as the app's engine process and notebooks
     if guarded:
         return _compare_guarded(engine, rules, prompts, samples, max_new_tokens, temperature, top_p, seed, chat,
-                                truncate, batch_size, target, show)
+                                truncate, batch_size, target, show, on_prompt=on_prompt, site=site)
     intervention = engine.intervention(chunk_names, mode, strength, layers, str(where), site,
                                        settings["chunk_layer_shift"])  # 'all': blocks 0..L-1
     from chunktui.engine.context import fit_prompt
@@ -242,14 +243,14 @@ def _progress():
 
 
 def _compare_guarded(engine, rules, prompts, samples, max_new_tokens, temperature, top_p, seed, chat, truncate,
-                     batch_size, target, show) -> None:
+                     batch_size, target, show, on_prompt=None, site=None) -> None:
     """perturb --rules: the guarded arm against the unguarded one, identical sampling and seeds."""
     from chunktui.engine.context import fit_prompt
     from chunktui.engine.rules import compare_rules
     from chunktui.shared.settings import Sampling
 
     loaded = engine.loaded
-    program = engine.rules(rules)
+    program = engine.rules(rules, on_prompt=on_prompt, site=site)
     prompts = [fit_prompt(loaded, p, max_new_tokens, chat=chat, truncate=truncate).text for p in prompts]
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     progress, update = stage_progress()
@@ -257,13 +258,19 @@ def _compare_guarded(engine, rules, prompts, samples, max_new_tokens, temperatur
         report = compare_rules(loaded, program, prompts, samples, sampling, chat, batch_size,
                                progress=lambda stage, frac: update(stage, frac, f"{stage} arm"))
     table = Table(title=f"guarded vs unguarded ({len(prompts)} prompts x {samples} samples, T={temperature}, "
-                        f"top-p={top_p}, same seeds)")
-    for col in ("concept", "unguarded rate", "guarded rate", "change"):
+                        f"top-p={top_p}, same seeds; rules on the prompt: {program.on_prompt}, {program.site} site)")
+    for col in ("concept", "unguarded", "guarded", "change (95% CI)"):
         table.add_column(col, justify="left" if col == "concept" else "right")
     for label, c in report["concepts"].items():
-        table.add_row(escape(label), f"{c['control_rate']:.2f}", f"{c['perturbed_rate']:.2f}",
-                      f"{c['delta_rate']:+.2f}")
+        lo, hi = c["delta_ci"]
+        table.add_row(escape(label), f"{c['control_hits']}/{c['rows']}", f"{c['perturbed_hits']}/{c['rows']}",
+                      f"{c['delta_rate']:+.2f} ({lo:+.2f} to {hi:+.2f})")
     console.print(table)
+    for arm, name in (("control", "unguarded"), ("perturbed", "guarded")):
+        f = report["fluency"][arm]
+        ppl = f"{f['perplexity']:.2f}" if f["perplexity"] is not None else "-"
+        console.print(f"[dim]{name}: perplexity {ppl} under the unguarded model, degenerate "
+                      f"{f['degenerate']}/{f['rows']}[/]")
     rules_table = Table(title="rules")
     for col in ("rule", "action", "rows fired (unguarded)", "rows fired (guarded)", "firings (guarded)"):
         rules_table.add_column(col, justify="left" if col in ("rule", "action") else "right")

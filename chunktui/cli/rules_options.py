@@ -14,6 +14,14 @@ RULE_HELP = ("a rule, `when CONDITION -> ACTION` (repeatable), e.g. \"when chees
 
 
 def rule_options(func):
+    from chunktui.shared.settings import RULES_ON_PROMPT, RULES_ON_PROMPT_CHOICES
+
+    func = click.option("--on-prompt", "on_prompt", default=RULES_ON_PROMPT, show_default=True,
+                        type=click.Choice(list(RULES_ON_PROMPT_CHOICES)),
+                        help="what interventions do with the prompt's matches: off (rules watch generated tokens "
+                             "only), watch (a guard that holds on the prompt is on from the first answer token), "
+                             "act (and the prompt is read again with those edits, so the first answer token is "
+                             "guarded too); alerts and stops always watch generated tokens only")(func)
     func = click.option("--rules", "rule_files", multiple=True, type=click.Path(dir_okay=False),
                         help="a TOML file of [[rule]] tables with name, when and then (repeatable)")(func)
     func = click.option("--rule", "rule_texts", multiple=True, help=RULE_HELP)(func)

@@ -127,7 +127,7 @@ def _load_dict(path, loaded, dictionary=None, optional: bool = False):
 @overwrite_option
 @friendly_errors
 def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_new, chat, temperature, top_p, seed,
-             truncate, layers, json_out, rule_texts, rule_files, overwrite) -> None:
+             truncate, layers, json_out, rule_texts, rule_files, on_prompt, overwrite) -> None:
     """Print text with each token coloured by the concept the dictionary's colour rule shows, and a legend.
 
     Without colours (NO_COLOR, or output piped to a file) each shown token is followed by its label: cheese[cheese].
@@ -161,7 +161,7 @@ def scan_cmd(model_spec, device, dtype, dict_path, text, file_path, prompt, n_ne
     loaded = load_with_progress(model_spec, device, dtype)
     engine, dictionary, packed = _load_dict(dict_path, loaded, early, optional=default_dict)
     keep = set(parse_layers(layers, loaded.layout.n_states))
-    program = engine.rules(rules) if rules else None  # checked again against the model
+    program = engine.rules(rules, on_prompt=on_prompt) if rules else None  # checked again against the model
     firings: list[dict] = []
     finished = None
     if prompt is not None:

@@ -204,11 +204,13 @@ class _LayerEdit:
             raise ChunkError("mean-ablate: the dictionary has no corpus mean for this layer; rebuild it with "
                              "hidden states collected at every layer it edits.")
 
-    def apply(self, h: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-        """h: (B, T, d); where: (B, T) bool -> edited copy (float math, original dtype)."""
+    def apply(self, h: torch.Tensor, where: torch.Tensor | None) -> torch.Tensor:
+        """h: (B, T, d); where: (B, T) bool, or None for every position -> edited copy (float math, original dtype)."""
         out = h.float().clone()
         a = self.strength
-        sel = where[..., None]
+        if where is None:  # every position: no selection to compute (the decode steps of an active edit)
+            where = torch.ones(h.shape[:-1], dtype=torch.bool, device=h.device) if self.redirect is not None else None
+        sel = where[..., None] if where is not None else None
         for neurons, template in self.pa:
             sub = out[..., neurons]  # (B, T, m)
             if self.mode in ("graft", "amplify"):
@@ -217,7 +219,7 @@ class _LayerEdit:
                 new = (1.0 - a) * sub
             else:  # mean-ablate
                 new = sub + a * (self.mean[neurons] - sub)
-            out[..., neurons] = torch.where(sel, new, sub)
+            out[..., neurons] = torch.where(sel, new, sub) if sel is not None else new
         for u, typical in self.dirs:
             proj = (out * u).sum(-1, keepdim=True)  # (B, T, 1)
             if self.mode in ("graft", "amplify"):
@@ -226,7 +228,7 @@ class _LayerEdit:
                 delta = -a * proj * u
             else:
                 delta = a * (((self.mean * u).sum()) - proj) * u
-            out = torch.where(sel, out + delta, out)
+            out = torch.where(sel, out + delta, out) if sel is not None else out + delta
         if self.redirect is not None:
             base = h.float()
             size = (out - base).norm(dim=-1, keepdim=True)  # (B, T, 1): how far the real edit moved each state

@@ -30,8 +30,19 @@ from chunktui.engine.models import module_device
 from chunktui.shared.errors import ChunkError, CorpusError
 from chunktui.shared.rules import (And, Firing, Not, Or, Rule, Run, Term, Vocabulary, action_layers,
                                    check_rules, parse_rule)
+from chunktui.shared.settings import RULES_ON_PROMPT
 
 _NEG = -(1 << 40)
+
+
+def _contains(node, target) -> bool:
+    if node is target:
+        return True
+    if isinstance(node, (Not, Run)):
+        return _contains(node.node, target)
+    if isinstance(node, (And, Or)):
+        return any(_contains(n, target) for n in node.nodes)
+    return False
 
 
 def vocabulary(packed, n_states: int, name: str = "the dictionary") -> Vocabulary:
@@ -51,8 +62,12 @@ class RuleProgram:
     """Parsed rules compiled against a packed dictionary; evaluates batches of rows token by token."""
 
     def __init__(self, rules: Sequence[Rule | str], packed, n_states: int, dictionary=None, loaded=None,
-                 name: str = "the dictionary") -> None:
+                 name: str = "the dictionary", on_prompt: str | None = None, site: str | None = None) -> None:
+        from chunktui.shared.settings import check_on_prompt, check_site
+
         rules = [parse_rule(r) if isinstance(r, str) else r for r in rules]
+        self.on_prompt = check_on_prompt(on_prompt if on_prompt is not None else RULES_ON_PROMPT)
+        self.site = check_site(site if site is not None else "residual")
         if packed is None:
             raise ChunkError("Rules need a dictionary: load one first.")
         self.rules = check_rules(rules, vocabulary(packed, n_states, name))
@@ -78,6 +93,8 @@ class RuleProgram:
         self.runs: list[Run] = []
         for rule in self.rules:
             self._collect_runs(rule.condition)
+        self._term_index = {term: k for k, term in enumerate(terms)}
+        self._run_index = {id(run): j for j, run in enumerate(self.runs)}
         self.counts: torch.Tensor | None = None  # (B, n_runs) run lengths so far
         # interventions: rule index -> Intervention; host-side state per row
         self.interventions: dict[int, object] = {}
@@ -90,6 +107,13 @@ class RuleProgram:
         self.active_rows: dict[int, torch.Tensor] = {}  # rule index -> (B,) bool on the device, when any row is on
         self._row_masks: dict[tuple, torch.Tensor] = {}
         self.stopped: list[bool] = []
+        # on_prompt == "act": rule index -> (B, T) bool, the prompt columns the re-read of the prompt edits
+        self.prompt_edits: dict[int, torch.Tensor] | None = None
+        self._every_row: set[int] = set()  # interventions on in every row (no per-row selection needed)
+        # runs that only intervention rules use: the prompt's run lengths carry over into the answer for them
+        self._intervention_runs = [j for j, run in enumerate(self.runs)
+                                   if all(not _contains(r.condition, run) for r in self.rules
+                                          if r.action.kind != "intervene")]
 
     # ------------------------------------------------------------------ compiling
 
@@ -134,10 +158,17 @@ class RuleProgram:
         self.remaining = [dict() for _ in range(batch)]
         self.active_rows = {}
         self.stopped = [False] * batch
+        self.prompt_edits = None
+        self._every_row = set()
 
     @property
     def has_interventions(self) -> bool:
         return bool(self.interventions)
+
+    @property
+    def watches_prompt(self) -> bool:
+        """Whether the prompt's states are evaluated (only interventions act on them)."""
+        return self.on_prompt != "off" and bool(self.interventions)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -146,25 +177,32 @@ class RuleProgram:
             yield
             return
         edits = {layer: self._hook(pairs) for layer, pairs in self.edits.items()}
-        with block_hooks(self.loaded.layout, edits=edits):
+        with block_hooks(self.loaded.layout, edits=edits, site=self.site):
             yield
 
     def _hook(self, pairs):
         def hook(module, args, kwargs):
-            if not self.active_rows:
+            on = self.prompt_edits if self.prompt_edits is not None else self.active_rows
+            if not on:
                 return None
-            live = [(r, edit) for r, edit in pairs if r in self.active_rows]
+            live = [(r, edit) for r, edit in pairs if r in on]
             if not live:
                 return None
-            h = args[0] if args else kwargs["hidden_states"]
+            key = None if args else next(k for k in ("hidden_states", "input", "x") if k in kwargs)
+            h = args[0] if args else kwargs[key]
             for r, edit in live:
                 if h.device != edit.device:
                     h = h.to(edit.device)
-                rows = self.active_rows[r].to(h.device)
-                h = edit.apply(h, rows[:, None].expand(h.shape[0], h.shape[1]))
+                if self.prompt_edits is not None:  # re-reading the prompt: (B, T) columns
+                    where = on[r].to(h.device)
+                elif r in self._every_row:  # every row is on (known on the host): nothing to select
+                    where = None
+                else:
+                    where = on[r].to(h.device)[:, None].expand(h.shape[0], h.shape[1])
+                h = edit.apply(h, where)
             if args:
                 return (h,) + tuple(args[1:]), kwargs
-            return args, dict(kwargs, hidden_states=h)
+            return args, dict(kwargs, **{key: h})
         return hook
 
     # ------------------------------------------------------------------ evaluating
@@ -183,9 +221,9 @@ class RuleProgram:
         else:
             layer_hits = torch.zeros(B, T, K, S, dtype=torch.bool, device=hit.device)
         term_true = layer_hits.sum(-1) >= self.at_least  # (B, T, K)
-        self._idx = torch.arange(T, device=hit.device)
+        self._idx = torch.arange(T, device=hit.device) if (T > 1 or starts is not None) else None
         self._starts = starts
-        new_counts = self.counts.clone()
+        new_counts = self.counts.clone() if self.runs else self.counts
         cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def ev(node):
@@ -193,7 +231,7 @@ class RuleProgram:
             if key in cache:
                 return cache[key]
             if isinstance(node, Term):
-                k = self.terms.index(node)
+                k = self._term_index[node]
                 out = (term_true[..., k], layer_hits[..., k, :] & term_true[..., k, None])
             elif isinstance(node, Not):
                 value, _ = ev(node.node)
@@ -216,7 +254,7 @@ class RuleProgram:
                 out = (value, layers)
             else:  # Run
                 value, layers = ev(node.node)
-                j = next(i for i, r in enumerate(self.runs) if r is node)
+                j = self._run_index[id(node)]
                 run = self._run_length(value, self.counts[:, j])
                 new_counts[:, j] = run[:, -1].clamp(max=node.n)
                 held = run >= node.n
@@ -232,6 +270,8 @@ class RuleProgram:
 
     def _run_length(self, value: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
         """(B, T) bool -> (B, T) consecutive-true count ending at each token, continuing `carry` (B,)."""
+        if self._idx is None:  # one token, no text start (a decode step): the count goes on or restarts
+            return torch.where(value[:, 0], carry + 1, 0)[:, None]
         idx = self._idx[None, :].expand_as(value)
         neg = torch.full_like(idx, _NEG)
         brk = torch.where(~value, idx, neg)
@@ -261,6 +301,84 @@ class RuleProgram:
             self._update(any_fired[:, -1].tolist() if T else [[False] * len(self.rules)] * B)
         return out
 
+    def observe_prompt(self, hit: torch.Tensor, lengths: Sequence[int], texts=None) -> tuple[list[list[Firing]], bool]:
+        """The prompt's (B, T, C) hits (left-padded: row b's prompt is its last `lengths[b]` columns), read before
+        the first answer token is sampled. Only intervention rules act on the prompt (`on_prompt`):
+
+        - `watch`: a guard whose condition holds on the prompt is on from the first generated token's states
+          (its `for N` counts from the prompt token where it fired; `while` needs the last prompt token);
+        - `act`: as `watch`, and the prompt is to be read again with the rules' edits on the prompt itself
+          (each prompt token where a rule fired, and the ones its duration covers after it: `while` the next one,
+          `for N` the next N), so the first answer token is sampled from guarded states and the prompt's keys and
+          values carry the edit. Returns (firings per row, whether to re-read the prompt).
+
+        Alerts and stops keep watching generated tokens only (their run lengths start at the answer); the
+        intervention rules' firings on the prompt are returned as records. One host copy for the whole prompt."""
+        B, T, _ = hit.shape
+        self.reset(B)
+        if not self.watches_prompt or T == 0:
+            return [[] for _ in range(B)], False
+        cols = torch.arange(T, device=hit.device)
+        first = torch.tensor([T - int(n) for n in lengths], device=hit.device)
+        starts = cols[None, :] == first[:, None]
+        fired, layers = self.evaluate(hit, starts)
+        real = cols[None, :] >= first[:, None]
+        fired = fired & real[..., None]
+        keep = torch.zeros_like(self.counts)
+        if self._intervention_runs:
+            j = torch.tensor(self._intervention_runs, device=self.counts.device)
+            keep[:, j] = self.counts[:, j]
+        self.counts = keep
+        packed = torch.cat([fired[..., None], layers], dim=-1).cpu()  # the one transfer: (B, T, R, S + 1)
+        out: list[list[Firing]] = [[] for _ in range(B)]
+        edit_cols: dict[int, list[list[int]]] = {}
+        for b, t, r in packed[..., 0].nonzero().tolist():
+            rule = self.rules[r]
+            if rule.action.kind != "intervene":
+                continue
+            n = int(lengths[b])
+            mask = packed[b, t, r, 1:].tolist()
+            out[b].append(Firing(rule=rule.name, token=t - (T - n), layers=[self.layer_axis[s] for s, m in
+                                                                          enumerate(mask) if m],
+                                 action=str(rule.action), text=texts[b][t - (T - n)] if texts is not None else "",
+                                 extra={"on_prompt": True}))
+            span = rule.action.duration if rule.action.duration is not None else 1
+            # re-reading, the prompt token that matched can be edited itself, and the ones its duration covers
+            edit_cols.setdefault(r, [[] for _ in range(B)])[b].extend(range(t, min(t + span, T - 1) + 1))
+            left = span - (T - 1 - t)  # tokens after the prompt still edited (t+1 .. t+span)
+            if left > 0:
+                self.remaining[b][r] = max(self.remaining[b].get(r, 0), left)
+        self._set_active(B)
+        reread = self.on_prompt == "act" and any(any(c) for c in edit_cols.values())
+        if reread:
+            edits = {}
+            for r, per_row in edit_cols.items():
+                m = torch.zeros(B, T, dtype=torch.bool)
+                for b, c in enumerate(per_row):
+                    if c:
+                        m[b, sorted(set(c))] = True
+                if m.any():
+                    edits[r] = m.to(self.device)
+            self.prompt_edits = edits
+        return out, reread
+
+    def end_prompt(self) -> None:
+        """The prompt has been re-read with its edits: from now on the per-row switches apply."""
+        self.prompt_edits = None
+
+    def _set_active(self, batch: int) -> None:
+        active = {}
+        self._every_row = set()
+        for r in self.interventions:
+            rows = tuple(r in self.remaining[b] for b in range(batch))
+            if all(rows):
+                self._every_row.add(r)
+            if any(rows):
+                if rows not in self._row_masks:  # made once per pattern: no host-to-device copy per switch
+                    self._row_masks[rows] = torch.tensor(rows, dtype=torch.bool, device=self.device)
+                active[r] = self._row_masks[rows]
+        self.active_rows = active
+
     def _update(self, last: list[list[bool]]) -> None:
         """After the last token of the call: stops, and which rows each intervention edits next."""
         changed = False
@@ -282,27 +400,22 @@ class RuleProgram:
                     self.remaining[b].pop(r, None)
                 changed |= bool(before) != bool(now)
         if changed:
-            active = {}
-            for r in self.interventions:
-                rows = tuple(r in self.remaining[b] for b in range(len(last)))
-                if any(rows):
-                    if rows not in self._row_masks:  # made once per pattern: no host-to-device copy per switch
-                        self._row_masks[rows] = torch.tensor(rows, dtype=torch.bool, device=self.device)
-                    active[r] = self._row_masks[rows]
-            self.active_rows = active
+            self._set_active(len(last))
 
     def describe(self) -> list[dict]:
         return [rule.to_json() for rule in self.rules]
 
 
-def compile_rules(rules, packed, loaded, dictionary=None, name: str = "the dictionary") -> RuleProgram | None:
+def compile_rules(rules, packed, loaded, dictionary=None, name: str = "the dictionary", on_prompt: str | None = None,
+                  site: str | None = None) -> RuleProgram | None:
     """A RuleProgram from rules (parsed or text), or None when there are none (or it is one already)."""
     if rules is None or isinstance(rules, RuleProgram):
         return rules
     rules = list(rules)
     if not rules:
         return None
-    return RuleProgram(rules, packed, loaded.layout.n_states, dictionary=dictionary, loaded=loaded, name=name)
+    return RuleProgram(rules, packed, loaded.layout.n_states, dictionary=dictionary, loaded=loaded, name=name,
+                       on_prompt=on_prompt, site=site)
 
 
 # --------------------------------------------------------------------------- checkpoints (monitor --resume)
@@ -414,10 +527,27 @@ def generate_rows(loaded, prompts: Sequence[str], seeds_per_prompt: int, samplin
         done = [False] * B
         if program is not None:
             program.reset(B)
+        watch = None
+        if program is not None and program.watches_prompt:
+            def watch(states):  # (B, T, L+1, d): the prompts' states, before the first answer token is sampled
+                Bs, T = states.shape[:2]
+                hit = packed.match(states.reshape(Bs * T, *states.shape[2:])).hit.view(Bs, T, -1)
+                pieces = [[""] * (T - len(i)) + [tok.decode([t]) for t in i] for i in ids]
+                found, reread = program.observe_prompt(hit, [len(i) for i in ids], pieces)
+                for i, fs in enumerate(found):
+                    for f in fs:
+                        f.extra.update({"prompt": batch[i][0] if prompt_index is None else prompt_index[batch[i][0]],
+                                        "seed": batch[i][2]})
+                    firings[i].extend(fs)
+                if not (reread and act):
+                    program.end_prompt()
+                    return False
+                return True
         hooks = program.installed() if program is not None and act else contextlib.nullcontext()
         with hooks:
             steps = decode(loaded, ids, sampling, seeds=[s for _, _, s in batch], cancel=cancel,
-                           phase=PhaseFlag(), record=program is not None)
+                           phase=PhaseFlag(), record=program is not None, on_prefill=watch,
+                           after_reread=program.end_prompt if program is not None else None)
             try:
                 for k, step in enumerate(steps):
                     tokens = step.tokens.tolist()
@@ -467,16 +597,61 @@ def distinct_bigrams(ids: Sequence[int]) -> float | None:
     return len(set(pairs)) / len(pairs) if pairs else None
 
 
+@torch.no_grad()
+def first_token_logprobs(loaded, program: RuleProgram, prompts: Sequence[str], chat: bool = True,
+                         batch_size: int = 16, firings: list | None = None) -> torch.Tensor:
+    """(P, V) log-probabilities of the first answer token with the rules in place: what `on_prompt="act"` changes
+    (the prompt read again with the edits its matches call for); otherwise the unguarded model's. `firings`, a
+    list, gets each prompt's firings on the prompt."""
+    from chunktui.engine.hooks import ResidualRecorder
+    from chunktui.engine.streaming import left_pad
+    from chunktui.engine.tokens import encode_prompt
+
+    pad = loaded.tokenizer.pad_token_id or 0
+    out = []
+    for b in range(0, len(prompts), batch_size):
+        rows = [encode_prompt(loaded, p, chat) for p in prompts[b:b + batch_size]]
+        ids, mask = left_pad(rows, pad)
+        ids, mask = ids.to(loaded.device), mask.to(loaded.device)
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        run = lambda: loaded.model(input_ids=ids, attention_mask=mask, position_ids=position,  # noqa: E731
+                                   use_cache=False, logits_to_keep=1).logits
+        program.reset(len(rows))
+        with program.installed():
+            if program.watches_prompt:
+                with ResidualRecorder(loaded.layout) as rec:
+                    logits = run()
+                states = rec.states()
+                B, T = states.shape[:2]
+                hit = program.packed.match(states.reshape(B * T, *states.shape[2:])).hit.view(B, T, -1)
+                found, reread = program.observe_prompt(hit, [len(r) for r in rows])
+                if firings is not None:
+                    firings.extend(found)
+                if reread:
+                    logits = run()
+                program.end_prompt()
+            else:
+                logits = run()
+                if firings is not None:
+                    firings.extend([] for _ in rows)
+        out.append(logits[:, -1].float().log_softmax(-1).cpu())
+    program.reset(1)
+    return torch.cat(out)
+
+
 def compare_rules(loaded, program: RuleProgram, prompts: Sequence[str], samples: int = 1, sampling=None,
                   chat: bool = True, batch_size: int = 16, cancel=None, progress=None) -> dict:
     """Unguarded (control) and guarded (perturbed) arms with identical prompts, sampling and seeds.
 
     The unguarded arm records where the rules would have fired without acting on it. Per concept the
     rules name: how often the word occurs in the answers of each arm (whole word, case-insensitive), with
-    the keys of `perturb`'s report (control = unguarded, perturbed = guarded; the first answer token's
-    log-probability is the same in both arms, since rules act from the second generated token on).
-    Per arm: mean distinct-bigram ratio of the answers (a repetition check)."""
-    from chunktui.engine.perturb import first_token_ids, next_token_logprobs, occurs, token_diff
+    the keys of `perturb`'s report (control = unguarded, perturbed = guarded): hits, rates with Wilson 95%
+    intervals, the change with a Newcombe interval, and the first answer token's log-probability (the same
+    in both arms unless the rules act on the prompt, `on_prompt="act"`). Per arm: fluency as `perturb` measures
+    it (perplexity under the unguarded model, degenerate answers) and the mean distinct-bigram ratio."""
+    from chunktui.engine.perturb import (FLUENCY_MEASURE, continuation_nll, first_token_ids, fluency_summary,
+                                         next_token_logprobs, occurs, token_diff)
+    from chunktui.shared import perturb_stats as stats
     from chunktui.shared.settings import Sampling
 
     if not prompts:
@@ -491,16 +666,23 @@ def compare_rules(loaded, program: RuleProgram, prompts: Sequence[str], samples:
         for label in rule.positive_labels() + list(rule.action.labels):
             if label not in labels:
                 labels.append(label)
-    # rules watch generated tokens only, so the first answer token's distribution is the same in both arms
     lp = next_token_logprobs(loaded, list(prompts), None, chat, batch_size)
+    acts_on_prompt = program.on_prompt == "act" and program.has_interventions
+    lp_guarded = first_token_logprobs(loaded, program, list(prompts), chat, batch_size) if acts_on_prompt else lp
+    n = len(control)
     concepts = {}
     for label in labels:  # the keys of `perturb`'s report: control = unguarded, perturbed = guarded
-        c_rate = sum(occurs(label, r.text) for r in control) / len(control)
-        g_rate = sum(occurs(label, r.text) for r in guarded) / len(guarded)
-        first = float(lp[:, first_token_ids(loaded, label)].logsumexp(-1).mean())
-        concepts[label] = {"control_rate": c_rate, "perturbed_rate": g_rate, "delta_rate": g_rate - c_rate,
-                           "logprob_control": first, "logprob_perturbed": first, "delta_logprob": 0.0,
-                           "rows": len(control)}
+        c_hits = sum(occurs(label, r.text) for r in control)
+        g_hits = sum(occurs(label, r.text) for r in guarded)
+        ids = first_token_ids(loaded, label)
+        first = float(lp[:, ids].logsumexp(-1).mean())
+        first_g = float(lp_guarded[:, ids].logsumexp(-1).mean())
+        concepts[label] = {"control_hits": c_hits, "perturbed_hits": g_hits,
+                           "control_rate": c_hits / n, "perturbed_rate": g_hits / n, "delta_rate": (g_hits - c_hits) / n,
+                           "control_ci": list(stats.wilson(c_hits, n)), "perturbed_ci": list(stats.wilson(g_hits, n)),
+                           "delta_ci": list(stats.newcombe_difference(c_hits, n, g_hits, n)),
+                           "logprob_control": first, "logprob_perturbed": first_g, "delta_logprob": first_g - first,
+                           "rows": n}
     summary = {}
     for rule in program.rules:
         summary[rule.name] = {
@@ -508,20 +690,26 @@ def compare_rules(loaded, program: RuleProgram, prompts: Sequence[str], samples:
             "rows_fired_unguarded": sum(any(f.rule == rule.name for f in r.firings) for r in control),
             "rows_fired_guarded": sum(any(f.rule == rule.name for f in r.firings) for r in guarded),
             "firings_guarded": sum(f.rule == rule.name for r in guarded for f in r.firings),
-            "rows": len(control)}
+            "rows_fired_on_prompt": sum(any(f.rule == rule.name and f.extra.get("on_prompt") for f in r.firings)
+                                        for r in guarded),
+            "rows": n}
 
-    def fluency(runs):
+    def bigrams(runs):
         values = [v for v in (distinct_bigrams(r.ids) for r in runs) if v is not None]
         return sum(values) / len(values) if values else None
 
+    nll = {"control": continuation_nll(loaded, control, chat), "perturbed": continuation_nll(loaded, guarded, chat)}
+    fluency = {"control": fluency_summary(control, nll["control"]),
+               "perturbed": fluency_summary(guarded, nll["perturbed"])}
     pairs = [{"prompt": c.prompt, "seed": c.seed, "control": c.text, "perturbed": g.text, "finished": g.finished,
               "firings": [f.to_json() for f in g.firings],
               "unguarded_firings": [f.to_json() for f in c.firings],
               "diff": token_diff(loaded.tokenizer, c.ids, g.ids)} for c, g in zip(control, guarded)]
     return {"settings": dict(sampling.describe(), chat=chat, samples=samples, prompts=len(prompts),
-                             identical_sampling_both_arms=True),
+                             identical_sampling_both_arms=True, on_prompt=program.on_prompt, site=program.site,
+                             interval=stats.INTERVAL, fluency_measure=FLUENCY_MEASURE),
             "intervention": {"mode": "rules", "rules": program.describe(), "arms": "control = unguarded, "
-                             "perturbed = guarded"},
-            "rules": program.describe(), "concepts": concepts, "rules_summary": summary,
-            "distinct_bigrams": {"unguarded": fluency(control), "guarded": fluency(guarded)},
+                             "perturbed = guarded", "on_prompt": program.on_prompt, "site": program.site},
+            "rules": program.describe(), "concepts": concepts, "rules_summary": summary, "fluency": fluency,
+            "distinct_bigrams": {"unguarded": bigrams(control), "guarded": bigrams(guarded)},
             "pairs": pairs}

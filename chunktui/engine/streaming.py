@@ -115,14 +115,16 @@ class PhaseFlag:
 @torch.no_grad()
 def decode(loaded: LoadedModel, rows: list[list[int]], sampling: Sampling, seeds: Sequence[int] | None = None,
            record: bool = False, cancel: threading.Event | None = None, phase: PhaseFlag | None = None,
-           prefill_states: list | None = None) -> Iterator[DecodeStep]:
+           prefill_states: list | None = None, on_prefill=None, after_reread=None) -> Iterator[DecodeStep]:
     """The decode loop: prefill the (left-padded) prompts, then one forward per new token.
 
     Yields one DecodeStep per generated token (the token, its states, the next
     logits). The caller decides when to stop (EOS, stop strings); the loop
     stops itself at max_new_tokens or when `cancel` is set. If
     `prefill_states` is a list, the prompt's states (B, T, L+1, d) and the
-    prefill logits are appended to it.
+    prefill logits are appended to it. `on_prefill(states)` hears of the prompt's states before
+    the first token is sampled; when it returns True the prompt is read again (whatever edit hooks are on now
+    apply to it: rules that act on the prompt) and the answer starts from that reading; `after_reread()` follows.
     """
     model, device = loaded.model, loaded.device
     # the loop holds one step's states at a time (and the prompt's, when asked); a caller keeping every
@@ -143,12 +145,19 @@ def decode(loaded: LoadedModel, rows: list[list[int]], sampling: Sampling, seeds
     layout = loaded.layout
     with out_of_memory("generating", device):
         phase.phase = "prefill"
-        if record or prefill_states is not None:
+        if prefill_states is not None or on_prefill is not None:  # the prompt's states are wanted
+            keep = {} if prefill_states is not None else {"logits_to_keep": 1}
             with ResidualRecorder(layout) as rec:
-                out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
+                out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, **keep)
+            states = rec.states()
             if prefill_states is not None:
-                prefill_states.append(rec.states())
+                prefill_states.append(states)
                 prefill_states.append(out.logits)
+            if on_prefill is not None and on_prefill(states):
+                out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True,
+                            logits_to_keep=1)
+                if after_reread is not None:
+                    after_reread()
         else:
             out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
         cache = _cache_out(out)
@@ -201,7 +210,18 @@ def generate_stream(loaded: LoadedModel, prompt: str | list[int], sampling: Samp
     ids = encode_prompt(loaded, prompt, chat) if isinstance(prompt, str) else list(prompt)
     start = time.perf_counter()
     prefill: list = []
-    steps = decode(loaded, [ids], sampling, record=True, cancel=cancel, phase=phase, prefill_states=prefill)
+    prompt_firings: list = []
+    watch = None
+    if rules is not None and rules.watches_prompt:
+        def watch(states):  # the prompt's states, before the first answer token is sampled
+            pieces = [tok.decode([i]) for i in ids]
+            found, reread = rules.observe_prompt(packed.match(states[0]).hit[None], [len(ids)], [pieces])
+            prompt_firings.extend(found[0])
+            if not reread:
+                rules.end_prompt()
+            return reread
+    steps = decode(loaded, [ids], sampling, record=True, cancel=cancel, phase=phase, prefill_states=prefill,
+                   on_prefill=watch, after_reread=rules.end_prompt if rules is not None else None)
     stops = eos_ids(loaded) if sampling.stop_at_eos else set()
     detok = Detokenizer(tok)
     hooks = rules.installed() if rules is not None else contextlib.nullcontext()
@@ -218,7 +238,8 @@ def generate_stream(loaded: LoadedModel, prompt: str | list[int], sampling: Samp
                                  top=_top(tok, probs[t]),
                                  logprob=float(logp[t - 1, token_id]) if t > 0 else None,
                                  matches=matches[t:t + 1] if matches is not None else None, generated=False,
-                                 elapsed=time.perf_counter() - start)
+                                 elapsed=time.perf_counter() - start,
+                                 firings=[f for f in prompt_firings if f.token == t])
         else:
             for token_id in ids:
                 detok.add(token_id)

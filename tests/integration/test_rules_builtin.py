@@ -15,15 +15,6 @@ pytestmark = pytest.mark.integration
 PROMPT = "What goes well with crackers and wine at a party?"
 
 
-@pytest.fixture(scope="module")
-def smol():
-    from chunktui.engine.models import load_model
-
-    torch.set_num_threads(2)
-    yield load_model("smollm2-135m", device="cpu")
-    torch.set_num_threads(1)
-
-
 @pytest.fixture
 def cli(smol, monkeypatch):
     """The CLI with the module's model (loaded once for these tests)."""
@@ -84,3 +75,26 @@ def test_the_readme_rules_example_runs(smol, capsys):
     stop = trace.firings[-1]
     assert stop["action"] == "stop" and stop["token"] == trace.steps[-1].index and stop["layers"]
     assert "rule when cheese -> stop" in capsys.readouterr().out
+
+
+def test_a_prompt_guard_acts_before_the_first_answer_token(smol_engine):
+    """`on_prompt="act"`: where the guard fires on the prompt, the prompt is read again with the edit and the
+    first answer token's distribution moves; where it does not fire, and with `watch`, that token is untouched.
+    (Whether the concept falls is a population question: benchmarks/rules.py guard.)"""
+    from chunktui.engine.perturb import next_token_logprobs
+    from chunktui.engine.rules import first_token_logprobs
+
+    loaded = smol_engine.loaded
+    prompts = ["Swiss cheese has holes. Cheddar is a hard", "Grate some parmesan"]
+    rule = ["guard: when cheese -> suppress cheese@24-29 x0.5 for 8"]
+    base = next_token_logprobs(loaded, prompts, None, chat=False)
+    watched = first_token_logprobs(loaded, smol_engine.rules(rule, on_prompt="watch"), prompts, chat=False)
+    assert torch.allclose(watched, base, atol=1e-4)
+    firings: list = []
+    acted = first_token_logprobs(loaded, smol_engine.rules(rule, on_prompt="act"), prompts, chat=False,
+                                 firings=firings)
+    assert len(firings) == len(prompts) and firings[0], "the prompt's cheese tokens should match"
+    for row, found in enumerate(firings):
+        moved = float((acted[row] - base[row]).abs().max())
+        assert moved > 1e-2 if found else moved < 1e-4, (row, len(found), moved)
+    assert all(f.rule == "guard" and f.layers and f.extra == {"on_prompt": True} for fs in firings for f in fs)

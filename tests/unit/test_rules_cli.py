@@ -55,11 +55,18 @@ def test_perturb_rules_compares_guarded_and_unguarded(runner, tmp_path, tiny_dic
     out = tmp_path / "p.json"
     r = runner.invoke(main, ["perturb", *TINY, "--dict", str(path), "--prompt", "The dog ate", "--samples", "2",
                              "--max-new-tokens", "6", "--rule", "g: when not cheese -> suppress dog@1-2 x1 for 2",
-                             "--json", str(out), "--no-chat"])
+                             "--json", str(out), "--no-chat", "--on-prompt", "off"])
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
     assert set(data["concepts"]) == {"dog"}  # cheese is named only under "not"
-    assert data["concepts"]["dog"]["delta_logprob"] == 0.0
+    assert data["concepts"]["dog"]["delta_logprob"] == 0.0  # generated tokens only: the first token is untouched
+    dog = data["concepts"]["dog"]
+    assert dog["rows"] == 2 and dog["control_ci"][0] <= dog["control_rate"] <= dog["control_ci"][1]
+    assert dog["delta_ci"][0] <= dog["delta_rate"] <= dog["delta_ci"][1]
+    for arm in ("control", "perturbed"):  # fluency as perturb measures it
+        assert data["fluency"][arm]["rows"] == 2 and data["fluency"][arm]["perplexity"] > 1
+        assert 0 <= data["fluency"][arm]["degenerate_share"] <= 1
+    assert data["settings"]["on_prompt"] == "off"
     assert data["settings"]["identical_sampling_both_arms"]
     assert data["rules_summary"]["g"]["rows_fired_guarded"] == 2
     pair = data["pairs"][0]
@@ -73,6 +80,16 @@ def test_perturb_rules_compares_guarded_and_unguarded(runner, tmp_path, tiny_dic
     r = runner.invoke(main, ["perturb", *TINY, "--dict", str(path), "--prompt", "x", "--chunk", "cheese",
                              "--rule", "when cheese -> stop"])
     assert r.exit_code == 2 and "not both" in r.output
+    # with --on-prompt act the guard also acts on the prompt ("not cheese" holds there): the first token moves
+    acted = tmp_path / "act.json"
+    r = runner.invoke(main, ["perturb", *TINY, "--dict", str(path), "--prompt", "The dog ate", "--samples", "2",
+                             "--max-new-tokens", "6", "--rule", "g: when not cheese -> suppress dog@1-2 x1 for 2",
+                             "--json", str(acted), "--no-chat", "--on-prompt", "act"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(acted.read_text())
+    assert data["settings"]["on_prompt"] == "act" and data["rules_summary"]["g"]["rows_fired_on_prompt"] == 2
+    assert data["concepts"]["dog"]["delta_logprob"] != 0.0
+    assert all(any(f.get("on_prompt") for f in pair["firings"]) for pair in data["pairs"])
 
 
 def test_monitor_prompts_writes_one_line_per_firing(runner, tmp_path, tiny_dict):

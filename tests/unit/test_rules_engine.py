@@ -143,8 +143,8 @@ def test_stop_ends_the_stream_where_the_unguarded_run_first_matches(engine, tiny
 def test_an_intervention_fired_at_t_edits_from_t_plus_1(engine, tiny_model, tiny_dict):
     loose = Engine.from_loaded(tiny_model, _loose(tiny_dict[0], engine, "cheese", PROMPT))
     plain = [e for e in loose.stream(PROMPT, max_new_tokens=12, chat=False) if e.generated]
-    rule = "when cheese -> suppress dog@1-2 x1 for 1"
-    guarded = [e for e in loose.stream(PROMPT, max_new_tokens=12, chat=False, rules=[rule]) if e.generated]
+    rule = loose.rules(["when cheese -> suppress dog@1-2 x1 for 1"], on_prompt="off")  # generated tokens only
+    guarded = [e for e in loose.stream(PROMPT, max_new_tokens=12, chat=False, rules=rule) if e.generated]
     fired = [i for i, e in enumerate(guarded) if e.firings]
     assert fired, "the loosened cheese chunks should fire"
     t = fired[0]
@@ -183,7 +183,8 @@ def test_batched_rows_share_sampling_until_the_rule_acts(engine, tiny_model, tin
 
     sampling = Sampling(max_new_tokens=10, temperature=1.0, top_p=0.95, seed=3, stop_at_eos=False)
     prompts = ["The dog ate the cheese", "I like cake"]
-    program = engine.rules(["g: when not cheese for 3 -> suppress dog,cake@1-3 x1 for 2", "s: when dog@0 -> stop"])
+    program = engine.rules(["g: when not cheese for 3 -> suppress dog,cake@1-3 x1 for 2", "s: when dog@0 -> stop"],
+                           on_prompt="off")  # generated tokens only (the prompt: test_a_prompt_guard_...)
     plain = generate_rows(tiny_model, prompts, 2, sampling, None, chat=False, batch_size=3)
     watched = generate_rows(tiny_model, prompts, 2, sampling, program, chat=False, batch_size=3, act=False)
     guarded = generate_rows(tiny_model, prompts, 2, sampling, program, chat=False, batch_size=3)
@@ -196,3 +197,91 @@ def test_batched_rows_share_sampling_until_the_rule_acts(engine, tiny_model, tin
         assert g.ids[:first + 2] == w.ids[:first + 2]
         assert all(f.extra["prompt"] in (0, 1) and f.extra["seed"] in (3, 4) for f in g.firings)
     assert any(w.ids != g.ids for w, g in zip(watched, guarded))  # and the edit changed something after
+
+
+# --------------------------------------------------------------------------- rules that read the prompt
+
+
+def _always(dictionary, label):
+    """A copy of the dictionary whose `label` PA chunks hit every state (an infinite threshold)."""
+    loose = copy.deepcopy(dictionary)
+    for chunk in loose.chunks:
+        if chunk.label == label and chunk.kind == "pa":
+            chunk.threshold = float("inf")
+    return loose
+
+
+def test_a_prompt_guard_is_on_from_the_first_generated_token(engine, tiny_model, tiny_dict):
+    from chunktui.engine.rules import first_token_logprobs
+    from chunktui.engine.perturb import next_token_logprobs
+
+    loose = Engine.from_loaded(tiny_model, _always(tiny_dict[0], "cheese"))
+    rule = "g: when cheese -> suppress dog@1-2 x1 while"
+    plain = [e for e in loose.stream(PROMPT, max_new_tokens=4, chat=False) if e.generated]
+    runs = {}
+    for mode in ("off", "watch", "act"):
+        program = loose.rules([rule], on_prompt=mode)
+        runs[mode] = list(loose.stream(PROMPT, max_new_tokens=4, chat=False, rules=program))
+    off, watch, act = ([e for e in runs[m] if e.generated] for m in ("off", "watch", "act"))
+    # off: the first answer token's states are unedited (the rule first fires on it)
+    assert torch.equal(off[0].hidden, plain[0].hidden)
+    # watch: the guard held on the prompt's last token, so the first answer token's states are edited ...
+    assert watch[0].token_id == plain[0].token_id  # ... but it was sampled before any edit
+    assert torch.equal(watch[0].hidden[0], plain[0].hidden[0])  # below the edited block
+    assert not torch.equal(watch[0].hidden[1], plain[0].hidden[1])
+    prompt_firings = [f for e in runs["watch"] if not e.generated for f in e.firings]
+    assert prompt_firings and all(f.extra.get("on_prompt") for f in prompt_firings)
+    assert {f.token for f in prompt_firings} == {e.index for e in runs["watch"] if not e.generated}
+    assert not any(f.extra.get("on_prompt") for e in runs["off"] for f in e.firings)
+    # act: the prompt is read again with the edits, so the first answer token's distribution moves too
+    assert act[0].logprob != pytest.approx(plain[0].logprob, abs=1e-6) or act[0].token_id != plain[0].token_id
+    prompts = [PROMPT, "I like cake"]
+    base = next_token_logprobs(tiny_model, prompts, None, chat=False)
+    assert torch.allclose(first_token_logprobs(tiny_model, loose.rules([rule], on_prompt="watch"), prompts,
+                                               chat=False), base, atol=1e-5)
+    moved = first_token_logprobs(tiny_model, loose.rules([rule], on_prompt="act"), prompts, chat=False)
+    assert (moved - base).abs().amax(-1).min() > 1e-4  # every prompt's first-token distribution changed
+
+
+def test_alerts_and_stops_ignore_the_prompt(engine, tiny_model, tiny_dict):
+    loose = Engine.from_loaded(tiny_model, _loose(tiny_dict[0], engine, "cheese", PROMPT))
+    rules = ["s: when cheese -> stop", "a: when cheese for 2 -> alert"]
+    got = {}
+    for mode in ("off", "act"):
+        events = list(loose.stream(PROMPT, max_new_tokens=16, chat=False, rules=loose.rules(rules, on_prompt=mode)))
+        got[mode] = [(e.token_id, e.finished, [(f.rule, f.token) for f in e.firings]) for e in events]
+    assert got["act"] == got["off"]
+
+
+def test_prompt_firings_set_durations_and_edit_columns(engine):
+    program = RuleProgram(["n: when cheese -> suppress dog@1 for 3", "w: when cheese -> suppress dog@2 while"],
+                          engine.packed, engine.n_states, dictionary=engine.dictionary, loaded=engine.loaded,
+                          on_prompt="act")
+    cheese = torch.tensor([c.label == "cheese" for c in engine.packed.chunks])
+    none = torch.zeros_like(cheese)
+    # row 0: a 6-token prompt, cheese at its tokens 1 and 5 (the last); row 1: a 4-token prompt (left-padded by
+    # two columns that match cheese but are padding), cheese at its token 1 only
+    rows = [[none, cheese, none, none, none, cheese], [cheese, cheese, none, cheese, none, none]]
+    hit = torch.stack([torch.stack(r) for r in rows])  # (2, 6, C)
+    found, reread = program.observe_prompt(hit, [6, 4])
+    assert reread
+    assert sorted((f.rule, f.token) for f in found[0]) == [("n", 1), ("n", 5), ("w", 1), ("w", 5)]
+    assert sorted((f.rule, f.token) for f in found[1]) == [("n", 1), ("w", 1)]  # padding never fires
+    assert all(f.extra == {"on_prompt": True} for fs in found for f in fs)
+    n_cols, w_cols = (program.prompt_edits[r].tolist() for r in (0, 1))
+    # re-reading edits the matching prompt token itself and the ones its duration covers
+    assert n_cols == [[False, True, True, True, True, True], [False, False, False, True, True, True]]
+    assert w_cols == [[False, True, True, False, False, True], [False, False, False, True, True, False]]
+    # after the prompt: row 0 fired on its last token (both on); row 1's `for 3` from its token 1 (of 0-3) edits
+    # its tokens 2, 3 and the first answer token; its `while` is off (no cheese on its last token)
+    assert program.remaining == [{0: 3, 1: 1}, {0: 1}]
+    assert program.active_rows[0].tolist() == [True, True] and program.active_rows[1].tolist() == [True, False]
+    program.end_prompt()
+    assert program.prompt_edits is None
+    watching = RuleProgram(["n: when cheese -> suppress dog@1 for 3"], engine.packed, engine.n_states,
+                           dictionary=engine.dictionary, loaded=engine.loaded, on_prompt="watch")
+    _, reread = watching.observe_prompt(hit, [6, 4])
+    assert not reread and watching.remaining == [{0: 3}, {0: 1}] and watching.prompt_edits is None
+    off = RuleProgram(["n: when cheese -> suppress dog@1 for 3"], engine.packed, engine.n_states,
+                      dictionary=engine.dictionary, loaded=engine.loaded, on_prompt="off")
+    assert off.observe_prompt(hit, [6, 4]) == ([[], []], False) and off.remaining == [{}, {}]
