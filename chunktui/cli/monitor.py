@@ -114,15 +114,15 @@ def monitor_cmd(model_spec, device, dtype, dict_path, rule_texts, rule_files, on
 
     group = process_group(device)
     try:
-        _monitor(group, model_spec, rank_device(device), dtype, dictionary, rules, prompts, n_new, corpus,
+        _monitor(group, model_spec, rank_device(device), dtype, dictionary, rules, on_prompt, prompts, n_new, corpus,
                  spans_path, outputs, inputs, samples, temperature, top_p, seed, chat, batch_size, resume,
                  checkpoint_every, overwrite, partial)
     finally:
         group.close()
 
 
-def _monitor(group, model_spec, device, dtype, dictionary, rules, prompts, n_new, corpus, spans_path, outputs, inputs,
-             samples, temperature, top_p, seed, chat, batch_size, resume, checkpoint_every, overwrite, partial):
+def _monitor(group, model_spec, device, dtype, dictionary, rules, on_prompt, prompts, n_new, corpus, spans_path,
+             outputs, inputs, samples, temperature, top_p, seed, chat, batch_size, resume, checkpoint_every, overwrite, partial):
     """One process's share (all of it in one process). Rank 0 prints and writes; every rank ends together."""
     from chunktui.engine.build import Checkpoint
 
