@@ -22,6 +22,7 @@ from textual.strip import Strip
 
 from chunktui.shared.session import Trace
 from chunktui.tui.colours import token_style
+from chunktui.tui.widgets.lines import set_virtual_size
 
 from chunktui.shared.safe import visible
 from chunktui.tui.plain import safe
@@ -175,20 +176,9 @@ class TokenView(ScrollView, can_focus=False):
         return first
 
     def _set_virtual_size(self, size: Size) -> None:
-        """A longer text without a layout pass: the scrollbar is updated in place (a layout pass of the
-        whole screen per new line was the largest single cost of a frame); only when the scrollbar
-        appears or goes is the screen laid out again."""
-        if size == self.virtual_size:
-            return
-        update = getattr(self, "_scroll_update", None)
-        if update is None or not self.is_mounted or not self.size:
-            self.virtual_size = size  # Textual's own way: a layout pass
-            return
-        shown = (self.show_vertical_scrollbar, self.show_horizontal_scrollbar)
-        self.set_reactive(TokenView.virtual_size, size)
-        update(size)
-        if (self.show_vertical_scrollbar, self.show_horizontal_scrollbar) != shown:
-            self.refresh(layout=True)
+        """A longer text without a layout pass (a layout pass of the whole screen per new line was the largest
+        single cost of a frame): see `lines.set_virtual_size`."""
+        set_virtual_size(self, size)
 
     def on_resize(self) -> None:
         if self._wrap_width() != self._width:
