@@ -38,6 +38,7 @@ class Timers:
         self.tokens = lambda: 0
         self.posted: list[float] = []  # when each key was posted
         self.gc_detail = False
+        self.cpu: dict[str, list[float]] = defaultdict(list)  # name -> CPU seconds of this thread (no waiting)
         self.gc_log: list[dict] = []
         self.layouts: dict[str, int] = defaultdict(int)  # class -> refresh(layout=True) calls
         self.scrolls: dict[str, int] = defaultdict(int)  # class -> scroll position changes
@@ -48,11 +49,12 @@ class Timers:
         timers = self
 
         def timed(*args, **kwargs):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             try:
                 return original(*args, **kwargs)
             finally:
                 timers.samples[label].append((t, time.perf_counter() - t, timers.tokens()))
+                timers.cpu[label].append(time.thread_time() - c)
 
         timed.__wrapped__ = original
         setattr(owner, name, timed)
@@ -95,14 +97,32 @@ class Timers:
         if phase == "start":
             if self.gc_detail:  # the objects the collection will look at (counted before its clock starts)
                 self._gc_sizes = [len(gc.get_objects(g)) for g in range(info["generation"] + 1)]
-            self._gc_start = time.perf_counter()
+            if self.gc_detail and (info["generation"] or len(self.samples["gc gen0"]) == 4):
+                gc.set_debug(gc.DEBUG_SAVEALL)  # once (and at each older collection): what the garbage is made of
+                self._census = _census(gc.get_objects(info["generation"]))
+            self._gc_start, self._gc_cpu = time.perf_counter(), time.thread_time()
         else:
             seconds = time.perf_counter() - self._gc_start
-            self.samples[f"gc gen{info['generation']}"].append((self._gc_start, seconds, self.tokens()))
+            name = f"gc gen{info['generation']}"
+            self.samples[name].append((self._gc_start, seconds, self.tokens()))
+            self.cpu[name].append(time.thread_time() - self._gc_cpu)
             if self.gc_detail:
-                self.gc_log.append({"generation": info["generation"], "ms": round(1000 * seconds, 2),
-                                    "objects": self._gc_sizes, "collected": info["collected"],
-                                    "tokens": self.tokens()})
+                record = {"generation": info["generation"], "ms": round(1000 * seconds, 2),
+                          "cpu_ms": round(1000 * self.cpu[name][-1], 2), "objects": self._gc_sizes,
+                          "collected": info["collected"], "tokens": self.tokens()}
+                if gc.get_debug() & gc.DEBUG_SAVEALL:
+                    gc.set_debug(0)
+                    record["garbage_types"] = _census(gc.garbage)
+                    record["collected_from_types"] = self._census
+                    gc.garbage.clear()
+                self.gc_log.append(record)
+
+
+def _census(objects, top: int = 12) -> dict:
+    counts: dict[str, int] = defaultdict(int)
+    for o in objects:
+        counts[type(o).__qualname__] += 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:top])
 
 
 def _stats(values: list[float]) -> dict:
@@ -189,7 +209,7 @@ def profile(tokens: int, cprofile_out: str | None, say, gc_detail: bool = False)
         original = app.action_generate
 
         def generate():  # the app arm starts: the timers before it are the engine-alone arm's, dropped
-            for values in timers.samples.values():
+            for values in (*timers.samples.values(), *timers.cpu.values()):
                 values.clear()
             timers.renders.clear()
             timers.layouts.clear()
@@ -222,7 +242,8 @@ def profile(tokens: int, cprofile_out: str | None, say, gc_detail: bool = False)
         early = [s for _, s, n in values if n - prompt <= 0.1 * span]
         late = [s for _, s, n in values if n - prompt >= 0.9 * span]
         parts[name] = {"all": _stats([s for _, s, _ in values]), "first_10pct": _stats(early),
-                       "last_10pct": _stats(late), "total_s": round(sum(s for _, s, _ in values), 2)}
+                       "last_10pct": _stats(late), "total_s": round(sum(s for _, s, _ in values), 2),
+                       "cpu": _stats(timers.cpu[name])}
     renders = {cls: {"calls_per_frame": round(calls / frames, 1), "ms_per_frame": round(ns / 1e6 / frames, 3)}
                for cls, (calls, ns) in sorted(timers.renders.items(), key=lambda kv: -kv[1][1])}
     out = {"tokens": tokens, "frames": frames, "bench": result, "parts": parts, "renders": renders,
@@ -245,14 +266,16 @@ def main(tokens: int, cprofile_out: str | None, json_out: str | None, gc_detail:
     k = out["bench"]["key_latency_ms"]
     print(f"ratio {out['bench']['ratio']}  key p95 {k['p95']} ms  max {k['max']} ms  "
           f"first/last 10% p95 {k['p95_first_10pct']} / {k['p95_last_10pct']} ms  frames {out['frames']}")
-    print(f"{'part':16} {'n':>5} {'mean':>7} {'p95':>7} {'max':>7} | {'p95 first':>9} {'p95 last':>9} {'total s':>8}")
+    print(f"{'part':16} {'n':>5} {'mean':>7} {'p95':>7} {'max':>7} | {'p95 first':>9} {'p95 last':>9} {'total s':>8} | "
+          f"{'cpu mean':>8} {'cpu p95':>8} {'cpu max':>8}")
     for name, s in out["parts"].items():
         a = s["all"]
         if not a["n"]:
             continue
         print(f"{name:16} {a['n']:5d} {a['mean_ms']:7.2f} {a['p95_ms']:7.2f} {a['max_ms']:7.2f} | "
               f"{s['first_10pct'].get('p95_ms', float('nan')):9.2f} {s['last_10pct'].get('p95_ms', float('nan')):9.2f} "
-              f"{s['total_s']:8.2f}")
+              f"{s['total_s']:8.2f} | {s['cpu'].get('mean_ms', float('nan')):8.2f} "
+              f"{s['cpu'].get('p95_ms', float('nan')):8.2f} {s['cpu'].get('max_ms', float('nan')):8.2f}")
     print("widget renders per frame (class: calls, ms):")
     for cls, r in out["renders"].items():
         print(f"  {cls:24} {r['calls_per_frame']:6.1f} {r['ms_per_frame']:8.3f}")
