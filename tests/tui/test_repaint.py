@@ -10,6 +10,7 @@ from textual.geometry import Region
 from chunktui.shared.session import ChunkColumns, TokenStep, Trace
 from chunktui.tui.widgets.layer_map import LayerMap
 from chunktui.tui.widgets.token_detail import TokenDetail
+from chunktui.tui.widgets.token_view import TokenView
 
 pytestmark = pytest.mark.anyio
 
@@ -146,6 +147,40 @@ async def test_token_detail_longer_than_its_panel_scrolls():
         view.show(trace, COLOURS, 1, None)  # another token: back to its top
         await pilot.pause()
         assert view.scroll_y == 0 and view.render_line(0).text.startswith("token 1")
+
+
+class TextApp(App):
+    def compose(self) -> ComposeResult:
+        yield TokenView()
+
+
+async def test_token_view_draws_each_line_once_until_it_changes(monkeypatch):
+    app = TextApp()
+    async with app.run_test(size=(30, 6)) as pilot:
+        view = app.query_one(TokenView)
+        trace = _trace(150)
+        view.show(trace, COLOURS, 0, None)
+        await pilot.pause()
+        assert view.line_count() > 12
+        drawn = []
+        original = view._draw
+        monkeypatch.setattr(view, "_draw", lambda line, *rest: drawn.append(line) or original(line, *rest))
+        before = {y: view.render_line(y) for y in range(3, 6)}  # lines 3-5, which scrolling moves up
+        view.scroll_to(y=3, animate=False, immediate=True)  # a scroll: every line moves on screen
+        await pilot.pause()
+        assert sorted(set(drawn)) == [6, 7, 8]  # only the lines new on screen are drawn
+        assert all(view.render_line(y - 3) is before[y] for y in before)  # the others are the strips drawn before
+        drawn.clear()
+        target = next(t for t in range(len(trace)) if view._line_of[t] == 4)
+        old = view.render_line(4 - 3)
+        view.show(trace, COLOURS, target, None)  # the cursor moves onto line 4 (from line 0, off screen)
+        await pilot.pause()
+        assert sorted(set(drawn)) == [4]  # its line is drawn anew, and nothing else on screen
+        assert view.render_line(4 - 3) != old  # with the cursor on it
+        drawn.clear()
+        view.show(trace, COLOURS, target, 1)  # another layer: every line anew
+        await pilot.pause()
+        assert sorted(set(drawn)) == [3, 4, 5, 6, 7, 8]
 
 
 def test_prestarted_engine_is_adopted_by_the_app_client():
