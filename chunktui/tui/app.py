@@ -138,6 +138,7 @@ class ChunkApp(App):
         self._busy: str | None = None  # "load", "generate", "perturb", "scan", "search", "bench"
         self._jobs = 0  # long requests sent and not yet done
         self._asks = 0  # detail/score requests not yet answered
+        self._detail_pending: dict = {}  # TraceView -> its DetailWanted, sent after the next screen refresh
         self._next_trace = 0
         self._gen_started: float | None = None
         self.engine_ready: p.Ready | None = None
@@ -198,9 +199,12 @@ class ChunkApp(App):
         self.keeper.open()
         self.start_engine()
         # the screen allocates many short-lived objects per frame; the objects made so far live for the whole
-        # sitting, so the collector leaves them out, and young collections run less often (fewer pauses mid-key)
+        # sitting, so the collector leaves them out, and young collections run less often (fewer pauses mid-key).
+        # Most of what a frame leaves is cyclic (Textual's strips cache themselves), so what survives a young
+        # collection is swept in the middle generation every 5 young ones: a pause of a few tens of milliseconds,
+        # not the 100+ ms of sweeping 20 young collections' survivors at once (the oldest generation as often as before)
         gc.freeze()
-        gc.set_threshold(20_000, 20, 20)
+        gc.set_threshold(20_000, 5, 80)
 
     def start_engine(self) -> None:
         try:
@@ -363,6 +367,7 @@ class ChunkApp(App):
         running = self._busy
         self._finish_running("failed")
         self._jobs = self._asks = 0
+        self._detail_pending.clear()
         self.model = None
         self._set_busy(None)
         text = (f"The engine process stopped ({how}; out of memory, or killed). "
@@ -375,6 +380,7 @@ class ChunkApp(App):
         self.engine.stop(timeout=1)
         self.model = None
         self._jobs = self._asks = 0
+        self._detail_pending.clear()
         self._set_busy(None)
         self.engine.start()
         self.action_load()
@@ -768,6 +774,24 @@ class ChunkApp(App):
 
     @on(TraceView.DetailWanted)
     def _detail_wanted(self, event: TraceView.DetailWanted) -> None:
+        """Ask the engine for the token's detail once the screen shows the move: the request (a write to the
+        engine's pipe, which wakes the engine process) is no part of a key's latency, and a view that moves again
+        before the screen is drawn asks only for the token it ends on."""
+        if event.trace.trace_id is None or not self.engine.alive:
+            return
+        pending = self._detail_pending
+        if event.view not in pending:
+            self._asks += 1  # outstanding from now: engine_idle() waits for it
+            self.call_after_refresh(self._send_detail, event.view)
+        pending[event.view] = event
+
+    def _send_detail(self, view: TraceView) -> None:
+        event = self._detail_pending.pop(view, None)
+        if event is None:
+            return
+        self._asks = max(0, self._asks - 1)  # counted again by send()
+        if view.cursor != event.index or view.layer_index != event.layer_index or view.trace is not event.trace:
+            return  # the view moved on without asking again (a jump to the live end): nothing to ask
         if event.trace.trace_id is not None and self.engine.alive:
             self.send(p.TokenDetail(event.trace.trace_id, event.index, event.layer_index,
                                     label=event.trace.label_at(event.index)))

@@ -1,4 +1,5 @@
-"""Frames repaint what changed: the layer map's rows, and the engine process started before the app."""
+"""Frames repaint what changed: the layer map's rows, the token detail's lines (no layout pass), and the engine
+process started before the app."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from textual.geometry import Region
 
 from chunktui.shared.session import ChunkColumns, TokenStep, Trace
 from chunktui.tui.widgets.layer_map import LayerMap
+from chunktui.tui.widgets.token_detail import TokenDetail
+from chunktui.tui.widgets.token_view import TokenView
 
 pytestmark = pytest.mark.anyio
 
@@ -84,6 +87,100 @@ async def test_layer_map_paints_new_tokens_of_a_stream_row_by_row(monkeypatch):
         assert sorted(c[0].y for c in calls) == [3, 4, 5]  # the old last row (cursor left it) and the two new ones
         await pilot.pause()
         assert _rows_shown(view)[:5] == ["w0", "w1", "w2", "w3", "w4"]
+
+
+class DetailApp(App):
+    def compose(self) -> ComposeResult:
+        yield TokenDetail()
+
+
+def _detail_lines(widget) -> list[str]:
+    return [widget.render_line(y).text.rstrip() for y in range(widget.size.height)]
+
+
+async def test_token_detail_repaints_changed_lines_without_a_layout_pass(monkeypatch):
+    app = DetailApp()
+    async with app.run_test(size=(40, 14)) as pilot:
+        view = app.query_one(TokenDetail)
+        trace = _trace(12)
+        view.show(trace, COLOURS, 0, None)
+        await pilot.pause()
+        first = _detail_lines(view)
+        assert first[0].startswith("token 0 'w0'") and "a" in "\n".join(first)
+        calls = []
+        original = view.refresh
+
+        def refresh(*regions, **kwargs):
+            calls.append((regions, kwargs))
+            return original(*regions, **kwargs)
+
+        monkeypatch.setattr(view, "refresh", refresh)
+        view.show(trace, COLOURS, 1, None)  # another token: a text of the same length, some lines differ
+        assert calls and not any(kw.get("layout") for _, kw in calls)  # no layout pass of the screen
+        assert all(len(r) == 1 and r[0].height == 1 for r, _ in calls)  # line by line
+        assert len(calls) < view.size.height  # not every line
+        await pilot.pause()
+        second = _detail_lines(view)
+        assert second[0].startswith("token 1 'w1'") and str(view.content).startswith("token 1")
+        changed = {y for y in range(len(first)) if first[y] != second[y]}
+        assert {r[0].y for r, _ in calls} == changed  # exactly the lines that differ
+        calls.clear()
+        view.show(trace, COLOURS, 1, None)  # the same text again: nothing to repaint
+        assert calls == []
+
+
+async def test_token_detail_longer_than_its_panel_scrolls():
+    app = DetailApp()
+    async with app.run_test(size=(14, 5)) as pilot:  # a narrow panel: the text wraps past its height
+        view = app.query_one(TokenDetail)
+        trace = _trace(3)
+        view.show(trace, COLOURS, 0, None)
+        await pilot.pause()
+        assert view.virtual_size.height > view.size.height and view.show_vertical_scrollbar
+        assert view.virtual_size.width == view.size.width - 1  # wrapped beside the scrollbar
+        text = str(view.content)
+        view.scroll_to(y=1, animate=False)
+        await pilot.pause()
+        assert view.scroll_y == 1
+        wrapped = [view.render_line(y).text.rstrip() for y in range(view.size.height)]
+        assert wrapped[0] and wrapped[0] in text and not text.startswith(wrapped[0])  # lines further down
+        view.show(trace, COLOURS, 1, None)  # another token: back to its top
+        await pilot.pause()
+        assert view.scroll_y == 0 and view.render_line(0).text.startswith("token 1")
+
+
+class TextApp(App):
+    def compose(self) -> ComposeResult:
+        yield TokenView()
+
+
+async def test_token_view_draws_each_line_once_until_it_changes(monkeypatch):
+    app = TextApp()
+    async with app.run_test(size=(30, 6)) as pilot:
+        view = app.query_one(TokenView)
+        trace = _trace(150)
+        view.show(trace, COLOURS, 0, None)
+        await pilot.pause()
+        assert view.line_count() > 12
+        drawn = []
+        original = view._draw
+        monkeypatch.setattr(view, "_draw", lambda line, *rest: drawn.append(line) or original(line, *rest))
+        before = {y: view.render_line(y) for y in range(3, 6)}  # lines 3-5, which scrolling moves up
+        view.scroll_to(y=3, animate=False, immediate=True)  # a scroll: every line moves on screen
+        await pilot.pause()
+        assert sorted(set(drawn)) == [6, 7, 8]  # only the lines new on screen are drawn
+        assert all(view.render_line(y - 3) is before[y] for y in before)  # the others are the strips drawn before
+        drawn.clear()
+        target = next(t for t in range(len(trace)) if view._line_of[t] == 4)
+        old = view.render_line(4 - 3)
+        view.show(trace, COLOURS, target, None)  # the cursor moves onto line 4 (from line 0, off screen)
+        await pilot.pause()
+        assert sorted(set(drawn)) == [4]  # its line is drawn anew, and nothing else on screen
+        assert view.render_line(4 - 3) != old  # with the cursor on it
+        drawn.clear()
+        view.show(trace, COLOURS, target, 1)  # another layer: every line anew
+        await pilot.pause()
+        assert sorted(set(drawn)) == [3, 4, 5, 6, 7, 8]
 
 
 def test_prestarted_engine_is_adopted_by_the_app_client():

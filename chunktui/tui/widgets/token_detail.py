@@ -8,7 +8,11 @@ the best match of any other concept there). Until then (and for a token the
 engine no longer holds) the view shows what the step has.
 
 The panel takes the height its column gives it (it grows with the terminal)
-and scrolls (mouse wheel, or shift+↑ shift+↓ from the trace).
+and scrolls (mouse wheel, or shift+↑ shift+↓ from the trace). It draws on
+Textual's line API: the text is wrapped once per change, a new text repaints
+only the lines that differ, and a longer or shorter text changes the scroll
+range without a layout pass of the screen (a key that moves the cursor costs
+a few lines, not a screen).
 """
 
 from __future__ import annotations
@@ -16,44 +20,96 @@ from __future__ import annotations
 import math
 
 from rich.text import Text
-from textual.app import ComposeResult
-from textual.containers import VerticalScroll
-from textual.widgets import Static
+from textual.geometry import Size
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
+from textual.visual import Visual, visualize
 
 from chunktui.shared.evidence import EXPLAIN_SCORE
 from chunktui.shared.session import Trace
 from chunktui.tui.colours import spark, token_style
+from chunktui.tui.widgets.lines import set_virtual_size
 
 from chunktui.tui.plain import safe
 
+PLACEHOLDER = "Select a token (← →) to see its chunks layer by layer."
 
-class TokenDetail(VerticalScroll, can_focus=False):
-    DEFAULT_CSS = """
-    TokenDetail { height: 1fr; min-height: 5; overflow-x: hidden; scrollbar-size-vertical: 1; }
-    TokenDetail > .detail-body { width: 1fr; height: auto; }
-    """
 
-    def compose(self) -> ComposeResult:
-        yield Static(classes="detail-body")
+class TokenDetail(ScrollView, can_focus=False):
+    DEFAULT_CSS = "TokenDetail { height: 1fr; min-height: 5; overflow-x: hidden; scrollbar-size-vertical: 1; }"
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._text = Text(PLACEHOLDER, style="dim")
+        self._strips: list[Strip] = []  # the text wrapped to the panel's width
+        self._wrapped: tuple | None = None  # (text, width) the strips were made for
+        self._key: tuple | None = None  # (trace, cursor, layer) shown: another one scrolls back to the top
 
     @property
-    def content(self):
-        """What the panel shows (the text of its scrolling body)."""
-        return self.query_one(".detail-body", Static).content
+    def content(self) -> Text:
+        """What the panel shows."""
+        return self._text
 
     def show(self, trace: Trace | None, colours: dict[str, str], cursor: int | None, layer: int | None,
              detail=None, max_rows: int = 12) -> None:
         if not self.is_mounted:
             return
-        body = self.query_one(".detail-body", Static)
         if trace is None or not len(trace) or cursor is None or cursor >= len(trace):
-            body.update(Text("Select a token (← →) to see its chunks layer by layer.", style="dim"))
+            self._set_text(Text(PLACEHOLDER, style="dim"))
             return
         key = (id(trace), cursor, layer)
-        if getattr(self, "_key", None) != key:
+        if self._key != key:
             self._key = key
             self.scroll_home(animate=False)
-        body.update(self._describe(trace, colours, cursor, layer, detail, max_rows))
+        self._set_text(self._describe(trace, colours, cursor, layer, detail, max_rows))
+
+    # ------------------------------------------------------------------ drawing (line API)
+
+    def _set_text(self, text: Text) -> None:
+        if text == self._text and self._wrapped is not None:
+            return  # the same text: nothing to repaint
+        self._text = text
+        old = self._strips
+        if not self._wrap():
+            return
+        if len(old) != len(self._strips):
+            self.refresh()  # the scroll range changed: every line may move
+            return
+        top = int(self.scroll_offset.y)
+        for y in range(top, min(len(self._strips), top + self.size.height)):
+            if old[y] != self._strips[y]:
+                self.refresh_lines(y)
+
+    def _wrap(self) -> bool:
+        """Wrap the text to the panel (narrower by the scrollbar when it is longer than the panel); False when
+        the panel has no size yet (wrapped when it gets one)."""
+        width, height = self.container_size
+        if not width or not self.is_mounted:
+            self._wrapped = None
+            return False
+        visual = visualize(self, self._text, markup=False)
+        style = self.visual_style
+        strips = Visual.to_strips(self, visual, width, None, style)
+        if len(strips) > height and self.styles.overflow_y == "auto" and width > 1:
+            width -= self.styles.scrollbar_size_vertical
+            strips = Visual.to_strips(self, visual, width, None, style)
+        self._strips, self._wrapped = strips, (self._text, width)
+        set_virtual_size(self, Size(width, len(strips)))
+        return True
+
+    def on_resize(self) -> None:
+        self._wrap()
+        self.refresh()
+
+    def render_line(self, y: int) -> Strip:
+        width = self.scrollable_content_region.width or self.size.width
+        if self._wrapped is None:
+            self._wrap()
+        line = y + int(self.scroll_offset.y)
+        base = self.visual_style.rich_style
+        if line >= len(self._strips):
+            return Strip.blank(width, base)
+        return self._strips[line].adjust_cell_length(width, base)
 
     def _describe(self, trace: Trace, colours: dict[str, str], cursor: int, layer: int | None, detail,
                   max_rows: int) -> Text:

@@ -22,6 +22,7 @@ from textual.strip import Strip
 
 from chunktui.shared.session import Trace
 from chunktui.tui.colours import token_style
+from chunktui.tui.widgets.lines import set_virtual_size
 
 from chunktui.shared.safe import visible
 from chunktui.tui.plain import safe
@@ -64,6 +65,8 @@ class TokenView(ScrollView, can_focus=False):
         self._col = 0  # cells used on the last line
         self._width = 0  # the width the layout was made for
         self._styles: dict[tuple, Style] = {}  # (colour, cursor, italic, no_color, base) -> style
+        self._drawn: dict[int, Strip] = {}  # line -> its strip as drawn (kept while the line does not change)
+        self._drawn_key: tuple | None = None  # (base style, colours, no_color, width, scroll_x) they were drawn with
         self.anchor: int | None = None  # without a cursor, the token whose line is kept at the top (show_from)
 
     # ------------------------------------------------------------------ what to show
@@ -175,20 +178,9 @@ class TokenView(ScrollView, can_focus=False):
         return first
 
     def _set_virtual_size(self, size: Size) -> None:
-        """A longer text without a layout pass: the scrollbar is updated in place (a layout pass of the
-        whole screen per new line was the largest single cost of a frame); only when the scrollbar
-        appears or goes is the screen laid out again."""
-        if size == self.virtual_size:
-            return
-        update = getattr(self, "_scroll_update", None)
-        if update is None or not self.is_mounted or not self.size:
-            self.virtual_size = size  # Textual's own way: a layout pass
-            return
-        shown = (self.show_vertical_scrollbar, self.show_horizontal_scrollbar)
-        self.set_reactive(TokenView.virtual_size, size)
-        update(size)
-        if (self.show_vertical_scrollbar, self.show_horizontal_scrollbar) != shown:
-            self.refresh(layout=True)
+        """A longer text without a layout pass (a layout pass of the whole screen per new line was the largest
+        single cost of a frame): see `lines.set_virtual_size`."""
+        set_virtual_size(self, size)
 
     def on_resize(self) -> None:
         if self._wrap_width() != self._width:
@@ -199,6 +191,19 @@ class TokenView(ScrollView, can_focus=False):
             else:
                 self.scroll_to_token(self.cursor)
             self.refresh()
+
+    def refresh(self, *regions, **kwargs):
+        """A refresh of the whole view draws every line anew; a refresh of a region (a scroll) reuses the lines."""
+        if not regions and getattr(self, "_drawn", None):
+            self._drawn.clear()
+        return super().refresh(*regions, **kwargs)
+
+    def refresh_lines(self, y_start: int, line_count: int = 1) -> None:
+        """Lines whose content changed (new tokens, the cursor): drawn anew."""
+        drawn = self._drawn
+        for y in range(y_start, y_start + line_count):
+            drawn.pop(y, None)
+        super().refresh_lines(y_start, line_count)
 
     def _refresh_token(self, t: int | None) -> None:
         if t is None or t >= len(self._line_of):
@@ -258,6 +263,21 @@ class TokenView(ScrollView, can_focus=False):
             return Strip([Segment(text, base + Style(dim=True))]).adjust_cell_length(width, base)
         if line >= len(self._lines):
             return Strip.blank(width, base)
+        key = (base, id(self.colours), self.app.no_color, width, scroll_x)
+        drawn = self._drawn
+        if key != self._drawn_key:
+            drawn.clear()
+            self._drawn_key = key
+        strip = drawn.get(line)
+        if strip is None:  # a scroll moves lines on screen without changing them: drawn once, not once per scroll
+            strip = drawn[line] = self._draw(line, base, scroll_x, width)
+            if len(drawn) > 4 * max(8, self.size.height):  # keep the lines around the screen, not every line
+                near = range(scroll_y - 2 * self.size.height, scroll_y + 3 * self.size.height)
+                for y in [y for y in drawn if y not in near]:
+                    del drawn[y]
+        return strip
+
+    def _draw(self, line: int, base: Style, scroll_x: int, width: int) -> Strip:
         segments = []
         for t, piece in self._lines[line]:
             if not piece:

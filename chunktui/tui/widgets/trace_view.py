@@ -13,7 +13,7 @@ import time
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Vertical
 from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Static
@@ -75,14 +75,13 @@ class TraceView(Widget, can_focus=True):
         self._legend_key = None
         self._detail_drawn = 0.0
 
-    def compose(self) -> ComposeResult:
-        with Horizontal(classes="trace-body"):
-            with Vertical(classes="trace-left"):
-                yield TokenView(classes="trace-text")
-                yield Static(classes="legend")
-            with Vertical(classes="trace-right"):
-                yield LayerMap()
-                yield TokenDetail(classes="trace-detail")
+    def compose(self) -> ComposeResult:  # laid out side by side by the view itself (one container less to draw)
+        with Vertical(classes="trace-left"):
+            yield TokenView(classes="trace-text")
+            yield Static(classes="legend")
+        with Vertical(classes="trace-right"):
+            yield LayerMap()
+            yield TokenDetail(classes="trace-detail")
 
     def on_mount(self) -> None:
         self.call_after_refresh(self.redraw)

@@ -1,0 +1,300 @@
+"""Where a frame's time goes in the app while a generation streams (the UI process only).
+
+Runs `chunktui.tui.bench.run_bench` (the real app, headless, engine process
+included: the engine-alone arm first, then the app arm with a key every 0.1 s)
+with timers around the parts of a frame, and optionally cProfile over the
+app arm:
+
+- `drain`: the app's frame timer (tokens into the trace, widgets told what changed);
+- `screen update`: Textual's screen update (layout / scroll reflow if asked, then the compositor's render);
+  `reflow` and `render_update` are parts of it; `render_lines` counts widget renders, by class;
+- `key`: the trace view's handling of ← / → (redraw of what the cursor changed);
+- `gc`: garbage collector pauses, by generation.
+
+Each figure is given per frame (mean, p95, max), for the first and the last 10% of tokens, so work that grows
+with the length of the text shows. The timers cost a few microseconds per call.
+
+    python benchmarks/app_profile.py [--tokens 1000] [--cprofile OUT.prof] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import gc
+import json
+import pstats
+import sys
+import time
+from collections import defaultdict
+
+import click
+
+
+class Timers:
+    def __init__(self) -> None:
+        self.samples: dict[str, list[tuple[float, float, int]]] = defaultdict(list)  # name -> (at, seconds, tokens)
+        self.renders: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # class -> [calls, ns]
+        self.tokens = lambda: 0
+        self.posted: list[float] = []  # when each key was posted
+        self.gc_detail = False
+        self.cpu: dict[str, list[float]] = defaultdict(list)  # name -> CPU seconds of this thread (no waiting)
+        self.gc_log: list[dict] = []
+        self.layouts: dict[str, int] = defaultdict(int)  # class -> refresh(layout=True) calls
+        self.scrolls: dict[str, int] = defaultdict(int)  # class -> scroll position changes
+        self._depth = 0
+
+    def wrap(self, owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+        timers = self
+
+        def timed(*args, **kwargs):
+            t, c = time.perf_counter(), time.thread_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                timers.samples[label].append((t, time.perf_counter() - t, timers.tokens()))
+                timers.cpu[label].append(time.thread_time() - c)
+
+        timed.__wrapped__ = original
+        setattr(owner, name, timed)
+
+    def wrap_renders(self, owner) -> None:
+        original = owner.render_lines
+        timers = self
+
+        def render_lines(widget, crop):
+            timers._depth += 1
+            t = time.perf_counter_ns()
+            try:
+                return original(widget, crop)
+            finally:
+                timers._depth -= 1
+                if not timers._depth:  # a subclass calling super() is counted once
+                    entry = timers.renders[type(widget).__name__]
+                    entry[0] += 1
+                    entry[1] += time.perf_counter_ns() - t
+
+        setattr(owner, "render_lines", render_lines)
+
+    def wrap_layouts(self, owner) -> None:
+        """Count who asks for a layout pass (refresh(layout=True)) or a scroll reflow, by widget class."""
+        timers = self
+        refresh, scroll = owner.refresh, owner._refresh_scroll
+
+        def counted_refresh(widget, *regions, **kwargs):
+            if kwargs.get("layout") or kwargs.get("recompose"):
+                timers.layouts[type(widget).__name__] += 1
+            return refresh(widget, *regions, **kwargs)
+
+        def counted_scroll(widget):
+            timers.scrolls[type(widget).__name__] += 1
+            return scroll(widget)
+
+        owner.refresh, owner._refresh_scroll = counted_refresh, counted_scroll
+
+    def gc_callback(self, phase, info) -> None:
+        if phase == "start":
+            if self.gc_detail:  # the objects the collection will look at (counted before its clock starts)
+                self._gc_sizes = [len(gc.get_objects(g)) for g in range(info["generation"] + 1)]
+            if self.gc_detail and (info["generation"] or len(self.samples["gc gen0"]) == 4):
+                gc.set_debug(gc.DEBUG_SAVEALL)  # once (and at each older collection): what the garbage is made of
+                self._census = _census(gc.get_objects(info["generation"]))
+            self._gc_start, self._gc_cpu = time.perf_counter(), time.thread_time()
+        else:
+            seconds = time.perf_counter() - self._gc_start
+            name = f"gc gen{info['generation']}"
+            self.samples[name].append((self._gc_start, seconds, self.tokens()))
+            self.cpu[name].append(time.thread_time() - self._gc_cpu)
+            if self.gc_detail:
+                record = {"generation": info["generation"], "ms": round(1000 * seconds, 2),
+                          "cpu_ms": round(1000 * self.cpu[name][-1], 2), "objects": self._gc_sizes,
+                          "collected": info["collected"], "tokens": self.tokens()}
+                if gc.get_debug() & gc.DEBUG_SAVEALL:
+                    gc.set_debug(0)
+                    record["garbage_types"] = _census(gc.garbage)
+                    record["collected_from_types"] = self._census
+                    gc.garbage.clear()
+                self.gc_log.append(record)
+
+
+def _census(objects, top: int = 12) -> dict:
+    counts: dict[str, int] = defaultdict(int)
+    for o in objects:
+        counts[type(o).__qualname__] += 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:top])
+
+
+def _stats(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+    return {"n": len(values), "mean_ms": round(1000 * sum(values) / len(values), 2),
+            "p95_ms": round(1000 * ordered[int(0.95 * (len(ordered) - 1))], 2), "max_ms": round(1000 * ordered[-1], 2)}
+
+
+def _breakdown(timers: Timers) -> dict:
+    """Each key press split into: waiting for the app to take the key (other work ahead of it), the trace view's
+    handling, waiting for the screen update, the update itself; with the gc and drain time that fell inside.
+    Given for all presses and for the slowest 10% (what makes the p95)."""
+    import bisect
+
+    updates = sorted((t, t + s) for t, s, _ in timers.samples["screen update"])
+    starts = [u[0] for u in updates]
+    handled = sorted((t, t + s) for t, s, _ in timers.samples["key"])
+    handled_starts = [h[0] for h in handled]
+    other = {name: sorted((t, t + s) for t, s, _ in timers.samples[name])
+             for name in timers.samples if name.startswith("gc") or name == "drain"}
+    rows = []
+    for posted in timers.posted:
+        i = bisect.bisect_left(handled_starts, posted)
+        if i >= len(handled):
+            continue
+        h0, h1 = handled[i]
+        j = bisect.bisect_left(starts, h1)
+        if j >= len(updates):
+            continue
+        u0, u1 = updates[j]
+        row = {"total": u1 - posted, "queue": h0 - posted, "handle": h1 - h0, "wait_update": u0 - h1,
+               "update": u1 - u0}
+        for name, spans in other.items():
+            row[f"in {name}"] = sum(max(0.0, min(b, u1) - max(a, posted)) for a, b in spans if a < u1 and b > posted)
+        rows.append(row)
+    if not rows:
+        return {}
+    rows.sort(key=lambda r: r["total"])
+    slow = rows[int(0.9 * len(rows)):]
+    keys = list(rows[0])
+    mean = lambda rs, k: round(1000 * sum(r.get(k, 0.0) for r in rs) / len(rs), 2)  # noqa: E731
+    return {"presses": len(rows), "all_mean_ms": {k: mean(rows, k) for k in keys},
+            "slowest_10pct_mean_ms": {k: mean(slow, k) for k in keys}}
+
+
+def profile(tokens: int, cprofile_out: str | None, say, gc_detail: bool = False) -> dict:
+    from textual import events
+    from textual._compositor import Compositor
+    from textual.screen import Screen
+    from textual.widget import Widget
+
+    from chunktui.tui import app as app_module
+    from chunktui.tui import bench
+    from chunktui.tui.widgets.trace_view import TraceView
+
+    timers = Timers()
+    timers.gc_detail = gc_detail
+    timers.wrap(app_module.ChunkApp, "_drain", "drain")
+    timers.wrap(Screen, "_on_timer_update", "screen update")
+    timers.wrap(Screen, "_refresh_layout", "reflow")
+    timers.wrap(Compositor, "render_update", "render_update")
+    timers.wrap(Compositor, "reflow", "full reflow")
+    timers.wrap(Compositor, "reflow_visible", "scroll reflow")
+    timers.wrap(TraceView, "_moved", "key")
+    timers.wrap_renders(Widget)
+    timers.wrap_layouts(Widget)
+    gc.callbacks.append(timers.gc_callback)
+    original_post = app_module.ChunkApp.post_message
+
+    def post_message(app, message):  # the benchmark posts each key to the app, as the terminal driver would
+        if isinstance(message, events.Key):
+            timers.posted.append(time.perf_counter())
+        return original_post(app, message)
+
+    app_module.ChunkApp.post_message = post_message
+    profiler = cProfile.Profile() if cprofile_out else None
+    made = app_module.make_app
+    arm: dict = {}
+
+    def make_app(*args, **kwargs):
+        app = made(*args, **kwargs)
+        original = app.action_generate
+
+        def generate():  # the app arm starts: the timers before it are the engine-alone arm's, dropped
+            for values in (*timers.samples.values(), *timers.cpu.values()):
+                values.clear()
+            timers.renders.clear()
+            timers.layouts.clear()
+            timers.scrolls.clear()
+            timers.posted.clear()
+            timers.gc_log.clear()
+            arm["started"] = time.perf_counter()
+            timers.tokens = lambda: len(app.stream_trace) if app.stream_trace is not None else 0
+            if profiler is not None:
+                profiler.enable()
+            original()
+
+        app.action_generate = generate
+        return app
+
+    app_module.make_app = make_app
+    try:
+        result = asyncio.run(bench.run_bench(tokens=tokens, threads=1, say=say))
+    finally:
+        app_module.make_app = made
+        app_module.ChunkApp.post_message = original_post
+        gc.callbacks.remove(timers.gc_callback)
+        if profiler is not None:
+            profiler.disable()
+    frames = max(1, len(timers.samples["drain"]))
+    prompt = min((n for _, _, n in timers.samples["drain"]), default=0)
+    span = max(1, max((n for _, _, n in timers.samples["drain"]), default=1) - prompt)
+    parts = {}
+    for name, values in sorted(timers.samples.items()):
+        early = [s for _, s, n in values if n - prompt <= 0.1 * span]
+        late = [s for _, s, n in values if n - prompt >= 0.9 * span]
+        parts[name] = {"all": _stats([s for _, s, _ in values]), "first_10pct": _stats(early),
+                       "last_10pct": _stats(late), "total_s": round(sum(s for _, s, _ in values), 2),
+                       "cpu": _stats(timers.cpu[name])}
+    renders = {cls: {"calls_per_frame": round(calls / frames, 1), "ms_per_frame": round(ns / 1e6 / frames, 3)}
+               for cls, (calls, ns) in sorted(timers.renders.items(), key=lambda kv: -kv[1][1])}
+    out = {"tokens": tokens, "frames": frames, "bench": result, "parts": parts, "renders": renders,
+           "layout_requests": dict(timers.layouts), "scroll_changes": dict(timers.scrolls),
+           "key_breakdown": _breakdown(timers), "gc_log": timers.gc_log}
+    if profiler is not None:
+        profiler.dump_stats(cprofile_out)
+    return out
+
+
+@click.command()
+@click.option("--tokens", default=1000, show_default=True)
+@click.option("--cprofile", "cprofile_out", default=None, help="also profile the app arm with cProfile, stats here")
+@click.option("--json", "json_out", default=None)
+@click.option("--gc-detail", is_flag=True, help="count the objects each collection looks at (slows the collections "
+              "it counts)")
+@click.option("--top", default=25, show_default=True, help="cProfile rows to print (by own time)")
+def main(tokens: int, cprofile_out: str | None, json_out: str | None, gc_detail: bool, top: int) -> None:
+    out = profile(tokens, cprofile_out, say=lambda text: print(text, file=sys.stderr), gc_detail=gc_detail)
+    k = out["bench"]["key_latency_ms"]
+    print(f"ratio {out['bench']['ratio']}  key p95 {k['p95']} ms  max {k['max']} ms  "
+          f"first/last 10% p95 {k['p95_first_10pct']} / {k['p95_last_10pct']} ms  frames {out['frames']}")
+    print(f"{'part':16} {'n':>5} {'mean':>7} {'p95':>7} {'max':>7} | {'p95 first':>9} {'p95 last':>9} {'total s':>8} | "
+          f"{'cpu mean':>8} {'cpu p95':>8} {'cpu max':>8}")
+    for name, s in out["parts"].items():
+        a = s["all"]
+        if not a["n"]:
+            continue
+        print(f"{name:16} {a['n']:5d} {a['mean_ms']:7.2f} {a['p95_ms']:7.2f} {a['max_ms']:7.2f} | "
+              f"{s['first_10pct'].get('p95_ms', float('nan')):9.2f} {s['last_10pct'].get('p95_ms', float('nan')):9.2f} "
+              f"{s['total_s']:8.2f} | {s['cpu'].get('mean_ms', float('nan')):8.2f} "
+              f"{s['cpu'].get('p95_ms', float('nan')):8.2f} {s['cpu'].get('max_ms', float('nan')):8.2f}")
+    print("widget renders per frame (class: calls, ms):")
+    for cls, r in out["renders"].items():
+        print(f"  {cls:24} {r['calls_per_frame']:6.1f} {r['ms_per_frame']:8.3f}")
+    print("layout passes asked for (refresh(layout=True)), by class:", out["layout_requests"])
+    print("scroll position changes, by class:", out["scroll_changes"])
+    b = out["key_breakdown"]
+    if b:
+        print(f"key latency split, ms ({b['presses']} presses): " + ", ".join(
+            f"{k} {v}" for k, v in b["all_mean_ms"].items()))
+        print("  the slowest 10%: " + ", ".join(f"{k} {v}" for k, v in b["slowest_10pct_mean_ms"].items()))
+    for record in out["gc_log"]:
+        print(f"  gc: {record}")
+    if cprofile_out:
+        stats = pstats.Stats(cprofile_out)
+        stats.sort_stats("tottime").print_stats(top)
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
