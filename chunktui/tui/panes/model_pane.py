@@ -101,13 +101,16 @@ class ModelPane(Vertical):
         if card is None:
             self.query_one("#model-card", Static).update("No model loaded.")
             return
-        rows = [("name", card["name"]), ("architecture", card["architecture"]), ("layers", str(card["layers"])),
+        code = card.get("model_code")
+        forward = {"chunktui-llama": "chunktui's LLaMA (= transformers')", "transformers": "transformers"}.get(code, code)
+        rows = [("name", card["name"]), ("architecture", card["architecture"]),
+                *([("forward", forward)] if forward else []), ("layers", str(card["layers"])),
                 ("width", str(card["width"])), ("parameters", f"{card['parameters'] / 1e6:.2f} M"),
                 ("device", card["device"]), ("dtype", card["dtype"]), ("memory", f"{card['memory_mb']:.1f} MB"),
                 ("load time", f"{card['load_seconds']:.2f} s" if show_timing else "—"),
                 ("chat template", "yes" if card["chat_template"] else "no"), ("source", str(card.get("source", "")))]
         if card.get("placement"):
-            rows.insert(6, ("placement", str(card["placement"])))
+            rows.insert(rows.index(("device", card["device"])) + 1, ("placement", str(card["placement"])))
         for r in memory or []:  # per device: weights, KV cache so far, values kept per token; free of total
             gib = lambda n: "?" if n is None else f"{n / 2**30:.2f} GiB"  # noqa: E731
             free = "" if r.get("free") is None else f"; {gib(r['free'])} free of {gib(r['total'])}"
