@@ -21,7 +21,8 @@ async def shoot(model: str, out: Path, tokens: int) -> None:
     from chunktui.tui.widgets.trace_view import TraceView
 
     out.mkdir(parents=True, exist_ok=True)
-    app = make_app(model_spec=model, device="cpu", threads=1, show_timing=False)
+    # journal=False: the pictures never depend on the sessions of whoever runs this (no restore offer)
+    app = make_app(model_spec=model, device="cpu", threads=1, show_timing=False, journal=False)
 
     async def settle(pilot, seconds: float = 600) -> None:
         for _ in range(int(seconds * 10)):
@@ -96,7 +97,7 @@ async def shoot_rnn(out: Path) -> None:
     from chunktui.tui.app import make_app
     from chunktui.tui.widgets.trace_view import TraceView
 
-    app = make_app(model_spec="rnn:flat", device="cpu", threads=1, show_timing=False)
+    app = make_app(model_spec="rnn:flat", device="cpu", threads=1, show_timing=False, journal=False)
     async with app.run_test(size=SIZE) as pilot:
         for _ in range(600):
             await pilot.pause(0.1)

@@ -64,7 +64,7 @@ def supported(folder: Path) -> str | None:
         return "weights are not one model.safetensors file"
     rope = config.get("rope_parameters") or {"rope_type": "default"}
     if rope.get("rope_type", "default") != "default" or "rope_theta" not in rope:
-        return "rope scaling"
+        return "rope scaling or rope settings outside rope_parameters"
     if any(config.get(key) for key in _UNSUPPORTED):
         return "quantised, rope-scaled or sliding-window config"
     if config.get("attention_bias") or config.get("mlp_bias") or config.get("hidden_act", "silu") != "silu":

@@ -55,27 +55,20 @@ async def test_per_layer_list_fits_its_panel_and_lists_every_layer(make_test_app
             assert panel.scroll_y > 0
 
 
-def test_token_detail_80x24(snap_compare, make_test_app):
-    async def run_before(pilot) -> None:
-        app = pilot.app
-        await settle(app, pilot)
-        await generate(app, pilot)
-        await _select(app, pilot)
-        await settle(app, pilot, rounds=2)
-        still_blinkless(app)
-        await pilot.pause()
+async def _a_token_selected(pilot) -> None:
+    """The snapshots' set-up: a generated trace with a token selected, the cursor still."""
+    app = pilot.app
+    await settle(app, pilot)
+    await generate(app, pilot)
+    await _select(app, pilot)
+    await settle(app, pilot, rounds=2)
+    still_blinkless(app)
+    await pilot.pause()
 
-    assert snap_compare(make_test_app(), terminal_size=(80, 24), run_before=run_before)
+
+def test_token_detail_80x24(snap_compare, make_test_app):
+    assert snap_compare(make_test_app(), terminal_size=(80, 24), run_before=_a_token_selected)
 
 
 def test_token_detail_140x45(snap_compare, make_test_app):
-    async def run_before(pilot) -> None:
-        app = pilot.app
-        await settle(app, pilot)
-        await generate(app, pilot)
-        await _select(app, pilot)
-        await settle(app, pilot, rounds=2)
-        still_blinkless(app)
-        await pilot.pause()
-
-    assert snap_compare(make_test_app(), terminal_size=(140, 45), run_before=run_before)
+    assert snap_compare(make_test_app(), terminal_size=(140, 45), run_before=_a_token_selected)

@@ -50,12 +50,18 @@ def test_scan_text_records_alerts(runner, tmp_path, tiny_dict):
         assert text.count("any") >= sum(f["rule"] == "any" for f in data["firings"])
 
 
+def _guarded_perturb(runner, dict_path, out, on_prompt: str):
+    """`perturb --rules` with a guard that holds on every prompt token of "The dog ate"."""
+    return runner.invoke(main, ["perturb", *TINY, "--dict", str(dict_path), "--prompt", "The dog ate", "--samples",
+                                "2", "--max-new-tokens", "6", "--rule",
+                                "g: when not cheese -> suppress dog@1-2 x1 for 2", "--json", str(out), "--no-chat",
+                                "--on-prompt", on_prompt])
+
+
 def test_perturb_rules_compares_guarded_and_unguarded(runner, tmp_path, tiny_dict):
     _, path = tiny_dict
     out = tmp_path / "p.json"
-    r = runner.invoke(main, ["perturb", *TINY, "--dict", str(path), "--prompt", "The dog ate", "--samples", "2",
-                             "--max-new-tokens", "6", "--rule", "g: when not cheese -> suppress dog@1-2 x1 for 2",
-                             "--json", str(out), "--no-chat", "--on-prompt", "off"])
+    r = _guarded_perturb(runner, path, out, "off")
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
     assert set(data["concepts"]) == {"dog"}  # cheese is named only under "not"
@@ -82,9 +88,7 @@ def test_perturb_rules_compares_guarded_and_unguarded(runner, tmp_path, tiny_dic
     assert r.exit_code == 2 and "not both" in r.output
     # with --on-prompt act the guard also acts on the prompt ("not cheese" holds there): the first token moves
     acted = tmp_path / "act.json"
-    r = runner.invoke(main, ["perturb", *TINY, "--dict", str(path), "--prompt", "The dog ate", "--samples", "2",
-                             "--max-new-tokens", "6", "--rule", "g: when not cheese -> suppress dog@1-2 x1 for 2",
-                             "--json", str(acted), "--no-chat", "--on-prompt", "act"])
+    r = _guarded_perturb(runner, path, acted, "act")
     assert r.exit_code == 0, r.output
     data = json.loads(acted.read_text())
     assert data["settings"]["on_prompt"] == "act" and data["rules_summary"]["g"]["rows_fired_on_prompt"] == 2
