@@ -35,11 +35,11 @@ STREAM_RULES = [
 ]
 
 
-def _load(threads: int):
+def _load(threads: int, dictionary: str = "sample"):
     from chunktui.api import Engine
 
     torch.set_num_threads(threads)
-    return Engine.load("smollm2-135m", dictionary="sample", device="cpu")
+    return Engine.load("smollm2-135m", dictionary=dictionary, device="cpu")
 
 
 def _out(data: dict, json_path: str | None) -> None:
@@ -224,10 +224,12 @@ def _arm_stats(concept_of: list[str], runs, nll) -> dict:
 @click.option("--mode", "modes", multiple=True, help="the guard's mode (default suppress; one per --action, or one "
               "for all)")
 @click.option("--limit", default=0, help="first N prompts per concept of the split (0: all)")
+@click.option("--dict", "dictionary", default="sample", show_default=True,
+              help="the dictionary the rules read (e.g. a pre-concept one built with --step 1)")
 @click.option("--threads", default=1, show_default=True)
 @click.option("--json", "json_path", default=None)
 def guard(split: str, samples: int, tokens: int, temperature: float, top_p: float, actions, on_prompts, sites,
-          whens, modes, limit: int, threads: int, json_path: str | None) -> None:
+          whens, modes, limit: int, dictionary: str, threads: int, json_path: str | None) -> None:
     """For each concept C of sample_data/guard_prompts.jsonl (the split asked), the guard "when C -> suppress C
     ACTION" on C's prompts, against the unguarded run with the same seeds (completions, no chat template).
 
@@ -238,7 +240,7 @@ def guard(split: str, samples: int, tokens: int, temperature: float, top_p: floa
     from chunktui.shared import perturb_stats as st
     from chunktui.shared.settings import Sampling
 
-    engine = _load(threads)
+    engine = _load(threads, dictionary)
     loaded = engine.loaded
     rows = [json.loads(line) for line in GUARD_PROMPTS.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r["split"] == split]

@@ -46,6 +46,10 @@ def models_cmd() -> None:
               help="accuracy, f1 or balanced (the paper's threshold: the largest deviation among the n drawn), "
                    "or fp-budget:B (threshold calibrated to a training FP rate <= B, e.g. fp-budget:0.001)")
 @click.option("--seed", default=0, show_default=True, callback=checked(validate.seed))
+@click.option("--method", default="population-averaging", show_default=True,
+              type=click.Choice(["population-averaging", "mean-difference"]),
+              help="PA chunks (subpopulation + template), or mean-difference direction chunks (concept mean minus "
+                   "corpus mean, cosine threshold calibrated to --criterion fp-budget:B, default fp-budget:0.001)")
 @click.option("--part-word", is_flag=True, help="also label tokens that contain or end the word")
 @click.option("--step", default=0, show_default=True, callback=checked(validate.non_negative_int),
               help="label the token STEP positions before each occurrence (>= 0)")
@@ -72,7 +76,7 @@ def models_cmd() -> None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="NAME.chunks.safetensors")
 @overwrite_option
 @friendly_errors
-def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, criterion, seed, part_word, step,
+def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, criterion, seed, method, part_word, step,
               min_count, context_mode, batch_size, store_dtype, procs, resume, checkpoint_every, colour_budget,
               vote_layers, json_out, out, overwrite) -> None:
     """Build a chunk dictionary by population averaging (docs/method.md), streaming over the corpus.
@@ -101,7 +105,20 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
     check_procs(procs, device)
     if checkpoint_every < 1:
         raise CorpusError(f"--checkpoint-every must be at least 1 context, got {checkpoint_every}.")
+    if method == "mean-difference":
+        from click.core import ParameterSource
+
+        if click.get_current_context().get_parameter_source("criterion") == ParameterSource.DEFAULT:
+            criterion = "fp-budget:0.001"
+        if n is not None:
+            raise CorpusError("--n draws positives for a PA template; --method mean-difference uses every positive.")
+        if resume:
+            raise CorpusError("--resume continues a PA build from its checkpoint; a --method mean-difference build "
+                              "keeps none (run it again).")
     crit = parse_criterion(criterion)
+    if method == "mean-difference" and not crit.calibrated:
+        raise CorpusError(f"--method mean-difference calibrates a cosine threshold to a false-positive budget: give "
+                          f"--criterion fp-budget:B (e.g. fp-budget:0.001), not {criterion}.")
     word_list = None
     if words:
         word_list = read_word_list(word_file) if word_file else [w for w in words.split(",") if w.strip()]
@@ -147,11 +164,18 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
         if not main:
             update = lambda *a: None  # noqa: E731  one bar, on rank 0
         with progress if main else _nothing():
-            dictionary, report = build_dictionary(
-                loaded, source, layers=parse_layers(layers, loaded.layout.n_states), n=n, criterion=str(crit),
-                seed=seed, context_mode=context_mode, batch_size=batch_size, progress=update, group=group,
-                checkpoint=checkpoint, colour_budget=colour_budget,
-                vote_layers=None if vote_layers is None else parse_layers(vote_layers, loaded.layout.n_states))
+            if method == "mean-difference":
+                from chunktui.engine.meandiff import build_mean_difference
+
+                dictionary, report = build_mean_difference(
+                    loaded, source, layers=parse_layers(layers, loaded.layout.n_states), budget=crit.budget,
+                    batch_size=batch_size, context_mode=context_mode, progress=update, group=group)
+            else:
+                dictionary, report = build_dictionary(
+                    loaded, source, layers=parse_layers(layers, loaded.layout.n_states), n=n, criterion=str(crit),
+                    seed=seed, context_mode=context_mode, batch_size=batch_size, progress=update, group=group,
+                    checkpoint=checkpoint, colour_budget=colour_budget,
+                    vote_layers=None if vote_layers is None else parse_layers(vote_layers, loaded.layout.n_states))
         dictionary.notes["command"] = command_line()  # every option, so the file can be rebuilt
         dictionary.notes["world_size"] = group.world_size
         group.barrier()  # every rank has finished with its checkpoint before it is removed
@@ -174,10 +198,13 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
             fewer = sorted({c.label for c in dictionary.chunks if isinstance(c.fit.get("n"), int) and c.fit["n"] < n})
             if fewer:
                 note("note:", f"--n {n}: {', '.join(fewer)} had fewer positives, so every positive was drawn")
+        passes = (f"sums {report.collect_seconds:.1f} s, cosines {report.fit_seconds:.1f} s"
+                  if method == "mean-difference" else
+                  f"templates {report.collect_seconds:.1f} s, counting {report.fit_seconds:.1f} s, colour rule "
+                  f"{report.calibrate_seconds:.1f} s")
         console.print(f"wrote [bold]{escape(str(path))}[/]: {len(dictionary)} chunks, {len(dictionary.labels())} "
-                      f"concepts x {len(report.layers)} layers ({escape(str(crit))}); {report.tokens} tokens in "
-                      f"{report.seconds:.1f} s (templates {report.collect_seconds:.1f} s, counting "
-                      f"{report.fit_seconds:.1f} s, colour rule {report.calibrate_seconds:.1f} s) on "
+                      f"concepts x {len(report.layers)} layers ({escape(method)}, {escape(str(crit))}); "
+                      f"{report.tokens} tokens in {report.seconds:.1f} s ({passes}) on "
                       f"{group.world_size} process{'es' if group.world_size > 1 else ''}")
         console.print(f"colour rule: {escape(dictionary.token_rule().describe())}", style="dim")
         if json_target is not None:
