@@ -14,6 +14,12 @@ Interventions are edit pre-hooks on the blocks they edit (`hooks.block_hooks`, e
 Whether a rule's intervention is on is decided on the host from the fired flags already copied, so an
 idle intervention costs nothing on the device. A rule that fires at token t edits the states from token
 t+1 on: token t's states were computed in the forward pass that produced the match.
+
+A `now` rule (`-> suppress cheese@20-29 now`) also edits token t within that pass: record hooks keep the
+states its condition reads (all below its first edited layer, checked when it is compiled); at its first
+edited layer the condition is decided on the device from them (its own small exact pack, no host copy) and
+the edit applies where it holds, so the token sampled next comes from the edited states. It acts on
+generated tokens, and on the prompt's tokens in the same pass when `on_prompt` is `act`.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from chunktui.engine.hooks import block_hooks
 from chunktui.engine.models import module_device
 from chunktui.shared.errors import ChunkError, CorpusError
 from chunktui.shared.rules import (And, Firing, Not, Or, Rule, Run, Term, Vocabulary, action_layers,
-                                   check_rules, parse_rule)
+                                   check_rules, condition_layers, parse_rule)
 from chunktui.shared.settings import RULES_ON_PROMPT
 
 _NEG = -(1 << 40)
@@ -56,6 +62,24 @@ class Evaluation:
 
     fired: list  # [b][t][r] bool
     layers: list  # [b][t][r] -> list of layer numbers (the model's layer indices)
+
+
+class _Phase:
+    """Whether the model is reading the prompt or generating (`streaming.decode` sets it, as a PhaseFlag)."""
+
+    def __init__(self) -> None:
+        self.phase = "prefill"
+
+
+@dataclass
+class _NowRule:
+    """A `now` rule's condition, decided inside the forward pass from the states below its first edit."""
+
+    layers: list[int]  # the model layers the condition reads, ascending
+    pack: object  # a PackedDictionary of the condition's chunks at those layers (exact: no host copy)
+    M: torch.Tensor  # (C_r, K_r * S_r) term columns, as RuleProgram.M
+    at_least: torch.Tensor  # (K_r,)
+    terms: list[Term]
 
 
 class RuleProgram:
@@ -103,6 +127,12 @@ class RuleProgram:
                 raise ChunkError("Rules with interventions need the model and its dictionary.")
             self._build_interventions(dictionary, loaded, n_states)
         self.loaded = loaded
+        self.phase = _Phase()  # given to `streaming.decode`, which says when the prompt has been read
+        self.now: dict[int, _NowRule] = {r: self._compile_now(rule, packed, n_states, name)
+                                         for r, rule in enumerate(self.rules)
+                                         if rule.action.kind == "intervene" and rule.action.now}
+        self._captured: dict[int, torch.Tensor] = {}  # layer -> this pass's states, for the `now` conditions
+        self._fire: dict[int, torch.Tensor] = {}  # rule -> (B, T) where its condition holds in this pass
         self.remaining: list[dict[int, int]] = []  # per row: rule index -> tokens left (-1: while)
         self.active_rows: dict[int, torch.Tensor] = {}  # rule index -> (B,) bool on the device, when any row is on
         self._row_masks: dict[tuple, torch.Tensor] = {}
@@ -150,10 +180,32 @@ class RuleProgram:
                                   loaded.dtype)
                 self.edits.setdefault(layer, []).append((r, edit))
 
+    def _compile_now(self, rule: Rule, packed, n_states: int, name: str) -> _NowRule:
+        from chunktui.engine.matching import PackedDictionary
+
+        reads = condition_layers(rule, vocabulary(packed, n_states, name))
+        layers = sorted({x for ls in reads.values() for x in ls})
+        terms = list(dict.fromkeys(rule.terms()))
+        chunks = [c for c in packed.chunks if int(c.layer) in layers and any(
+            c.label == t.label and int(c.layer) in reads[t] for t in terms)]
+        sub = PackedDictionary(chunks, packed.width, layers, device=packed.device, precision="float64")
+        axis = {layer: s for s, layer in enumerate(layers)}
+        S = len(layers)
+        M = torch.zeros(max(len(sub.chunks), 1), len(terms) * S)
+        for k, term in enumerate(terms):
+            for c, chunk in enumerate(sub.chunks):
+                if chunk.label == term.label and int(chunk.layer) in reads[term]:
+                    M[c, k * S + axis[int(chunk.layer)]] = 1.0
+        return _NowRule(layers=layers, pack=sub, M=M[:len(sub.chunks)].to(self.device),
+                        at_least=torch.tensor([t.at_least for t in terms], dtype=torch.long, device=self.device),
+                        terms=terms)
+
     # ------------------------------------------------------------------ state
 
     def reset(self, batch: int = 1) -> None:
         """Fresh state for `batch` rows (a new generation, or new texts)."""
+        self.phase.phase = "prefill"
+        self._captured, self._fire = {}, {}
         self.counts = torch.zeros(batch, len(self.runs), dtype=torch.long, device=self.device)
         self.remaining = [dict() for _ in range(batch)]
         self.active_rows = {}
@@ -177,15 +229,57 @@ class RuleProgram:
             yield
             return
         edits = {layer: self._hook(pairs) for layer, pairs in self.edits.items()}
-        with block_hooks(self.loaded.layout, edits=edits, site=self.site):
+        watched = sorted({x for now in self.now.values() for x in now.layers})
+        records = {layer: self._capture(layer, first=layer == watched[0]) for layer in watched}
+        with block_hooks(self.loaded.layout, edits=edits, records=records, site=self.site):
             yield
+
+    def _capture(self, layer: int, first: bool):
+        def hook(module, args, kwargs):
+            if first:  # the lowest layer a `now` condition reads: a new forward pass begins
+                self._fire = {}
+            self._captured[layer] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def _now_acts(self) -> bool:
+        return self.phase.phase != "prefill" or self.on_prompt == "act"
+
+    def _now_fire(self, r: int) -> torch.Tensor:
+        """(B, T) bool on the device: where rule r's condition holds in this forward pass (no host copy)."""
+        fire = self._fire.get(r)
+        if fire is not None:
+            return fire
+        now = self.now[r]
+        device = now.pack.device
+        H = torch.stack([self._captured[x].to(device) for x in now.layers], dim=2)  # (B, T, S_r, d)
+        B, T, S = H.shape[:3]
+        hit = now.pack.match(H.reshape(B * T, S, H.shape[-1])).hit.view(B, T, -1)
+        K = len(now.terms)
+        layer_hits = (hit.to(now.M.dtype) @ now.M).view(B, T, K, S) > 0 if now.M.numel() else \
+            torch.zeros(B, T, K, S, dtype=torch.bool, device=device)
+        term_true = layer_hits.sum(-1) >= now.at_least  # (B, T, K)
+        index = {term: k for k, term in enumerate(now.terms)}
+
+        def ev(node) -> torch.Tensor:
+            if isinstance(node, Term):
+                return term_true[..., index[node]]
+            if isinstance(node, Not):
+                return ~ev(node.node)
+            parts = [ev(n) for n in node.nodes]
+            out = parts[0]
+            for p in parts[1:]:
+                out = (out & p) if isinstance(node, And) else (out | p)
+            return out
+
+        fire = ev(self.rules[r].condition)
+        self._fire[r] = fire
+        return fire
 
     def _hook(self, pairs):
         def hook(module, args, kwargs):
             on = self.prompt_edits if self.prompt_edits is not None else self.active_rows
-            if not on:
-                return None
-            live = [(r, edit) for r, edit in pairs if r in on]
+            now_on = bool(self.now) and self._now_acts()
+            live = [(r, edit) for r, edit in pairs if r in on or (now_on and r in self.now)]
             if not live:
                 return None
             key = None if args else next(k for k in ("hidden_states", "input", "x") if k in kwargs)
@@ -193,12 +287,16 @@ class RuleProgram:
             for r, edit in live:
                 if h.device != edit.device:
                     h = h.to(edit.device)
-                if self.prompt_edits is not None:  # re-reading the prompt: (B, T) columns
+                if r not in on:  # a `now` rule not on from earlier tokens: where its condition holds in this pass
+                    where = self._now_fire(r).to(h.device)
+                elif self.prompt_edits is not None:  # re-reading the prompt: (B, T) columns
                     where = on[r].to(h.device)
                 elif r in self._every_row:  # every row is on (known on the host): nothing to select
                     where = None
                 else:
                     where = on[r].to(h.device)[:, None].expand(h.shape[0], h.shape[1])
+                    if now_on and r in self.now:  # and where the condition holds in this very pass
+                        where = where | self._now_fire(r).to(h.device)
                 h = edit.apply(h, where)
             if args:
                 return (h,) + tuple(args[1:]), kwargs
@@ -342,9 +440,10 @@ class RuleProgram:
                                                                           enumerate(mask) if m],
                                  action=str(rule.action), text=texts[b][t - (T - n)] if texts is not None else "",
                                  extra={"on_prompt": True}))
-            span = rule.action.duration if rule.action.duration is not None else 1
-            # re-reading, the prompt token that matched can be edited itself, and the ones its duration covers
-            edit_cols.setdefault(r, [[] for _ in range(B)])[b].extend(range(t, min(t + span, T - 1) + 1))
+            span = rule.action.duration if rule.action.duration is not None else (0 if rule.action.now else 1)
+            if not rule.action.now:  # (a `now` rule edited the prompt tokens it fired on in the pass itself)
+                # re-reading, the prompt token that matched can be edited itself, and the ones its duration covers
+                edit_cols.setdefault(r, [[] for _ in range(B)])[b].extend(range(t, min(t + span, T - 1) + 1))
             left = span - (T - 1 - t)  # tokens after the prompt still edited (t+1 .. t+span)
             if left > 0:
                 self.remaining[b][r] = max(self.remaining[b].get(r, 0), left)
@@ -391,7 +490,7 @@ class RuleProgram:
                     continue
                 before = self.remaining[b].get(r, 0)
                 if flags[r]:
-                    now = rule.action.duration if rule.action.duration is not None else 1
+                    now = rule.action.duration if rule.action.duration is not None else (0 if rule.action.now else 1)
                 else:
                     now = max(before - 1, 0)
                 if now:
@@ -546,7 +645,8 @@ def generate_rows(loaded, prompts: Sequence[str], seeds_per_prompt: int, samplin
         hooks = program.installed() if program is not None and act else contextlib.nullcontext()
         with hooks:
             steps = decode(loaded, ids, sampling, seeds=[s for _, _, s in batch], cancel=cancel,
-                           phase=PhaseFlag(), record=program is not None, on_prefill=watch,
+                           phase=program.phase if program is not None else PhaseFlag(), record=program is not None,
+                           on_prefill=watch,
                            after_reread=program.end_prompt if program is not None else None)
             try:
                 for k, step in enumerate(steps):

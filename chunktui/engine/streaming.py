@@ -206,6 +206,10 @@ def generate_stream(loaded: LoadedModel, prompt: str | list[int], sampling: Samp
 
             raise ChunkError("Rules need a dictionary: load one first.")
         rules.reset(1)
+        if phase is None:
+            phase = rules.phase  # `now` rules read it: the prompt, or generated tokens
+        else:
+            rules.phase = phase
     tok = loaded.tokenizer
     ids = encode_prompt(loaded, prompt, chat) if isinstance(prompt, str) else list(prompt)
     start = time.perf_counter()

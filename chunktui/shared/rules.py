@@ -21,9 +21,13 @@ then `or`: `not cheese for 3` is three tokens in a row without cheese; `not (che
 
 An action is `alert` (mark the token), `stop` (end the generation, recording the rule), or an
 intervention with the same modes, strengths, layers and defaults as `chunktui perturb`:
-`MODE LABEL[,LABEL][@LAYERS] [xSTRENGTH] [for N | while]` (`suppress cheese`, `graft coffee@2-9 x0.1`).
+`MODE LABEL[,LABEL][@LAYERS] [xSTRENGTH] [now] [for N | while]` (`suppress cheese`, `graft coffee@2-9 x0.1`).
 An intervention fired at token t edits the states from token t+1 on (the token t was already read):
 for N tokens (`for N`), or, by default (`while`), on each token that follows one where the condition held.
+With `now` it also edits token t itself, in the forward pass that computed the condition, so the token
+sampled next already comes from the edited states: every layer the condition reads must then lie below the
+first layer the action edits (`when cheese@10-19 -> suppress cheese@20-29 now`), and `for N` adds the N
+tokens after t (without it, only t is edited).
 
 Rules come inline or from a TOML file of `[[rule]]` tables with `name`, `when` and `then`.
 Every mistake is a `RuleError` (a `ChunkError`) that names the rule and, for syntax, the column.
@@ -43,7 +47,7 @@ from chunktui.shared.settings import DEFAULT_LAYERS, DEFAULT_STRENGTH, MODES
 
 MAX_RUN = 100_000  # `for N`: longer than any context
 MAX_LAYER = 100_000
-KEYWORDS = ("when", "and", "or", "not", "for", "while", "all", "alert", "stop")
+KEYWORDS = ("when", "and", "or", "not", "for", "while", "now", "all", "alert", "stop")
 
 
 class RuleError(ChunkError):
@@ -130,7 +134,8 @@ class Action:
     labels: tuple[str, ...] = ()
     layers: str = DEFAULT_LAYERS  # a layer spec, as `perturb --layers` takes it
     strength: float | None = None  # None: the mode's default
-    duration: int | None = None  # tokens; None: while the condition holds
+    duration: int | None = None  # tokens; None: while the condition holds (with `now`: no token after)
+    now: bool = False  # also the token where the condition held, within the same forward pass
 
     @property
     def effective_strength(self) -> float | None:
@@ -143,6 +148,8 @@ class Action:
             return self.kind
         names = ",".join(x if _PLAIN.fullmatch(x) and x not in KEYWORDS else _quote(x) for x in self.labels)
         out = f"{self.mode} {names}@{self.layers} x{self.effective_strength:g}"
+        if self.now:
+            return out + " now" + (f" for {self.duration}" if self.duration is not None else "")
         return out + (f" for {self.duration}" if self.duration is not None else " while")
 
 
@@ -404,7 +411,7 @@ class _Parser:
                 continue
             return tuple(sorted(set(out)))
 
-    # action := alert | stop | MODE labels [@layers] [x strength] [for N | while]
+    # action := alert | stop | MODE labels [@layers] [x strength] [now] [for N | while]
     def action(self) -> Action:
         tok = self.tok
         if tok.kind != "word":
@@ -439,15 +446,23 @@ class _Parser:
         elif (self.is_op("x") or self.is_word("x")) and self.toks[self.i + 1].kind == "number":
             at = self.take()
             strength = self.strength(at, self.take().text, word)
+        now = False
+        if self.is_word("now"):
+            self.take()
+            now = True
         duration = None
         if self.is_word("for"):
             self.take()
             duration = self.integer("a number of tokens after 'for'", 1, MAX_RUN)
         elif self.is_word("while"):
+            if now:
+                raise RuleSyntaxError(f"column {self.tok.col}: 'now' edits the token where the condition holds; "
+                                      "'while' cannot follow it (add 'for N' to edit the N tokens after it too).",
+                                      self.tok.col)
             self.take()
-        self.expect_end("expected the end of the rule (an intervention takes @LAYERS, xSTRENGTH, "
+        self.expect_end("expected the end of the rule (an intervention takes @LAYERS, xSTRENGTH, 'now', "
                         "then 'for N' or 'while')")
-        return Action("intervene", word, tuple(labels), layers, strength, duration)
+        return Action("intervene", word, tuple(labels), layers, strength, duration, now)
 
     def strength(self, tok: _Tok, text: str, mode: str) -> float:
         from chunktui.shared.validate import strength as check
@@ -659,6 +674,44 @@ def check_rule(rule: Rule, vocab: Vocabulary) -> None:
             if not vocab.label_layers[label] & layers:
                 raise RuleError(f"Rule {rule.name!r}: {label!r} has no chunk at layers {action.layers} to "
                                 f"{action.mode}.")
+        if action.now:
+            check_now(rule, vocab, layers)
+
+
+def condition_layers(rule: Rule, vocab: Vocabulary) -> dict[Term, list[int]]:
+    """Each term of the condition -> the layers it reads (its @LAYERS where the label has chunks, or all of them)."""
+    out = {}
+    for term in rule.terms():
+        have = vocab.label_layers.get(term.label, set())
+        out[term] = sorted(have if term.layers is None else have & set(term.layers))
+    return out
+
+
+def check_now(rule: Rule, vocab: Vocabulary, edited: set[int]) -> None:
+    """`now` acts inside the forward pass that computes the condition: every condition layer below every edit."""
+
+    def runs(node) -> bool:
+        if isinstance(node, Run):
+            return True
+        if isinstance(node, Not):
+            return runs(node.node)
+        if isinstance(node, (And, Or)):
+            return any(runs(n) for n in node.nodes)
+        return False
+
+    if runs(rule.condition):
+        raise RuleError(f"Rule {rule.name!r}: a 'now' rule decides within one forward pass, so its condition cannot "
+                        "count tokens ('for N' in the condition); drop 'now', or the run length.")
+    first = min(edited)
+    for term, layers in condition_layers(rule, vocab).items():
+        above = [x for x in layers if x >= first]
+        if above:
+            fix = (f"{term.label}@{layers[0]}-{first - 1}" if layers[0] < first else
+                   f"a later first edit layer than {layers[-1]}")
+            raise RuleError(f"Rule {rule.name!r}: 'now' edits the token in the forward pass that computes the "
+                            f"condition, so every layer the condition reads must lie below the first layer the "
+                            f"action edits ({first}); '{term}' reads layer {above[0]}. Restrict the condition "
+                            f"(e.g. {fix}) or drop 'now'.")
 
 
 def _expand(spec: str) -> list[int]:

@@ -285,3 +285,75 @@ def test_prompt_firings_set_durations_and_edit_columns(engine):
     off = RuleProgram(["n: when cheese -> suppress dog@1 for 3"], engine.packed, engine.n_states,
                       dictionary=engine.dictionary, loaded=engine.loaded, on_prompt="off")
     assert off.observe_prompt(hit, [6, 4]) == ([[], []], False) and off.remaining == [{}, {}]
+
+
+# --------------------------------------------------------------------------- `now`: within the same forward pass
+
+
+def test_a_now_rule_edits_the_firing_token_itself(engine, tiny_model, tiny_dict):
+    loose = Engine.from_loaded(tiny_model, _loose(tiny_dict[0], engine, "cheese", PROMPT))
+    plain = [e for e in loose.stream(PROMPT, max_new_tokens=12, chat=False) if e.generated]
+    program = loose.rules(["when cheese@0 -> suppress dog@1-2 x1 now"], on_prompt="off")
+    guarded = [e for e in loose.stream(PROMPT, max_new_tokens=12, chat=False, rules=program) if e.generated]
+    fired = [i for i, e in enumerate(guarded) if e.firings]
+    assert fired, "the loosened cheese@0 chunk should fire on a generated token"
+    t = fired[0]
+    for i in range(t):  # before the first firing nothing is edited
+        assert torch.equal(guarded[i].hidden, plain[i].hidden)
+    assert guarded[t].token_id == plain[t].token_id  # token t itself was sampled before the firing
+    assert torch.equal(guarded[t].hidden[0], plain[t].hidden[0])  # the layer the condition reads: unedited
+    # the stream entering block 1 at token t is edited in the very pass: dog@1's subpopulation set to 0
+    dog1 = next(c for c in loose.dictionary.chunks if c.label == "dog" and c.layer == 1)
+    want = plain[t].hidden[1].clone()
+    want[dog1.subpopulation] = 0
+    assert torch.equal(guarded[t].hidden[1], want)
+    # so the token after it is drawn from the edited distribution
+    assert (guarded[t + 1].token_id, guarded[t + 1].logprob) != (plain[t + 1].token_id, plain[t + 1].logprob)
+    assert guarded[t].firings[0].action == "suppress dog@1-2 x1 now"
+    # without `for N` only the firing tokens are edited: a token where it did not fire keeps its layer-1 state
+    # as the unedited model computes it from the (edited) context, which the firing check above pins down
+    assert program.remaining == [{}] or all(not r for r in program.remaining)
+
+
+def test_now_on_the_prompt_acts_in_the_same_pass(engine, tiny_model, tiny_dict):
+    from chunktui.engine.perturb import next_token_logprobs
+    from chunktui.engine.rules import first_token_logprobs
+
+    loose = Engine.from_loaded(tiny_model, _always(tiny_dict[0], "cheese"))
+    rule = "g: when cheese@0 -> suppress dog@1-2 x1 now"
+    prompts = [PROMPT, "I like cake"]
+    base = next_token_logprobs(tiny_model, prompts, None, chat=False)
+    for mode in ("off", "watch"):  # the prompt is edited only when the rules act on it
+        got = first_token_logprobs(tiny_model, loose.rules([rule], on_prompt=mode), prompts, chat=False)
+        assert torch.allclose(got, base, atol=1e-6)
+    program = loose.rules([rule], on_prompt="act")
+    firings: list = []
+    moved = first_token_logprobs(tiny_model, program, prompts, chat=False, firings=firings)
+    assert (moved - base).abs().amax(-1).min() > 1e-4  # edited within the prefill pass itself
+    assert all(fs for fs in firings)  # and every prompt token's firing is recorded
+    # the same edit by hand: suppress dog@1-2 at every prompt position
+    from chunktui.engine.perturb import Intervention, select_chunks
+    from chunktui.shared.settings import Positions
+
+    iv = Intervention(chunks=select_chunks(loose.dictionary, ["dog"], [1, 2]), mode="suppress", strength=1.0,
+                      positions=Positions("all"))
+    by_hand = next_token_logprobs(tiny_model, prompts, iv, chat=False)
+    assert torch.allclose(moved, by_hand, atol=1e-5)
+
+
+def test_now_is_checked_against_the_layers():
+    from chunktui.shared.rules import Vocabulary, check_rule, parse_rule
+
+    vocab = Vocabulary({"cheese": set(range(31)), "dog": set(range(31))}, 31)
+    check_rule(parse_rule("when cheese@10-19 -> suppress cheese@20-29 now for 8"), vocab)
+    with pytest.raises(RuleError, match=r"below the first layer the action edits \(20\); 'cheese' reads layer 20"):
+        check_rule(parse_rule("when cheese -> suppress cheese@20-29 now"), vocab)
+    with pytest.raises(RuleError, match="e.g. cheese@10-19"):
+        check_rule(parse_rule("when cheese@10-25 -> suppress cheese@20-29 now"), vocab)
+    with pytest.raises(RuleError, match="cannot count tokens"):
+        check_rule(parse_rule("when cheese@2 for 2 -> suppress cheese@20-29 now"), vocab)
+    with pytest.raises(RuleError, match="column 44: .now. edits the token"):
+        parse_rule("when cheese@2 -> suppress cheese@20-29 now while")
+    rule = parse_rule("g: when cheese@2 -> suppress cheese@20-29 x1 now for 3")
+    assert str(rule.action) == "suppress cheese@20-29 x1 now for 3" and rule.action.now
+    assert str(parse_rule(str(rule)).action) == str(rule.action)  # what it prints parses back to itself
