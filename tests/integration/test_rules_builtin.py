@@ -98,3 +98,33 @@ def test_a_prompt_guard_acts_before_the_first_answer_token(smol_engine):
         moved = float((acted[row] - base[row]).abs().max())
         assert moved > 1e-2 if found else moved < 1e-4, (row, len(found), moved)
     assert all(f.rule == "guard" and f.layers and f.extra == {"on_prompt": True} for fs in firings for f in fs)
+
+
+def test_next_word_guard_lowers_the_word_in_the_same_pass(smol):
+    """The shipped next-word dictionary (mean-difference, --step 1) and the guard demonstration's `now` rule: on
+    an inviting completion the rule fires on the prompt's last token, and the edit made in that same pass lowers
+    the concept's first-token probability; watching the prompt leaves it alone."""
+    from chunktui.api import Engine
+    from chunktui.engine.dictionary import load_dictionary
+    from chunktui.engine.perturb import first_token_ids, next_token_logprobs
+    from chunktui.engine.rules import first_token_logprobs
+    from chunktui.engine.tokens import encode_prompt
+    from chunktui.paths import sample_path
+
+    dictionary = load_dictionary(sample_path("smollm2-135m.next-word.chunks.safetensors"), identity=smol.identity())
+    assert {c.kind for c in dictionary.chunks} == {"direction"} and {c.step for c in dictionary.chunks} == {1}
+    engine = Engine.from_loaded(smol, dictionary)
+    cases = [("cheese", "A mouse nibbled a piece of"), ("chocolate", "The cake was covered in dark")]  # dev prompts
+    for concept, prompt in cases:
+        rule = f"guard: when {concept}@2-19 -> suppress {concept}@20-29 x0.5 now for 4"
+        base = next_token_logprobs(smol, [prompt], None, chat=False)
+        same = first_token_logprobs(smol, engine.rules([rule], on_prompt="watch"), [prompt], chat=False)
+        assert torch.allclose(same, base, atol=1e-5)  # watching the prompt does not edit it
+        firings: list = []
+        guarded = first_token_logprobs(smol, engine.rules([rule], on_prompt="act"), [prompt], chat=False,
+                                       firings=firings)
+        last = len(encode_prompt(smol, prompt, False)) - 1
+        assert any(f.token == last and f.layers and 2 <= min(f.layers) <= max(f.layers) <= 19 for f in firings[0])
+        ids = first_token_ids(smol, concept)
+        drop = float(torch.logsumexp(base[0, ids], 0) - torch.logsumexp(guarded[0, ids], 0))
+        assert drop > 1.0, (prompt, drop)  # the word's first token at least e times less likely
