@@ -248,6 +248,7 @@ def profile(tokens: int, cprofile_out: str | None, say, gc_detail: bool = False,
     from textual import events
     from textual._compositor import Compositor
     from textual.screen import Screen
+    from textual.scroll_view import ScrollView
     from textual.widget import Widget
 
     from chunktui.tui import app as app_module
@@ -263,6 +264,7 @@ def profile(tokens: int, cprofile_out: str | None, say, gc_detail: bool = False,
     timers.wrap(Compositor, "reflow", "full reflow")
     timers.wrap(Compositor, "reflow_visible", "scroll reflow")
     timers.wrap(TraceView, "_moved", "key")
+    timers.wrap(ScrollView, "watch_scroll_y", "scroll")  # a line-API view scrolled: its whole region repainted
     timers.wrap_renders(Widget)
     timers.wrap_layouts(Widget)
     timers.wrap_crops(Compositor)
@@ -330,15 +332,6 @@ def profile(tokens: int, cprofile_out: str | None, say, gc_detail: bool = False,
     frames = max(1, len(timers.samples["drain"]))
     prompt = min((n for _, _, n in timers.samples["drain"]), default=0)
     span = max(1, max((n for _, _, n in timers.samples["drain"]), default=1) - prompt)
-    parts = {}
-    for name, values in sorted(timers.samples.items()):
-        early = [s for _, s, n in values if n - prompt <= 0.1 * span]
-        late = [s for _, s, n in values if n - prompt >= 0.9 * span]
-        parts[name] = {"all": _stats([s for _, s, _ in values]), "first_10pct": _stats(early),
-                       "last_10pct": _stats(late), "total_s": round(sum(s for _, s, _ in values), 2),
-                       "cpu": _stats(timers.cpu[name])}
-    renders = {cls: {"calls_per_frame": round(calls / frames, 1), "ms_per_frame": round(ns / 1e6 / frames, 3)}
-               for cls, (calls, ns) in sorted(timers.renders.items(), key=lambda kv: -kv[1][1])}
     def segment(n):  # "first", "last" or None: which tenth of the stream a record at n tokens falls in
         return "first" if n - prompt <= 0.1 * span else ("last" if n - prompt >= 0.9 * span else None)
 
@@ -346,6 +339,20 @@ def profile(tokens: int, cprofile_out: str | None, say, gc_detail: bool = False,
     for _, _, n in timers.samples["drain"]:
         if segment(n):
             seg_frames[segment(n)] += 1
+    parts = {}
+    for name, values in sorted(timers.samples.items()):
+        early = [s for _, s, n in values if n - prompt <= 0.1 * span]
+        late = [s for _, s, n in values if n - prompt >= 0.9 * span]
+        cpu = timers.cpu[name]  # in the order of the samples
+        parts[name] = {"all": _stats([s for _, s, _ in values]), "first_10pct": _stats(early),
+                       "last_10pct": _stats(late), "total_s": round(sum(s for _, s, _ in values), 2),
+                       "cpu": _stats(cpu),
+                       "cpu_first_10pct": _stats([c for (_, _, n), c in zip(values, cpu) if segment(n) == "first"]),
+                       "cpu_last_10pct": _stats([c for (_, _, n), c in zip(values, cpu) if segment(n) == "last"]),
+                       "per_frame_first": round(len(early) / max(1, seg_frames["first"]), 3),
+                       "per_frame_last": round(len(late) / max(1, seg_frames["last"]), 3)}
+    renders = {cls: {"calls_per_frame": round(calls / frames, 1), "ms_per_frame": round(ns / 1e6 / frames, 3)}
+               for cls, (calls, ns) in sorted(timers.renders.items(), key=lambda kv: -kv[1][1])}
     by_segment: dict = {"first": defaultdict(lambda: [0, 0]), "last": defaultdict(lambda: [0, 0])}
     for n, cls, ns in timers.render_log:
         if segment(n):
@@ -385,7 +392,7 @@ def main(tokens: int, cprofile_out: str | None, json_out: str | None, gc_detail:
     print(f"ratio {out['bench']['ratio']}  key p95 {k['p95']} ms  max {k['max']} ms  "
           f"first/last 10% p95 {k['p95_first_10pct']} / {k['p95_last_10pct']} ms  frames {out['frames']}")
     print(f"{'part':16} {'n':>5} {'mean':>7} {'p95':>7} {'max':>7} | {'p95 first':>9} {'p95 last':>9} {'total s':>8} | "
-          f"{'cpu mean':>8} {'cpu p95':>8} {'cpu max':>8}")
+          f"{'cpu mean':>8} {'cpu p95':>8} {'cpu max':>8} | {'cpu mean f/l':>13} {'cpu p95 f/l':>13} | {'n/frame f/l':>11}")
     for name, s in out["parts"].items():
         a = s["all"]
         if not a["n"]:
@@ -393,7 +400,10 @@ def main(tokens: int, cprofile_out: str | None, json_out: str | None, gc_detail:
         print(f"{name:16} {a['n']:5d} {a['mean_ms']:7.2f} {a['p95_ms']:7.2f} {a['max_ms']:7.2f} | "
               f"{s['first_10pct'].get('p95_ms', float('nan')):9.2f} {s['last_10pct'].get('p95_ms', float('nan')):9.2f} "
               f"{s['total_s']:8.2f} | {s['cpu'].get('mean_ms', float('nan')):8.2f} "
-              f"{s['cpu'].get('p95_ms', float('nan')):8.2f} {s['cpu'].get('max_ms', float('nan')):8.2f}")
+              f"{s['cpu'].get('p95_ms', float('nan')):8.2f} {s['cpu'].get('max_ms', float('nan')):8.2f} | "
+              f"{s['cpu_first_10pct'].get('mean_ms', float('nan')):6.2f}/{s['cpu_last_10pct'].get('mean_ms', float('nan')):<6.2f} "
+              f"{s['cpu_first_10pct'].get('p95_ms', float('nan')):6.2f}/{s['cpu_last_10pct'].get('p95_ms', float('nan')):<6.2f} | "
+              f"{s['per_frame_first']:5.2f}/{s['per_frame_last']:<5.2f}")
     sf = out["segment_frames"]
     print(f"widget renders per frame (class: calls, ms), all | first 10% ({sf['first']} frames) | last 10% "
           f"({sf['last']} frames):")
