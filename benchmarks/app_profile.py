@@ -248,7 +248,6 @@ def profile(tokens: int, cprofile_out: str | None, say, gc_detail: bool = False,
     from textual import events
     from textual._compositor import Compositor
     from textual.screen import Screen
-    from textual.scroll_view import ScrollView
     from textual.widget import Widget
 
     from chunktui.tui import app as app_module
@@ -264,7 +263,6 @@ def profile(tokens: int, cprofile_out: str | None, say, gc_detail: bool = False,
     timers.wrap(Compositor, "reflow", "full reflow")
     timers.wrap(Compositor, "reflow_visible", "scroll reflow")
     timers.wrap(TraceView, "_moved", "key")
-    timers.wrap(ScrollView, "watch_scroll_y", "scroll")  # a line-API view scrolled: its whole region repainted
     timers.wrap_renders(Widget)
     timers.wrap_layouts(Widget)
     timers.wrap_crops(Compositor)
