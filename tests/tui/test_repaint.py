@@ -183,6 +183,45 @@ async def test_token_view_draws_each_line_once_until_it_changes(monkeypatch):
         assert sorted(set(drawn)) == [3, 4, 5, 6, 7, 8]
 
 
+async def test_a_followed_stream_scrolls_the_token_view_half_a_screen_at_a_time(monkeypatch):
+    app = TextApp()
+    async with app.run_test(size=(30, 8)) as pilot:
+        view = app.query_one(TokenView)
+        height = view.scrollable_content_region.height
+        half = height // 2
+        trace = _trace(0)
+        scrolls, ranges, lines = [], [], []
+        for i in range(300):  # a stream, one token per frame, the cursor on the newest token
+            trace.extend([_step(i)])
+            view.show(trace, COLOURS, i, None)
+            view.scroll_to_token(i)
+            await pilot.pause()
+            y, top = view._line_of[i], int(view.scroll_offset.y)
+            assert top <= y < top + height  # the newest token is always on screen
+            if not scrolls or scrolls[-1] != top:
+                scrolls.append(top)
+            if not ranges or ranges[-1] != view.virtual_size.height:
+                ranges.append(view.virtual_size.height)
+            lines.append(view.line_count())
+        assert view.line_count() > 4 * height
+        # short of a screenful the range is the text's own (no scrollbar); past it, it grows in half screens,
+        # with room for the last line to stand mid-way
+        assert view.virtual_size.height % half == 0 and view.virtual_size.height >= view.line_count() + height - half
+        assert len(ranges) <= height + (view.line_count() - height) // half + 2
+        # each scroll moves half a screen (the newest line mid-way), so there are about twice as few scrolls as
+        # screens of text, not one per line
+        assert all(b - a == height - half for a, b in zip(scrolls[1:], scrolls[2:]))
+        assert len(scrolls) <= 2 + (view.line_count() - height) // (height - half)
+        # moving back to a token above the screen puts its line mid-way too; the first token scrolls to the top
+        target = next(t for t in range(len(trace)) if view._line_of[t] == view.line_count() - 3 * height)
+        view.scroll_to_token(target)
+        await pilot.pause()
+        assert int(view.scroll_offset.y) == view._line_of[target] - half
+        view.scroll_to_token(0)
+        await pilot.pause()
+        assert view.scroll_offset.y == 0
+
+
 def test_prestarted_engine_is_adopted_by_the_app_client():
     import chunktui.tui.engine_client as ec
 

@@ -107,10 +107,20 @@ class TokenView(ScrollView, can_focus=False):
         self.refresh()
 
     def scroll_to_token(self, t: int | None, animate: bool = False) -> None:
+        """Bring token t's line on screen. The view stays put while the line is on screen; when it is not, the
+        line is put mid-way (half a screen moves at a time): a stream followed to its end scrolls, and so
+        repaints the whole view and its scrollbar, once per half screen of text, not once per line."""
         if t is None or t >= len(self._line_of):
             return
         y = self._line_of[t]
-        self.scroll_to_region(Region(0, y, 1, 1), animate=animate, immediate=True)
+        height = self.scrollable_content_region.height
+        if not height:  # not laid out yet
+            self.scroll_to_region(Region(0, y, 1, 1), animate=animate, immediate=True)
+            return
+        top = int(self.scroll_offset.y)
+        if top <= y < top + height:
+            return
+        self.scroll_to(y=max(0, y - height // 2), animate=animate, immediate=True)
 
     def show_from(self, t: int | None) -> None:
         """Scroll so that token t's line is near the top (kept there when a resize lays the text out again)."""
@@ -174,8 +184,20 @@ class TokenView(ScrollView, can_focus=False):
                 lines[-1].append((t, ""))
         self._col = col
         self._laid = len(trace)
-        self._set_virtual_size(Size(width, len(lines)))
+        self._set_virtual_size(Size(width, self._virtual_height()))
         return first
+
+    def _virtual_height(self) -> int:
+        """The scroll range in lines: the text's lines while they fit the view; a longer text gets room below its
+        end for its last line to stand mid-way (see `scroll_to_token`), in steps of half a screen, so the range
+        (and the scrollbar) changes once per half screen of new text, not with every line."""
+        lines = len(self._lines)
+        height = self.scrollable_content_region.height
+        if not height or lines <= height:
+            return lines
+        half = max(1, height // 2)
+        need = lines + height - half
+        return -(-need // half) * half
 
     def _set_virtual_size(self, size: Size) -> None:
         """A longer text without a layout pass (a layout pass of the whole screen per new line was the largest
@@ -191,6 +213,8 @@ class TokenView(ScrollView, can_focus=False):
             else:
                 self.scroll_to_token(self.cursor)
             self.refresh()
+        elif self._lines:  # the same wrap, another height: the room below the text follows the height
+            self._set_virtual_size(Size(self._width, self._virtual_height()))
 
     def refresh(self, *regions, **kwargs):
         """A refresh of the whole view draws every line anew; a refresh of a region (a scroll) reuses the lines."""
