@@ -12,3 +12,7 @@ chunktui build --model smollm2-135m --corpus sample_data/train.txt \
   --words cheese,apple,bread,cake,chocolate,coffee,dog,pizza,snow,tea --step 1 \
   --method mean-difference --criterion fp-budget:0.03 --layers all \
   --out sample_data/smollm2-135m.next-word.chunks.safetensors --overwrite
+# the colour rule (what the app colours tokens by; rules read the per-layer hits and are not affected):
+# at most 1% of the training tokens that are no concept's predecessor get a colour
+chunktui calibrate --model smollm2-135m --dict sample_data/smollm2-135m.next-word.chunks.safetensors \
+  --corpus sample_data/train.txt --budget 0.01 --out sample_data/smollm2-135m.next-word.chunks.safetensors --overwrite
