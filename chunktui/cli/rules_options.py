@@ -10,7 +10,7 @@ from chunktui.cli.common import console
 
 RULE_HELP = ("a rule, `when CONDITION -> ACTION` (repeatable), e.g. \"when cheese@10-20>=3 -> suppress cheese for 8\"; "
              "conditions: LABEL[@LAYERS][>=K][ for N], and/or/not; actions: alert, stop, or MODE LABEL[@LAYERS] "
-             "[xSTRENGTH] [for N | while] (docs/rules.md)")
+             "[xSTRENGTH] [now] [for N | while] (docs/rules.md)")
 
 
 def rule_options(func):

@@ -54,7 +54,8 @@ class RulesScreen(ModalScreen[RuleSettings | None]):
     def compose(self) -> ComposeResult:
         with Vertical(id="rules-box"):
             yield Label("Rules act on each generated token's chunk matches (docs/rules.md). An intervention fired "
-                        "at token t edits from token t+1.", id="rules-help")
+                        "at token t edits from token t+1; with 'now', token t itself, when the condition's layers "
+                        "lie below the edited ones.", id="rules-help")
             yield TextArea(self.settings.text or EXAMPLE, id="rules-text", soft_wrap=True)
             yield Label("", id="rules-check", markup=False)
             with Horizontal(classes="form-row"):
