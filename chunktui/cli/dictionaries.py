@@ -108,8 +108,9 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
     if method == "mean-difference":
         from click.core import ParameterSource
 
-        if click.get_current_context().get_parameter_source("criterion") == ParameterSource.DEFAULT:
-            criterion = "fp-budget:0.001"
+        ctx = click.get_current_context()
+        if ctx.get_parameter_source("criterion") == ParameterSource.DEFAULT:
+            criterion = ctx.params["criterion"] = "fp-budget:0.001"  # (workers of --procs get it spelled out)
         if n is not None:
             raise CorpusError("--n draws positives for a PA template; --method mean-difference uses every positive.")
         if resume:
@@ -169,7 +170,9 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
 
                 dictionary, report = build_mean_difference(
                     loaded, source, layers=parse_layers(layers, loaded.layout.n_states), budget=crit.budget,
-                    batch_size=batch_size, context_mode=context_mode, progress=update, group=group)
+                    batch_size=batch_size, context_mode=context_mode, progress=update, group=group,
+                    colour_budget=colour_budget,
+                    vote_layers=None if vote_layers is None else parse_layers(vote_layers, loaded.layout.n_states))
             else:
                 dictionary, report = build_dictionary(
                     loaded, source, layers=parse_layers(layers, loaded.layout.n_states), n=n, criterion=str(crit),
@@ -198,7 +201,8 @@ def build_cmd(model_spec, device, dtype, corpus, words, spans_path, layers, n, c
             fewer = sorted({c.label for c in dictionary.chunks if isinstance(c.fit.get("n"), int) and c.fit["n"] < n})
             if fewer:
                 note("note:", f"--n {n}: {', '.join(fewer)} had fewer positives, so every positive was drawn")
-        passes = (f"sums {report.collect_seconds:.1f} s, cosines {report.fit_seconds:.1f} s"
+        passes = (f"sums {report.collect_seconds:.1f} s, cosines {report.fit_seconds:.1f} s, colour rule "
+                  f"{report.calibrate_seconds:.1f} s"
                   if method == "mean-difference" else
                   f"templates {report.collect_seconds:.1f} s, counting {report.fit_seconds:.1f} s, colour rule "
                   f"{report.calibrate_seconds:.1f} s")

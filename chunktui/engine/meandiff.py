@@ -16,8 +16,9 @@ Built with labels shifted by `--step 1`, its positives are the tokens *before* t
 Two streaming passes, nothing corpus-sized held in memory: pass 1 runs every context and sums the states
 (every token, and each concept's positives); pass 2 reads the same batches' states back (on a CPU, from a
 temporary folder; elsewhere by running the model again), keeps the largest negative cosines per concept and
-layer and every positive's cosine. With a process group the batches are dealt out and sums and order
-statistics merged, so every rank returns the same dictionary.
+layer and every positive's cosine; pass 3 calibrates the colour rule on the same states, as the PA build
+does. With a process group the batches are dealt out and sums and order statistics merged, so every rank
+returns the same dictionary.
 """
 
 from __future__ import annotations
@@ -42,8 +43,12 @@ def _quiet(stage: str, fraction: float | None, message: str) -> None:
 @torch.no_grad()
 def build_mean_difference(loaded, source, layers: list[int] | None = None, budget: float = 0.001,
                           batch_size: int = 16, context_mode: str = "sentence", progress: ProgressFn = _quiet,
-                          should_stop=None, group=None, reuse_states: bool | None = None):
-    """(ChunkDictionary of direction chunks, BuildReport): one chunk per concept per layer (see the module)."""
+                          should_stop=None, group=None, reuse_states: bool | None = None,
+                          colour_budget: float | None = 0.01, vote_layers: list[int] | None = None):
+    """(ChunkDictionary of direction chunks, BuildReport): one chunk per concept per layer (see the module).
+
+    `colour_budget`: the colour rule is calibrated on the same text in a third pass over the kept states, as
+    the PA build does (`calibrate.rule_for_corpus`); None leaves it out."""
     from chunktui.engine.build import BuildReport, _Rate
     from chunktui.engine.corpus import BatchStates, check_layers, prepare_corpus, run_batch, schedule
     from chunktui.engine.distributed import SingleProcess, peak_memory_bytes
@@ -143,9 +148,40 @@ def build_mean_difference(loaded, source, layers: list[int] | None = None, budge
         pos_cos = [group.all_sum(p) for p in pos_cos]  # each positive was filled by one rank
         proj_sum = group.all_sum(proj_sum)
         report.fit_seconds = time.perf_counter() - t1
+        chunks = _chunks(names, layers, labels, allowed, n_pos, n_neg, T, top, keep_k, pos_cos, proj_sum, U,
+                         degenerate, budget, corpus, report)
+        rule = None
+        if colour_budget is not None:
+            from chunktui.engine.calibrate import rule_for_corpus
+
+            t2 = time.perf_counter()
+            rate = _Rate(T, group.world_size)
+            rule = rule_for_corpus(loaded, chunks, corpus, labels.masks, layers, budget=colour_budget,
+                                   voting_layers=vote_layers, batch_size=batch_size, should_stop=stop_check,
+                                   group=group, progress=lambda k: progress("colour rule", *rate.step(k)),
+                                   source={"corpus": source.corpus_name or source.spans_path}, states=kept)
+            report.calibrate_seconds = time.perf_counter() - t2
     finally:
         if kept is not None:
             kept.close()
+    notes = {"context_mode": corpus.context_mode, "label_mode": labels.mode, "step": labels.step, "n": "all",
+             "criterion": f"fp-budget:{budget:g}", "method": METHOD,
+             "corpus": source.corpus_name or source.spans_path, "tokens": T, "corpus_digest": corpus.digest,
+             "label_source": "spans" if spans is not None else "words"}
+    if corpus.windowing_note():
+        notes["windowed"] = corpus.windowing_note()
+    if rule is not None:
+        notes["token_rule"] = rule.to_json()
+    means = torch.full((loaded.layout.n_states, d), float("nan"))
+    means[layers] = mean_all.float()
+    report.seconds = time.perf_counter() - t_start
+    report.peak_memory = peak_memory_bytes(loaded.device)
+    return ChunkDictionary(model=loaded.identity(), chunks=chunks, notes=notes, layer_means=means), report
+
+
+def _chunks(names, layers, labels, allowed, n_pos, n_neg, T, top, keep_k, pos_cos, proj_sum, U, degenerate, budget,
+            corpus, report) -> list[Chunk]:
+    from chunktui.engine.pa import confusion_scores
 
     chunks: list[Chunk] = []
     for c, name in enumerate(names):
@@ -164,23 +200,16 @@ def build_mean_difference(loaded, source, layers: list[int] | None = None, budge
             tp = int((pos_cos[c][s] >= threshold).sum())
             fp = int((top[c, s, :keep_k[c]] >= threshold).sum())
             P, N = int(n_pos[c]), int(n_neg[c])
-            stats = {"tp": tp, "fp": fp, "fn": P - tp, "tn": N - fp, "tpr": tp / P if P else 0.0,
-                     "fpr": fp / N if N else 0.0, "positives": P, "tokens": T, "n": P,
-                     "label_mode": "part-word" if name in labels.part_word else labels.mode}
+            scores = confusion_scores(torch.tensor(tp), torch.tensor(fp), P, N)  # the PA chunks' fit keys
+            stats = {key: float(v) for key, v in scores.items()}
+            for key in ("tp", "fp", "tn", "fn"):
+                stats[key] = int(stats[key])
+            stats.update(positives=P, tokens=T, n=P, label_mode="part-word" if name in labels.part_word else labels.mode)
             chunks.append(Chunk(id=chunk_id(name, layer, labels.step), label=name, layer=layer, kind="direction",
                                 direction=U[c, s].clone(), threshold=threshold,
                                 typical=float(proj_sum[c, s] / max(P, 1)), step=labels.step, method=METHOD,
-                                criterion=f"fp-budget:{budget:g}", seed=0, corpus_digest=corpus.digest, fit=stats))
+                                criterion=f"fp-budget:{budget:g}", seed=None, corpus_digest=corpus.digest,
+                                fit=stats))
     if not chunks:
         raise CorpusError("No chunk could be fitted at any layer: every concept's mean state equals the corpus mean.")
-    notes = {"context_mode": corpus.context_mode, "label_mode": labels.mode, "step": labels.step, "n": "all",
-             "criterion": f"fp-budget:{budget:g}", "method": METHOD, "seed": 0,
-             "corpus": source.corpus_name or source.spans_path, "tokens": T, "corpus_digest": corpus.digest,
-             "label_source": "spans" if spans is not None else "words"}
-    if corpus.windowing_note():
-        notes["windowed"] = corpus.windowing_note()
-    means = torch.full((loaded.layout.n_states, d), float("nan"))
-    means[layers] = mean_all.float()
-    report.seconds = time.perf_counter() - t_start
-    report.peak_memory = peak_memory_bytes(loaded.device)
-    return ChunkDictionary(model=loaded.identity(), chunks=chunks, notes=notes, layer_means=means), report
+    return chunks

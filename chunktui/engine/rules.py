@@ -12,7 +12,7 @@
 
 Interventions are edit pre-hooks on the blocks they edit (`hooks.block_hooks`, edits before records).
 Whether a rule's intervention is on is decided on the host from the fired flags already copied, so an
-idle intervention costs nothing on the device. A rule that fires at token t edits the states from token
+idle intervention costs nothing on the device (a `now` rule, below, decides on every token). A rule that fires at token t edits the states from token
 t+1 on: token t's states were computed in the forward pass that produced the match.
 
 A `now` rule (`-> suppress cheese@20-29 now`) also edits token t within that pass: record hooks keep the
@@ -287,10 +287,12 @@ class RuleProgram:
             for r, edit in live:
                 if h.device != edit.device:
                     h = h.to(edit.device)
-                if r not in on:  # a `now` rule not on from earlier tokens: where its condition holds in this pass
-                    where = self._now_fire(r).to(h.device)
-                elif self.prompt_edits is not None:  # re-reading the prompt: (B, T) columns
+                if self.prompt_edits is not None:  # re-reading the prompt: (B, T) columns (a `now` rule's are
+                    if r not in on:  # where it fired on the first reading, the one its records come from)
+                        continue
                     where = on[r].to(h.device)
+                elif r not in on:  # a `now` rule not on from earlier tokens: where its condition holds in this pass
+                    where = self._now_fire(r).to(h.device)
                 elif r in self._every_row:  # every row is on (known on the host): nothing to select
                     where = None
                 else:
@@ -430,6 +432,7 @@ class RuleProgram:
         packed = torch.cat([fired[..., None], layers], dim=-1).cpu()  # the one transfer: (B, T, R, S + 1)
         out: list[list[Firing]] = [[] for _ in range(B)]
         edit_cols: dict[int, list[list[int]]] = {}
+        now_cols: dict[int, list[list[int]]] = {}
         for b, t, r in packed[..., 0].nonzero().tolist():
             rule = self.rules[r]
             if rule.action.kind != "intervene":
@@ -441,7 +444,9 @@ class RuleProgram:
                                  action=str(rule.action), text=texts[b][t - (T - n)] if texts is not None else "",
                                  extra={"on_prompt": True}))
             span = rule.action.duration if rule.action.duration is not None else (0 if rule.action.now else 1)
-            if not rule.action.now:  # (a `now` rule edited the prompt tokens it fired on in the pass itself)
+            if rule.action.now:  # edited in the first reading already; a re-read (for other rules) repeats just that
+                now_cols.setdefault(r, [[] for _ in range(B)])[b].append(t)
+            else:
                 # re-reading, the prompt token that matched can be edited itself, and the ones its duration covers
                 edit_cols.setdefault(r, [[] for _ in range(B)])[b].extend(range(t, min(t + span, T - 1) + 1))
             left = span - (T - 1 - t)  # tokens after the prompt still edited (t+1 .. t+span)
@@ -451,7 +456,7 @@ class RuleProgram:
         reread = self.on_prompt == "act" and any(any(c) for c in edit_cols.values())
         if reread:
             edits = {}
-            for r, per_row in edit_cols.items():
+            for r, per_row in list(edit_cols.items()) + list(now_cols.items()):
                 m = torch.zeros(B, T, dtype=torch.bool)
                 for b, c in enumerate(per_row):
                     if c:

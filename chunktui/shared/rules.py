@@ -674,8 +674,8 @@ def check_rule(rule: Rule, vocab: Vocabulary) -> None:
             if not vocab.label_layers[label] & layers:
                 raise RuleError(f"Rule {rule.name!r}: {label!r} has no chunk at layers {action.layers} to "
                                 f"{action.mode}.")
-        if action.now:
-            check_now(rule, vocab, layers)
+        if action.now:  # the layers it really edits: where its labels have chunks
+            check_now(rule, vocab, {x for label in action.labels for x in vocab.label_layers[label] & layers})
 
 
 def condition_layers(rule: Rule, vocab: Vocabulary) -> dict[Term, list[int]]:
@@ -706,12 +706,14 @@ def check_now(rule: Rule, vocab: Vocabulary, edited: set[int]) -> None:
     for term, layers in condition_layers(rule, vocab).items():
         above = [x for x in layers if x >= first]
         if above:
-            fix = (f"{term.label}@{layers[0]}-{first - 1}" if layers[0] < first else
-                   f"a later first edit layer than {layers[-1]}")
+            below = [x for x in layers if x < first]
+            fix = (f"restrict the condition (e.g. {Term(term.label, tuple(below), term.at_least)})"
+                   if len(below) >= term.at_least else
+                   f"edit only above layer {layers[-1] if term.layers is None else max(term.layers)}")
             raise RuleError(f"Rule {rule.name!r}: 'now' edits the token in the forward pass that computes the "
                             f"condition, so every layer the condition reads must lie below the first layer the "
-                            f"action edits ({first}); '{term}' reads layer {above[0]}. Restrict the condition "
-                            f"(e.g. {fix}) or drop 'now'.")
+                            f"action edits ({first}); '{term}' reads layer {above[0]}. To act now, {fix}; or drop "
+                            "'now'.")
 
 
 def _expand(spec: str) -> list[int]:

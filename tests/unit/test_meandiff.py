@@ -57,10 +57,18 @@ def test_threshold_keeps_training_false_positives_within_budget(built):
         tp = int((hit[:, c] & mask).sum())
         assert fp <= allowed, chunk.id
         assert fp == chunk.fit["fp"] and tp == chunk.fit["tp"], chunk.id  # the stored counts are the matcher's
+        assert chunk.fit["tp_rate"] == tp / int(mask.sum()) and chunk.fit["fp_rate"] == fp / int((~mask).sum())
         assert chunk.criterion == "fp-budget:0.01" and chunk.method == "mean-difference"
         # the threshold sits just above the first negative it keeps out (ties go out together), not far above it
         out = value[~mask & ~hit[:, c], c]
         assert chunk.threshold - 3e-5 <= float(out.max()) < chunk.threshold, chunk.id
+
+
+def test_the_build_calibrates_a_colour_rule(built):
+    dictionary, report, hs, labels = built
+    rule = dictionary.token_rule()
+    assert rule.budget == 0.01 and "calibrated" in rule.describe()
+    assert report.calibrate_seconds > 0
 
 
 def test_suppress_removes_the_direction(tiny_model, built):
@@ -77,7 +85,8 @@ def test_suppress_removes_the_direction(tiny_model, built):
     assert torch.allclose(out[0], rest, atol=1e-5)  # and nothing else moved
 
 
-def test_cli_method_checks(tmp_path, tiny_corpus):
+def _checks_then_build(tmp_path, tiny_corpus):
+    """The CLI's refusals for mean-difference, then a one-process build (returned)."""
     from click.testing import CliRunner
 
     from chunktui.cli import main as cli
@@ -100,3 +109,30 @@ def test_cli_method_checks(tmp_path, tiny_corpus):
 
     d = load_dictionary(tmp_path / "d.chunks.safetensors")
     assert {c.kind for c in d.chunks} == {"direction"} and {c.layer for c in d.chunks} == {1, 2}
+    return d
+
+
+def test_cli_method_checks(tmp_path, tiny_corpus):
+    d = _checks_then_build(tmp_path, tiny_corpus)
+    assert d.notes["method"] == "mean-difference" and "token_rule" in d.notes
+
+
+def test_cli_two_processes_build_the_same_dictionary(tmp_path, tiny_corpus):
+    import subprocess
+    import sys
+
+    one = _checks_then_build(tmp_path, tiny_corpus)
+    corpus = tmp_path / "c.txt"
+    out = tmp_path / "two.chunks.safetensors"
+    # no --criterion: the default budget must reach the workers too
+    result = subprocess.run([sys.executable, "-m", "chunktui", "build", "--model", "random:llama-tiny", "--corpus",
+                             str(corpus), "--words", "cheese,dog", "--method", "mean-difference", "--layers", "1-2",
+                             "--procs", "2", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    from chunktui.engine.dictionary import load_dictionary
+
+    two = load_dictionary(out)
+    assert [c.id for c in two.chunks] == [c.id for c in one.chunks]
+    for a, b in zip(one.chunks, two.chunks):
+        assert a.threshold == b.threshold and a.fit["tp"] == b.fit["tp"] and a.fit["fp"] == b.fit["fp"], a.id
+        assert torch.allclose(a.direction, b.direction, atol=1e-6)

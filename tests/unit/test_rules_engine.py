@@ -357,3 +357,29 @@ def test_now_is_checked_against_the_layers():
     rule = parse_rule("g: when cheese@2 -> suppress cheese@20-29 x1 now for 3")
     assert str(rule.action) == "suppress cheese@20-29 x1 now for 3" and rule.action.now
     assert str(parse_rule(str(rule)).action) == str(rule.action)  # what it prints parses back to itself
+
+
+def test_a_reread_repeats_a_now_rules_first_reading(engine, tiny_model, tiny_dict):
+    """Another rule makes the prompt be read again; the `now` rule then edits exactly where it fired on the first
+    reading (the positions its records give), not where its condition holds on the edited re-read."""
+    from chunktui.engine.rules import first_token_logprobs
+
+    loose = Engine.from_loaded(tiny_model, _loose(tiny_dict[0], engine, "cheese", PROMPT))
+    program = loose.rules(["h: when cheese -> suppress dog@0-1 x1 for 2", "g: when dog@1 -> suppress cake@2-3 x1 now"],
+                          on_prompt="act")
+    seen = {}
+    end = program.end_prompt
+
+    def spy():
+        seen["edits"] = {r: m.clone() for r, m in (program.prompt_edits or {}).items()}
+        end()
+
+    program.end_prompt = spy
+    firings: list = []
+    first_token_logprobs(tiny_model, program, [PROMPT], chat=False, firings=firings)
+    assert 0 in seen["edits"], "rule h should fire on the prompt and cause a re-read"
+    fired_g = sorted(f.token for f in firings[0] if f.rule == "g")
+    if fired_g:
+        assert seen["edits"][1][0].nonzero().flatten().tolist() == fired_g
+    else:
+        assert 1 not in seen["edits"]
