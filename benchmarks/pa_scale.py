@@ -141,6 +141,13 @@ def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, json_
           f"pass 2: {pass2_rate:.0f} tok/s (ratio {pass2_rate / fwd_rate:.2f}); whole build incl. pass 1 "
           f"({one['pass1_tokens'] / T:.0%} of the tokens) and pass 3 ({one.get('pass3_seconds', 0):.0f} s): "
           f"{build_rate:.0f} tok/s (ratio {build_rate / fwd_rate:.2f}; target >= 0.8)")
+    screen = one.get("screen") or {}
+    if screen.get("concept_tokens"):
+        out["screen"] = screen
+        print(f"  pass 2's screen: {screen['concept_tokens']} (concept, token) pairs; {screen['float64_layer_tokens']} "
+              f"(layer, token) pairs screened again in float64 ({screen['float64_layer_tokens'] / (T * S):.2%} of "
+              f"{T * S}); {screen['rowwise_concept_tokens']} (concept, token) pairs decided by the float64 reference "
+              f"row by row ({screen['rowwise_concept_tokens'] / screen['concept_tokens']:.3%})")
     print(f"  the ratio above is the build's own time (corpus, labels, passes 1-3; from build_dictionary's start to "
           f"its end); end to end, with the process start and the model load: {wall_rate:.0f} tok/s "
           f"(ratio {wall_rate / fwd_rate:.2f})")

@@ -70,8 +70,8 @@ def test_shared_screen_gives_byte_identical_dictionaries(tiny_model, tiny_corpus
         monkeypatch.setattr(StreamingFit, "batched", False)
     screens = []
     if layout == "all-concepts":
-        real = ConceptScreen.screen
-        monkeypatch.setattr(ConceptScreen, "screen", lambda self, *a: screens.append(1) or real(self, *a))
+        real = ConceptScreen.decide
+        monkeypatch.setattr(ConceptScreen, "decide", lambda self, *a: screens.append(1) or real(self, *a))
     new, _ = build_dictionary(tiny_model, LabelSource(**source), n=n, criterion=criterion, batch_size=5)
     assert bool(screens) == (layout == "all-concepts")  # the path under test ran
     monkeypatch.undo()
