@@ -325,13 +325,20 @@ class ConceptScreen:
     float32 matmuls, with no (concepts, t, d) tensor. The expansion cancels, so its rounding is bounded by
     the magnitudes summed, not by the result: in IEEE float32, any summation order gives
     |fl(x) - x| <= gamma_n sum |terms| (Higham, Accuracy and Stability, 3.1), the terms here are h_i^2 and
-    |h_i mu_i| <= (h_i^2 + mu_i^2) / 2, and the square, the two additions and the rounding of c add a few
-    units; so |approx - exact| <= gamma_{2d+16} (A + c), and the screen uses twice that (`_bound`). A
+    |h_i mu_i| <= (h_i^2 + mu_i^2) / 2: A is off by gamma_{d+1} A, the d products of B and A's addition
+    to them (one addmm, d + 1 terms) by gamma_{d+1} (2A + c), the rounding of c and the last two additions by
+    a few units more; so |approx - exact| <= gamma_{3d+8} (A + c), and the screen uses twice that (`rel`). A
     decision is taken in float32 only where approx +- bound lies strictly on one side of the threshold,
-    widened by the float64 reference's own tolerance (1e-9 relative and 1e-12 per neuron, as `band`'s
-    slack); every other token of that concept (on a threshold, within the bound of it, or anything not
-    finite) is decided again by the concept's float64 `deviations64`, one row at a time, exactly as the
-    reference decides every token. The same decisions, so the same counts, so the same dictionaries.
+    widened by the float64 reference's own tolerance (1e-9 relative and 1e-12 per neuron; the reference
+    rounds ~1e-13 relative). Tokens left undecided at a layer (within the bound, or anything not finite) go
+    through the same expansion in float64 (`rel64`, a bound 2^29 times smaller), and a (concept, token) still
+    undecided there (a tie: a token whose state is a drawn positive's, e.g. a repeated sentence) is decided
+    by the concept's float64 `deviations64`, one row at a time, which is how the reference decides every
+    token. The same decisions, so the same counts, so the same dictionaries.
+
+    Tolerances sharing a subpopulation share a column; a column's float32 decision compares with the lowest
+    and highest limits of the tolerances reading it, so it holds for each of them. Matches are laid out
+    (layers, concepts, tolerances, tokens), and TP/FP are counted from them without a float copy.
     """
 
     def __init__(self, templates: list[ConceptTemplate]):
@@ -342,9 +349,9 @@ class ConceptScreen:
         self.S, self.K = S, K
         device = first.mu.device
         d = first.mu.shape[1]
-        # gamma_{2d+16} in float32 units, times 2 to spare
-        self.rel = 2.0 * (2 * d + 16) * 2.0 ** -24 / (1 - (2 * d + 16) * 2.0 ** -24)
-        self.rel64 = 2.0 * (2 * d + 16) * 2.0 ** -53
+        # 2 gamma_{3d+8} (float32) and its float64 counterpart: the bound on (A + c), twice the proven one
+        self.rel = 2.0 * (3 * d + 8) * 2.0 ** -24 / (1 - (3 * d + 8) * 2.0 ** -24)
+        self.rel64 = 2.0 * (3 * d + 8) * 2.0 ** -53 / (1 - (3 * d + 8) * 2.0 ** -53)
         self.columns, self.weighted, self.const, self.index, self.low, self.high = [], [], [], [], [], []
         self.const64, self.low64, self.high64, self.full = [], [], [], []
         self.near_tokens = 0  # (concept, token) pairs decided again in float64, for the benchmark's report
