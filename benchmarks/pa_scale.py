@@ -9,9 +9,11 @@ seed), then:
 2. runs a plain forward pass over the same contexts, in the same batches, with
    the hidden states recorded and dropped (the baseline, in this process),
    before and after the build, and prints build tokens/s against their mean
-   (target: ratio >= 0.8); with --baseline-tree DIR it also builds with the
-   code of another checkout in between and checks the dictionaries are
-   byte-identical in their tensors;
+   (target: ratio >= 0.8), and how pass 2's screen decided: the share of
+   (layer, token) pairs its float32 matmuls left to the float64 expansion and
+   of (concept, token) pairs left to the float64 reference row by row (ties);
+   with --baseline-tree DIR it also builds with the code of another checkout
+   in between and checks the dictionaries are byte-identical in their tensors;
 3. builds again with `--procs 2` and prints the wall times side by side.
 
     python benchmarks/pa_scale.py [--tokens 100000] [--words 30] [--no-procs] [--baseline-tree DIR]
