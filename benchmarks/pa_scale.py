@@ -9,9 +9,11 @@ seed), then:
 2. runs a plain forward pass over the same contexts, in the same batches, with
    the hidden states recorded and dropped (the baseline, in this process),
    before and after the build, and prints build tokens/s against their mean
-   (target: ratio >= 0.8); with --baseline-tree DIR it also builds with the
-   code of another checkout in between and checks the dictionaries are
-   byte-identical in their tensors;
+   (target: ratio >= 0.8), and how pass 2's screen decided: the share of
+   (layer, token) pairs its float32 matmuls left to the float64 expansion and
+   of (concept, token) pairs left to the float64 reference row by row (ties);
+   with --baseline-tree DIR it also builds with the code of another checkout
+   in between and checks the dictionaries are byte-identical in their tensors;
 3. builds again with `--procs 2` and prints the wall times side by side.
 
     python benchmarks/pa_scale.py [--tokens 100000] [--words 30] [--no-procs] [--baseline-tree DIR]
@@ -141,6 +143,13 @@ def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, json_
           f"pass 2: {pass2_rate:.0f} tok/s (ratio {pass2_rate / fwd_rate:.2f}); whole build incl. pass 1 "
           f"({one['pass1_tokens'] / T:.0%} of the tokens) and pass 3 ({one.get('pass3_seconds', 0):.0f} s): "
           f"{build_rate:.0f} tok/s (ratio {build_rate / fwd_rate:.2f}; target >= 0.8)")
+    screen = one.get("screen") or {}
+    if screen.get("concept_tokens"):
+        out["screen"] = screen
+        print(f"  pass 2's screen: {screen['concept_tokens']} (concept, token) pairs; {screen['float64_layer_tokens']} "
+              f"(layer, token) pairs screened again in float64 ({screen['float64_layer_tokens'] / (T * S):.2%} of "
+              f"{T * S}); {screen['rowwise_concept_tokens']} (concept, token) pairs decided by the float64 reference "
+              f"row by row ({screen['rowwise_concept_tokens'] / screen['concept_tokens']:.3%})")
     print(f"  the ratio above is the build's own time (corpus, labels, passes 1-3; from build_dictionary's start to "
           f"its end); end to end, with the process start and the model load: {wall_rate:.0f} tok/s "
           f"(ratio {wall_rate / fwd_rate:.2f})")

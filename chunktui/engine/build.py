@@ -85,6 +85,7 @@ class BuildReport:
     pass1_tokens: int = 0
     peak_memory: dict = field(default_factory=dict)
     resumed_batches: int = 0
+    screen: dict = field(default_factory=dict)  # pass 2's screen: pairs decided in float32, float64, one row at a time
 
     def summary(self) -> dict:
         return {"seconds": round(self.seconds, 3), "tokens": self.tokens, "pass1_tokens": self.pass1_tokens,
@@ -93,7 +94,7 @@ class BuildReport:
                 "tokens_per_second": round(self.tokens / self.fit_seconds, 1) if self.fit_seconds else None,
                 "peak_memory_bytes": self.peak_memory, "world_size": self.world_size, "layers": len(self.layers),
                 "concepts": len(self.counts), "skipped": self.skipped, "empty": len(self.empty),
-                "resumed_batches": self.resumed_batches}
+                "resumed_batches": self.resumed_batches, "screen": self.screen}
 
 
 def collect_for(loaded: LoadedModel, source: LabelSource, layers: list[int] | None, context_mode: str = "sentence",
@@ -285,6 +286,9 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
         fit.merge(group)
         sums = group.all_sum(sums)
         report.fit_seconds = time.perf_counter() - t1
+        if getattr(fit, "shared", None) is not None:
+            report.screen = {"concept_tokens": fit.shared.screened, "float64_layer_tokens": fit.shared.float64_rows,
+                             "rowwise_concept_tokens": fit.shared.near_tokens}
 
         chunks: list[Chunk] = []
         for label, fits in fit.finish().items():

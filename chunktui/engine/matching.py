@@ -350,15 +350,22 @@ def _evaluate(t: _Tables, H: torch.Tensor, width: int, screen: bool = False):
     """
     T = H.shape[0]
     dtype = t.W.dtype
-    Hu = H[:, t.used_layers].to(dtype).transpose(0, 1)  # (S_used, T, d)
-    sq = Hu * Hu
+    if screen:
+        Hu = H[:, t.used_layers].to(dtype).transpose(0, 1)  # (S_used, T, d)
+        sq = Hu * Hu
+    else:
+        # X = [h^2 | h] (S_used, T, 2d) filled in place: the values concatenating Hu^2 and Hu gives, without
+        # the converted copy, the squares and the concatenation as three tensors of their own
+        X = torch.empty(len(t.used_layers), T, 2 * width, dtype=dtype, device=H.device)
+        Hu, sq = X[..., width:], X[..., :width]
+        Hu.copy_(H.transpose(0, 1) if len(t.used_layers) == H.shape[1] else H[:, t.used_layers].transpose(0, 1))
+        torch.mul(Hu, Hu, out=sq)
     with _ieee_float32() if dtype == torch.float32 else contextlib.nullcontext():
         if screen:
             A = torch.bmm(sq, t.W[:, :width]).transpose(0, 1).reshape(T, -1)[:, t.column]  # (T, C) sum m h^2
             B = torch.bmm(Hu, t.W[:, width:]).transpose(0, 1).reshape(T, -1)[:, t.column]  # (T, C)
             raw = A + B
         else:
-            X = torch.cat([sq, Hu], dim=-1)  # (S_used, T, 2d)
             raw = torch.bmm(X, t.W).transpose(0, 1).reshape(T, -1)[:, t.column]  # (T, C)
     sq_norms = sq.sum(-1).transpose(0, 1)[:, t.slot]  # (T, C): |h|^2 at the chunk's layer
     # PA: deviation = (raw + sum m mu^2) / |M|. Rounding in the expansion is bounded by a tiny

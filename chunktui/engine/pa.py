@@ -314,64 +314,167 @@ class ConceptTemplate:
 
 
 class ConceptScreen:
-    """Pass 2's screen for many concepts at once: one (concepts x tokens x d) square and one batched matmul per layer.
+    """Pass 2's screen for many concepts at once: per layer, two plain matmuls over every concept's subpopulations.
 
-    The same decisions as each template's `ConceptTemplate.screen` (the float64 reference's, for every token):
-    per concept and layer the float32 sums over its distinct subpopulations are sums of d non-negative products
-    (a zero-padded column adds exact zeros), so the same `band` bounds their rounding, and every token within
-    it of some threshold of a concept is decided again in float64 by that concept's `deviations64`. What changes
-    is the work: per layer one subtraction and square for all concepts and one matmul over them, instead of one
-    of each per concept (30 concepts x 31 layers: 930 small products per batch become 31 larger ones).
+    For a concept's subpopulation M (a 0/1 column m) and a token's state h at a layer, the sum it compares
+    with theta x |M| is expanded:
+
+        sum_M (h - mu)^2 = (h * h) . m  -  2 h . (mu * m)  +  sum_M mu^2        = A - 2B + c
+
+    so per layer the batch's (t, d) states meet ALL concepts' distinct columns, concatenated (d, N), in two
+    float32 matmuls, with no (concepts, t, d) tensor. The expansion cancels, so its rounding is bounded by
+    the magnitudes summed, not by the result: in IEEE float32, any summation order gives
+    |fl(x) - x| <= gamma_n sum |terms| (Higham, Accuracy and Stability, 3.1), the terms here are h_i^2 and
+    |h_i mu_i| <= (h_i^2 + mu_i^2) / 2: A is off by gamma_{d+1} A, the d products of B and A's addition
+    to them (one addmm, d + 1 terms) by gamma_{d+1} (2A + c), the rounding of c and the last two additions by
+    a few units more; so |approx - exact| <= gamma_{3d+8} (A + c), and the screen uses twice that (`rel`). A
+    decision is taken in float32 only where approx +- bound lies strictly on one side of the threshold,
+    widened by the float64 reference's own tolerance (1e-9 relative and 1e-12 per neuron; the reference
+    rounds ~1e-13 relative). Tokens left undecided at a layer (within the bound, or anything not finite) go
+    through the same expansion in float64 (`rel64`, a bound 2^29 times smaller), and a (concept, token) still
+    undecided there (a tie: a token whose state is a drawn positive's, e.g. a repeated sentence) is decided
+    by the concept's float64 `deviations64`, one row at a time, which is how the reference decides every
+    token. The same decisions, so the same counts, so the same dictionaries.
+
+    Tolerances sharing a subpopulation share a column; a column's float32 decision compares with the lowest
+    and highest limits of the tolerances reading it, so it holds for each of them. Matches are laid out
+    (layers, concepts, tolerances, tokens), and TP/FP are counted from them without a float copy.
     """
 
     def __init__(self, templates: list[ConceptTemplate]):
         self.templates = templates
         first = templates[0]
         S, K = first.column.shape
+        C = len(templates)
         self.S, self.K = S, K
         device = first.mu.device
         d = first.mu.shape[1]
-        self.mu = [torch.stack([t.mu[s] for t in templates]) for s in range(S)]  # (C, d) per layer
-        self.columns, self.index = [], []
+        # 2 gamma_{3d+8} (float32) and its float64 counterpart: the bound on (A + c), twice the proven one
+        self.rel = 2.0 * (3 * d + 8) * 2.0 ** -24 / (1 - (3 * d + 8) * 2.0 ** -24)
+        self.rel64 = 2.0 * (3 * d + 8) * 2.0 ** -53 / (1 - (3 * d + 8) * 2.0 ** -53)
+        self.columns, self.weighted, self.const, self.index, self.low, self.high = [], [], [], [], [], []
+        self.const64, self.low64, self.high64, self.full = [], [], [], []
+        self.near_tokens = 0  # (concept, token) pairs decided again in float64, for the benchmark's report
+        self.screened = 0  # (concept, token) pairs screened
+        self.float64_rows = 0  # (layer, token) pairs screened again in float64 (the expansion)
         for s in range(S):
-            widths = [0 if t.layer_columns[s] is None else t.layer_columns[s].shape[1] for t in templates]
-            if max(widths) == 0:
-                self.columns.append(None)  # no concept has a non-empty subpopulation here: nothing matches
-                self.index.append(None)
+            parts, weighted, consts, index, offset = [], [], [], [], 0
+            for tpl in templates:
+                cols = tpl.layer_columns[s]  # (d, K'_s) distinct non-empty subpopulations, or None
+                if cols is not None:
+                    parts.append(cols)
+                    weighted.append(cols * tpl.mu[s][:, None])  # mu * m: exact (m is 0/1)
+                    consts.append(tpl.mu64[s].square() @ cols.double())  # sum_M mu^2, float64
+                    index.append(tpl.layer_index[s] + offset)
+                    offset += cols.shape[1]
+                else:
+                    index.append(torch.zeros(K, dtype=torch.long, device=device))
+            if not parts:
+                for out in (self.columns, self.weighted, self.const, self.index, self.low, self.high, self.const64,
+                            self.low64, self.high64, self.full):
+                    out.append(None)  # no concept has a non-empty subpopulation here: nothing matches
                 continue
-            cols = torch.zeros(len(templates), d, max(widths), dtype=torch.float32, device=device)
-            for c, t in enumerate(templates):
-                if widths[c]:
-                    cols[c, :, :widths[c]] = t.layer_columns[s]
-            self.columns.append(cols)  # (C, d, K'max) each concept's distinct columns, zero padded
-            self.index.append(torch.stack([t.column[s] for t in templates]))  # (C, K) the column each tolerance reads
-        self.limit = torch.stack([t.sum_limit for t in templates])  # (C, S, K)
-        self.low = torch.stack([t.sum_low for t in templates])
-        self.high = torch.stack([t.sum_high for t in templates])
+            self.columns.append(torch.cat(parts, 1).contiguous())  # (d, N_s)
+            self.weighted.append(torch.cat(weighted, 1).contiguous())  # (d, N_s)
+            self.const.append(torch.cat(consts).float())  # (N_s,)
+            self.index.append(torch.cat(index))  # (C*K,) the column each (concept, tolerance) reads
+            # the sum whose float64 mean is theta: theta / inv64 (the reference scales by inv64, 1/|M| rounded
+            # to float32, so theta x |M| would be off by up to 6e-8 relative)
+            limit = torch.stack([tpl.theta[s] / tpl.inv64[s] for tpl in templates])  # (C, K) float64
+            count = torch.stack([tpl.count[:, s].to(torch.float64) for tpl in templates])
+            slack = 1e-9 * limit + 1e-12 * count  # the float64 reference's own rounding is ~1e-13 relative
+            empty = (count == 0) | limit.isnan()  # never matches (the float64 deviation is NaN)
+            low64 = torch.where(empty, float("-inf"), limit - slack)
+            high64 = torch.where(empty, float("-inf"), limit + slack)
+            down = torch.tensor(float("-inf"), dtype=torch.float32, device=device)
+            self.low64.append(low64.reshape(-1))
+            self.high64.append(high64.reshape(-1))
+            # float32 limits per distinct column (tolerances sharing a subpopulation share theta, up to the
+            # float64 rounding): the lowest `low` and the highest `high` of the tolerances reading it, so a
+            # column's decision holds for each of them; empty tolerances read no column and never match
+            low = torch.nextafter(low64.float(), down).reshape(-1)  # float32, at or below the float64 value
+            high = torch.nextafter(high64.float(), -down).reshape(-1)
+            index_s, full = self.index[-1], ~empty.reshape(-1)
+            n_cols = self.columns[-1].shape[1]
+            low_col = torch.full((n_cols,), float("inf"), device=device)
+            high_col = torch.full((n_cols,), float("-inf"), device=device)
+            low_col.scatter_reduce_(0, index_s[full], low[full], "amin")
+            high_col.scatter_reduce_(0, index_s[full], high[full], "amax")
+            self.low.append(low_col)
+            self.high.append(high_col)
+            self.full.append(full)
+            self.const64.append(torch.cat(consts))
+        self.C = C
 
-    def screen(self, states: torch.Tensor, states_t: torch.Tensor) -> torch.Tensor:
-        """states (t, S, d), states_t (S, t, d) float32 -> match (C, S, t, K) bool, as `ConceptTemplate.screen`."""
-        C, S, K = len(self.templates), self.S, self.K
-        t = states_t.shape[1]
+    def screen(self, states: torch.Tensor, states_t: torch.Tensor | None = None) -> torch.Tensor:
+        """states (t, S, d) float32 -> match (C, S, t, K) bool, as `ConceptTemplate.screen` (`states_t` is unused)."""
+        return self.decide(states).permute(1, 0, 3, 2)
+
+    def decide(self, states: torch.Tensor) -> torch.Tensor:
+        """states (t, S, d) float32 -> match (S, C, K, t) bool: dev <= theta, as `deviations64` decides it.
+
+        Tokens last: picking each tolerance's column is a row selection there, several times faster than
+        selecting columns of a (t, N) bool tensor."""
+        C, S, K = self.C, self.S, self.K
+        t = states.shape[0]
         from chunktui.engine.matching import _ieee_float32
 
-        match = torch.zeros(C, S, t, K, dtype=torch.bool, device=states_t.device)
-        near = torch.zeros(C, t, dtype=torch.bool, device=states_t.device)
-        with _ieee_float32():  # the band holds for IEEE float32 products, not TF32's
+        states = states.float()
+        match = torch.zeros(S, C, K, t, dtype=torch.bool, device=states.device)
+        near = torch.zeros(t, C, dtype=torch.bool, device=states.device)
+        with _ieee_float32():  # the bound holds for IEEE float32 products, not TF32's
             for s in range(S):
                 cols = self.columns[s]
                 if cols is None:
                     continue
-                d2 = torch.sub(states_t[s][None], self.mu[s][:, None, :]).square_()  # (C, t, d)
-                sums = torch.bmm(d2, cols).gather(2, self.index[s][:, None, :].expand(-1, t, -1))  # (C, t, K)
-                del d2
-                torch.le(sums, self.limit[:, s, None, :], out=match[:, s])
-                near |= ((sums >= self.low[:, s, None, :]) & (sums <= self.high[:, s, None, :])).any(-1)
-        for c in near.any(1).nonzero().flatten().tolist():
+                h = states[:, s, :]  # (t, d), rows S x d apart: the matmuls read it in place
+                A = torch.mm(h * h, cols)  # (t, N) sum_M h^2
+                approx = torch.addmm(A, h, self.weighted[s], alpha=-2.0).add_(self.const[s])  # A - 2B + c
+                bound = A.add_(self.const[s]).mul_(self.rel)  # (A + c) x 2 gamma, in place of A
+                yes = (approx + bound) < self.low[s]  # (t, N) surely below every threshold on it: a match
+                no = (approx - bound) > self.high[s]  # surely above every threshold on it
+                # each (concept, tolerance) reads its column; an empty subpopulation never matches
+                torch.logical_and(yes.t().contiguous().index_select(0, self.index[s]), self.full[s][:, None],
+                                  out=match[s].view(C * K, t))
+                rows = (~(yes | no)).any(1).nonzero().flatten()  # within the bound of a threshold, or not finite
+                if len(rows):
+                    # the same expansion in float64 for those tokens only: a bound 2^29 times smaller
+                    self.float64_rows += len(rows)
+                    h64 = h[rows].double()
+                    A64 = torch.mm(h64 * h64, cols.double())
+                    approx64 = torch.addmm(A64, h64, self.weighted[s].double(), alpha=-2.0).add_(self.const64[s])
+                    bound64 = A64.add_(self.const64[s]).mul_(self.rel64)
+                    approx64 = approx64.index_select(1, self.index[s])
+                    bound64 = bound64.index_select(1, self.index[s])
+                    yes64 = (approx64 + bound64) < self.low64[s]
+                    no64 = (approx64 - bound64) > self.high64[s]
+                    match[s].view(C * K, t)[:, rows] = yes64.t()
+                    near[rows] |= (~(yes64 | no64)).view(len(rows), C, K).any(-1)
+        self.screened += C * t
+        todo = near.t().contiguous()  # (C, t): on a threshold within float64's rounding (a tie), or not finite
+        for c in todo.any(1).nonzero().flatten().tolist():
             tpl = self.templates[c]
-            idx = near[c].nonzero().flatten()
-            match[c][:, idx, :] = tpl.deviations64(states[idx]) <= tpl.theta[:, None, :]
+            idx = todo[c].nonzero().flatten()
+            self.near_tokens += len(idx)
+            match[:, c, :, idx] = (tpl.deviations64(states[idx]) <= tpl.theta[:, None, :]).transpose(1, 2)  # the reference
         return match
+
+    def counts(self, states: torch.Tensor, pos: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """TP and FP counts (C, S, K, 2) int64 of one batch: states (t, S, d); pos, own (C, t) bool, the
+        concepts' positives and their drawn ones (whose deviations pass 1 counted)."""
+        match = self.decide(states)  # (S, C, K, t)
+        S, C, K, t = match.shape
+        total = match.view(torch.uint8).sum(-1, dtype=torch.int32).long()  # (S, C, K) every match, positive or not
+        out = torch.zeros(C, S, K, 2, dtype=torch.long, device=match.device)
+        q = pos.any(0).nonzero().flatten()  # the batch's positive tokens, of any concept: a few
+        if len(q):
+            sub = match[..., q].float()  # (S, C, K, q)
+            w = torch.stack([pos & ~own, pos], 2)[:, q].float()  # (C, q, 2)
+            on_pos = torch.einsum("sckq,cqj->cskj", sub, w).round_().long()  # exact: small integers
+            out[..., 0] = on_pos[..., 0]
+            out[..., 1] = -on_pos[..., 1]
+        out[..., 1] += total.permute(1, 0, 2)  # FP: every match minus those on a positive
+        return out
 
 
 class StreamingFit:
@@ -460,12 +563,8 @@ class StreamingFit:
 
     def _update_shared(self, index: torch.Tensor, states: torch.Tensor) -> None:
         """`update` for every concept at once (`ConceptScreen`): the same matches, so the same counts."""
-        states_t = states.float().transpose(0, 1).contiguous()  # (S, t, d)
-        match = self.shared.screen(states, states_t)  # (C, S, t, K)
         pos, own = self._pos[:, index], self._own[:, index]  # (C, t)
-        weights = torch.stack([pos & ~own, ~pos], 2).to(match.device, torch.float32)  # (C, t, 2)
-        # (C, S, K, t) @ (C, 1, t, 2): TP and FP counts, exact (integers far below 2^24)
-        counts = torch.matmul(match.transpose(2, 3).float(), weights[:, None]).round_().long().cpu()
+        counts = self.shared.counts(states, pos.to(states.device), own.to(states.device)).cpu()  # (C, S, K, 2)
         for c, label in enumerate(self.labels):
             self.tp[label] += counts[c, ..., 0]
             self.fp[label] += counts[c, ..., 1]

@@ -70,8 +70,8 @@ def test_shared_screen_gives_byte_identical_dictionaries(tiny_model, tiny_corpus
         monkeypatch.setattr(StreamingFit, "batched", False)
     screens = []
     if layout == "all-concepts":
-        real = ConceptScreen.screen
-        monkeypatch.setattr(ConceptScreen, "screen", lambda self, *a: screens.append(1) or real(self, *a))
+        real = ConceptScreen.decide
+        monkeypatch.setattr(ConceptScreen, "decide", lambda self, *a: screens.append(1) or real(self, *a))
     new, _ = build_dictionary(tiny_model, LabelSource(**source), n=n, criterion=criterion, batch_size=5)
     assert bool(screens) == (layout == "all-concepts")  # the path under test ran
     monkeypatch.undo()
@@ -142,3 +142,98 @@ def test_all_concepts_screen_decides_as_each_template_does():
         assert torch.equal(match[c], own), c
         assert torch.equal(own, tpl.deviations64(rows) <= tpl.theta[:, None, :])
     assert match.any() and not match[-1].any()
+
+
+def _adversarial_rows(templates, g, S, d):
+    """Tokens far from, near and exactly on the thresholds, with large coordinates and overflowing ones."""
+    parts = [torch.randn(40, S, d, generator=g) * torch.logspace(-3, 1, d)]
+    for tpl in templates:
+        X = tpl.mu + 0.0  # the template itself (deviation 0)
+        parts.append(X[None])
+        # each drawn positive (one of them sits exactly on each theta), and copies of them pushed just inside and
+        # just outside it: the deviation scales with the square of the factor
+        R = tpl.X
+        parts.append(R)
+        for eps in (1e-7, 1e-6, 1e-5, 1e-4, 1e-3):
+            for sign in (1, -1):
+                parts.append(tpl.mu + (R - tpl.mu) * (1 + sign * eps))
+        # and a fine grid through the thresholds, computed in float64 and rounded once
+        f = 1 + torch.linspace(-3e-3, 3e-3, 61, dtype=torch.float64)[:, None, None, None]
+        parts.append((tpl.mu.double() + (R.double() - tpl.mu.double()) * f).flatten(0, 1).float())
+    rows = torch.cat(parts)
+    rows[3, 1, 5] = 3e19  # its square overflows float32: decided in float64
+    rows[4, 0, :] = float("inf")  # not finite at all: the float64 reference says no match (NaN or inf)
+    return rows
+
+
+def _reference(templates, rows):
+    return torch.stack([tpl.deviations64(rows) <= tpl.theta[:, None, :] for tpl in templates])  # (C, S, t, K)
+
+
+@pytest.mark.parametrize("offset", [0.0, 300.0, 1e5])
+def test_expanded_screen_decides_as_the_float64_reference(offset):
+    """`ConceptScreen` (the expansion A - 2B + c in float32, a float64 expansion for rows within its bound, the
+    reference row by row for ties) against `deviations64` on tokens on, just inside and just outside every
+    threshold; `offset` moves every state far from 0 (a large stable coordinate), where the expansion cancels most."""
+    S, d, n = 4, 48, 5
+    g = torch.Generator().manual_seed(11)
+    shift = torch.zeros(S, d)
+    shift[:, ::3] = offset  # large coordinates on a third of the neurons, the same in every state
+    templates = []
+    for seed in range(4):
+        scale = torch.logspace(-3, 1, d).repeat(S, 1)
+        if seed == 3:
+            scale[:] = 1e3  # spreads above every tolerance at every layer: no subpopulation at all
+        scale[2] = 1e3  # and at layer 2 no concept has one: the layer is skipped
+        X = torch.randn(n, S, d, generator=g) * scale + shift
+        taus = torch.tensor(PAPER_TOLERANCES, dtype=torch.float32)
+        tpl = ConceptTemplate(f"c{seed}", torch.arange(n), X, taus, "cpu")
+        tpl.X = X
+        templates.append(tpl)
+    screen = ConceptScreen(templates)
+    assert screen.columns[2] is None and all(t.layer_columns[0] is None for t in templates[3:])
+    widths = {t.layer_columns[1].shape[1] for t in templates[:3]}
+    assert len(widths) > 1  # concepts with different numbers of distinct subpopulations side by side
+    rows = _adversarial_rows(templates, g, S, d) + 0.0
+    rows[:40] += shift  # the random tokens around the same large coordinates as the templates
+    match = screen.screen(rows)
+    reference = _reference(templates, rows)
+    assert torch.equal(match, reference)
+    assert reference.any() and not reference[3].any() and not reference[:, 2].any()
+    # the float32 expansion alone, without its bound, decides some of these tokens wrongly (ties, cancellation)
+    naive = torch.zeros_like(reference)
+    for s in range(S):
+        if screen.columns[s] is None:
+            continue
+        h = rows[:, s, :]
+        approx = (h * h) @ screen.columns[s] - 2 * (h @ screen.weighted[s]) + screen.const[s]
+        limit = torch.stack([tpl.theta[s] / tpl.inv64[s] for tpl in templates]).float()  # (C, K)
+        naive[:, s] = (approx[:, screen.index[s]].view(len(rows), len(templates), -1) <= limit).transpose(0, 1)
+    assert not torch.equal(naive, reference)
+    # every path ran: float32 decisions, the float64 expansion for some rows, the reference for ties
+    assert screen.screened == len(templates) * len(rows)
+    assert 0 < screen.float64_rows < S * len(rows)
+    assert 0 < screen.near_tokens < screen.screened
+
+
+def test_expanded_screen_counts_equal_the_reference_counts():
+    """`ConceptScreen.counts`: TP on the positives not drawn, FP on the negatives, as the float64 matches give."""
+    S, d = 3, 40
+    templates = []
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        X = torch.randn(5, S, d, generator=g) * torch.logspace(-3, 1, d)
+        tpl = ConceptTemplate(f"c{seed}", torch.arange(5), X, torch.tensor(PAPER_TOLERANCES), "cpu")
+        tpl.X = X
+        templates.append(tpl)
+    g = torch.Generator().manual_seed(7)
+    rows = _adversarial_rows(templates, g, S, d)
+    t = len(rows)
+    pos = torch.rand(len(templates), t, generator=g) < 0.3
+    own = pos & (torch.rand(len(templates), t, generator=g) < 0.3)
+    counts = ConceptScreen(templates).counts(rows, pos, own)  # (C, S, K, 2)
+    reference = _reference(templates, rows)  # (C, S, t, K)
+    tp = (reference & (pos & ~own)[:, None, :, None]).sum(2)
+    fp = (reference & ~pos[:, None, :, None]).sum(2)
+    assert torch.equal(counts[..., 0], tp) and torch.equal(counts[..., 1], fp)
+    assert tp.sum() > 0 and fp.sum() > 0
