@@ -97,13 +97,25 @@ class Engine:
             return []
         return [row.to_json() for row in memory_report(self.loaded, kv_tokens=kv_tokens, state_tokens=state_tokens)]
 
-    def check_dictionary(self, path: str | Path) -> tuple[object | None, str | None]:
-        """(dictionary, None) when the file fits this model, else (None or the dictionary, the reason)."""
-        from chunktui.engine.dictionary import load_dictionary
+    def check_dictionary(self, path: str | Path, header_only: bool = False) -> tuple[object | None, str | None]:
+        """(dictionary, None) when the file fits this model, else (None or the dictionary, the reason).
+
+        `header_only`: only the JSON header is read and checked (for listing): the first item is then a
+        `DictionaryHeader` (model, labels, chunk count), and the tensors are validated when it is used."""
+        from chunktui.engine.dictionary import ChunkDictionary, DictionaryHeader, load_dictionary, peek_dictionary
         from chunktui.shared.errors import DictionaryError
 
         if not Path(path).is_file():
             return None, "file not found"
+        if header_only:
+            try:
+                model, labels, n = peek_dictionary(path)
+            except DictionaryError as err:
+                return None, str(err)
+            except Exception as err:  # a file we cannot read at all: say what, keep going
+                return None, f"unreadable ({type(err).__name__}: {err})"
+            header = DictionaryHeader(path=Path(path), model=model, label_list=labels, n_chunks=n)
+            return header, ChunkDictionary(model=model, chunks=[]).compatibility_problem(self.loaded.identity())
         try:
             dictionary = load_dictionary(path)
         except DictionaryError as err:

@@ -157,13 +157,20 @@ class Server:
 
         engine = self.engine
         entries, usable = [], {}
+        # the dictionary that will be used is read in full (tensors validated); once it is found, the others are
+        # listed from their headers alone (model, labels, count: milliseconds, not a load each before the first
+        # token) and read in full when picked (UseDictionary)
+        wanted = None if select is None else Path(select)
+        settled = False
         for path in candidates:
-            dictionary, problem = engine.check_dictionary(path)
+            full = not settled and (wanted is None or Path(path) == wanted)
+            dictionary, problem = engine.check_dictionary(path, header_only=not full)
             n_chunks = len(dictionary.chunks) if dictionary is not None else 0
             n_labels = len(dictionary.labels()) if dictionary is not None else 0
             entries.append(p.DictionaryEntry(path, problem, n_chunks, n_labels))
             if problem is None:
                 usable[path] = dictionary
+                settled = settled or full and (wanted is not None or (auto and engine.dictionary is None))
         chosen = None
         if select is not None:
             match = next((e for e in entries if Path(e.path) == Path(select)), None)
@@ -176,7 +183,18 @@ class Server:
         if chosen is None and auto and engine.dictionary is None:
             chosen = next(iter(usable), None)
         if chosen is not None:
-            engine.use_dictionary(usable[chosen])
+            from chunktui.engine.dictionary import DictionaryHeader
+            from chunktui.shared.errors import ChunkError
+
+            found = usable[chosen]
+            try:
+                engine.use_dictionary(chosen if isinstance(found, DictionaryHeader) else found)
+            except ChunkError as err:  # its header was fine, its tensors are not: say so, use none
+                self.send(p.Failed("Dictionary not usable", f"{Path(chosen).name}: {err}", severity="warning",
+                                   task="dictionary"))
+                entries = [p.DictionaryEntry(e.path, str(err), e.chunks, e.concepts) if e.path == chosen else e
+                           for e in entries]
+                chosen = None
         elif engine.dictionary is None and not usable:
             self.send(p.Failed("No dictionary", "No dictionary fits this model, so tokens are not coloured. Build "
                                "one with `chunktui build`, then add it in the Model pane (F1).", severity="warning",

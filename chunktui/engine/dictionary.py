@@ -273,8 +273,8 @@ def load_dictionary(path: str | Path, identity: dict | None = None) -> ChunkDict
     """Load and validate a dictionary; with `identity`, also refuse one made for another model."""
     from safetensors import SafetensorError, safe_open
 
-    from chunktui.shared.schema import DICTIONARY_CHUNK, DICTIONARY_HEADER, DICTIONARY_MODEL, check_fields
-    from chunktui.shared.texts import check_input_file, loads_json
+    from chunktui.shared.schema import DICTIONARY_CHUNK, check_fields
+    from chunktui.shared.texts import check_input_file
 
     path = Path(path)
     if not path.exists() and not path.is_symlink():
@@ -282,31 +282,8 @@ def load_dictionary(path: str | Path, identity: dict | None = None) -> ChunkDict
     path = check_input_file(path, "chunk dictionary (.chunks.safetensors)", error=DictionaryError)
     try:
         with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
             keys = set(fh.keys())
-            if METADATA_KEY not in meta:
-                raise DictionaryError(f"{path.name} is a safetensors file but not a chunk dictionary (no '{METADATA_KEY}' header).")
-            try:
-                doc = loads_json(meta[METADATA_KEY], surrogates="replace")
-            except ValueError as err:
-                raise DictionaryError(f"{path.name}: the dictionary header is damaged ({err}).") from None
-            if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-                raise DictionaryError(f"{path.name}: not a chunktui dictionary (format {doc.get('format') if isinstance(doc, dict) else '?'!r}).")
-            version = doc.get("version")
-            if isinstance(version, bool) or not isinstance(version, int):
-                raise DictionaryError(f"{path.name}: the format version must be a whole number, not {version!r}.")
-            if version > VERSION:
-                raise DictionaryError(f"{path.name}: format version {version} is newer than this chunktui understands "
-                                      f"({VERSION}); upgrade chunktui.")
-            if version < 1:
-                raise DictionaryError(f"{path.name}: format version {version} is not a version chunktui ever wrote "
-                                      f"(this chunktui reads 1..{VERSION}).")
-            if not isinstance(doc.get("model"), dict):
-                raise DictionaryError(f"{path.name}: the header does not say which model it was made for.")
-            if not isinstance(doc.get("chunks"), list):
-                raise DictionaryError(f"{path.name}: the header has no chunk list.")
-            check_fields(doc, DICTIONARY_HEADER, f"{path.name}: the header", DictionaryError)
-            model = check_fields(doc["model"], DICTIONARY_MODEL, f"{path.name}: the header's model", DictionaryError)
+            doc, model = _read_header(fh, path)
             records = doc["chunks"]
             chunks = []
             for i, rec in enumerate(records):
@@ -381,3 +358,69 @@ def chunk_id(label: str, layer: int, step: int = 0, kind: str = "pa") -> str:
     if kind != "pa":
         base = f"{kind[:3]}:{base}"
     return base
+
+
+def _read_header(fh, path: Path) -> tuple[dict, dict]:
+    """The dictionary's JSON header, checked: (the document, its model identity). No tensor is read."""
+    from chunktui.shared.schema import DICTIONARY_HEADER, DICTIONARY_MODEL, check_fields
+    from chunktui.shared.texts import loads_json
+
+    meta = fh.metadata() or {}
+    if METADATA_KEY not in meta:
+        raise DictionaryError(f"{path.name} is a safetensors file but not a chunk dictionary (no '{METADATA_KEY}' header).")
+    try:
+        doc = loads_json(meta[METADATA_KEY], surrogates="replace")
+    except ValueError as err:
+        raise DictionaryError(f"{path.name}: the dictionary header is damaged ({err}).") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise DictionaryError(f"{path.name}: not a chunktui dictionary (format {doc.get('format') if isinstance(doc, dict) else '?'!r}).")
+    version = doc.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise DictionaryError(f"{path.name}: the format version must be a whole number, not {version!r}.")
+    if version > VERSION:
+        raise DictionaryError(f"{path.name}: format version {version} is newer than this chunktui understands "
+                              f"({VERSION}); upgrade chunktui.")
+    if version < 1:
+        raise DictionaryError(f"{path.name}: format version {version} is not a version chunktui ever wrote "
+                              f"(this chunktui reads 1..{VERSION}).")
+    if not isinstance(doc.get("model"), dict):
+        raise DictionaryError(f"{path.name}: the header does not say which model it was made for.")
+    if not isinstance(doc.get("chunks"), list):
+        raise DictionaryError(f"{path.name}: the header has no chunk list.")
+    check_fields(doc, DICTIONARY_HEADER, f"{path.name}: the header", DictionaryError)
+    model = check_fields(doc["model"], DICTIONARY_MODEL, f"{path.name}: the header's model", DictionaryError)
+    return doc, model
+
+
+def peek_dictionary(path: str | Path) -> tuple[dict, list[str], int]:
+    """(the model identity it was made for, its labels, its chunk count) from the header alone: fast, for listing
+    dictionaries; `load_dictionary` reads and validates the tensors when one is used."""
+    from safetensors import safe_open
+
+    from chunktui.shared.texts import check_input_file
+
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise DictionaryError(f"Dictionary not found: {path}")
+    path = check_input_file(path, "chunk dictionary (.chunks.safetensors)", error=DictionaryError)
+    with safe_open(str(path), framework="pt") as fh:
+        doc, model = _read_header(fh, path)
+    labels = list(dict.fromkeys(str(r.get("label")) for r in doc["chunks"] if isinstance(r, dict)))
+    return model, labels, len(doc["chunks"])
+
+
+@dataclass
+class DictionaryHeader:
+    """What a dictionary's header says (`peek_dictionary`): enough to list it; `load_dictionary` to use it."""
+
+    path: Path
+    model: dict
+    label_list: list[str]
+    n_chunks: int
+
+    def labels(self) -> list[str]:
+        return list(self.label_list)
+
+    @property
+    def chunks(self) -> range:  # len() of it is the chunk count, as a ChunkDictionary's
+        return range(self.n_chunks)
