@@ -150,6 +150,26 @@ def _chunks_for(label, fits, drawn, labels: Labels, positives: int, tokens: int,
     return chunks
 
 
+def labelled_corpus(loaded: LoadedModel, source: LabelSource, layers: list[int] | None, context_mode: str,
+                    report: BuildReport):
+    """A build's input, tokenised and labelled without the model: (layers, corpus, labels, spans); the report's
+    tokens, layers, counts and skipped words are filled in. No concept with enough occurrences is an error."""
+    from chunktui.engine.corpus import check_layers, prepare_corpus
+
+    layers = check_layers(layers, loaded.layout)
+    text, contexts, spans = source.read()
+    corpus = prepare_corpus(loaded.tokenizer, text, context_mode, contexts=contexts, context_length=loaded.context_length)
+    report.tokens = len(corpus.tokens)
+    report.layers = layers
+    labels = source.labels(corpus, spans)
+    report.counts = labels.counts()
+    report.skipped = dict(labels.skipped)
+    if not labels.masks:
+        reasons = "; ".join(f"{k}: {v}" for k, v in labels.skipped.items())
+        raise CorpusError(f"No concept has enough occurrences to fit a chunk ({reasons}).")
+    return layers, corpus, labels, spans
+
+
 class _Rate:
     """Tokens per second and time left, for the progress bar."""
 
@@ -191,7 +211,7 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
     (`corpus.BatchStates`; batches it could not keep run the model as before).
     """
     from chunktui.engine.distributed import SingleProcess, peak_memory_bytes
-    from chunktui.engine.corpus import check_layers, prepare_corpus, run_batch, schedule
+    from chunktui.engine.corpus import run_batch, schedule
     from chunktui.engine.pa import StreamingFit, draw_positives, parse_criterion
 
     group = group or SingleProcess()
@@ -202,17 +222,7 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
         raise CorpusError(f"--n must be at least 1, got {n}.")
     report = BuildReport(world_size=group.world_size)
     t_start = time.perf_counter()
-    layers = check_layers(layers, loaded.layout)
-    text, contexts, spans = source.read()
-    corpus = prepare_corpus(loaded.tokenizer, text, context_mode, contexts=contexts, context_length=loaded.context_length)
-    report.tokens = len(corpus.tokens)
-    report.layers = layers
-    labels = source.labels(corpus, spans)
-    report.counts = labels.counts()
-    report.skipped = dict(labels.skipped)
-    if not labels.masks:
-        reasons = "; ".join(f"{k}: {v}" for k, v in labels.skipped.items())
-        raise CorpusError(f"No concept has enough occurrences to fit a chunk ({reasons}).")
+    layers, corpus, labels, spans = labelled_corpus(loaded, source, layers, context_mode, report)
     draws = {label: draw_positives(mask, n if n is not None else int(mask.sum()), seed)
              for label, mask in labels.masks.items()}
     fit = StreamingFit(labels.masks, draws, layers, tolerances, crit, device=loaded.device)

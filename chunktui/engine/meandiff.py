@@ -49,8 +49,8 @@ def build_mean_difference(loaded, source, layers: list[int] | None = None, budge
 
     `colour_budget`: the colour rule is calibrated on the same text in a third pass over the kept states, as
     the PA build does (`calibrate.rule_for_corpus`); None leaves it out."""
-    from chunktui.engine.build import BuildReport, _Rate
-    from chunktui.engine.corpus import BatchStates, check_layers, prepare_corpus, run_batch, schedule
+    from chunktui.engine.build import BuildReport, _Rate, labelled_corpus
+    from chunktui.engine.corpus import BatchStates, run_batch, schedule
     from chunktui.engine.distributed import SingleProcess, peak_memory_bytes
 
     if not 0.0 <= budget < 1.0:
@@ -58,18 +58,8 @@ def build_mean_difference(loaded, source, layers: list[int] | None = None, budge
     group = group or SingleProcess()
     report = BuildReport(world_size=group.world_size)
     t_start = time.perf_counter()
-    layers = check_layers(layers, loaded.layout)
-    text, contexts, spans = source.read()
-    corpus = prepare_corpus(loaded.tokenizer, text, context_mode, contexts=contexts,
-                            context_length=loaded.context_length)
-    report.tokens = T = len(corpus.tokens)
-    report.layers = layers
-    labels = source.labels(corpus, spans)
-    report.counts = labels.counts()
-    report.skipped = dict(labels.skipped)
-    if not labels.masks:
-        reasons = "; ".join(f"{k}: {v}" for k, v in labels.skipped.items())
-        raise CorpusError(f"No concept has enough occurrences to fit a chunk ({reasons}).")
+    layers, corpus, labels, spans = labelled_corpus(loaded, source, layers, context_mode, report)
+    T = report.tokens
     names = list(labels.masks)
     pos = torch.stack([labels.masks[name] for name in names])  # (C, T) bool
     C, S, d = len(names), len(layers), loaded.hidden_size
