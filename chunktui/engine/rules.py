@@ -80,6 +80,7 @@ class _NowRule:
     M: torch.Tensor  # (C_r, K_r * S_r) term columns, as RuleProgram.M
     at_least: torch.Tensor  # (K_r,)
     terms: list[Term]
+    index: dict  # term -> its column in `at_least` / the term axis
 
 
 class RuleProgram:
@@ -198,7 +199,7 @@ class RuleProgram:
                     M[c, k * S + axis[int(chunk.layer)]] = 1.0
         return _NowRule(layers=layers, pack=sub, M=M[:len(sub.chunks)].to(self.device),
                         at_least=torch.tensor([t.at_least for t in terms], dtype=torch.long, device=self.device),
-                        terms=terms)
+                        terms=terms, index={term: k for k, term in enumerate(terms)})
 
     # ------------------------------------------------------------------ state
 
@@ -258,7 +259,7 @@ class RuleProgram:
         layer_hits = (hit.to(now.M.dtype) @ now.M).view(B, T, K, S) > 0 if now.M.numel() else \
             torch.zeros(B, T, K, S, dtype=torch.bool, device=device)
         term_true = layer_hits.sum(-1) >= now.at_least  # (B, T, K)
-        index = {term: k for k, term in enumerate(now.terms)}
+        index = now.index
 
         def ev(node) -> torch.Tensor:
             if isinstance(node, Term):
