@@ -129,6 +129,10 @@ def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, json_
     print(f"\n1 process: {one['seconds']:.0f} s build ({one['wall_seconds']:.0f} s with model load), "
           f"pass 1 {one['pass1_tokens']} tokens in {one['pass1_seconds']:.0f} s, pass 2 {T} tokens in "
           f"{one['pass2_seconds']:.0f} s; peak RSS {rss / 2**30:.2f} GiB")
+    kept = one.get("kept_states") or {}
+    if kept:
+        print(f"states kept for passes 2 and 3: {kept['bytes'] / 2**30:.2f} GiB in {kept['folder']} "
+              f"({'RAM-backed, not counted in the RSS' if kept['in_memory'] else 'on disk'})")
     forward_s = sum(forwards) / len(forwards)
     out["forward_seconds"] = forward_s
     out["forward_seconds_each"] = forwards

@@ -16,7 +16,7 @@ import torch
 
 from chunktui.shared.errors import CorpusError, GenerationCancelled
 from chunktui.engine.devices import out_of_memory
-from chunktui.engine.memory import ensure_fits, ensure_host_fits
+from chunktui.engine.memory import available_bytes, ensure_fits, ensure_host_fits
 from chunktui.engine.hooks import ResidualRecorder
 from chunktui.engine.layout import ModelLayout
 from chunktui.engine.models import LoadedModel
@@ -402,59 +402,177 @@ def cache_states(loaded: LoadedModel, corpus: Corpus, layers: Sequence[int], fol
     return StateCache(folder, layers, T, loaded.hidden_size, shards)
 
 
+SHM = "/dev/shm"  # the RAM-backed folder states go to when they fit in memory
+
+
+def _is_tmpfs(path) -> bool:
+    """True when `path` lies on a RAM-backed file system (tmpfs), from /proc/mounts (False when unknown)."""
+    import os
+
+    try:
+        real = os.path.realpath(path)
+        best, kind = "", ""
+        with open("/proc/mounts", encoding="utf-8") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mount = parts[1].replace("\\040", " ")
+                if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best):
+                    best, kind = mount, parts[2]
+        return kind in ("tmpfs", "ramfs")
+    except OSError:
+        return False
+
+
 class BatchStates:
     """The states one pass computed, batch by batch, for a later pass over the same batches (on disk, temporary).
 
-    The build's pass 3 (the colour rule) needs every token's states again, from the same batches pass 2 ran:
-    on a CPU, reading them back costs a small fraction of a forward pass, and the bytes are the very ones the
-    model gave (a forward over the same batch gives the same bytes, so the results are identical to running
-    it again). Each batch goes to its own safetensors file in a temporary folder, removed by `close`; a batch
-    that was never put (no space left, a resumed build's batches before the checkpoint) reads back as None, and
-    the caller runs the model for it as before. Nothing corpus-sized is held in memory.
+    The build's pass 2 reads back the batches pass 1 ran, and pass 3 (the colour rule) reads back every
+    batch: on a CPU, reading them costs a small fraction of a forward pass, and the bytes are the very ones
+    the model gave (a forward over the same batch gives the same bytes, so the results are identical to
+    running it again). Each batch's states go to a raw file of their own in a temporary folder, removed by
+    `close`, written by one background thread while the model runs on (the write waits on the disk, not on
+    the CPU); at most `pending` batches wait to be written, so memory stays at a few batches. The token
+    indices stay in memory (8 bytes a token). A batch that was never put (no space left, a resumed build's
+    batches before the checkpoint) or whose write failed reads back as None, and the caller runs the model
+    for it as before. Nothing corpus-sized is held in memory.
+
+    The caller must not modify a batch's states after `put` (the build's passes only read them).
     """
 
-    def __init__(self, folder=None, keep_free_bytes: int = 2 << 30):
+    def __init__(self, folder=None, keep_free_bytes: int = 2 << 30, pending: int = 2, expected_bytes: int = 0):
         import tempfile
+        from concurrent.futures import ThreadPoolExecutor
         from pathlib import Path
 
+        if folder is None:
+            folder = self.choose_folder(expected_bytes)
         self.folder = Path(tempfile.mkdtemp(prefix="chunktui-states.", dir=folder))
+        self.in_memory = _is_tmpfs(self.folder)  # RAM-backed: also watch the memory left, not only the room
         self.keep_free = keep_free_bytes
+        self.pending = max(1, pending)
         self.stored: set[int] = set()
         self.full = False  # set when the disk had no room for a batch: later batches are not stored either
         self.bytes = 0
+        self._meta: dict[int, tuple[torch.Tensor, torch.dtype, tuple[int, ...]]] = {}
+        self._writes: dict = {}  # key -> Future of its write
+        self._queue: list[int] = []  # keys whose write may not have finished, oldest first
+        self._sizes: dict[int, int] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunktui-states")
+
+    @staticmethod
+    def choose_folder(expected_bytes: int):
+        """Where the states go: $CHUNKTUI_STATES_DIR if set; else RAM-backed /dev/shm when all of them take at
+        most a third of the memory available now (writing there costs a memcpy; a disk file system costs
+        about four times that in kernel time on a 2-core machine, as much as a tenth of the forward pass);
+        else the default temporary folder (None), on disk, for corpora too big for memory."""
+        import os
+        import shutil
+
+        chosen = os.environ.get("CHUNKTUI_STATES_DIR", "").strip()
+        if chosen:
+            return chosen
+        shm = SHM
+        if expected_bytes <= 0 or not os.path.isdir(shm) or not os.access(shm, os.W_OK) or not _is_tmpfs(shm):
+            return None
+        free = available_bytes("cpu")
+        try:
+            room = shutil.disk_usage(shm).free
+        except OSError:
+            return None
+        if free is None or expected_bytes > free // 3 or expected_bytes + (2 << 30) > room:
+            return None
+        return shm
 
     def _path(self, key: int):
-        return self.folder / f"{int(key):07d}.safetensors"
+        return self.folder / f"{int(key):07d}.states"
+
+    @staticmethod
+    def _write(path, states: torch.Tensor) -> None:
+        # raw bytes, whatever the dtype (bfloat16 has no numpy type): a uint8 view of the contiguous tensor;
+        # an unbuffered write releases the GIL while the kernel copies and the disk catches up
+        data = states.view(torch.uint8).numpy()
+        with open(path, "wb", buffering=0) as f:
+            view, done = memoryview(data).cast("B"), 0
+            while done < len(view):
+                done += f.write(view[done:])
+
+    def _wait(self, keep: int) -> None:
+        """Let at most `keep` writes stay queued."""
+        while len(self._queue) > keep:
+            key = self._queue.pop(0)
+            try:
+                self._writes[key].result()
+            except Exception:  # noqa: BLE001 - an unwritten batch is run again by the reader; nothing is lost
+                self._forget(key)
+
+    def _forget(self, key: int) -> None:
+        self.stored.discard(key)
+        self._writes.pop(key, None)
+        self._meta.pop(key, None)
+        self._path(key).unlink(missing_ok=True)
 
     def put(self, key: int, index: torch.Tensor, states: torch.Tensor) -> bool:
         """Keep one batch's (token indices, states); False (and nothing kept) when the disk is short of room."""
         import shutil
 
-        from safetensors.torch import save_file
-
         if self.full:
             return False
+        key = int(key)
         size = states.numel() * states.element_size() + index.numel() * 8
-        if shutil.disk_usage(self.folder).free < size + self.keep_free:
+        self._wait(self.pending - 1)
+        waiting = sum(self._sizes[k] for k in self._queue)  # queued, not yet on the disk
+        short = shutil.disk_usage(self.folder).free < size + waiting + self.keep_free
+        if self.in_memory and not short:  # RAM-backed: the memory left matters, not only the file system's room
+            free = available_bytes("cpu")
+            short = free is not None and free < size + waiting + self.keep_free
+        if short:
             self.full = True
             return False
-        save_file({"index": index.contiguous().cpu(), "states": states.contiguous().cpu()}, str(self._path(key)))
-        self.stored.add(int(key))
+        states = states.detach().contiguous().cpu()
+        self._meta[key] = (index.detach().cpu().clone(), states.dtype, tuple(states.shape))
+        self._writes[key] = self._pool.submit(self._write, self._path(key), states)
+        self._queue.append(key)
+        self._sizes[key] = size
+        self.stored.add(key)
         self.bytes += size
         return True
 
     def get(self, key: int, device=None):
         """(token indices, states) of a batch put under `key`, on `device`; None if it was not kept."""
-        from safetensors.torch import load_file
-
-        if int(key) not in self.stored:
+        key = int(key)
+        if key not in self.stored:
             return None
-        tensors = load_file(str(self._path(key)))
-        states = tensors["states"]
-        return tensors["index"], (states if device is None else states.to(device))
+        try:
+            self._writes[key].result()
+        except Exception:  # noqa: BLE001 - as in `_wait`
+            self._forget(key)
+            return None
+        index, dtype, shape = self._meta[key]
+        states = torch.empty(shape, dtype=dtype)
+        buffer = memoryview(states.view(torch.uint8).numpy()).cast("B")
+        try:
+            with open(self._path(key), "rb", buffering=0) as f:
+                done = 0
+                while done < len(buffer):
+                    got = f.readinto(buffer[done:])
+                    if not got:
+                        break
+                    done += got
+        except OSError:
+            done = -1
+        if done != len(buffer):  # gone or cut short: run the model for it instead
+            self._forget(key)
+            return None
+        return index.clone(), (states if device is None else states.to(device))
 
     def close(self) -> None:
         import shutil
 
+        self._pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.folder, ignore_errors=True)
         self.stored.clear()
+        self._meta.clear()
+        self._writes.clear()
+        self._queue.clear()

@@ -206,8 +206,14 @@ class PackedDictionary:
         return len(self.chunks)
 
     @torch.no_grad()
-    def match(self, H: torch.Tensor, block_elements: int = 1 << 24) -> MatchResult:
-        """Match all chunks against H (T, S, d) -> MatchResult. H may live on any device/dtype."""
+    def match(self, H: torch.Tensor, block_elements: int | None = None) -> MatchResult:
+        """Match all chunks against H (T, S, d) -> MatchResult. H may live on any device/dtype.
+
+        Tokens go through in blocks of about `block_elements` working elements: on a CPU 2^22 (a block's
+        float64 working copy stays near the cache, a third faster than 2^24 on a 2-core machine, the same
+        values), elsewhere 2^24 (bigger kernels)."""
+        if block_elements is None:
+            block_elements = 1 << 22 if self.device.type == "cpu" else 1 << 24
         if H.dim() == 2:
             H = H.unsqueeze(0)
         T, S, d = H.shape

@@ -77,7 +77,7 @@ def build_mean_difference(loaded, source, layers: list[int] | None = None, budge
     mine = list(range(group.rank, len(batches), group.world_size))
     if reuse_states is None:
         reuse_states = loaded.device.type == "cpu"
-    kept = BatchStates() if reuse_states else None
+    kept = BatchStates(expected_bytes=T * S * d * loaded.dtype.itemsize) if reuse_states else None
     try:
         # pass 1: sums of every token's states and of each concept's positives, float64
         total = torch.zeros(S, d, dtype=torch.float64)

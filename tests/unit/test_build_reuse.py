@@ -40,11 +40,18 @@ def test_reused_states_give_the_same_dictionary_and_rule_without_a_third_forward
                                                                                   monkeypatch):
     calls = _counting(monkeypatch)
     again, _ = _build(tiny_model, tiny_corpus, reuse_states=False)
-    runs_again = len(calls)
+    again_calls = list(calls)
     calls.clear()
     reused, report = _build(tiny_model, tiny_corpus, reuse_states=True)
-    batches = len(corpus_module.schedule(corpus_module.prepare_corpus(tiny_model.tokenizer, tiny_corpus), 5))
-    assert len(calls) == runs_again - batches  # pass 3 ran no batch through the model
+    batches = [tuple(b) for b in corpus_module.schedule(corpus_module.prepare_corpus(tiny_model.tokenizer,
+                                                                                      tiny_corpus), 5)]
+    # every batch ran through the model once: pass 2 read pass 1's batches back, pass 3 read them all back
+    assert sorted(calls) == sorted(batches)
+    # without reuse: pass 1 ran some of pass 2's own batches, then passes 2 and 3 ran every batch in order
+    first = len(again_calls) - 2 * len(batches)
+    assert 0 < first < len(batches) and set(again_calls[:first]) <= set(batches)
+    assert again_calls[first:] == batches * 2
+    assert 0 < report.pass1_reused_tokens == report.pass1_tokens < report.tokens
     assert report.calibrate_seconds > 0 and "token_rule" in reused.notes
     a, b = _dump(reused, tmp_path / "a.chunks.safetensors"), _dump(again, tmp_path / "b.chunks.safetensors")
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
@@ -84,3 +91,72 @@ def test_batch_states_keep_nothing_when_the_disk_is_short(tmp_path):
     assert not kept.put(0, torch.arange(3), torch.zeros(3, 2, 4))
     assert kept.full and kept.get(0) is None
     kept.close()
+
+
+def test_batch_states_keep_any_dtype_and_bound_the_queue(tmp_path, monkeypatch):
+    kept = BatchStates(folder=tmp_path, pending=2)
+    written = []
+    real = BatchStates._write
+    monkeypatch.setattr(BatchStates, "_write", staticmethod(lambda path, states: written.append(path) or
+                                                            real(path, states)))
+    batches = {k: (torch.arange(k, k + 4), torch.randn(4, 2, 6).to(dtype))
+               for k, dtype in enumerate([torch.bfloat16, torch.float16, torch.float32, torch.float64])}
+    for k, (index, states) in batches.items():
+        assert kept.put(k, index, states)
+        assert len(kept._queue) <= 2  # at most `pending` batches wait in memory for the writer
+    for k, (index, states) in batches.items():
+        got_index, got_states = kept.get(k)
+        assert torch.equal(got_index, index) and got_states.dtype == states.dtype
+        assert got_states.view(torch.uint8).numpy().tobytes() == states.view(torch.uint8).numpy().tobytes()
+    assert len(written) == 4
+    kept.close()
+
+
+def test_batch_states_that_failed_to_write_or_were_cut_read_back_as_none(tmp_path, monkeypatch):
+    kept = BatchStates(folder=tmp_path)
+
+    def no_space(path, states):
+        open(path, "wb").write(b"\0" * 8)  # a partial file, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    assert kept.put(0, torch.arange(3), torch.randn(3, 2, 4))
+    monkeypatch.setattr(BatchStates, "_write", staticmethod(no_space))
+    assert kept.put(1, torch.arange(3), torch.randn(3, 2, 4))
+    monkeypatch.undo()
+    assert kept.get(1) is None and not kept._path(1).exists()  # the partial file is gone too
+    assert kept.get(0) is not None
+    with open(kept._path(0), "r+b") as f:  # cut short after it was written
+        f.truncate(10)
+    assert kept.get(0) is None
+    kept.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_states_go_to_memory_only_when_they_fit_comfortably(tmp_path, monkeypatch):
+    import chunktui.engine.corpus as corpus_mod
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.delenv("CHUNKTUI_STATES_DIR", raising=False)
+    monkeypatch.setattr(corpus_mod, "SHM", str(shm))
+    monkeypatch.setattr(corpus_mod, "_is_tmpfs", lambda path: str(path).startswith(str(shm)))
+    monkeypatch.setattr(corpus_mod, "available_bytes", lambda device: 30 << 30)
+    room = __import__("shutil").disk_usage(shm).free
+    fits = min(1 << 30, room - (2 << 30) - 1)
+    assert fits > 0
+    assert BatchStates.choose_folder(fits) == str(shm)
+    assert BatchStates.choose_folder(11 << 30) is None  # over a third of the memory available: the disk
+    assert BatchStates.choose_folder(0) is None  # size unknown: the disk
+    monkeypatch.setattr(corpus_mod, "_is_tmpfs", lambda path: False)
+    assert BatchStates.choose_folder(fits) is None  # not RAM-backed after all
+    monkeypatch.setattr(corpus_mod, "_is_tmpfs", lambda path: str(path).startswith(str(shm)))
+    kept = BatchStates(expected_bytes=fits)
+    assert kept.folder.parent == shm and kept.in_memory
+    # RAM-backed: when the memory left runs short, later batches are not kept (and read back as None)
+    assert kept.put(0, torch.arange(2), torch.randn(2, 2, 3))
+    monkeypatch.setattr(corpus_mod, "available_bytes", lambda device: 1 << 20)
+    assert not kept.put(1, torch.arange(2), torch.randn(2, 2, 3)) and kept.get(1) is None
+    assert kept.get(0) is not None
+    kept.close()
+    monkeypatch.setenv("CHUNKTUI_STATES_DIR", str(tmp_path))
+    assert BatchStates.choose_folder(fits) == str(tmp_path)
