@@ -77,12 +77,11 @@ def supported(folder: Path) -> str | None:
 def load(folder: Path, dtype: torch.dtype, device: torch.device):
     """(model, tokenizer) from a supported folder, the weights read straight onto `device` in `dtype`."""
     from safetensors.torch import load_file
-    from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
     config = LeanConfig(**json.loads((folder / "config.json").read_text(encoding="utf-8")))
     config.dtype = str(dtype).replace("torch.", "")
     config._attn_implementation = "sdpa"
-    tokenizer = TokenizersBackend.from_pretrained(str(folder), local_files_only=True)
+    tokenizer = load_tokenizer(folder)
     # read on the host, then one copy per tensor straight to the device in the model's dtype (no float32
     # staging on the GPU)
     state = load_file(str(folder / "model.safetensors"))
@@ -90,6 +89,21 @@ def load(folder: Path, dtype: torch.dtype, device: torch.device):
     model.load_state(state, dtype=dtype, device=device)
     model.generation_config = _generation_config(folder, config)
     return model.eval(), tokenizer
+
+
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer: LeanTokenizer (no transformers import, checked equal to transformers'
+    TokenizersBackend) where it reproduces the folder exactly, else transformers' TokenizersBackend."""
+    from chunktui.engine.lean_tokenizer import LeanTokenizer, UnsupportedTokenizer
+
+    try:
+        return LeanTokenizer(folder)
+    except UnsupportedTokenizer:
+        from chunktui.engine.models import quiet_transformers
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+        quiet_transformers()
+        return TokenizersBackend.from_pretrained(str(folder), local_files_only=True)
 
 
 def _generation_config(folder: Path, config: LeanConfig) -> SimpleNamespace:

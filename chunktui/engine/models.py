@@ -302,6 +302,7 @@ def _convert_gguf(gguf: Path, out: Path, progress: ProgressFn) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     progress("convert", None, f"dequantising {gguf.name} (once; later loads use the cache)")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -427,6 +428,7 @@ def _load_folder(path: str, dtype: torch.dtype, local_only: bool, placement: dic
         return lean.load(Path(path), dtype, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only, **(placement or {}))
     return model, tokenizer
@@ -499,8 +501,10 @@ def input_device(model: nn.Module, default: torch.device) -> torch.device:
     return module_device(model.get_input_embeddings(), default)
 
 
-def _quiet_transformers() -> None:
-    """Progress is reported through `progress`; keep transformers' own bars and warnings off the terminal."""
+def quiet_transformers() -> None:
+    """Progress is reported through `progress`; keep transformers' own bars and warnings off the terminal.
+
+    Called where a path imports transformers (not before: the built-in model loads without importing it)."""
     try:
         from transformers.utils import logging as hf_logging
 
@@ -508,10 +512,16 @@ def _quiet_transformers() -> None:
         hf_logging.set_verbosity_error()
     except ImportError:  # pragma: no cover
         pass
+
+
+def _quiet_logging() -> None:
     import logging
+    import sys
 
     # "Some parameters are on the meta device because they were offloaded": the card says where they went
     logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
+    if "transformers" in sys.modules:
+        quiet_transformers()
 
 
 def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto",
@@ -526,7 +536,7 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
     offload_folder: where weights that fit nowhere else go. offline: never download (as HF_HUB_OFFLINE=1).
     """
     resolved = resolve_spec(spec)
-    _quiet_transformers()
+    _quiet_logging()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     placement = _placement(dev, device_map, parse_max_memory(max_memory), offload_folder)
@@ -541,6 +551,7 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
             if resolved.kind == "random":
                 from chunktui.engine.tiny import build_random_model
 
+                quiet_transformers()
                 model, tokenizer = build_random_model(resolved.spec)
                 model = model.to(dtype=dt)
                 model = _dispatch_random(model, placement) if device_map is not None else model.to(dev)
