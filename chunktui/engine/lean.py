@@ -99,7 +99,7 @@ def load_tokenizer(folder: Path):
     try:
         return LeanTokenizer(folder)
     except UnsupportedTokenizer:
-        from chunktui.engine.models import quiet_transformers
+        from chunktui.engine.quiet import quiet_transformers
         from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
         quiet_transformers()

@@ -44,6 +44,7 @@ from torch import nn
 from chunktui.engine.devices import module_device, out_of_memory
 from chunktui.engine.layout import ModelLayout, find_layout
 from chunktui.engine.identity import fingerprint_digest, model_fingerprint
+from chunktui.engine.quiet import quiet_transformers
 from chunktui.shared.errors import DeviceMemoryError, ModelLoadError
 from chunktui.shared.settings import ProgressFn, no_progress as _no_progress
 from chunktui.shared.specs import BUILTIN_MODELS, DEVICE_MAPS, resolve_spec
@@ -501,22 +502,8 @@ def input_device(model: nn.Module, default: torch.device) -> torch.device:
     return module_device(model.get_input_embeddings(), default)
 
 
-def quiet_transformers() -> None:
-    """Progress is reported through `progress`; keep transformers' own bars and warnings off the terminal.
-
-    Called where a path imports transformers (not before: the built-in model loads without importing it)."""
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def _quiet_logging() -> None:
     import logging
-    import sys
 
     # "Some parameters are on the meta device because they were offloaded": the card says where they went
     logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
