@@ -24,10 +24,12 @@ def bench() -> None:
 @click.option("--interval", default=0.1, show_default=True,
               callback=checked(validate.number_in, lo=0.01, hi=10.0),
               help="seconds between key presses while streaming (0.01 to 10)")
+@click.option("--bracket/--no-bracket", default=True, show_default=True,
+              help="run the engine alone again after the app and take the mean of both as the baseline")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the figures as JSON")
 @overwrite_option
 @friendly_errors
-def bench_app_cmd(model_spec, dict_path, device, tokens, threads, interval, json_out, overwrite) -> None:
+def bench_app_cmd(model_spec, dict_path, device, tokens, threads, interval, bracket, json_out, overwrite) -> None:
     """Engine-alone vs in-app tok/s (ratio), key latency, frame rate and UI memory, in one run."""
     from rich.table import Table
 
@@ -36,12 +38,14 @@ def bench_app_cmd(model_spec, dict_path, device, tokens, threads, interval, json
     target = plan_outputs(("--json", json_out, None), overwrite=overwrite, inputs=[dict_path])  # before any work
 
     result = bench_app(model=model_spec, dict_path=dict_path, tokens=tokens, threads=threads, device=device,
-                       interval=interval, say=lambda text: console.print(text, markup=False))
+                       interval=interval, bracket=bracket, say=lambda text: console.print(text, markup=False))
     lat = result["key_latency_ms"]
     table = Table(title=f"chunktui bench app: {model_spec}, {tokens} tokens, {threads} thread(s), {device}")
     table.add_column("figure")
     table.add_column("value", justify="right")
-    rows = [("engine alone, tok/s", result["engine_alone"]["tokens_per_second"]),
+    runs = result["engine_alone"]["runs_tokens_per_second"]
+    rows = [("engine alone, tok/s" + (" (mean of before / after: " + " / ".join(map(str, runs)) + ")"
+                                      if len(runs) > 1 else ""), result["engine_alone"]["tokens_per_second"]),
             ("in the app, tok/s", result["app"]["tokens_per_second"]), ("ratio (app / engine)", result["ratio"]),
             ("key latency median, ms", lat["median"]), ("key latency p95, ms", lat["p95"]),
             ("key latency max, ms", lat["max"]), ("p95 first 10% of tokens, ms", lat["p95_first_10pct"]),

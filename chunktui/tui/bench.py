@@ -7,7 +7,10 @@ In one run, with one thread budget and one engine process:
 2. in the app: the same prompt and settings through the UI (Stream pane,
    token buffer, 20 Hz redraws), while a key (← / →) is pressed every
    `interval` seconds. A key's latency runs from posting it to the end of the
-   first screen refresh after the view handled it.
+   first screen refresh after the view handled it;
+3. (with `bracket`, the default) the engine alone again: its baseline is the
+   mean tok/s of 1 and 3, so drift in the machine's speed during the run does
+   not read as the app's cost.
 
 Reported: both tok/s and their ratio, key latency median / p95 / max (all,
 first 10% and last 10% of tokens), frame rate, and the UI process's peak memory
@@ -40,7 +43,7 @@ def _ms(x: float | None) -> float | None:
 
 async def run_bench(model: str = DEFAULT_MODEL, dict_path: str | None = None, tokens: int = 1000, threads: int = 1,
                     device: str = "cpu", interval: float = 0.1, prompt: str = PROMPT, size=(120, 36),
-                    say=lambda text: None) -> dict:
+                    say=lambda text: None, bracket: bool = True) -> dict:
     from textual import events
 
     from chunktui.shared import protocol as p
@@ -74,18 +77,24 @@ async def run_bench(model: str = DEFAULT_MODEL, dict_path: str | None = None, to
             say(f"loaded {app.model.card['name']} in the engine process (pid {app.engine_ready.pid}, "
                 f"{app.engine_ready.threads} torch threads)")
             sampling = p.Sampling(max_new_tokens=tokens, temperature=0.0, stop_at_eos=False)
-            # 1. the engine alone
-            app.bench_result = None
-            app.send(p.BenchStream(prompt, sampling, chat=True))
-            app._set_busy("bench")
-            while app.bench_result is None and app.engine.alive:
-                await pilot.pause(0.2)
-            engine = app.bench_result
-            if engine is None:
-                raise RuntimeError("the engine process stopped during the engine-alone run")
-            engine_tps = engine.tokens / engine.seconds
-            say(f"engine alone: {engine.tokens} tokens in {engine.seconds:.1f} s ({engine_tps:.2f} tok/s)")
-            await pilot.pause(0.5)
+
+            async def engine_alone(when: str):
+                app.bench_result = None
+                app.send(p.BenchStream(prompt, sampling, chat=True))
+                app._set_busy("bench")
+                while app.bench_result is None and app.engine.alive:
+                    await pilot.pause(0.2)
+                run = app.bench_result
+                if run is None:
+                    raise RuntimeError("the engine process stopped during the engine-alone run")
+                say(f"engine alone ({when}): {run.tokens} tokens in {run.seconds:.1f} s "
+                    f"({run.tokens / run.seconds:.2f} tok/s)")
+                await pilot.pause(0.5)
+                return run
+
+            # 1. the engine alone (again after the app arm, when `bracket`: the baseline is the mean of the two,
+            # so a machine that drifts faster or slower during the run shows as spread, not as a ratio)
+            alone = [await engine_alone("before")]
             # 2. in the app
             app.query_one("#prompt").value = prompt
             app.query_one("#stream-tokens").value = str(tokens)
@@ -116,8 +125,12 @@ async def run_bench(model: str = DEFAULT_MODEL, dict_path: str | None = None, to
             stream_seconds = frames[-1] - frames[0] if len(frames) > 1 else 0.0
             wall = time.perf_counter() - started
             say(f"in the app: {generated} tokens, {app_tps:.2f} tok/s, {len(latencies)} key presses measured")
+            if bracket:
+                alone.append(await engine_alone("after"))
     finally:
         TraceView._moved = original
+    rates = [run.tokens / run.seconds for run in alone]
+    engine_tps = sum(rates) / len(rates)
     lat = [x for x, _ in latencies]
     early = [x for x, n in latencies if n <= 0.1 * tokens]
     late = [x for x, n in latencies if n >= 0.9 * tokens]
@@ -125,8 +138,9 @@ async def run_bench(model: str = DEFAULT_MODEL, dict_path: str | None = None, to
     engine_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
     return {
         "model": model, "device": device, "threads": threads, "tokens_requested": tokens,
-        "engine_alone": {"tokens": engine.tokens, "seconds": round(engine.seconds, 2),
-                         "tokens_per_second": round(engine_tps, 3)},
+        "engine_alone": {"tokens": alone[0].tokens, "seconds": round(sum(r.seconds for r in alone) / len(alone), 2),
+                         "tokens_per_second": round(engine_tps, 3),
+                         "runs_tokens_per_second": [round(r, 3) for r in rates]},
         "app": {"tokens": generated, "tokens_per_second": round(app_tps, 3), "wall_seconds": round(wall, 1),
                 "finished": trace.finished},
         "ratio": round(app_tps / engine_tps, 3) if engine_tps else None,
