@@ -245,6 +245,7 @@ class SplitProfile:
 
 
 def profile(tokens: int, cprofile_out: str | None, say, gc_detail: bool = False, split: bool = False) -> dict:
+    import chunktui.tui  # noqa: F401 - first: it sets the app's TEXTUAL_FPS before textual is imported
     from textual import events
     from textual._compositor import Compositor
     from textual.screen import Screen
@@ -317,7 +318,7 @@ def profile(tokens: int, cprofile_out: str | None, say, gc_detail: bool = False,
 
     app_module.make_app = make_app
     try:
-        result = asyncio.run(bench.run_bench(tokens=tokens, threads=1, say=say))
+        result = asyncio.run(bench.run_bench(tokens=tokens, threads=1, say=say, bracket=False))
     finally:
         app_module.make_app = made
         app_module.ChunkApp.post_message = original_post
