@@ -115,6 +115,7 @@ class Trace:
         self.elapsed = 0.0
         self.trace_id: int | None = None  # the engine's id for it (token detail, chunk scores)
         self._present: tuple | None = None  # ((layer, T), labels seen, T) for present()
+        self._generated = (0, 0)  # (steps counted, generated among them): n_generated without a pass per call
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -126,6 +127,7 @@ class Trace:
         """All steps at once (a relabelled stream): drops cached summaries."""
         self.steps = list(steps)
         self._present = None
+        self._generated = (0, 0)
 
     @property
     def text(self) -> str:
@@ -133,7 +135,14 @@ class Trace:
 
     @property
     def n_generated(self) -> int:
-        return sum(s.generated for s in self.steps)
+        """Generated tokens (not the prompt's), counted incrementally: the app and the bench ask per key."""
+        counted, generated = self._generated
+        if counted > len(self.steps):  # the steps were replaced by a shorter list
+            counted, generated = 0, 0
+        if counted < len(self.steps):
+            generated += sum(s.generated for s in self.steps[counted:])
+            self._generated = (len(self.steps), generated)
+        return generated
 
     def chunk_at(self, t: int, layer: int | None = None) -> int:
         """The chunk column that colours token t: strongest overall, or best at `layer`."""
