@@ -82,14 +82,16 @@ class BuildReport:
     unfit: dict[str, str] = field(default_factory=dict)  # label@layer -> why no chunk could be made there
     world_size: int = 1
     seconds: float = 0.0
-    pass1_tokens: int = 0
+    pass1_tokens: int = 0  # tokens in the batches pass 1 ran (pass 2's batches that hold a drawn positive)
+    pass1_reused_tokens: int = 0  # of those, tokens pass 2 read back from disk instead of running them again
     peak_memory: dict = field(default_factory=dict)
     resumed_batches: int = 0
     screen: dict = field(default_factory=dict)  # pass 2's screen: pairs decided in float32, float64, one row at a time
-    kept_states: dict = field(default_factory=dict)  # the states kept for pass 3: bytes, RAM-backed or not, where
+    kept_states: dict = field(default_factory=dict)  # the states kept for later passes: bytes, RAM-backed or not, where
 
     def summary(self) -> dict:
         return {"seconds": round(self.seconds, 3), "tokens": self.tokens, "pass1_tokens": self.pass1_tokens,
+                "pass1_reused_tokens": self.pass1_reused_tokens,
                 "pass1_seconds": round(self.collect_seconds, 3), "pass2_seconds": round(self.fit_seconds, 3),
                 "pass3_seconds": round(self.calibrate_seconds, 3),
                 "tokens_per_second": round(self.tokens / self.fit_seconds, 1) if self.fit_seconds else None,
@@ -196,20 +198,24 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
     """Fit one PA chunk per concept per layer, streaming: no corpus-sized state is ever held.
 
     Pass 1 tokenises and labels the corpus without the model, draws R per
-    concept and runs the model on the contexts holding R only: templates,
-    spreads, subpopulations and the paper's thresholds. Pass 2 runs every
-    context once and counts matches per (layer, tolerance), or keeps the
-    smallest negative deviations for `fp-budget:B`. With a process `group`
-    the batches are dealt out across ranks and the counts merged; every rank
-    returns the same dictionary. `n=None` makes the template the mean of all
-    positives (the default for fp-budget). `store_dtype` is accepted for
-    compatibility: nothing is stored.
+    concept and runs the batches of pass 2 that hold R (the same batches, so
+    R's states have the very bits pass 2 and the in-memory reference see):
+    templates, spreads, subpopulations and the paper's thresholds. Pass 2 runs
+    every context once and counts matches per (layer, tolerance), or keeps the
+    smallest negative deviations for `fp-budget:B`; batches pass 1 kept are
+    read back instead of run again. With a process `group` the batches are
+    dealt out across ranks and the counts merged; every rank returns the same
+    dictionary. `n=None` makes the template the mean of all positives (the
+    default for fp-budget). `store_dtype` is accepted for compatibility:
+    nothing is held in memory.
 
     Pass 3 (the colour rule) needs the states of pass 2's batches again. With
-    `reuse_states` (default: on a CPU, where the forward pass is the cost) pass 2
-    writes each batch's states to a temporary folder and pass 3 reads them back
-    instead of running the model a second time: the same bytes, so the same rule
+    `reuse_states` (default: on a CPU, where the forward pass is the cost) each
+    batch's states go to a temporary folder on disk as they are computed, pass 2
+    reads pass 1's back and pass 3 reads them all back instead of running the
+    model again: the same bytes, so the same dictionary and rule
     (`corpus.BatchStates`; batches it could not keep run the model as before).
+    Without it (an accelerator), pass 2 runs pass 1's batches again.
     """
     from chunktui.engine.distributed import SingleProcess, peak_memory_bytes
     from chunktui.engine.corpus import run_batch, schedule
@@ -234,63 +240,74 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
             raise GenerationCancelled("Build cancelled; counts up to the last checkpoint were kept."
                                       if checkpoint else "Build cancelled; nothing was saved.")
 
-    # pass 1: the states of every R, from the contexts that hold them
-    needed = fit.needed_tokens()
-    token_rows = corpus.token_rows()
-    batches1 = schedule(corpus, batch_size, token_rows[needed].unique().tolist())
-    X = torch.zeros(len(needed), S, d)
-    tokens1 = sum(len(corpus.rows[i][0]) for b in batches1 for i in b)
-    report.pass1_tokens = tokens1
-    rate = _Rate(tokens1, group.world_size)
-    for j in range(group.rank, len(batches1), group.world_size):
-        stop_check()
-        index, states = run_batch(loaded, corpus, batches1[j], layers)
-        hit = torch.isin(index, needed)
-        X[torch.searchsorted(needed, index[hit])] = states[hit.to(states.device)].float().cpu()
-        progress("templates", *rate.step(len(index)))
-    X = group.all_sum(X)  # each state was filled by one rank, zeros elsewhere: the sum is exact
-    fit.set_positives(needed, X)
-    del X
-    report.collect_seconds = time.perf_counter() - t_start
-
-    # pass 2: every token once
-    t1 = time.perf_counter()
+    # pass 1: the states of every R, from the batches of pass 2 that hold them (the same batches, so the same
+    # bits: the forward is not batch-invariant, and pass 2 and the in-memory reference batch this way)
     batches = schedule(corpus, batch_size)
     mine = list(range(group.rank, len(batches), group.world_size))
-    sums = torch.zeros(S, d, dtype=torch.float64)  # for the layer means (mean ablation)
-    start = 0
-    if checkpoint is not None:
-        checkpoint.bind(group, {"corpus": corpus.digest, "labels": sorted(labels.masks), "layers": layers, "n": n,
-                                "criterion": str(crit), "seed": seed, "batch_size": batch_size,
-                                "tolerances": list(tolerances), "model": loaded.identity()["fingerprint_digest"],
-                                "batches": len(batches)})
-        expected = {k: tuple(v.shape) for k, v in fit.state_tensors().items()} | {"layer_sums": (S, d)}
-        restored = checkpoint.restore(expected, batches=len(mine))
-        if restored is not None:
-            start, tensors = restored
-            fit.load_state_tensors(tensors)
-            sums = tensors["layer_sums"]
-            report.resumed_batches = start
-    rate = _Rate(report.tokens, group.world_size)
-    rate.done = sum(len(batches[j]) for j in mine[:start])  # approximate: contexts, not tokens, until it moves
-    since = 0
+    needed = fit.needed_tokens()
+    token_rows = corpus.token_rows()
+    holds = set(token_rows[needed].unique().tolist())
+    first = [j for j in mine if any(i in holds for i in batches[j])]
     if reuse_states is None:
         reuse_states = loaded.device.type == "cpu"
     kept = None
-    if reuse_states and colour_budget is not None:
+    if reuse_states:
         from chunktui.engine.corpus import BatchStates
 
+        # pass 1's batches are read back by pass 2, and every batch by pass 3
         kept = BatchStates(expected_bytes=report.tokens * S * d * loaded.dtype.itemsize)
     try:
+        X = torch.zeros(len(needed), S, d)
+        tokens1 = sum(len(corpus.rows[i][0]) for j in first for i in batches[j])
+        report.pass1_tokens = tokens1
+        rate = _Rate(tokens1, group.world_size)
+        for j in first:
+            stop_check()
+            index, states = run_batch(loaded, corpus, batches[j], layers)
+            if kept is not None:
+                kept.put(j, index, states)
+            hit = torch.isin(index, needed)
+            X[torch.searchsorted(needed, index[hit])] = states[hit.to(states.device)].float().cpu()
+            progress("templates", *rate.step(len(index)))
+        X = group.all_sum(X)  # each state was filled by one rank, zeros elsewhere: the sum is exact
+        fit.set_positives(needed, X)
+        del X
+        report.collect_seconds = time.perf_counter() - t_start
+
+        # pass 2: every token once (pass 1's batches from disk where they were kept)
+        t1 = time.perf_counter()
+        sums = torch.zeros(S, d, dtype=torch.float64)  # for the layer means (mean ablation)
+        start = 0
+        if checkpoint is not None:
+            checkpoint.bind(group, {"corpus": corpus.digest, "labels": sorted(labels.masks), "layers": layers,
+                                    "n": n, "criterion": str(crit), "seed": seed, "batch_size": batch_size,
+                                    "tolerances": list(tolerances), "model": loaded.identity()["fingerprint_digest"],
+                                    "batches": len(batches)})
+            expected = {k: tuple(v.shape) for k, v in fit.state_tensors().items()} | {"layer_sums": (S, d)}
+            restored = checkpoint.restore(expected, batches=len(mine))
+            if restored is not None:
+                start, tensors = restored
+                fit.load_state_tensors(tensors)
+                sums = tensors["layer_sums"]
+                report.resumed_batches = start
+        rate = _Rate(report.tokens, group.world_size)
+        rate.done = sum(len(batches[j]) for j in mine[:start])  # approximate: contexts, not tokens, until it moves
+        since = 0
         for pos in range(start, len(mine)):
             stop_check()
-            index, states = run_batch(loaded, corpus, batches[mine[pos]], layers)
-            if kept is not None:
-                kept.put(mine[pos], index, states)
+            j = mine[pos]
+            got = kept.get(j, loaded.device) if kept is not None else None
+            if got is None:
+                index, states = run_batch(loaded, corpus, batches[j], layers)
+                if kept is not None and colour_budget is not None:
+                    kept.put(j, index, states)
+            else:
+                index, states = got
+                report.pass1_reused_tokens += len(index)
             fit.update(index, states)
             sums += states.double().sum(0).cpu()
             progress("build", *rate.step(len(index)))
-            since += len(batches[mine[pos]])
+            since += len(batches[j])
             if checkpoint is not None and since >= checkpoint.every:
                 checkpoint.save(pos + 1, dict(fit.state_tensors(), layer_sums=sums))
                 since = 0

@@ -428,8 +428,8 @@ def _is_tmpfs(path) -> bool:
 class BatchStates:
     """The states one pass computed, batch by batch, for a later pass over the same batches (on disk, temporary).
 
-    The build's pass 3 (the colour rule) needs every token's states again, from the same batches pass 2 ran:
-    on a CPU, reading them back costs a small fraction of a forward pass, and the bytes are the very ones
+    The build's pass 2 reads back the batches pass 1 ran, and pass 3 (the colour rule) reads back every
+    batch: on a CPU, reading them costs a small fraction of a forward pass, and the bytes are the very ones
     the model gave (a forward over the same batch gives the same bytes, so the results are identical to
     running it again). Each batch's states go to a raw file of their own in a temporary folder, removed by
     `close`, written by one background thread while the model runs on (the write waits on the disk, not on

@@ -40,11 +40,18 @@ def test_reused_states_give_the_same_dictionary_and_rule_without_a_third_forward
                                                                                   monkeypatch):
     calls = _counting(monkeypatch)
     again, _ = _build(tiny_model, tiny_corpus, reuse_states=False)
-    runs_again = len(calls)
+    again_calls = list(calls)
     calls.clear()
     reused, report = _build(tiny_model, tiny_corpus, reuse_states=True)
-    batches = len(corpus_module.schedule(corpus_module.prepare_corpus(tiny_model.tokenizer, tiny_corpus), 5))
-    assert len(calls) == runs_again - batches  # pass 3 ran no batch through the model
+    batches = [tuple(b) for b in corpus_module.schedule(corpus_module.prepare_corpus(tiny_model.tokenizer,
+                                                                                      tiny_corpus), 5)]
+    # every batch ran through the model once: pass 2 read pass 1's batches back, pass 3 read them all back
+    assert sorted(calls) == sorted(batches)
+    # without reuse: pass 1 ran some of pass 2's own batches, then passes 2 and 3 ran every batch in order
+    first = len(again_calls) - 2 * len(batches)
+    assert 0 < first < len(batches) and set(again_calls[:first]) <= set(batches)
+    assert again_calls[first:] == batches * 2
+    assert 0 < report.pass1_reused_tokens == report.pass1_tokens < report.tokens
     assert report.calibrate_seconds > 0 and "token_rule" in reused.notes
     a, b = _dump(reused, tmp_path / "a.chunks.safetensors"), _dump(again, tmp_path / "b.chunks.safetensors")
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
