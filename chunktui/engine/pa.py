@@ -461,19 +461,94 @@ class ConceptScreen:
 
     def counts(self, states: torch.Tensor, pos: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
         """TP and FP counts (C, S, K, 2) int64 of one batch: states (t, S, d); pos, own (C, t) bool, the
-        concepts' positives and their drawn ones (whose deviations pass 1 counted)."""
-        match = self.decide(states)  # (S, C, K, t)
-        S, C, K, t = match.shape
-        total = match.view(torch.uint8).sum(-1, dtype=torch.int32).long()  # (S, C, K) every match, positive or not
-        out = torch.zeros(C, S, K, 2, dtype=torch.long, device=match.device)
+        concepts' positives and their drawn ones (whose deviations pass 1 counted).
+
+        The same decisions as `decide`, counted without laying them out per (concept, tolerance, token): per
+        layer, the float32 screen's sure matches are summed per distinct column and each (concept, tolerance)
+        reads its column's count; only the tokens that need more (the batch's positives, the rows within the
+        bound of a threshold, the ties) get their decisions per (concept, tolerance), exactly as `decide`
+        takes them: the float64 expansion for the undecided (row, column) pairs, the float64 reference row by
+        row for the ties."""
+        C, S, K = self.C, self.S, self.K
+        t = states.shape[0]
+        from chunktui.engine.matching import _ieee_float32
+
+        states = states.float()
+        device = states.device
+        near = torch.zeros(t, C, dtype=torch.bool, device=device)
+        per_layer: list = []  # per layer: (yes (t, N), rows, their decisions (rows, C*K)), or None
+        with _ieee_float32():  # the bound holds for IEEE float32 products, not TF32's
+            for s in range(S):
+                cols = self.columns[s]
+                if cols is None:
+                    per_layer.append(None)
+                    continue
+                h = states[:, s, :]  # (t, d)
+                A = torch.mm(h * h, cols)  # (t, N) sum_M h^2
+                approx = torch.addmm(A, h, self.weighted[s], alpha=-2.0).add_(self.const[s])  # A - 2B + c
+                bound = A.add_(self.const[s]).mul_(self.rel)
+                yes = (approx + bound) < self.low[s]  # surely below every threshold reading the column
+                undecided = ~(yes | (approx.sub_(bound) > self.high[s]))  # within the bound, or not finite
+                rows = undecided.any(1).nonzero().flatten()
+                fixed = None
+                if len(rows):
+                    # the float64 expansion for those rows, on the columns some of them left undecided only
+                    self.float64_rows += len(rows)
+                    und = undecided[rows]  # (R, N)
+                    ucols = und.any(0).nonzero().flatten()
+                    h64 = h[rows].double()
+                    A64 = torch.mm(h64 * h64, cols.index_select(1, ucols).double())
+                    const64 = self.const64[s][ucols]
+                    approx64 = torch.addmm(A64, h64, self.weighted[s].index_select(1, ucols).double(),
+                                           alpha=-2.0).add_(const64)
+                    bound64 = A64.add_(const64).mul_(self.rel64)
+                    slot = torch.zeros(cols.shape[1], dtype=torch.long, device=device)
+                    slot[ucols] = torch.arange(len(ucols), device=device)
+                    reads = slot[self.index[s]]  # (C*K,) each (concept, tolerance)'s column among ucols
+                    # (concept x tolerance, row) from here: picking columns is a row selection, the fast one
+                    approx64 = approx64.t().contiguous().index_select(0, reads)
+                    bound64 = bound64.t().contiguous().index_select(0, reads)
+                    yes64 = (approx64 + bound64) < self.low64[s][:, None]
+                    no64 = (approx64 - bound64) > self.high64[s][:, None]
+                    full = self.full[s][:, None]
+                    und = und.t().contiguous().index_select(0, self.index[s]) & full  # (C*K, R) left to float64
+                    sure = yes.index_select(0, rows).t().contiguous().index_select(0, self.index[s]) & full
+                    fixed = torch.where(und, yes64, sure)
+                    near[rows] |= (und & ~(yes64 | no64)).view(C, K, len(rows)).any(1).t()
+                per_layer.append((yes, rows, fixed))
+        self.screened += C * t
+        # ties: decided by the concept's float64 reference one row at a time, at every layer
+        todo = near.t()  # (C, t)
+        ties = []
+        for c in todo.any(1).nonzero().flatten().tolist():
+            idx = todo[c].nonzero().flatten()
+            self.near_tokens += len(idx)
+            tpl = self.templates[c]
+            ties.append((c, idx, tpl.deviations64(states[idx]) <= tpl.theta[:, None, :]))  # (S, n, K)
         q = pos.any(0).nonzero().flatten()  # the batch's positive tokens, of any concept: a few
-        if len(q):
-            sub = match[..., q].float()  # (S, C, K, q)
-            w = torch.stack([pos & ~own, pos], 2)[:, q].float()  # (C, q, 2)
-            on_pos = torch.einsum("sckq,cqj->cskj", sub, w).round_().long()  # exact: small integers
-            out[..., 0] = on_pos[..., 0]
-            out[..., 1] = -on_pos[..., 1]
-        out[..., 1] += total.permute(1, 0, 2)  # FP: every match minus those on a positive
+        w = torch.stack([pos & ~own, pos], 2)[:, q].float()  # (C, q, 2)
+        special = torch.cat([q, near.any(1).nonzero().flatten()]).unique()  # sorted
+        out = torch.zeros(C, S, K, 2, dtype=torch.long, device=device)
+        for s, got in enumerate(per_layer):
+            if got is None:
+                continue
+            yes, rows, fixed = got
+            Q = torch.cat([special, rows]).unique() if len(rows) else special  # tokens decided one by one
+            yes_q = yes.index_select(0, Q)
+            total = yes.sum(0, dtype=torch.int32) - yes_q.sum(0, dtype=torch.int32)  # (N,) the other tokens
+            total = total.index_select(0, self.index[s]).long() * self.full[s]  # (C*K,)
+            match = yes_q.t().contiguous().index_select(0, self.index[s]) & self.full[s][:, None]  # (C*K, Q)
+            if fixed is not None:
+                match[:, torch.searchsorted(Q, rows)] = fixed
+            for c, idx, decided in ties:
+                match[c * K:(c + 1) * K, torch.searchsorted(Q, idx)] = decided[s].t()
+            total += match.sum(1)
+            if len(q):
+                sub = match[:, torch.searchsorted(Q, q)].view(C, K, len(q)).float()
+                on_pos = torch.bmm(sub, w).round_().long()  # (C, K, 2) exact: small integers
+                out[:, s, :, 0] = on_pos[..., 0]
+                out[:, s, :, 1] = -on_pos[..., 1]
+            out[:, s, :, 1] += total.view(C, K)  # FP: every match minus those on a positive
         return out
 
 

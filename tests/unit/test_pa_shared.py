@@ -70,8 +70,8 @@ def test_shared_screen_gives_byte_identical_dictionaries(tiny_model, tiny_corpus
         monkeypatch.setattr(StreamingFit, "batched", False)
     screens = []
     if layout == "all-concepts":
-        real = ConceptScreen.decide
-        monkeypatch.setattr(ConceptScreen, "decide", lambda self, *a: screens.append(1) or real(self, *a))
+        real = ConceptScreen.counts
+        monkeypatch.setattr(ConceptScreen, "counts", lambda self, *a: screens.append(1) or real(self, *a))
     new, _ = build_dictionary(tiny_model, LabelSource(**source), n=n, criterion=criterion, batch_size=5)
     assert bool(screens) == (layout == "all-concepts")  # the path under test ran
     monkeypatch.undo()
@@ -170,12 +170,8 @@ def _reference(templates, rows):
     return torch.stack([tpl.deviations64(rows) <= tpl.theta[:, None, :] for tpl in templates])  # (C, S, t, K)
 
 
-@pytest.mark.parametrize("offset", [0.0, 300.0, 1e5])
-def test_expanded_screen_decides_as_the_float64_reference(offset):
-    """`ConceptScreen` (the expansion A - 2B + c in float32, a float64 expansion for rows within its bound, the
-    reference row by row for ties) against `deviations64` on tokens on, just inside and just outside every
-    threshold; `offset` moves every state far from 0 (a large stable coordinate), where the expansion cancels most."""
-    S, d, n = 4, 48, 5
+def _offset_templates(offset, S, d, n=5):
+    """Four concepts, one without any subpopulation, none at layer 2; `offset` on a third of the neurons."""
     g = torch.Generator().manual_seed(11)
     shift = torch.zeros(S, d)
     shift[:, ::3] = offset  # large coordinates on a third of the neurons, the same in every state
@@ -190,6 +186,16 @@ def test_expanded_screen_decides_as_the_float64_reference(offset):
         tpl = ConceptTemplate(f"c{seed}", torch.arange(n), X, taus, "cpu")
         tpl.X = X
         templates.append(tpl)
+    return templates, g, shift
+
+
+@pytest.mark.parametrize("offset", [0.0, 300.0, 1e5])
+def test_expanded_screen_decides_as_the_float64_reference(offset):
+    """`ConceptScreen` (the expansion A - 2B + c in float32, a float64 expansion for rows within its bound, the
+    reference row by row for ties) against `deviations64` on tokens on, just inside and just outside every
+    threshold; `offset` moves every state far from 0 (a large stable coordinate), where the expansion cancels most."""
+    S, d = 4, 48
+    templates, g, shift = _offset_templates(offset, S, d)
     screen = ConceptScreen(templates)
     assert screen.columns[2] is None and all(t.layer_columns[0] is None for t in templates[3:])
     widths = {t.layer_columns[1].shape[1] for t in templates[:3]}
@@ -237,3 +243,28 @@ def test_expanded_screen_counts_equal_the_reference_counts():
     fp = (reference & ~pos[:, None, :, None]).sum(2)
     assert torch.equal(counts[..., 0], tp) and torch.equal(counts[..., 1], fp)
     assert tp.sum() > 0 and fp.sum() > 0
+
+
+@pytest.mark.parametrize("offset", [0.0, 300.0, 1e5])
+def test_counts_equal_the_reference_counts_on_every_path(offset):
+    """`counts` sums the sure float32 matches per distinct column and decides only the positives, the rows
+    within the bound and the ties one (concept, tolerance) at a time: its TP and FP equal the float64
+    reference's, with every path taken (float32, the float64 expansion, the reference row by row), a concept
+    without subpopulations and a layer without any."""
+    S, d = 4, 48
+    templates, g, shift = _offset_templates(offset, S, d)
+    rows = _adversarial_rows(templates, g, S, d) + 0.0
+    rows[:40] += shift
+    t = len(rows)
+    pos = torch.rand(len(templates), t, generator=g) < 0.2
+    own = pos & (torch.rand(len(templates), t, generator=g) < 0.3)
+    screen = ConceptScreen(templates)
+    counts = screen.counts(rows, pos, own)  # (C, S, K, 2)
+    reference = _reference(templates, rows)  # (C, S, t, K)
+    tp = (reference & (pos & ~own)[:, None, :, None]).sum(2)
+    fp = (reference & ~pos[:, None, :, None]).sum(2)
+    assert torch.equal(counts[..., 0], tp) and torch.equal(counts[..., 1], fp)
+    assert tp.sum() > 0 and fp.sum() > 0
+    assert 0 < screen.float64_rows < S * t and 0 < screen.near_tokens < screen.screened
+    none = screen.counts(rows, torch.zeros_like(pos), torch.zeros_like(own))  # no positive: every match is an FP
+    assert torch.equal(none[..., 0], torch.zeros_like(tp)) and torch.equal(none[..., 1], reference.sum(2))
