@@ -131,8 +131,9 @@ def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, json_
           f"{one['pass2_seconds']:.0f} s; peak RSS {rss / 2**30:.2f} GiB")
     kept = one.get("kept_states") or {}
     if kept:
-        print(f"states kept for pass 3: {kept['bytes'] / 2**30:.2f} GiB in {kept['folder']} "
-              f"({'RAM-backed, not counted in the RSS' if kept['in_memory'] else 'on disk'})")
+        where = "held in the build process (in its peak RSS above)" if kept["folder"] == "memory" else \
+            f"in {kept['folder']} ({'RAM-backed, not counted in the RSS' if kept['in_memory'] else 'on disk'})"
+        print(f"states kept for passes 2 and 3: {kept['bytes'] / 2**30:.2f} GiB {where}")
     forward_s = sum(forwards) / len(forwards)
     out["forward_seconds"] = forward_s
     out["forward_seconds_each"] = forwards

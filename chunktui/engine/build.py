@@ -195,7 +195,7 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
                      should_stop=None, group=None, checkpoint: "Checkpoint | None" = None,
                      colour_budget: float | None = 0.01, vote_layers: list[int] | None = None,
                      reuse_states: bool | None = None) -> tuple[ChunkDictionary, BuildReport]:
-    """Fit one PA chunk per concept per layer, streaming: no corpus-sized state is ever held.
+    """Fit one PA chunk per concept per layer, streaming over the corpus batch by batch.
 
     Pass 1 tokenises and labels the corpus without the model, draws R per
     concept and runs the batches of pass 2 that hold R (the same batches, so
@@ -211,10 +211,11 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
 
     Pass 3 (the colour rule) needs the states of pass 2's batches again. With
     `reuse_states` (default: on a CPU, where the forward pass is the cost) each
-    batch's states go to a temporary folder on disk as they are computed, pass 2
-    reads pass 1's back and pass 3 reads them all back instead of running the
-    model again: the same bytes, so the same dictionary and rule
-    (`corpus.BatchStates`; batches it could not keep run the model as before).
+    batch's states are kept as they are computed (`corpus.BatchStates`: held in
+    memory when all of them take at most a third of the memory available, else
+    in temporary files), pass 2 reads pass 1's back and pass 3 reads them all
+    back instead of running the model again: the same bytes, so the same
+    dictionary and rule (batches it could not keep run the model as before).
     Without it (an accelerator), pass 2 runs pass 1's batches again.
     """
     from chunktui.engine.distributed import SingleProcess, peak_memory_bytes
@@ -343,7 +344,7 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
             report.calibrate_seconds = time.perf_counter() - t2
     finally:
         if kept is not None:
-            report.kept_states = {"bytes": kept.bytes, "in_memory": kept.in_memory, "folder": str(kept.folder.parent)}
+            report.kept_states = {"bytes": kept.bytes, "in_memory": kept.in_memory, "folder": kept.where}
             kept.close()
     notes = {"context_mode": corpus.context_mode, "label_mode": labels.mode, "step": labels.step,
              "n": n if n is not None else "all", "criterion": str(crit), "seed": seed, "tolerances": len(tolerances),

@@ -8,6 +8,7 @@ tokens with their hidden states.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -402,9 +403,6 @@ def cache_states(loaded: LoadedModel, corpus: Corpus, layers: Sequence[int], fol
     return StateCache(folder, layers, T, loaded.hidden_size, shards)
 
 
-SHM = "/dev/shm"  # the RAM-backed folder states go to when they fit in memory
-
-
 def _is_tmpfs(path) -> bool:
     """True when `path` lies on a RAM-backed file system (tmpfs), from /proc/mounts (False when unknown)."""
     import os
@@ -425,20 +423,32 @@ def _is_tmpfs(path) -> bool:
         return False
 
 
+MEMORY = "memory"  # `BatchStates.choose_folder`'s answer for states held in the process itself
+
+
 class BatchStates:
-    """The states one pass computed, batch by batch, for a later pass over the same batches (on disk, temporary).
+    """The states one pass computed, batch by batch, for a later pass over the same batches.
 
     The build's pass 2 reads back the batches pass 1 ran, and pass 3 (the colour rule) reads back every
-    batch: on a CPU, reading them costs a small fraction of a forward pass, and the bytes are the very ones
-    the model gave (a forward over the same batch gives the same bytes, so the results are identical to
-    running it again). Each batch's states go to a raw file of their own in a temporary folder, removed by
-    `close`, written by one background thread while the model runs on (the write waits on the disk, not on
-    the CPU); at most `pending` batches wait to be written, so memory stays at a few batches. The token
-    indices stay in memory (8 bytes a token). A batch that was never put (no space left, a resumed build's
-    batches before the checkpoint) or whose write failed reads back as None, and the caller runs the model
-    for it as before. Nothing corpus-sized is held in memory.
+    batch: the bytes are the very ones the model gave (a forward over the same batch gives the same bytes,
+    so the results are identical to running it again). Where they are kept (`choose_folder`):
 
-    The caller must not modify a batch's states after `put` (the build's passes only read them).
+    - in this process's memory, when all of them take at most a third of the memory available at the
+      start: the very tensors the pass computed, kept by reference (no copy, no file; counted in the
+      process's RSS). Writing them to a file costs kernel time to take the pages (on this project's 2-core
+      machine about 2.3 s per GiB, RAM-backed /dev/shm included: a tenth of the forward pass, taken from
+      the cores the model runs on) and reading them back copies them again;
+    - else as raw files in a temporary folder ($CHUNKTUI_STATES_DIR, or the default temporary folder),
+      removed by `close`, written by one background thread while the model runs on; at most `pending`
+      batches wait to be written, so memory stays at a few batches. They are read back by mapping the file
+      (no copy). Nothing corpus-sized is held in memory then.
+
+    The token indices stay in memory (8 bytes a token). A batch that was never put (no room or memory
+    left, a resumed build's batches before the checkpoint) or whose write failed reads back as None, and
+    the caller runs the model for it as before.
+
+    The caller must not modify a batch's states after `put`, nor the states `get` returns (the build's
+    passes only read them).
     """
 
     def __init__(self, folder=None, keep_free_bytes: int = 2 << 30, pending: int = 2, expected_bytes: int = 0):
@@ -448,42 +458,42 @@ class BatchStates:
 
         if folder is None:
             folder = self.choose_folder(expected_bytes)
-        self.folder = Path(tempfile.mkdtemp(prefix="chunktui-states.", dir=folder))
-        self.in_memory = _is_tmpfs(self.folder)  # RAM-backed: also watch the memory left, not only the room
+        self.held = folder == MEMORY  # kept in this process, by reference
+        self.folder = None if self.held else Path(tempfile.mkdtemp(prefix="chunktui-states.", dir=folder))
+        self.in_memory = self.held or _is_tmpfs(self.folder)  # RAM: also watch the memory left, not only the room
         self.keep_free = keep_free_bytes
         self.pending = max(1, pending)
         self.stored: set[int] = set()
-        self.full = False  # set when the disk had no room for a batch: later batches are not stored either
+        self.full = False  # set when the disk or memory had no room for a batch: later batches are not kept
         self.bytes = 0
         self._meta: dict[int, tuple[torch.Tensor, torch.dtype, tuple[int, ...]]] = {}
+        self._held: dict[int, torch.Tensor] = {}
         self._writes: dict = {}  # key -> Future of its write
         self._queue: list[int] = []  # keys whose write may not have finished, oldest first
         self._sizes: dict[int, int] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunktui-states")
+        self._pool = None if self.held else ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunktui-states")
+
+    @property
+    def where(self) -> str:
+        """Where the states are kept, for reports: "memory" (this process) or the folder."""
+        return MEMORY if self.held else str(self.folder.parent)
 
     @staticmethod
     def choose_folder(expected_bytes: int):
-        """Where the states go: $CHUNKTUI_STATES_DIR if set; else RAM-backed /dev/shm when all of them take at
-        most a third of the memory available now (writing there costs a memcpy; a disk file system costs
-        about four times that in kernel time on a 2-core machine, as much as a tenth of the forward pass);
-        else the default temporary folder (None), on disk, for corpora too big for memory."""
+        """Where the states go: $CHUNKTUI_STATES_DIR if set; else this process's memory (`MEMORY`) when all of
+        them take at most a third of the memory available now; else the default temporary folder (None), on
+        disk, for corpora too big for memory."""
         import os
-        import shutil
 
         chosen = os.environ.get("CHUNKTUI_STATES_DIR", "").strip()
         if chosen:
             return chosen
-        shm = SHM
-        if expected_bytes <= 0 or not os.path.isdir(shm) or not os.access(shm, os.W_OK) or not _is_tmpfs(shm):
+        if expected_bytes <= 0:
             return None
         free = available_bytes("cpu")
-        try:
-            room = shutil.disk_usage(shm).free
-        except OSError:
+        if free is None or expected_bytes > free // 3:
             return None
-        if free is None or expected_bytes > free // 3 or expected_bytes + (2 << 30) > room:
-            return None
-        return shm
+        return MEMORY
 
     def _path(self, key: int):
         return self.folder / f"{int(key):07d}.states"
@@ -511,16 +521,28 @@ class BatchStates:
         self.stored.discard(key)
         self._writes.pop(key, None)
         self._meta.pop(key, None)
-        self._path(key).unlink(missing_ok=True)
+        self._held.pop(key, None)
+        if not self.held:
+            self._path(key).unlink(missing_ok=True)
 
     def put(self, key: int, index: torch.Tensor, states: torch.Tensor) -> bool:
-        """Keep one batch's (token indices, states); False (and nothing kept) when the disk is short of room."""
+        """Keep one batch's (token indices, states); False (and nothing kept) when the disk or memory is short."""
         import shutil
 
         if self.full:
             return False
         key = int(key)
         size = states.numel() * states.element_size() + index.numel() * 8
+        if self.held:
+            free = available_bytes("cpu")
+            if free is not None and free < size + self.keep_free:
+                self.full = True
+                return False
+            self._meta[key] = (index.detach().cpu().clone(), states.dtype, tuple(states.shape))
+            self._held[key] = states.detach().cpu().contiguous()  # the same tensor on a CPU: no copy
+            self.stored.add(key)
+            self.bytes += size
+            return True
         self._wait(self.pending - 1)
         waiting = sum(self._sizes[k] for k in self._queue)  # queued, not yet on the disk
         short = shutil.disk_usage(self.folder).free < size + waiting + self.keep_free
@@ -540,39 +562,43 @@ class BatchStates:
         return True
 
     def get(self, key: int, device=None):
-        """(token indices, states) of a batch put under `key`, on `device`; None if it was not kept."""
+        """(token indices, states) of a batch put under `key`, on `device`; None if it was not kept.
+
+        The states are the kept tensor itself (held) or a read-only view of its file (mapped): read them only."""
         key = int(key)
         if key not in self.stored:
             return None
-        try:
-            self._writes[key].result()
-        except Exception:  # noqa: BLE001 - as in `_wait`
-            self._forget(key)
-            return None
         index, dtype, shape = self._meta[key]
-        states = torch.empty(shape, dtype=dtype)
-        buffer = memoryview(states.view(torch.uint8).numpy()).cast("B")
-        try:
-            with open(self._path(key), "rb", buffering=0) as f:
-                done = 0
-                while done < len(buffer):
-                    got = f.readinto(buffer[done:])
-                    if not got:
-                        break
-                    done += got
-        except OSError:
-            done = -1
-        if done != len(buffer):  # gone or cut short: run the model for it instead
-            self._forget(key)
-            return None
+        if self.held:
+            states = self._held[key]
+        else:
+            try:
+                self._writes[key].result()
+            except Exception:  # noqa: BLE001 - as in `_wait`
+                self._forget(key)
+                return None
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            path = self._path(key)
+            try:
+                if path.stat().st_size != nbytes:  # cut short
+                    raise OSError(path)
+                # mapped, not read: the pages the file system already holds, without a copy (MAP_PRIVATE)
+                states = torch.from_file(str(path), shared=False, size=nbytes, dtype=torch.uint8).view(dtype)
+                states = states.view(shape)
+            except (OSError, RuntimeError):  # gone or unreadable: run the model for it instead
+                self._forget(key)
+                return None
         return index.clone(), (states if device is None else states.to(device))
 
     def close(self) -> None:
         import shutil
 
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
         self.stored.clear()
         self._meta.clear()
+        self._held.clear()
         self._writes.clear()
         self._queue.clear()

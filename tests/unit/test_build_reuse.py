@@ -132,31 +132,46 @@ def test_batch_states_that_failed_to_write_or_were_cut_read_back_as_none(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_states_go_to_memory_only_when_they_fit_comfortably(tmp_path, monkeypatch):
+def test_states_stay_in_memory_only_when_they_fit_comfortably(tmp_path, monkeypatch):
     import chunktui.engine.corpus as corpus_mod
 
-    shm = tmp_path / "shm"
-    shm.mkdir()
     monkeypatch.delenv("CHUNKTUI_STATES_DIR", raising=False)
-    monkeypatch.setattr(corpus_mod, "SHM", str(shm))
-    monkeypatch.setattr(corpus_mod, "_is_tmpfs", lambda path: str(path).startswith(str(shm)))
     monkeypatch.setattr(corpus_mod, "available_bytes", lambda device: 30 << 30)
-    room = __import__("shutil").disk_usage(shm).free
-    fits = min(1 << 30, room - (2 << 30) - 1)
-    assert fits > 0
-    assert BatchStates.choose_folder(fits) == str(shm)
+    assert BatchStates.choose_folder(1 << 30) == corpus_mod.MEMORY
     assert BatchStates.choose_folder(11 << 30) is None  # over a third of the memory available: the disk
     assert BatchStates.choose_folder(0) is None  # size unknown: the disk
-    monkeypatch.setattr(corpus_mod, "_is_tmpfs", lambda path: False)
-    assert BatchStates.choose_folder(fits) is None  # not RAM-backed after all
-    monkeypatch.setattr(corpus_mod, "_is_tmpfs", lambda path: str(path).startswith(str(shm)))
-    kept = BatchStates(expected_bytes=fits)
-    assert kept.folder.parent == shm and kept.in_memory
-    # RAM-backed: when the memory left runs short, later batches are not kept (and read back as None)
-    assert kept.put(0, torch.arange(2), torch.randn(2, 2, 3))
+    monkeypatch.setenv("CHUNKTUI_STATES_DIR", str(tmp_path))
+    assert BatchStates.choose_folder(1 << 30) == str(tmp_path)  # the user's choice wins
+    monkeypatch.delenv("CHUNKTUI_STATES_DIR")
+    kept = BatchStates(expected_bytes=1 << 30)
+    assert kept.held and kept.in_memory and kept.folder is None and kept.where == "memory"
+    states = torch.randn(2, 2, 3)
+    assert kept.put(0, torch.arange(2), states)
+    index, got = kept.get(0)
+    assert got.data_ptr() == states.data_ptr() and torch.equal(index, torch.arange(2))  # held: no copy
+    # when the memory left runs short, later batches are not kept (and read back as None)
     monkeypatch.setattr(corpus_mod, "available_bytes", lambda device: 1 << 20)
     assert not kept.put(1, torch.arange(2), torch.randn(2, 2, 3)) and kept.get(1) is None
-    assert kept.get(0) is not None
+    assert kept.get(0) is not None and kept.bytes == states.numel() * 4 + 2 * 8
     kept.close()
-    monkeypatch.setenv("CHUNKTUI_STATES_DIR", str(tmp_path))
-    assert BatchStates.choose_folder(fits) == str(tmp_path)
+    assert kept.get(0) is None
+
+
+def test_states_on_disk_are_mapped_back_with_their_bytes(tmp_path):
+    kept = BatchStates(folder=tmp_path)
+    assert not kept.held and kept.where == str(tmp_path)
+    states = {torch.float32: torch.randn(3, 2, 5), torch.bfloat16: torch.randn(4, 2, 5).bfloat16()}
+    for key, x in enumerate(states.values()):
+        assert kept.put(key, torch.arange(len(x)) + 10 * key, x)
+    for key, x in enumerate(states.values()):
+        index, got = kept.get(key)
+        assert got.dtype == x.dtype and got.shape == x.shape
+        assert got.view(torch.uint8).numpy().tobytes() == x.view(torch.uint8).numpy().tobytes()
+        assert torch.equal(index, torch.arange(len(x)) + 10 * key)
+    # a file cut short reads back as None (the caller runs the model), and is forgotten
+    path = next(kept.folder.iterdir())
+    path.write_bytes(path.read_bytes()[:7])
+    key = int(path.stem)
+    assert kept.get(key) is None and key not in kept.stored
+    kept.close()
+    assert list(tmp_path.iterdir()) == []
