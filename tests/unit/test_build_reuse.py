@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -175,3 +176,14 @@ def test_states_on_disk_are_mapped_back_with_their_bytes(tmp_path):
     assert kept.get(key) is None and key not in kept.stored
     kept.close()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("t", [1, 2, 7, 16, 33, 257, 1000, 4097])
+def test_layer_sums_have_the_bits_of_one_float64_sum(t):
+    """The build's layer sums (for the layer means) one layer at a time: the same bits as the whole batch at once."""
+    from chunktui.engine.build import layer_sums
+
+    g = torch.Generator().manual_seed(t)
+    states = torch.randn(t, 5, 33, generator=g) * torch.logspace(-3, 4, 33)  # magnitudes over seven decades
+    assert torch.equal(layer_sums(states), states.double().sum(0))
+    assert torch.equal(layer_sums(states.bfloat16()), states.bfloat16().double().sum(0))
