@@ -465,24 +465,29 @@ class ConceptScreen:
 
         The same decisions as `decide`, counted without laying them out per (concept, tolerance, token): per
         layer, the float32 screen's sure matches are summed per distinct column and each (concept, tolerance)
-        reads its column's count; only the tokens that need more (the batch's positives, the rows within the
-        bound of a threshold, the ties) get their decisions per (concept, tolerance), exactly as `decide`
-        takes them: the float64 expansion for the undecided (row, column) pairs, the float64 reference row by
-        row for the ties."""
+        reads its column's count; the rows within the bound of a threshold are counted from their float64
+        expansion (on the columns they left undecided only), the batch's positives are kept per (concept,
+        tolerance) to tell TP from FP, and the ties, decided by the float64 reference row by row at the end,
+        replace what was counted for them."""
         C, S, K = self.C, self.S, self.K
         t = states.shape[0]
         from chunktui.engine.matching import _ieee_float32
 
         states = states.float()
         device = states.device
+        q = pos.any(0).nonzero().flatten()  # the batch's positive tokens, of any concept: a few
+        nq = len(q)
+        total = torch.zeros(S, C * K, dtype=torch.long, device=device)  # every match, positive or not
+        at_q = torch.zeros(S, C * K, nq, dtype=torch.bool, device=device)  # the matches on the positives
         near = torch.zeros(t, C, dtype=torch.bool, device=device)
-        per_layer: list = []  # per layer: (yes (t, N), rows, their decisions (rows, C*K)), or None
+        decided: list = []  # per layer: (yes (t, N), rows, their decisions (C*K, rows)), or None
         with _ieee_float32():  # the bound holds for IEEE float32 products, not TF32's
             for s in range(S):
                 cols = self.columns[s]
                 if cols is None:
-                    per_layer.append(None)
+                    decided.append(None)
                     continue
+                index, full = self.index[s], self.full[s]
                 h = states[:, s, :]  # (t, d)
                 A = torch.mm(h * h, cols)  # (t, N) sum_M h^2
                 approx = torch.addmm(A, h, self.weighted[s], alpha=-2.0).add_(self.const[s])  # A - 2B + c
@@ -490,65 +495,76 @@ class ConceptScreen:
                 yes = (approx + bound) < self.low[s]  # surely below every threshold reading the column
                 undecided = ~(yes | (approx.sub_(bound) > self.high[s]))  # within the bound, or not finite
                 rows = undecided.any(1).nonzero().flatten()
+                column_count = yes.sum(0, dtype=torch.int32)  # (N,)
                 fixed = None
                 if len(rows):
                     # the float64 expansion for those rows, on the columns some of them left undecided only
                     self.float64_rows += len(rows)
-                    und = undecided[rows]  # (R, N)
+                    und = undecided.index_select(0, rows)  # (R, N)
                     ucols = und.any(0).nonzero().flatten()
-                    h64 = h[rows].double()
+                    h64 = h.index_select(0, rows).double()
                     A64 = torch.mm(h64 * h64, cols.index_select(1, ucols).double())
-                    const64 = self.const64[s][ucols]
+                    const64 = self.const64[s].index_select(0, ucols)
                     approx64 = torch.addmm(A64, h64, self.weighted[s].index_select(1, ucols).double(),
                                            alpha=-2.0).add_(const64)
                     bound64 = A64.add_(const64).mul_(self.rel64)
                     slot = torch.zeros(cols.shape[1], dtype=torch.long, device=device)
                     slot[ucols] = torch.arange(len(ucols), device=device)
-                    reads = slot[self.index[s]]  # (C*K,) each (concept, tolerance)'s column among ucols
+                    reads = slot.index_select(0, index)  # (C*K,) each (concept, tolerance)'s column among ucols
                     # (concept x tolerance, row) from here: picking columns is a row selection, the fast one
                     approx64 = approx64.t().contiguous().index_select(0, reads)
                     bound64 = bound64.t().contiguous().index_select(0, reads)
                     yes64 = (approx64 + bound64) < self.low64[s][:, None]
                     no64 = (approx64 - bound64) > self.high64[s][:, None]
-                    full = self.full[s][:, None]
-                    und = und.t().contiguous().index_select(0, self.index[s]) & full  # (C*K, R) left to float64
-                    sure = yes.index_select(0, rows).t().contiguous().index_select(0, self.index[s]) & full
+                    und = und.t().contiguous().index_select(0, index) & full[:, None]  # (C*K, R) left to float64
+                    sure_rows = yes.index_select(0, rows)
+                    sure = sure_rows.t().contiguous().index_select(0, index) & full[:, None]
                     fixed = torch.where(und, yes64, sure)
                     near[rows] |= (und & ~(yes64 | no64)).view(C, K, len(rows)).any(1).t()
-                per_layer.append((yes, rows, fixed))
+                    column_count -= sure_rows.sum(0, dtype=torch.int32)  # those rows count from `fixed`
+                    total[s] += fixed.sum(1)
+                total[s] += column_count.index_select(0, index).long() * full
+                if nq:
+                    at_q[s] = yes.index_select(0, q).t().contiguous().index_select(0, index) & full[:, None]
+                    if fixed is not None:
+                        among = torch.isin(q, rows)
+                        if among.any():
+                            at_q[s][:, among] = fixed[:, torch.searchsorted(rows, q[among])]
+                decided.append((yes, rows, fixed))
         self.screened += C * t
-        # ties: decided by the concept's float64 reference one row at a time, at every layer
-        todo = near.t()  # (C, t)
-        ties = []
-        for c in todo.any(1).nonzero().flatten().tolist():
-            idx = todo[c].nonzero().flatten()
-            self.near_tokens += len(idx)
-            tpl = self.templates[c]
-            ties.append((c, idx, tpl.deviations64(states[idx]) <= tpl.theta[:, None, :]))  # (S, n, K)
-        q = pos.any(0).nonzero().flatten()  # the batch's positive tokens, of any concept: a few
-        w = torch.stack([pos & ~own, pos], 2)[:, q].float()  # (C, q, 2)
-        special = torch.cat([q, near.any(1).nonzero().flatten()]).unique()  # sorted
+        # ties: decided by the concept's float64 reference one row at a time, at every layer, in place of the above
+        tok, con = near.nonzero(as_tuple=True)  # (P,) the tied (token, concept) pairs, by token
+        if len(tok):
+            self.near_tokens += len(tok)
+            reference = torch.zeros(S, len(tok), K, dtype=torch.bool, device=device)
+            for c in con.unique().tolist():
+                sel = (con == c).nonzero().flatten()
+                tpl = self.templates[c]
+                reference[:, sel] = tpl.deviations64(states[tok[sel]]) <= tpl.theta[:, None, :]  # (S, n, K)
+            in_q = torch.isin(tok, q)
+            q_slots = torch.searchsorted(q, tok[in_q])
+            ks = torch.arange(K, device=device)
+            flat = con[:, None] * K + ks  # (P, K) the pairs' (concept, tolerance) rows
+            for s, got in enumerate(decided):
+                if got is None:
+                    continue  # no concept has a subpopulation here: nothing was counted, the reference says none
+                yes, rows, fixed = got
+                was = yes[tok[:, None], self.index[s][flat]] & self.full[s][flat]  # (P, K) as counted above
+                if fixed is not None:
+                    among = torch.isin(tok, rows)
+                    if among.any():
+                        was[among] = fixed[flat[among], torch.searchsorted(rows, tok[among])[:, None]]
+                change = reference[s].long() - was.long()  # (P, K)
+                total[s].view(C, K).index_add_(0, con, change)
+                if len(q_slots):
+                    at_q[s].view(C, K, nq)[con[in_q], :, q_slots] = reference[s][in_q]
         out = torch.zeros(C, S, K, 2, dtype=torch.long, device=device)
-        for s, got in enumerate(per_layer):
-            if got is None:
-                continue
-            yes, rows, fixed = got
-            Q = torch.cat([special, rows]).unique() if len(rows) else special  # tokens decided one by one
-            yes_q = yes.index_select(0, Q)
-            total = yes.sum(0, dtype=torch.int32) - yes_q.sum(0, dtype=torch.int32)  # (N,) the other tokens
-            total = total.index_select(0, self.index[s]).long() * self.full[s]  # (C*K,)
-            match = yes_q.t().contiguous().index_select(0, self.index[s]) & self.full[s][:, None]  # (C*K, Q)
-            if fixed is not None:
-                match[:, torch.searchsorted(Q, rows)] = fixed
-            for c, idx, decided in ties:
-                match[c * K:(c + 1) * K, torch.searchsorted(Q, idx)] = decided[s].t()
-            total += match.sum(1)
-            if len(q):
-                sub = match[:, torch.searchsorted(Q, q)].view(C, K, len(q)).float()
-                on_pos = torch.bmm(sub, w).round_().long()  # (C, K, 2) exact: small integers
-                out[:, s, :, 0] = on_pos[..., 0]
-                out[:, s, :, 1] = -on_pos[..., 1]
-            out[:, s, :, 1] += total.view(C, K)  # FP: every match minus those on a positive
+        out[..., 1] = total.view(S, C, K).permute(1, 0, 2)
+        if nq:
+            w = torch.stack([pos & ~own, pos], 2)[:, q].float()  # (C, q, 2)
+            on_pos = torch.einsum("sckq,cqj->cskj", at_q.view(S, C, K, nq).float(), w).round_().long()  # exact
+            out[..., 0] = on_pos[..., 0]
+            out[..., 1] -= on_pos[..., 1]  # FP: every match minus those on a positive
         return out
 
 
