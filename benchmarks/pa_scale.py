@@ -129,6 +129,10 @@ def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, json_
     print(f"\n1 process: {one['seconds']:.0f} s build ({one['wall_seconds']:.0f} s with model load), "
           f"pass 1 {one['pass1_tokens']} tokens in {one['pass1_seconds']:.0f} s, pass 2 {T} tokens in "
           f"{one['pass2_seconds']:.0f} s; peak RSS {rss / 2**30:.2f} GiB")
+    parts = one.get("pass2_parts") or {}
+    if parts:
+        print(f"  pass 2: the model on {T - one.get('pass1_reused_tokens', 0)} tokens (the batches pass 1 did not run) "
+              f"{parts['forward']:.1f} s, the screen {parts['screen']:.1f} s, the layer sums {parts['sums']:.1f} s")
     kept = one.get("kept_states") or {}
     if kept:
         where = "held in the build process (in its peak RSS above)" if kept["folder"] == "memory" else \

@@ -83,7 +83,8 @@ class BuildReport:
     world_size: int = 1
     seconds: float = 0.0
     pass1_tokens: int = 0  # tokens in the batches pass 1 ran (pass 2's batches that hold a drawn positive)
-    pass1_reused_tokens: int = 0  # of those, tokens pass 2 read back from disk instead of running them again
+    pass1_reused_tokens: int = 0  # of those, tokens pass 2 read back instead of running them again
+    pass2_parts: dict = field(default_factory=dict)  # pass 2's seconds: forward (batches not kept), screen, sums
     peak_memory: dict = field(default_factory=dict)
     resumed_batches: int = 0
     screen: dict = field(default_factory=dict)  # pass 2's screen: pairs decided in float32, float64, one row at a time
@@ -92,6 +93,7 @@ class BuildReport:
     def summary(self) -> dict:
         return {"seconds": round(self.seconds, 3), "tokens": self.tokens, "pass1_tokens": self.pass1_tokens,
                 "pass1_reused_tokens": self.pass1_reused_tokens,
+                "pass2_parts": {k: round(v, 3) for k, v in self.pass2_parts.items()},
                 "pass1_seconds": round(self.collect_seconds, 3), "pass2_seconds": round(self.fit_seconds, 3),
                 "pass3_seconds": round(self.calibrate_seconds, 3),
                 "tokens_per_second": round(self.tokens / self.fit_seconds, 1) if self.fit_seconds else None,
@@ -304,9 +306,11 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
         rate = _Rate(report.tokens, group.world_size)
         rate.done = sum(len(batches[j]) for j in mine[:start])  # approximate: contexts, not tokens, until it moves
         since = 0
+        parts = report.pass2_parts = {"forward": 0.0, "screen": 0.0, "sums": 0.0}
         for pos in range(start, len(mine)):
             stop_check()
             j = mine[pos]
+            t2 = time.perf_counter()
             got = kept.get(j, loaded.device) if kept is not None else None
             if got is None:
                 index, states = run_batch(loaded, corpus, batches[j], layers)
@@ -315,8 +319,13 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
             else:
                 index, states = got
                 report.pass1_reused_tokens += len(index)
+            t3 = time.perf_counter()
             fit.update(index, states)
+            t4 = time.perf_counter()
             sums += layer_sums(states).cpu()
+            parts["forward"] += t3 - t2
+            parts["screen"] += t4 - t3
+            parts["sums"] += time.perf_counter() - t4
             progress("build", *rate.step(len(index)))
             since += len(batches[j])
             if checkpoint is not None and since >= checkpoint.every:

@@ -56,8 +56,7 @@ def evidence_on_corpus(loaded, chunks, corpus, layers: list[int], rule: TokenRul
             should_stop()
         kept = states.get(j, loaded.device) if states is not None else None
         index, H = kept if kept is not None else run_batch(loaded, corpus, batches[j], layers)
-        m = packed.match(H)
-        E[index] = packed.evidence(m.score, m.hit).cpu().double()
+        E[index] = packed.pooled_evidence(H).cpu().double()
         if progress is not None:
             progress(len(index))
     return group.all_sum(E), packed.concepts  # each token was filled by one rank, zeros elsewhere

@@ -212,20 +212,33 @@ class PackedDictionary:
         Tokens go through in blocks of about `block_elements` working elements: on a CPU 2^22 (a block's
         float64 working copy stays near the cache, a third faster than 2^24 on a 2-core machine, the same
         values), elsewhere 2^24 (bigger kernels)."""
-        if block_elements is None:
-            block_elements = 1 << 22 if self.device.type == "cpu" else 1 << 24
         if H.dim() == 2:
             H = H.unsqueeze(0)
         T, S, d = H.shape
         if S != len(self.layers) or d != self.width:
             raise ValueError(f"states have shape (T, {S}, {d}); this pack expects (T, {len(self.layers)}, {self.width})")
-        W = self._exact.W
-        per_token = max(int(W.shape[0]) * (int(W.shape[1]) + int(W.shape[2])) + 8 * len(self.chunks), 1)
-        step = max(1, block_elements // per_token)
+        step = self._token_step(block_elements)
         parts = [self._match_block(H[a:a + step]) for a in range(0, T, step)] or [
             (torch.zeros(0, len(self), device=self.device),) * 2 + (torch.zeros(0, len(self), dtype=torch.bool, device=self.device),)]
         value, score, hit = (torch.cat([p[i] for p in parts]) for i in range(3))
         return self._summarise(value, score, hit)
+
+    def _token_step(self, block_elements: int | None) -> int:
+        """Tokens per block (see `match`)."""
+        if block_elements is None:
+            block_elements = 1 << 22 if self.device.type == "cpu" else 1 << 24
+        W = self._exact.W
+        per_token = max(int(W.shape[0]) * (int(W.shape[1]) + int(W.shape[2])) + 8 * len(self.chunks), 1)
+        return max(1, block_elements // per_token)
+
+    @torch.no_grad()
+    def pooled_evidence(self, H: torch.Tensor, block_elements: int | None = None) -> torch.Tensor:
+        """(T, K) `evidence` of `match(H).score`, without the per-layer and per-token summaries `match` adds."""
+        T = H.shape[0]
+        step = self._token_step(block_elements)
+        if not self.chunks or not T:
+            return self.evidence(torch.zeros(T, len(self), device=self.device))
+        return torch.cat([self.evidence(self._match_block(H[a:a + step])[1]) for a in range(0, T, step)])
 
     def _match_block(self, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         T = H.shape[0]
@@ -306,7 +319,7 @@ class _Tables:
 
     def to(self, device, dtype) -> "_Tables":
         return _Tables(**{k: (v.to(dtype) if v.is_floating_point() else v).to(device)
-                          for k, v in self.__dict__.items()})
+                          for k, v in self.__dict__.items() if not k.startswith("_")})
 
 
 _BAND_SAFETY = 2.0  # the band is twice the proven bound
@@ -379,12 +392,18 @@ def _evaluate(t: _Tables, H: torch.Tensor, width: int, screen: bool = False):
     # that bound of 0 are exact matches (dev = theta = 0 at layer 0).
     shift = (sq_norms + t.const) * 1e-11
     dev = ((raw + t.const - shift) / t.size).clamp(min=0)
-    cos = raw / sq_norms.sqrt().clamp(min=_EPS)  # direction: (h . u) / |h|
     theta = t.threshold
-    value = torch.where(t.is_pa, dev, cos)
-    hit = torch.where(t.is_pa, dev <= theta, cos >= theta)
-    score = torch.where(t.is_pa, torch.log((theta + _EPS) / (dev + _EPS)),
-                        torch.log(cos.clamp(min=_EPS) / theta.clamp(min=_EPS)))
+    all_pa = t.__dict__.get("_all_pa")
+    if all_pa is None:  # asked once per table (a device sync on an accelerator)
+        all_pa = t.__dict__["_all_pa"] = bool(t.is_pa.all())
+    if all_pa:  # no direction: the PA branch alone, the very values the selection below takes from it
+        value, hit, score = dev, dev <= theta, torch.log((theta + _EPS) / (dev + _EPS))
+    else:
+        cos = raw / sq_norms.sqrt().clamp(min=_EPS)  # direction: (h . u) / |h|
+        value = torch.where(t.is_pa, dev, cos)
+        hit = torch.where(t.is_pa, dev <= theta, cos >= theta)
+        score = torch.where(t.is_pa, torch.log((theta + _EPS) / (dev + _EPS)),
+                            torch.log(cos.clamp(min=_EPS) / theta.clamp(min=_EPS)))
     # score >= 0 exactly when hit, also where the logarithm rounds to (minus) zero
     score = torch.where(hit, score.clamp(min=0), score.clamp(max=-1e-30))
     if not screen:

@@ -150,3 +150,41 @@ def test_precision_choice():
     assert pack(chunks, 16, 4, precision="float32").precision == "float32"
     with pytest.raises(ValueError, match="precision"):
         pack(chunks, 16, 4, precision="float16")
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_pa_only_dictionary_takes_the_pa_branch_alone_with_the_same_bits(precision):
+    """Without direction chunks `_evaluate` computes the PA branch alone: the same values, scores and hits,
+    bit for bit, as the general path that selects between the two branches."""
+    from chunktui.engine import matching
+
+    chunks, H, width, n_states = _hard_case(T=2_000)
+    pa_only = [c for c in chunks if c.kind == "pa"]
+    fast = pack(pa_only, width, n_states, precision=precision)
+    general = pack(pa_only, width, n_states, precision=precision)
+    for tables in (general._exact, general._fast):
+        if tables is not None:
+            tables.__dict__["_all_pa"] = False  # as if a direction were present: both branches and the selection
+    a, b = fast.match(H), general.match(H)
+    assert fast._exact.__dict__["_all_pa"] is True
+    for name in ("value", "score", "hit", "layer_score", "layer_chunk", "token_chunk", "token_score"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.hit.any() and not a.hit.all()
+    # with a direction chunk the general path runs
+    mixed = pack(chunks, width, n_states, precision=precision)
+    mixed.match(H[:10])
+    assert mixed._exact.__dict__.get("_all_pa", False) is False
+    assert matching._Tables.to(mixed._exact, "cpu", torch.float64).__dict__.get("_all_pa") is None
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_pooled_evidence_is_the_evidence_of_the_match(precision):
+    """The colour rule's calibration pools evidence without `match`'s summaries: the same bits."""
+    chunks, H, width, n_states = _hard_case(T=1_500)
+    packed = pack(chunks, width, n_states, precision=precision)
+    want = packed.evidence(packed.match(H).score)
+    got = packed.pooled_evidence(H, block_elements=1 << 18)  # several blocks
+    assert got.shape == (len(H), len(packed.concepts)) and torch.equal(got, want)
+    assert packed.pooled_evidence(H[:0]).shape == (0, len(packed.concepts))
+    empty = pack([], width, n_states)
+    assert empty.pooled_evidence(H[:3]).shape == (3, 0)
