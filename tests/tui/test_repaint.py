@@ -240,3 +240,53 @@ def test_prestarted_engine_is_adopted_by_the_app_client():
         second.stop()
     finally:
         client.stop()
+
+
+class TraceApp(App):
+    def compose(self) -> ComposeResult:
+        from chunktui.tui.widgets.trace_view import TraceView
+
+        yield TraceView()
+
+
+async def test_a_cursor_key_paints_at_once_not_at_the_next_frame_tick(monkeypatch):
+    """← / → paint the screen inside the key's handling (`lines.paint_now`); if Textual's private screen update
+    is gone or fails, the key still moves the cursor and the next tick paints, as before."""
+    from textual.screen import Screen
+
+    from chunktui.tui.widgets import lines
+    from chunktui.tui.widgets.trace_view import TraceView
+
+    app = TraceApp()
+    async with app.run_test(size=(100, 20)) as pilot:
+        view = app.query_one(TraceView)
+        view.set_trace(_trace(30), COLOURS, S)
+        view.focus()
+        await pilot.pause()
+        painted = []
+        real = Screen._on_timer_update
+        monkeypatch.setattr(Screen, "_on_timer_update", lambda screen: painted.append(view.cursor) or real(screen))
+        moved = TraceView._moved
+
+        def spy(self):
+            before = len(painted)
+            moved(self)
+            spy.inside.append(len(painted) - before)
+
+        spy.inside = []
+        monkeypatch.setattr(TraceView, "_moved", spy)
+        await pilot.press("left")
+        assert view.cursor == 28 and spy.inside == [1] and painted[0] == 28  # painted within the handling
+        text = app.query_one(TokenView)
+        assert text.render_line(0).text.startswith("w0")
+        # a Textual without it (or where it fails): the key still works, the timer paints
+        def gone(screen):
+            raise AttributeError("'Screen' object has no attribute '_on_timer_update'")
+
+        monkeypatch.setattr(lines, "_screen_update", gone)
+        await pilot.press("left")
+        assert view.cursor == 27 and lines._PAINT_NOW is False
+        await pilot.press("left")
+        await pilot.pause()
+        assert view.cursor == 26 and spy.inside[-1] == 0  # not tried again
+    monkeypatch.setattr(lines, "_PAINT_NOW", True)
