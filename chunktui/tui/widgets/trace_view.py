@@ -20,7 +20,6 @@ from textual.widgets import Static
 
 from chunktui.shared.session import Trace
 from chunktui.tui.widgets.layer_map import LayerMap
-from chunktui.tui.widgets.lines import paint_now
 from chunktui.tui.widgets.token_detail import TokenDetail
 from chunktui.tui.widgets.token_view import TokenView, legend
 
@@ -145,7 +144,6 @@ class TraceView(Widget, can_focus=True):
 
     def _moved(self) -> None:
         self.redraw()
-        paint_now(self)  # the cursor's lines, the layer map and the detail, without waiting for the frame tick
         self.post_message(self.CursorMoved(self, self.cursor, self.layer_index))
         self.want_detail()
 
