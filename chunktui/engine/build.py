@@ -218,8 +218,8 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
     read back instead of run again. With a process `group` the batches are
     dealt out across ranks and the counts merged; every rank returns the same
     dictionary. `n=None` makes the template the mean of all positives (the
-    default for fp-budget). `store_dtype` is accepted for compatibility:
-    nothing is held in memory.
+    default for fp-budget). `store_dtype` is accepted for compatibility and
+    not used.
 
     Pass 3 (the colour rule) needs the states of pass 2's batches again. With
     `reuse_states` (default: on a CPU, where the forward pass is the cost) each
@@ -287,7 +287,7 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
         del X
         report.collect_seconds = time.perf_counter() - t_start
 
-        # pass 2: every token once (pass 1's batches from disk where they were kept)
+        # pass 2: every token once (pass 1's batches read back where they were kept)
         t1 = time.perf_counter()
         sums = torch.zeros(S, d, dtype=torch.float64)  # for the layer means (mean ablation)
         start = 0
@@ -319,6 +319,8 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
             else:
                 index, states = got
                 report.pass1_reused_tokens += len(index)
+                if colour_budget is None:
+                    kept.discard(j)  # no pass 3 to read it again: its memory (or file) goes now
             t3 = time.perf_counter()
             fit.update(index, states)
             t4 = time.perf_counter()

@@ -517,6 +517,19 @@ class BatchStates:
             except Exception:  # noqa: BLE001 - an unwritten batch is run again by the reader; nothing is lost
                 self._forget(key)
 
+    def discard(self, key: int) -> None:
+        """Let a batch go once no later pass needs it (its memory, or its file); it reads back as None then."""
+        key = int(key)
+        future = self._writes.get(key)
+        if future is not None:
+            try:
+                future.result()  # let its write finish before its file is removed
+            except Exception:  # noqa: BLE001 - unwritten: nothing to remove but the entry
+                pass
+            if key in self._queue:
+                self._queue.remove(key)
+        self._forget(key)
+
     def _forget(self, key: int) -> None:
         self.stored.discard(key)
         self._writes.pop(key, None)

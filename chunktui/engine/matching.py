@@ -125,7 +125,8 @@ class PackedDictionary:
         self.precision = _choose_precision(precision, self.device)
         # float64 decisions are the reference; the device that computes them (Apple's MPS has no float64: the CPU)
         self.exact_device = torch.device("cpu") if self.device.type == "mps" else self.device
-        index = dict(used_layers=self.used_layers, column=self.column, slot=self.slot, is_pa=self.is_pa)
+        index = dict(used_layers=self.used_layers, column=self.column, slot=self.slot, is_pa=self.is_pa,
+                     all_pa=bool(self.is_pa.all()))
         self._exact = _Tables(W=W, const=const, size=size, threshold=self.threshold, **index).to(
             self.exact_device, torch.float64)
         self._fast = None
@@ -316,10 +317,11 @@ class _Tables:
     column: torch.Tensor
     slot: torch.Tensor
     is_pa: torch.Tensor
+    all_pa: bool = False  # no direction chunk: `_evaluate` computes the PA branch alone
 
     def to(self, device, dtype) -> "_Tables":
-        return _Tables(**{k: (v.to(dtype) if v.is_floating_point() else v).to(device)
-                          for k, v in self.__dict__.items() if not k.startswith("_")})
+        return _Tables(**{k: (v.to(dtype) if v.is_floating_point() else v).to(device) if torch.is_tensor(v) else v
+                          for k, v in self.__dict__.items()})
 
 
 _BAND_SAFETY = 2.0  # the band is twice the proven bound
@@ -393,10 +395,7 @@ def _evaluate(t: _Tables, H: torch.Tensor, width: int, screen: bool = False):
     shift = (sq_norms + t.const) * 1e-11
     dev = ((raw + t.const - shift) / t.size).clamp(min=0)
     theta = t.threshold
-    all_pa = t.__dict__.get("_all_pa")
-    if all_pa is None:  # asked once per table (a device sync on an accelerator)
-        all_pa = t.__dict__["_all_pa"] = bool(t.is_pa.all())
-    if all_pa:  # no direction: the PA branch alone, the very values the selection below takes from it
+    if t.all_pa:  # no direction: the PA branch alone, the very values the selection below takes from it
         value, hit, score = dev, dev <= theta, torch.log((theta + _EPS) / (dev + _EPS))
     else:
         cos = raw / sq_norms.sqrt().clamp(min=_EPS)  # direction: (h . u) / |h|

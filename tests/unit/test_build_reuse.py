@@ -187,3 +187,36 @@ def test_layer_sums_have_the_bits_of_one_float64_sum(t):
     states = torch.randn(t, 5, 33, generator=g) * torch.logspace(-3, 4, 33)  # magnitudes over seven decades
     assert torch.equal(layer_sums(states), states.double().sum(0))
     assert torch.equal(layer_sums(states.bfloat16()), states.bfloat16().double().sum(0))
+
+
+def test_without_a_colour_rule_pass_2_lets_each_kept_batch_go_once_read(tiny_model, tiny_corpus, tmp_path,
+                                                                         monkeypatch):
+    """No pass 3: each batch pass 1 kept is discarded as soon as pass 2 has read it, nothing is put in pass 2,
+    and the dictionary is the one built without reuse."""
+    again, _ = _build(tiny_model, tiny_corpus, reuse_states=False, colour_budget=None)
+    discarded, put = [], BatchStates.put
+    monkeypatch.setattr(BatchStates, "discard", lambda self, key: discarded.append(key) or _real_discard(self, key))
+    puts = []
+    monkeypatch.setattr(BatchStates, "put", lambda self, key, index, states: puts.append(key) or put(self, key, index,
+                                                                                                       states))
+    reused, report = _build(tiny_model, tiny_corpus, reuse_states=True, colour_budget=None)
+    assert sorted(discarded) == sorted(puts) and len(puts) > 0  # every batch put in pass 1, let go in pass 2
+    assert report.pass1_reused_tokens == report.pass1_tokens
+    a, b = _dump(reused, tmp_path / "a.chunks.safetensors"), _dump(again, tmp_path / "b.chunks.safetensors")
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+
+
+_real_discard = BatchStates.discard
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_discarded_batch_is_gone(tmp_path, on_disk):
+    kept = BatchStates(folder=tmp_path) if on_disk else BatchStates(expected_bytes=1 << 20)
+    for key in range(3):
+        assert kept.put(key, torch.arange(2) + 2 * key, torch.randn(2, 2, 3))
+    kept.discard(1)
+    assert kept.get(1) is None and kept.get(0) is not None and kept.get(2) is not None
+    if on_disk:
+        assert len(list(kept.folder.iterdir())) == 2  # its file is removed
+    assert kept.put(3, torch.arange(2), torch.randn(2, 2, 3)) and kept.get(3) is not None  # the queue still works
+    kept.close()

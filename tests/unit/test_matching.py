@@ -164,17 +164,16 @@ def test_pa_only_dictionary_takes_the_pa_branch_alone_with_the_same_bits(precisi
     general = pack(pa_only, width, n_states, precision=precision)
     for tables in (general._exact, general._fast):
         if tables is not None:
-            tables.__dict__["_all_pa"] = False  # as if a direction were present: both branches and the selection
+            tables.all_pa = False  # as if a direction were present: both branches and the selection
     a, b = fast.match(H), general.match(H)
-    assert fast._exact.__dict__["_all_pa"] is True
+    assert fast._exact.all_pa is True
     for name in ("value", "score", "hit", "layer_score", "layer_chunk", "token_chunk", "token_score"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert a.hit.any() and not a.hit.all()
     # with a direction chunk the general path runs
     mixed = pack(chunks, width, n_states, precision=precision)
-    mixed.match(H[:10])
-    assert mixed._exact.__dict__.get("_all_pa", False) is False
-    assert matching._Tables.to(mixed._exact, "cpu", torch.float64).__dict__.get("_all_pa") is None
+    assert mixed._exact.all_pa is False and (mixed._fast is None or mixed._fast.all_pa is False)
+    assert matching._Tables.to(fast._exact, "cpu", torch.float32).all_pa is True  # kept across devices and dtypes
 
 
 @pytest.mark.parametrize("precision", ["float64", "float32"])
