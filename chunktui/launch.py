@@ -42,8 +42,25 @@ def main() -> None:
 
         prestart(threads_of(argv), engine_log_path())
     from chunktui.cli import main as cli
+    from chunktui.shared.settings import launched_by_torchrun
 
-    cli()
+    if not launched_by_torchrun():
+        cli()
+        return
+    # one rank of a torchrun group: once the command is done (outputs written, process group closed), skip the
+    # interpreter's teardown, as the engine process does: torch's thread pools can abort it ("terminate called
+    # without an active exception"), which torchrun then reports as a failed rank after a finished build
+    try:
+        cli()
+        code = 0
+    except SystemExit as done:
+        code = done.code
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from chunktui.shared.settings import launched_by_torchrun  # noqa: F401 - the CLI asks it here
+
 
 class SingleProcess:
     """The one-process group: every collective is the identity."""
@@ -93,8 +95,6 @@ class TorchGroup(SingleProcess):
             self.dist.destroy_process_group()
 
 
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
 def process_group(device: str = "auto") -> SingleProcess:

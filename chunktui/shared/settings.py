@@ -271,3 +271,10 @@ def protocol_lines(settings: dict) -> list[str]:
         f"scoring {'prompt + continuation' if settings.get('score_prompt') else 'the continuation only'}"
         + (f"; set by you: {', '.join(settings['overridden'])}" if settings.get("overridden") else ""))
     return lines
+
+
+def launched_by_torchrun() -> bool:
+    """This process is one rank of a `torchrun` (or `--procs K`) group: WORLD_SIZE > 1 and RANK set."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
