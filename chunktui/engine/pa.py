@@ -212,11 +212,13 @@ class ConceptTemplate:
         self.mu = X.mean(0)  # (S, d)
         spread = (X - self.mu).abs().amax(0)  # (S, d)
         self.M = spread[None] < self.taus[:, None, None]  # (K, S, d)
-        self.count = self.M.sum(-1).float()  # (K, S)
-        self.Mf = self.M.permute(1, 2, 0).float()  # (S, d, K)
+        self.count = self.M.sum(-1, dtype=torch.int32).float()  # (K, S)
         self.inv = torch.where(self.count > 0, 1.0 / self.count.clamp(min=1),
                                torch.full_like(self.count, float("nan"))).T  # (S, K)
-        self.mu64, self.Mf64, self.inv64 = self.mu.double(), self.Mf.double(), self.inv.double()
+        # (S, d, K) 0/1 in float64 straight from the masks (the float32 copy and the padded columns are made
+        # only where asked for: on the CPU pass 2 needs neither, and each is megabytes per concept)
+        self.mu64, self.Mf64, self.inv64 = self.mu.double(), self.M.permute(1, 2, 0).double(), self.inv.double()
+        self._Mf = self._Mu = None
         self.devR = self.deviations64(X)  # (S, n, K)
         self.theta = self.devR.amax(1)  # (S, K) the paper's threshold: the largest deviation among R
         self._share_columns()
@@ -233,7 +235,7 @@ class ConceptTemplate:
         set's column. On the CPU each layer is its own matmul of its own width;
         elsewhere one batched matmul over all layers, padded to the widest.
         """
-        count = self.M.sum(-1).T.cpu()  # (S, K)
+        count = self.count.T.cpu().long()  # (S, K)
         S, K = count.shape
         column = torch.zeros(S, K, dtype=torch.long)
         widths, firsts = [], []
@@ -249,17 +251,15 @@ class ConceptTemplate:
             widths.append(len(values))
             firsts.append(values)
         device = self.mu.device
-        Mf = self.Mf  # (S, d, K) 0/1: column k of layer s is M_k there
-        self.layer_columns = [Mf[s][:, ks].contiguous() if ks else None
-                              for s, ks in enumerate(firsts)]  # (d, K'_s) per layer
+        M = self.M  # (K, S, d): M_k at layer s
+        self.layer_columns = [M[ks, s].T.float().contiguous() if ks else None
+                              for s, ks in enumerate(firsts)]  # (d, K'_s) per layer, 0/1
         self.layer_index = [column[s].to(device) for s in range(S)]
-        shared = torch.zeros(S, Mf.shape[1], max(widths, default=0) or 1, dtype=torch.float32, device=device)
-        for s, ks in enumerate(firsts):
-            if ks:
-                shared[s, :, :len(ks)] = self.layer_columns[s]
-        self.Mu = shared  # (S, d, K') distinct columns, zero padded to the widest layer
+        self._widest = max(widths, default=0) or 1
         self.column = column.to(device)  # (S, K) which distinct column each tolerance reads
         self.per_layer = device.type == "cpu"
+        if not self.per_layer:
+            self.Mu  # the batched screen's padded columns, made now rather than in the first batch
         # how far (relative) a float32 deviation may sit from the exact one: a sum of m <= d non-negative
         # terms is off by at most (m - 1) units of rounding, the square and the scaling a few more; the
         # screen re-decides in float64 everything within twice that (and never less than 1e-4)
@@ -270,6 +270,25 @@ class ConceptTemplate:
         slack = self.band * limit + 1e-12 * self.count.T.to(self.theta.dtype)
         self.sum_limit = limit.float()
         self.sum_low, self.sum_high = (limit - slack).float(), (limit + slack).float()
+
+    @property
+    def Mf(self) -> torch.Tensor:
+        """(S, d, K) float32 0/1: column k of layer s is M_k there."""
+        if self._Mf is None:
+            self._Mf = self.M.permute(1, 2, 0).float()
+        return self._Mf
+
+    @property
+    def Mu(self) -> torch.Tensor:
+        """(S, d, K') each layer's distinct columns, zero padded to the widest layer (the batched screen's)."""
+        if self._Mu is None:
+            S, d = self.mu.shape
+            shared = torch.zeros(S, d, self._widest, dtype=torch.float32, device=self.mu.device)
+            for s, cols in enumerate(self.layer_columns):
+                if cols is not None:
+                    shared[s, :, :cols.shape[1]] = cols
+            self._Mu = shared
+        return self._Mu
 
     def sums(self, states_t: torch.Tensor) -> torch.Tensor:
         """states_t (S, t, d) float32, layers first -> (S, t, K) float32 sums over each M_k of (h - mu)^2.
@@ -335,6 +354,13 @@ class ConceptScreen:
     undecided there (a tie: a token whose state is a drawn positive's, e.g. a repeated sentence) is decided
     by the concept's float64 `deviations64`, one row at a time, which is how the reference decides every
     token. The same decisions, so the same counts, so the same dictionaries.
+
+    `counts` folds the bound into the matmuls: P = fl(c + A) (the bias inside the matmul) and
+    U = fl(beta P - 2B) with beta = fl(1 + rel). With S = A + c exact and 2|B| <= S: P = S (1 + t),
+    |t| <= gamma_{d+3} (the squares, d + 1 non-negative terms, c's rounding), and U's own rounding is at
+    most gamma_{d+2} (beta P + S); so U - exact >= S (rel - 3.02 gamma_{d+3} - 1.01 u) > 0, and
+    exact - fl(U - 2 rel P) >= S (rel - 3.03 gamma_{d+3} - 3 u) > 0, since rel = 2 gamma_{3d+8} >=
+    6 gamma_{d+3}: U bounds the exact sum from above and U - 2 rel P from below, with twice the room needed.
 
     Tolerances sharing a subpopulation share a column; a column's float32 decision compares with the lowest
     and highest limits of the tolerances reading it, so it holds for each of them. Matches are laid out
@@ -489,18 +515,20 @@ class ConceptScreen:
                     continue
                 index, full = self.index[s], self.full[s]
                 h = states[:, s, :]  # (t, d)
-                A = torch.mm(h * h, cols)  # (t, N) sum_M h^2
-                approx = torch.addmm(A, h, self.weighted[s], alpha=-2.0).add_(self.const[s])  # A - 2B + c
-                bound = A.add_(self.const[s]).mul_(self.rel)
-                yes = (approx + bound) < self.low[s]  # surely below every threshold reading the column
-                undecided = ~(yes | (approx.sub_(bound) > self.high[s]))  # within the bound, or not finite
-                rows = undecided.any(1).nonzero().flatten()
+                # the bound folded into the matmuls (fewer passes over (t, N)): P = A + c, U = (1 + rel) P - 2B
+                # = approx + bound, then U - 2 rel P = approx - bound; see the class notes for why U is at or
+                # above the exact sum and U - 2 rel P at or below it
+                P = torch.addmm(self.const[s], h * h, cols)  # (t, N)
+                U = torch.addmm(P, h, self.weighted[s], beta=1.0 + self.rel, alpha=-2.0)
+                yes = U < self.low[s]  # surely below every threshold reading the column
+                settled = yes | (U.add_(P, alpha=-2.0 * self.rel) > self.high[s])  # NaN decides nothing
+                rows = (~settled.all(1)).nonzero().flatten()  # within the bound of a threshold, or not finite
                 column_count = yes.sum(0, dtype=torch.int32)  # (N,)
                 fixed = None
                 if len(rows):
                     # the float64 expansion for those rows, on the columns some of them left undecided only
                     self.float64_rows += len(rows)
-                    und = undecided.index_select(0, rows)  # (R, N)
+                    und = ~settled.index_select(0, rows)  # (R, N)
                     ucols = und.any(0).nonzero().flatten()
                     h64 = h.index_select(0, rows).double()
                     A64 = torch.mm(h64 * h64, cols.index_select(1, ucols).double())
