@@ -14,6 +14,12 @@ def bench() -> None:
     """Benchmarks that drive the real app (speed is measured here, never asserted in tests)."""
 
 
+def _with_ci(value, ci) -> str | None:
+    if value is None:
+        return None
+    return f"{value} [{ci[0]}, {ci[1]}]" if ci else str(value)
+
+
 @bench.command("app")
 @click.option("--model", "-m", "model_spec", default=DEFAULT_MODEL, show_default=True)
 @click.option("--dict", "dict_path", default=None, help="dictionary (default: the sample dictionary)")
@@ -49,7 +55,12 @@ def bench_app_cmd(model_spec, dict_path, device, tokens, threads, interval, brac
             ("in the app, tok/s", result["app"]["tokens_per_second"]), ("ratio (app / engine)", result["ratio"]),
             ("key latency median, ms", lat["median"]), ("key latency p95, ms", lat["p95"]),
             ("key latency max, ms", lat["max"]), ("p95 first 10% of tokens, ms", lat["p95_first_10pct"]),
-            ("p95 last 10% of tokens, ms", lat["p95_last_10pct"]), ("key presses measured", lat["measured"]),
+            ("p95 last 10% of tokens, ms", lat["p95_last_10pct"]),
+            ("p95 last - first 10%, ms (95% bootstrap interval)", _with_ci(lat["trend"]["p95_last_minus_first"],
+                                                                            lat["trend"]["p95_last_minus_first_ci95"])),
+            ("latency slope, ms per 1,000 tokens (95% interval)", _with_ci(lat["trend"]["slope_ms_per_1000_tokens"],
+                                                                         lat["trend"]["slope_ci95"])),
+            ("key presses measured", lat["measured"]),
             ("frame rate, frames/s", result["frame_rate"]), ("UI process peak RSS, MB", result["ui_peak_rss_mb"]),
             ("engine process peak RSS, MB", result["engine_peak_rss_mb"]),
             ("UI process imported torch", result["ui_imported_torch"])]

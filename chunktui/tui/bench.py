@@ -13,7 +13,8 @@ In one run, with one thread budget and one engine process:
    not read as the app's cost.
 
 Reported: both tok/s and their ratio, key latency median / p95 / max (all,
-first 10% and last 10% of tokens), frame rate, and the UI process's peak memory
+first 10% and last 10% of tokens; and its trend along the stream, with
+bootstrap intervals: `latency_trend`), frame rate, and the UI process's peak memory
 (the UI process never imports torch; the engine's memory is reported apart).
 """
 
@@ -39,6 +40,46 @@ def _pct(values: list[float], q: float) -> float | None:
 
 def _ms(x: float | None) -> float | None:
     return None if x is None else round(1000 * x, 1)
+
+
+def latency_trend(latencies: list[tuple[float, int]], tokens: int, resamples: int = 2000, seed: int = 0) -> dict:
+    """Whether key latency grows along the stream, with its sampling noise stated.
+
+    latencies: (seconds, tokens generated when pressed). Returns, in ms, the least-squares slope of latency
+    against tokens (per 1,000 tokens) and p95 of the last 10% of tokens minus p95 of the first 10%, each with a
+    95% percentile-bootstrap interval (presses resampled with replacement, `resamples` times, seeded). A p95 of
+    ~80 presses moves by several ms between identical runs, so a difference of two p95s alone says little; the
+    slope uses every press."""
+    import random
+
+    def slope(pairs) -> float | None:
+        n = len(pairs)
+        if n < 3:
+            return None
+        mx = sum(c for _, c in pairs) / n
+        my = sum(x for x, _ in pairs) / n
+        sxx = sum((c - mx) ** 2 for _, c in pairs)
+        return None if not sxx else sum((c - mx) * (x - my) for x, c in pairs) / sxx * 1000
+
+    def gap(pairs) -> float | None:
+        early = [x for x, c in pairs if c <= 0.1 * tokens]
+        late = [x for x, c in pairs if c >= 0.9 * tokens]
+        return _pct(late, 0.95) - _pct(early, 0.95) if early and late else None
+
+    def interval(stat) -> list | None:
+        rng = random.Random(seed)
+        values = sorted(v for v in (stat([latencies[rng.randrange(len(latencies))] for _ in latencies])
+                                    for _ in range(resamples)) if v is not None)
+        if len(values) < resamples // 2:
+            return None
+        return [_ms(values[int(0.025 * (len(values) - 1))]), _ms(values[int(0.975 * (len(values) - 1))])]
+
+    if not latencies:
+        return {"slope_ms_per_1000_tokens": None, "slope_ci95": None, "p95_last_minus_first": None,
+                "p95_last_minus_first_ci95": None, "resamples": resamples}
+    return {"slope_ms_per_1000_tokens": _ms(slope(latencies)), "slope_ci95": interval(slope),
+            "p95_last_minus_first": _ms(gap(latencies)), "p95_last_minus_first_ci95": interval(gap),
+            "resamples": resamples}
 
 
 async def run_bench(model: str = DEFAULT_MODEL, dict_path: str | None = None, tokens: int = 1000, threads: int = 1,
@@ -146,7 +187,8 @@ async def run_bench(model: str = DEFAULT_MODEL, dict_path: str | None = None, to
         "ratio": round(app_tps / engine_tps, 3) if engine_tps else None,
         "key_latency_ms": {"presses": len(presses), "measured": len(lat), "unhandled_after_2s": unhandled, "median": _ms(statistics.median(lat))
                            if lat else None, "p95": _ms(_pct(lat, 0.95)), "max": _ms(max(lat) if lat else None),
-                           "p95_first_10pct": _ms(_pct(early, 0.95)), "p95_last_10pct": _ms(_pct(late, 0.95))},
+                           "p95_first_10pct": _ms(_pct(early, 0.95)), "p95_last_10pct": _ms(_pct(late, 0.95)),
+                           "trend": latency_trend(latencies, tokens)},
         "frame_rate": round((len(frames) - 1) / stream_seconds, 1) if stream_seconds else None,
         "ui_peak_rss_mb": round(ui_peak, 1),
         "engine_peak_rss_mb": round(engine_peak, 1) if engine_peak else None,
