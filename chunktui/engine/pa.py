@@ -219,6 +219,7 @@ class ConceptTemplate:
         # only where asked for: on the CPU pass 2 needs neither, and each is megabytes per concept)
         self.mu64, self.Mf64, self.inv64 = self.mu.double(), self.M.permute(1, 2, 0).double(), self.inv.double()
         self._Mf = self._Mu = None
+        self.X = X  # (n, S, d) float32: a tie whose state has a drawn positive's bits reads that positive's deviation
         self.devR = self.deviations64(X)  # (S, n, K)
         self.theta = self.devR.amax(1)  # (S, K) the paper's threshold: the largest deviation among R
         self._share_columns()
@@ -383,6 +384,8 @@ class ConceptScreen:
         self.near_tokens = 0  # (concept, token) pairs decided again in float64, for the benchmark's report
         self.screened = 0  # (concept, token) pairs screened
         self.float64_rows = 0  # (layer, token) pairs screened again in float64 (the expansion)
+        self.ties_reused = 0  # tied (concept, token) pairs decided from a drawn positive with the same bits
+        self.ties_computed = 0  # tied (concept, token) pairs the float64 reference was run for
         for s in range(S):
             parts, weighted, consts, index, offset = [], [], [], [], 0
             for tpl in templates:
@@ -506,6 +509,7 @@ class ConceptScreen:
         total = torch.zeros(S, C * K, dtype=torch.long, device=device)  # every match, positive or not
         at_q = torch.zeros(S, C * K, nq, dtype=torch.bool, device=device)  # the matches on the positives
         near = torch.zeros(t, C, dtype=torch.bool, device=device)
+        near_at = torch.zeros(S, t, C, dtype=torch.bool, device=device)  # the same, per layer
         decided: list = []  # per layer: (yes (t, N), rows, their decisions (C*K, rows)), or None
         with _ieee_float32():  # the bound holds for IEEE float32 products, not TF32's
             for s in range(S):
@@ -548,7 +552,9 @@ class ConceptScreen:
                     sure_rows = yes.index_select(0, rows)
                     sure = sure_rows.t().contiguous().index_select(0, index) & full[:, None]
                     fixed = torch.where(und, yes64, sure)
-                    near[rows] |= (und & ~(yes64 | no64)).view(C, K, len(rows)).any(1).t()
+                    tied = (und & ~(yes64 | no64)).view(C, K, len(rows)).any(1).t()  # (R, C)
+                    near_at[s, rows] = tied
+                    near[rows] |= tied
                     column_count -= sure_rows.sum(0, dtype=torch.int32)  # those rows count from `fixed`
                     total[s] += fixed.sum(1)
                 total[s] += column_count.index_select(0, index).long() * full
@@ -565,10 +571,30 @@ class ConceptScreen:
         if len(tok):
             self.near_tokens += len(tok)
             reference = torch.zeros(S, len(tok), K, dtype=torch.bool, device=device)
+            # the layers whose decision is taken from `reference`; elsewhere the one counted above stands (it
+            # was proven there: a pair is tied only at the layers where its float64 expansion could not decide)
+            taken = torch.ones(S, len(tok), dtype=torch.bool, device=device)
+            layers = torch.arange(S, device=device)
             for c in con.unique().tolist():
                 sel = (con == c).nonzero().flatten()
                 tpl = self.templates[c]
-                reference[:, sel] = tpl.deviations64(states[tok[sel]]) <= tpl.theta[:, None, :]  # (S, n, K)
+                got = states[tok[sel]]  # (m, S, d)
+                # at a layer where the state has the very bits of a drawn positive's, the reference (a function
+                # of that layer's row alone, see rowwise_deviations64) gives that positive's deviation, devR
+                same = (got[:, None] == tpl.X[None].to(got.dtype)).all(-1)  # (m, n, S)
+                need = near_at[:, tok[sel], c].t()  # (m, S) where the pair is tied
+                run = (need & ~same.any(1)).any(1)  # (m,) tied somewhere no drawn positive shares its bits
+                if run.any():
+                    idx = sel[run]
+                    reference[:, idx] = tpl.deviations64(states[tok[idx]]) <= tpl.theta[:, None, :]  # (S, n, K)
+                    self.ties_computed += len(idx)
+                if not run.all():
+                    keep = ~run
+                    member = same[keep].to(torch.uint8).argmax(1)  # (m', S) the first positive with those bits
+                    dev = tpl.devR[layers[None, :], member]  # (m', S, K)
+                    reference[:, sel[keep]] = (dev <= tpl.theta[None]).transpose(0, 1)
+                    taken[:, sel[keep]] = need[keep].t()
+                    self.ties_reused += int(keep.sum())
             in_q = torch.isin(tok, q)
             q_slots = torch.searchsorted(q, tok[in_q])
             ks = torch.arange(K, device=device)
@@ -582,10 +608,10 @@ class ConceptScreen:
                     among = torch.isin(tok, rows)
                     if among.any():
                         was[among] = fixed[flat[among], torch.searchsorted(rows, tok[among])[:, None]]
-                change = reference[s].long() - was.long()  # (P, K)
-                total[s].view(C, K).index_add_(0, con, change)
+                now = torch.where(taken[s][:, None], reference[s], was)
+                total[s].view(C, K).index_add_(0, con, now.long() - was.long())
                 if len(q_slots):
-                    at_q[s].view(C, K, nq)[con[in_q], :, q_slots] = reference[s][in_q]
+                    at_q[s].view(C, K, nq)[con[in_q], :, q_slots] = now[in_q]
         out = torch.zeros(C, S, K, 2, dtype=torch.long, device=device)
         out[..., 1] = total.view(S, C, K).permute(1, 0, 2)
         if nq:

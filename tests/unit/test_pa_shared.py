@@ -266,5 +266,8 @@ def test_counts_equal_the_reference_counts_on_every_path(offset):
     assert torch.equal(counts[..., 0], tp) and torch.equal(counts[..., 1], fp)
     assert tp.sum() > 0 and fp.sum() > 0
     assert 0 < screen.float64_rows < S * t and 0 < screen.near_tokens < screen.screened
+    # ties: both ways taken (a drawn positive's bits at the tied layers, its devR read; else the reference run)
+    assert screen.ties_reused > 0 and screen.ties_computed > 0
+    assert screen.ties_reused + screen.ties_computed == screen.near_tokens
     none = screen.counts(rows, torch.zeros_like(pos), torch.zeros_like(own))  # no positive: every match is an FP
     assert torch.equal(none[..., 0], torch.zeros_like(tp)) and torch.equal(none[..., 1], reference.sum(2))
