@@ -158,7 +158,10 @@ def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, json_
         print(f"  pass 2's screen: {screen['concept_tokens']} (concept, token) pairs; {screen['float64_layer_tokens']} "
               f"(layer, token) pairs screened again in float64 ({screen['float64_layer_tokens'] / (T * S):.2%} of "
               f"{T * S}); {screen['rowwise_concept_tokens']} (concept, token) pairs decided by the float64 reference "
-              f"row by row ({screen['rowwise_concept_tokens'] / screen['concept_tokens']:.3%})")
+              f"row by row ({screen['rowwise_concept_tokens'] / screen['concept_tokens']:.3%})"
+              + (f"; of these ties, {screen['ties_from_drawn_bits']} read a drawn positive's deviation (the same "
+                 f"bits at the tied layers) and {screen['ties_reference_run']} ran the reference"
+                 if "ties_from_drawn_bits" in screen else ""))
     print(f"  the ratio above is the build's own time (corpus, labels, passes 1-3; from build_dictionary's start to "
           f"its end); end to end, with the process start and the model load: {wall_rate:.0f} tok/s "
           f"(ratio {wall_rate / fwd_rate:.2f})")

@@ -338,7 +338,8 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
         report.fit_seconds = time.perf_counter() - t1
         if getattr(fit, "shared", None) is not None:
             report.screen = {"concept_tokens": fit.shared.screened, "float64_layer_tokens": fit.shared.float64_rows,
-                             "rowwise_concept_tokens": fit.shared.near_tokens}
+                             "rowwise_concept_tokens": fit.shared.near_tokens,
+                             "ties_from_drawn_bits": fit.shared.ties_reused, "ties_reference_run": fit.shared.ties_computed}
 
         chunks: list[Chunk] = []
         for label, fits in fit.finish().items():
