@@ -362,6 +362,7 @@ class ConceptScreen:
     most gamma_{d+2} (beta P + S); so U - exact >= S (rel - 3.02 gamma_{d+3} - 1.01 u) > 0, and
     exact - fl(U - 2 rel P) >= S (rel - 3.03 gamma_{d+3} - 3 u) > 0, since rel = 2 gamma_{3d+8} >=
     6 gamma_{d+3}: U bounds the exact sum from above and U - 2 rel P from below, with twice the room needed.
+    Where U is not finite (an overflow past the float32 range although P is finite), nothing is decided.
 
     Tolerances sharing a subpopulation share a column; a column's float32 decision compares with the lowest
     and highest limits of the tolerances reading it, so it holds for each of them. Matches are laid out
@@ -524,8 +525,10 @@ class ConceptScreen:
                 # above the exact sum and U - 2 rel P at or below it
                 P = torch.addmm(self.const[s], h * h, cols)  # (t, N)
                 U = torch.addmm(P, h, self.weighted[s], beta=1.0 + self.rel, alpha=-2.0)
-                yes = U < self.low[s]  # surely below every threshold reading the column
-                settled = yes | (U.add_(P, alpha=-2.0 * self.rel) > self.high[s])  # NaN decides nothing
+                # a U that overflowed (beta P or 2B past the float32 range, P itself finite) bounds nothing
+                finite = U.isfinite()
+                yes = (U < self.low[s]) & finite  # surely below every threshold reading the column
+                settled = yes | ((U.add_(P, alpha=-2.0 * self.rel) > self.high[s]) & finite)  # NaN decides nothing
                 rows = (~settled.all(1)).nonzero().flatten()  # within the bound of a threshold, or not finite
                 column_count = yes.sum(0, dtype=torch.int32)  # (N,)
                 fixed = None

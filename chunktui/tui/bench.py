@@ -70,7 +70,7 @@ def latency_trend(latencies: list[tuple[float, int]], tokens: int, resamples: in
         rng = random.Random(seed)
         values = sorted(v for v in (stat([latencies[rng.randrange(len(latencies))] for _ in latencies])
                                     for _ in range(resamples)) if v is not None)
-        if len(values) < resamples // 2:
+        if not values or len(values) < resamples // 2:
             return None
         return [_ms(values[int(0.025 * (len(values) - 1))]), _ms(values[int(0.975 * (len(values) - 1))])]
 

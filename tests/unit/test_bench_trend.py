@@ -37,3 +37,5 @@ def test_seeded_and_empty():
     assert empty["slope_ms_per_1000_tokens"] is None and empty["slope_ci95"] is None
     one_end = latency_trend([(0.01, 5), (0.02, 6), (0.03, 7)], 1000, resamples=50)
     assert one_end["p95_last_minus_first"] is None  # no press in the last 10%
+    few = latency_trend([(0.01, 950)], 1000, resamples=1)  # no statistic in any resample: no interval
+    assert few["slope_ci95"] is None and few["p95_last_minus_first_ci95"] is None

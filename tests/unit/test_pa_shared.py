@@ -271,3 +271,19 @@ def test_counts_equal_the_reference_counts_on_every_path(offset):
     assert screen.ties_reused + screen.ties_computed == screen.near_tokens
     none = screen.counts(rows, torch.zeros_like(pos), torch.zeros_like(own))  # no positive: every match is an FP
     assert torch.equal(none[..., 0], torch.zeros_like(tp)) and torch.equal(none[..., 1], reference.sum(2))
+
+
+def test_counts_near_the_float32_range_go_to_float64():
+    """A state whose sums are finite in float32 but whose bounded sum (1 + rel) P overflows: undecided, not a
+    sure no (its exact deviation from the template is 0, and the reference matches it)."""
+    S, d = 2, 1
+    v = float(torch.tensor((torch.finfo(torch.float32).max / 2) * (1 - 3e-7)).sqrt())
+    X = torch.full((5, S, d), v)
+    tpl = ConceptTemplate("big", torch.arange(5), X, torch.tensor(PAPER_TOLERANCES), "cpu")
+    rows = torch.cat([X[:1], X[:1] * 0.5, torch.randn(3, S, d)])
+    pos = torch.zeros(1, len(rows), dtype=torch.bool)
+    screen = ConceptScreen([tpl])
+    counts = screen.counts(rows, pos, pos)
+    reference = _reference([tpl], rows)
+    assert reference[0, :, 0].any()  # the template's own state matches
+    assert torch.equal(counts[..., 1], reference.sum(2))
