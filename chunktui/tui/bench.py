@@ -49,7 +49,9 @@ def latency_trend(latencies: list[tuple[float, int]], tokens: int, resamples: in
     against tokens (per 1,000 tokens) and p95 of the last 10% of tokens minus p95 of the first 10%, each with a
     95% percentile-bootstrap interval (presses resampled with replacement, `resamples` times, seeded). A p95 of
     ~80 presses moves by several ms between identical runs, so a difference of two p95s alone says little; the
-    slope uses every press."""
+    slope uses every press. The bootstrap treats presses as independent; latencies next to each other are
+    correlated (a gc pause, a burst of tokens), so the intervals are, if anything, too narrow, and presses
+    the app did not answer within 2 s are not in them."""
     import random
 
     def slope(pairs) -> float | None:
