@@ -584,7 +584,8 @@ class ConceptScreen:
                 got = states[tok[sel]]  # (m, S, d)
                 # at a layer where the state has the very bits of a drawn positive's, the reference (a function
                 # of that layer's row alone, see rowwise_deviations64) gives that positive's deviation, devR
-                same = (got[:, None] == tpl.X[None].to(got.dtype)).all(-1)  # (m, n, S)
+                X = tpl.X.to(got.dtype)
+                same = torch.stack([(got == X[r]).all(-1) for r in range(len(X))], 1)  # (m, n, S), m x S x d at a time
                 need = near_at[:, tok[sel], c].t()  # (m, S) where the pair is tied
                 run = (need & ~same.any(1)).any(1)  # (m,) tied somewhere no drawn positive shares its bits
                 if run.any():

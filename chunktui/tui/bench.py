@@ -55,13 +55,12 @@ def latency_trend(latencies: list[tuple[float, int]], tokens: int, resamples: in
     import random
 
     def slope(pairs) -> float | None:
-        n = len(pairs)
-        if n < 3:
+        if len(pairs) < 3:
             return None
-        mx = sum(c for _, c in pairs) / n
-        my = sum(x for x, _ in pairs) / n
-        sxx = sum((c - mx) ** 2 for _, c in pairs)
-        return None if not sxx else sum((c - mx) * (x - my) for x, c in pairs) / sxx * 1000
+        try:
+            return statistics.linear_regression([c for _, c in pairs], [x for x, _ in pairs]).slope * 1000
+        except statistics.StatisticsError:  # every press at the same token count
+            return None
 
     def gap(pairs) -> float | None:
         early = [x for x, c in pairs if c <= 0.1 * tokens]
