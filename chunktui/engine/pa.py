@@ -363,6 +363,10 @@ class ConceptScreen:
     exact - fl(U - 2 rel P) >= S (rel - 3.03 gamma_{d+3} - 3 u) > 0, since rel = 2 gamma_{3d+8} >=
     6 gamma_{d+3}: U bounds the exact sum from above and U - 2 rel P from below, with twice the room needed.
     Where U is not finite (an overflow past the float32 range although P is finite), nothing is decided.
+    `counts` lays every layer's columns side by side, tokens last, and decides all layers in one pass; the
+    (column, token) cells it leaves undecided get their float64 sum directly, sum_M (h - mu)^2 (non-negative
+    terms: a bound relative to the sum itself, `rel_direct64`, rather than to A + c), and only the cells, not
+    their whole rows, go to float64.
 
     Tolerances sharing a subpopulation share a column; a column's float32 decision compares with the lowest
     and highest limits of the tolerances reading it, so it holds for each of them. Matches are laid out
@@ -435,6 +439,76 @@ class ConceptScreen:
             self.full.append(full)
             self.const64.append(torch.cat(consts))
         self.C = C
+        self._lay_out_columns()
+
+    def _lay_out_columns(self) -> None:
+        """Every layer's columns side by side, tokens last, for `counts`: (N, t) buffers filled layer by layer by
+        the matmuls and decided in one pass each; and per column what its float64 sum needs."""
+        S, C, K = self.S, self.C, self.K
+        active = [s for s in range(S) if self.columns[s] is not None]
+        device = self.templates[0].mu.device
+        self.active = active
+        self.offsets = [0] * (S + 1)
+        for s in range(S):
+            self.offsets[s + 1] = self.offsets[s] + (self.columns[s].shape[1] if self.columns[s] is not None else 0)
+        self.n_columns = self.offsets[S]
+        # each layer's (N_s, d) columns transposed, so that its block of the (N, t) buffer is one contiguous matmul
+        self.columns_t = [c.t().contiguous() if c is not None else None for c in self.columns]
+        self.weighted_t = [w.t().contiguous() if w is not None else None for w in self.weighted]
+        gidx = torch.zeros(S, C * K, dtype=torch.long, device=device)
+        full = torch.zeros(S, C * K, dtype=torch.bool, device=device)
+        low64 = torch.full((S, C * K), float("-inf"), dtype=torch.float64, device=device)
+        high64 = torch.full((S, C * K), float("-inf"), dtype=torch.float64, device=device)
+        for s in active:
+            gidx[s] = self.index[s] + self.offsets[s]
+            full[s] = self.full[s]
+            low64[s], high64[s] = self.low64[s], self.high64[s]
+        self.gidx, self.full_flat = gidx.reshape(-1), full.reshape(-1)  # (S*C*K,) the column each reads
+        self.low64_flat, self.high64_flat = low64.reshape(-1), high64.reshape(-1)
+        if not active:
+            return
+        self.low_all = torch.cat([self.low[s] for s in active])[:, None]  # (N, 1)
+        self.high_all = torch.cat([self.high[s] for s in active])[:, None]
+        # who reads each column: the (layer, concept, tolerance) rows, grouped by column
+        flat = self.full_flat.nonzero().flatten()
+        col = self.gidx[flat]
+        order = torch.argsort(col, stable=True)
+        self.readers = flat[order]
+        self.reader_count = torch.bincount(col, minlength=self.n_columns)
+        self.reader_start = torch.cumsum(self.reader_count, 0) - self.reader_count
+        # per column: its layer, its concept's float64 template at that layer, its subpopulation
+        layer_of, concept_of, masks = [], [], []
+        for s in active:
+            for c, tpl in enumerate(self.templates):
+                cols = tpl.layer_columns[s]
+                if cols is not None:
+                    layer_of.append(torch.full((cols.shape[1],), s, dtype=torch.long, device=device))
+                    concept_of.append(torch.full((cols.shape[1],), c, dtype=torch.long, device=device))
+                    masks.append(cols.t().bool())
+        self.col_layer = torch.cat(layer_of)
+        self.col_template = self.col_layer * C + torch.cat(concept_of)  # a row of mu64_all
+        self.col_mask = torch.cat(masks)  # (N, d) bool
+        self.mu64_all = torch.stack([torch.stack([tpl.mu64[s] for tpl in self.templates]) for s in range(S)])
+        self.mu64_all = self.mu64_all.reshape(S * C, -1)  # (S*C, d)
+        d = self.mu64_all.shape[1]
+        # a float64 sum of m <= d non-negative terms (h - mu)^2, each rounded twice: within gamma_{d+1} of the
+        # exact sum (Higham 3.1), so within twice gamma_{d+3} of the computed one
+        self.rel_direct64 = 2.0 * (d + 3) * 2.0 ** -53 / (1 - (d + 3) * 2.0 ** -53)
+
+    def _drawn(self):
+        """Every concept's drawn positives (C, n, S, d) float32, their deviations (C, S, n, K) float64 and the
+        thresholds (C, S, K), padded with NaN to the most positives drawn (NaN equals no state): for the ties."""
+        if getattr(self, "_drawn_cache", None) is None:
+            n = max(len(tpl.X) for tpl in self.templates)
+            first = self.templates[0]
+            S, d = first.mu.shape
+            X_all = torch.full((self.C, n, S, d), float("nan"), device=first.mu.device)
+            devR_all = torch.full((self.C, S, n, self.K), float("nan"), dtype=torch.float64, device=first.mu.device)
+            for c, tpl in enumerate(self.templates):
+                X_all[c, :len(tpl.X)] = tpl.X.float()
+                devR_all[c, :, :len(tpl.X)] = tpl.devR
+            self._drawn_cache = (X_all, devR_all, torch.stack([tpl.theta for tpl in self.templates]))
+        return self._drawn_cache
 
     def screen(self, states: torch.Tensor, states_t: torch.Tensor | None = None) -> torch.Tensor:
         """states (t, S, d) float32 -> match (C, S, t, K) bool, as `ConceptTemplate.screen` (`states_t` is unused)."""
@@ -493,129 +567,132 @@ class ConceptScreen:
         """TP and FP counts (C, S, K, 2) int64 of one batch: states (t, S, d); pos, own (C, t) bool, the
         concepts' positives and their drawn ones (whose deviations pass 1 counted).
 
-        The same decisions as `decide`, counted without laying them out per (concept, tolerance, token): per
-        layer, the float32 screen's sure matches are summed per distinct column and each (concept, tolerance)
-        reads its column's count; the rows within the bound of a threshold are counted from their float64
-        expansion (on the columns they left undecided only), the batch's positives are kept per (concept,
-        tolerance) to tell TP from FP, and the ties, decided by the float64 reference row by row at the end,
-        replace what was counted for them."""
+        The same decisions as `decide`, counted without laying them out per (concept, tolerance, token): every
+        layer's float32 bounds go into one (N, t) buffer (its columns side by side, tokens last), decided in a
+        few passes over all layers at once; the sure matches are summed per column and each (layer, concept,
+        tolerance) reads its column's count. The (column, token) cells the bound leaves undecided get their
+        sum in float64 directly, sum_M (h - mu)^2 (a float64 sum of non-negative terms: within 2 gamma_{d+3}
+        of itself, `rel_direct64`), and each (concept, tolerance) reading the column decides on it; the batch's
+        positives are kept per (layer, concept, tolerance) to tell TP from FP, and the ties, decided by the
+        float64 reference row by row at the end, replace what was counted for them."""
         C, S, K = self.C, self.S, self.K
         t = states.shape[0]
         from chunktui.engine.matching import _ieee_float32
 
         states = states.float()
         device = states.device
+        SCK = S * C * K
         q = pos.any(0).nonzero().flatten()  # the batch's positive tokens, of any concept: a few
         nq = len(q)
-        total = torch.zeros(S, C * K, dtype=torch.long, device=device)  # every match, positive or not
-        at_q = torch.zeros(S, C * K, nq, dtype=torch.bool, device=device)  # the matches on the positives
-        near = torch.zeros(t, C, dtype=torch.bool, device=device)
-        near_at = torch.zeros(S, t, C, dtype=torch.bool, device=device)  # the same, per layer
-        decided: list = []  # per layer: (yes (t, N), rows, their decisions (C*K, rows)), or None
-        with _ieee_float32():  # the bound holds for IEEE float32 products, not TF32's
-            for s in range(S):
-                cols = self.columns[s]
-                if cols is None:
-                    decided.append(None)
-                    continue
-                index, full = self.index[s], self.full[s]
-                h = states[:, s, :]  # (t, d)
-                # the bound folded into the matmuls (fewer passes over (t, N)): P = A + c, U = (1 + rel) P - 2B
-                # = approx + bound, then U - 2 rel P = approx - bound; see the class notes for why U is at or
-                # above the exact sum and U - 2 rel P at or below it
-                P = torch.addmm(self.const[s], h * h, cols)  # (t, N)
-                U = torch.addmm(P, h, self.weighted[s], beta=1.0 + self.rel, alpha=-2.0)
-                # a U that overflowed (beta P or 2B past the float32 range, P itself finite) bounds nothing
-                finite = U.isfinite()
-                yes = (U < self.low[s]) & finite  # surely below every threshold reading the column
-                settled = yes | ((U.add_(P, alpha=-2.0 * self.rel) > self.high[s]) & finite)  # NaN decides nothing
-                rows = (~settled.all(1)).nonzero().flatten()  # within the bound of a threshold, or not finite
-                column_count = yes.sum(0, dtype=torch.int32)  # (N,)
-                fixed = None
-                if len(rows):
-                    # the float64 expansion for those rows, on the columns some of them left undecided only
-                    self.float64_rows += len(rows)
-                    und = ~settled.index_select(0, rows)  # (R, N)
-                    ucols = und.any(0).nonzero().flatten()
-                    h64 = h.index_select(0, rows).double()
-                    A64 = torch.mm(h64 * h64, cols.index_select(1, ucols).double())
-                    const64 = self.const64[s].index_select(0, ucols)
-                    approx64 = torch.addmm(A64, h64, self.weighted[s].index_select(1, ucols).double(),
-                                           alpha=-2.0).add_(const64)
-                    bound64 = A64.add_(const64).mul_(self.rel64)
-                    slot = torch.zeros(cols.shape[1], dtype=torch.long, device=device)
-                    slot[ucols] = torch.arange(len(ucols), device=device)
-                    reads = slot.index_select(0, index)  # (C*K,) each (concept, tolerance)'s column among ucols
-                    # (concept x tolerance, row) from here: picking columns is a row selection, the fast one
-                    approx64 = approx64.t().contiguous().index_select(0, reads)
-                    bound64 = bound64.t().contiguous().index_select(0, reads)
-                    yes64 = (approx64 + bound64) < self.low64[s][:, None]
-                    no64 = (approx64 - bound64) > self.high64[s][:, None]
-                    und = und.t().contiguous().index_select(0, index) & full[:, None]  # (C*K, R) left to float64
-                    sure_rows = yes.index_select(0, rows)
-                    sure = sure_rows.t().contiguous().index_select(0, index) & full[:, None]
-                    fixed = torch.where(und, yes64, sure)
-                    tied = (und & ~(yes64 | no64)).view(C, K, len(rows)).any(1).t()  # (R, C)
-                    near_at[s, rows] = tied
-                    near[rows] |= tied
-                    column_count -= sure_rows.sum(0, dtype=torch.int32)  # those rows count from `fixed`
-                    total[s] += fixed.sum(1)
-                total[s] += column_count.index_select(0, index).long() * full
-                if nq:
-                    at_q[s] = yes.index_select(0, q).t().contiguous().index_select(0, index) & full[:, None]
-                    if fixed is not None:
-                        among = torch.isin(q, rows)
-                        if among.any():
-                            at_q[s][:, among] = fixed[:, torch.searchsorted(rows, q[among])]
-                decided.append((yes, rows, fixed))
         self.screened += C * t
+        N = self.n_columns
+        if N == 0 or t == 0:  # no concept has a subpopulation anywhere: nothing matches
+            return torch.zeros(C, S, K, 2, dtype=torch.long, device=device)
+        P = torch.empty(N, t, device=device)
+        U = torch.empty(N, t, device=device)
+        squares = states.square()  # (t, S, d)
+        with _ieee_float32():  # the bound holds for IEEE float32 products, not TF32's
+            for s in self.active:
+                a, b = self.offsets[s], self.offsets[s + 1]
+                h = states[:, s, :]  # (t, d), rows S x d apart: the matmuls read it in place, transposed
+                # the bound folded into the matmuls: P = A + c, U = (1 + rel) P - 2B = approx + bound, and below
+                # U - 2 rel P = approx - bound; see the class notes for why U is at or above the exact sum and
+                # U - 2 rel P at or below it
+                torch.addmm(self.const[s][:, None], self.columns_t[s], squares[:, s, :].t(), out=P[a:b])
+                torch.addmm(P[a:b], self.weighted_t[s], h.t(), beta=1.0 + self.rel, alpha=-2.0, out=U[a:b])
+        # P is finite and at most 1e37 everywhere (NaN fails the test): then so are (1 + rel) P, 2B (2|B| <= P up
+        # to rounding) and U; otherwise a U past the float32 range bounds nothing and decides nothing
+        finite = None if bool(P.max() <= 1e37) else U.isfinite()
+        yes = U < self.low_all  # (N, t) surely below every threshold reading the column
+        no = U.add_(P, alpha=-2.0 * self.rel) > self.high_all  # surely above every one
+        if finite is not None:
+            yes &= finite
+            no &= finite
+        und = torch.logical_or(yes, no, out=no).logical_not_()  # within the bound of a threshold, or not finite
+        total = yes.sum(1, dtype=torch.int32).index_select(0, self.gidx).long() * self.full_flat  # (S*C*K,)
+        at_q = yes.index_select(1, q).index_select(0, self.gidx) & self.full_flat[:, None]  # (S*C*K, q)
+        near_at = torch.zeros(S, t, C, dtype=torch.bool, device=device)  # ties, per layer
+        cell_col, cell_row = und.nonzero(as_tuple=True)  # the undecided (column, token) cells
+        pair_key = pair_yes = None
+        if len(cell_col):
+            layer = self.col_layer[cell_col]
+            self.float64_rows += int(torch.unique(layer * t + cell_row).numel())
+            # the cell's sum in float64, straight from its definition (h in float32 converts exactly)
+            d2 = (states[cell_row, layer].double() - self.mu64_all[self.col_template[cell_col]]).square_()
+            sums = d2.mul_(self.col_mask[cell_col]).sum(1)
+            bound = sums * self.rel_direct64
+            # every (layer, concept, tolerance) reading the cell's column decides on it
+            count = self.reader_count[cell_col]
+            cell = torch.repeat_interleave(torch.arange(len(cell_col), device=device), count)
+            within = torch.arange(len(cell), device=device) - torch.repeat_interleave(torch.cumsum(count, 0) - count,
+                                                                                      count)
+            sck = self.readers[self.reader_start[cell_col][cell] + within]
+            v, b, row = sums[cell], bound[cell], cell_row[cell]
+            yes64 = (v + b) < self.low64_flat[sck]
+            no64 = (v - b) > self.high64_flat[sck]
+            total += torch.bincount(sck[yes64], minlength=SCK)  # undecided cells counted nothing above
+            if nq:
+                in_q = torch.isin(row, q)
+                if in_q.any():
+                    at_q[sck[in_q], torch.searchsorted(q, row[in_q])] = yes64[in_q]
+            tied = ~(yes64 | no64)
+            if tied.any():
+                near_at[sck[tied] // (C * K), row[tied], (sck[tied] // K) % C] = True
+            # for the ties below: what was counted for a (token, layer, concept, tolerance) decided here
+            pair_key, order = torch.sort(row * SCK + sck)
+            pair_yes = yes64[order]
         # ties: decided by the concept's float64 reference one row at a time, at every layer, in place of the above
-        tok, con = near.nonzero(as_tuple=True)  # (P,) the tied (token, concept) pairs, by token
+        tok, con = near_at.any(0).nonzero(as_tuple=True)  # (P,) the tied (token, concept) pairs, by token
         if len(tok):
             self.near_tokens += len(tok)
             reference = torch.zeros(S, len(tok), K, dtype=torch.bool, device=device)
             # the layers whose decision is taken from `reference`; elsewhere the one counted above stands (it
-            # was proven there: a pair is tied only at the layers where its float64 expansion could not decide)
+            # was proven there: a pair is tied only at the layers where its float64 sum could not decide)
             taken = torch.ones(S, len(tok), dtype=torch.bool, device=device)
             layers = torch.arange(S, device=device)
-            for c in con.unique().tolist():
-                sel = (con == c).nonzero().flatten()
+            got = states[tok]  # (P, S, d)
+            # at a layer where the state has the very bits of a drawn positive's, the reference (a function of that
+            # layer's row alone, see rowwise_deviations64) gives that positive's deviation, devR
+            X_all, devR_all, theta_all = self._drawn()
+            same = torch.zeros(len(tok), X_all.shape[1], S, dtype=torch.bool, device=device)  # (P, n, S)
+            for a in range(0, len(tok), 256):  # P x S x d at a time
+                for r in range(X_all.shape[1]):
+                    same[a:a + 256, r] = (got[a:a + 256] == X_all[con[a:a + 256], r]).all(-1)
+            need = near_at[:, tok, con].t()  # (P, S) where the pair is tied
+            run = (need & ~same.any(1)).any(1)  # (P,) tied somewhere no drawn positive shares its bits
+            for c in con[run].unique().tolist():
+                idx = (run & (con == c)).nonzero().flatten()
                 tpl = self.templates[c]
-                got = states[tok[sel]]  # (m, S, d)
-                # at a layer where the state has the very bits of a drawn positive's, the reference (a function
-                # of that layer's row alone, see rowwise_deviations64) gives that positive's deviation, devR
-                X = tpl.X.to(got.dtype)
-                same = torch.stack([(got == X[r]).all(-1) for r in range(len(X))], 1)  # (m, n, S), m x S x d at a time
-                need = near_at[:, tok[sel], c].t()  # (m, S) where the pair is tied
-                run = (need & ~same.any(1)).any(1)  # (m,) tied somewhere no drawn positive shares its bits
-                if run.any():
-                    idx = sel[run]
-                    reference[:, idx] = tpl.deviations64(states[tok[idx]]) <= tpl.theta[:, None, :]  # (S, n, K)
-                    self.ties_computed += len(idx)
-                if not run.all():
-                    keep = ~run
-                    member = same[keep].to(torch.uint8).argmax(1)  # (m', S) the first positive with those bits
-                    dev = tpl.devR[layers[None, :], member]  # (m', S, K)
-                    reference[:, sel[keep]] = (dev <= tpl.theta[None]).transpose(0, 1)
-                    taken[:, sel[keep]] = need[keep].t()
-                    self.ties_reused += int(keep.sum())
-            in_q = torch.isin(tok, q)
-            q_slots = torch.searchsorted(q, tok[in_q])
+                reference[:, idx] = tpl.deviations64(got[idx]) <= tpl.theta[:, None, :]  # (S, m, K)
+            self.ties_computed += int(run.sum())
+            keep = (~run).nonzero().flatten()
+            if len(keep):
+                member = same[keep].to(torch.uint8).argmax(1)  # (m', S) the first positive with those bits
+                c_keep = con[keep][:, None]
+                dev = devR_all[c_keep, layers[None, :], member]  # (m', S, K)
+                reference[:, keep] = (dev <= theta_all[c_keep, layers[None, :]]).transpose(0, 1)
+                taken[:, keep] = need[keep].t()
+                self.ties_reused += len(keep)
+            # what was counted above for each (layer, pair, tolerance): the float32 decision, or the float64 one
+            # where the cell was undecided
             ks = torch.arange(K, device=device)
-            flat = con[:, None] * K + ks  # (P, K) the pairs' (concept, tolerance) rows
-            for s, got in enumerate(decided):
-                if got is None:
-                    continue  # no concept has a subpopulation here: nothing was counted, the reference says none
-                yes, rows, fixed = got
-                was = yes[tok[:, None], self.index[s][flat]] & self.full[s][flat]  # (P, K) as counted above
-                if fixed is not None:
-                    among = torch.isin(tok, rows)
-                    if among.any():
-                        was[among] = fixed[flat[among], torch.searchsorted(rows, tok[among])[:, None]]
-                now = torch.where(taken[s][:, None], reference[s], was)
-                total[s].view(C, K).index_add_(0, con, now.long() - was.long())
-                if len(q_slots):
-                    at_q[s].view(C, K, nq)[con[in_q], :, q_slots] = now[in_q]
+            flat = (layers[:, None, None] * C + con[None, :, None]) * K + ks  # (S, P, K)
+            col = self.gidx[flat]
+            tokens = tok[None, :, None].expand_as(flat)
+            counted = self.full_flat[flat]
+            was = yes[col, tokens] & counted
+            redo = und[col, tokens] & counted
+            if redo.any():
+                key = tokens[redo] * SCK + flat[redo]
+                was[redo] = pair_yes[torch.searchsorted(pair_key, key)]
+            now = torch.where(taken[:, :, None], reference, was)
+            total.index_add_(0, flat.reshape(-1), now.reshape(-1).long() - was.reshape(-1).long())
+            if nq:
+                in_q = torch.isin(tok, q)
+                if in_q.any():
+                    slots = torch.searchsorted(q, tok[in_q])
+                    at_q[flat[:, in_q].reshape(-1), slots[None, :, None].expand(S, -1, K).reshape(-1)] = \
+                        now[:, in_q].reshape(-1)
         out = torch.zeros(C, S, K, 2, dtype=torch.long, device=device)
         out[..., 1] = total.view(S, C, K).permute(1, 0, 2)
         if nq:
