@@ -495,6 +495,15 @@ class ConceptScreen:
         # exact sum (Higham 3.1), so within twice gamma_{d+3} of the computed one
         self.rel_direct64 = 2.0 * (d + 3) * 2.0 ** -53 / (1 - (d + 3) * 2.0 ** -53)
 
+    def _buffer(self, name: str, shape: tuple, dtype, device) -> torch.Tensor:
+        """A contiguous tensor of `shape` on the storage kept under `name`, grown when a batch needs more."""
+        buffers = self.__dict__.setdefault("_buffers", {})
+        n = math.prod(shape)
+        flat = buffers.get(name)
+        if flat is None or flat.numel() < n or flat.dtype != dtype or flat.device != torch.device(device):
+            flat = buffers[name] = torch.empty(max(n, 1), dtype=dtype, device=device)
+        return flat[:n].view(shape)
+
     def _drawn(self):
         """Every concept's drawn positives (C, n, S, d) float32, their deviations (C, S, n, K) float64 and the
         thresholds (C, S, K), padded with NaN to the most positives drawn (NaN equals no state): for the ties."""
@@ -588,9 +597,11 @@ class ConceptScreen:
         N = self.n_columns
         if N == 0 or t == 0:  # no concept has a subpopulation anywhere: nothing matches
             return torch.zeros(C, S, K, 2, dtype=torch.long, device=device)
-        P = torch.empty(N, t, device=device)
-        U = torch.empty(N, t, device=device)
-        squares = states.square()  # (t, S, d)
+        # the batch-sized buffers are kept between batches: a new one each time would take fresh pages from the
+        # system (page faults) for every batch
+        P = self._buffer("P", (N, t), torch.float32, device)
+        U = self._buffer("U", (N, t), torch.float32, device)
+        squares = torch.square(states, out=self._buffer("squares", tuple(states.shape), torch.float32, device))
         with _ieee_float32():  # the bound holds for IEEE float32 products, not TF32's
             for s in self.active:
                 a, b = self.offsets[s], self.offsets[s + 1]
@@ -603,8 +614,9 @@ class ConceptScreen:
         # P is finite and at most 1e37 everywhere (NaN fails the test): then so are (1 + rel) P, 2B (2|B| <= P up
         # to rounding) and U; otherwise a U past the float32 range bounds nothing and decides nothing
         finite = None if bool(P.max() <= 1e37) else U.isfinite()
-        yes = U < self.low_all  # (N, t) surely below every threshold reading the column
-        no = U.add_(P, alpha=-2.0 * self.rel) > self.high_all  # surely above every one
+        yes = torch.lt(U, self.low_all, out=self._buffer("yes", (N, t), torch.bool, device))  # surely below every
+        # threshold reading the column, and surely above every one:
+        no = torch.gt(U.add_(P, alpha=-2.0 * self.rel), self.high_all, out=self._buffer("no", (N, t), torch.bool, device))
         if finite is not None:
             yes &= finite
             no &= finite
