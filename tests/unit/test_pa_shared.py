@@ -287,3 +287,29 @@ def test_counts_near_the_float32_range_go_to_float64():
     reference = _reference([tpl], rows)
     assert reference[0, :, 0].any()  # the template's own state matches
     assert torch.equal(counts[..., 1], reference.sum(2))
+
+
+def test_counts_keep_their_buffers_across_batches_of_any_size():
+    """`counts` reuses its batch-sized buffers: batches of growing, shrinking and single-token sizes, one with a
+    state that is not finite (NaN at one layer, infinite at another), each count as the float64 reference does."""
+    S, d = 4, 48
+    templates, g, shift = _offset_templates(300.0, S, d)
+    rows = _adversarial_rows(templates, g, S, d) + 0.0
+    rows[:40] += shift
+    rows[5, 1, 3] = float("nan")
+    rows[6, 0, :] = float("inf")
+    pos_all = torch.rand(len(templates), len(rows), generator=g) < 0.2
+    own_all = pos_all & (torch.rand(len(templates), len(rows), generator=g) < 0.3)
+    screen = ConceptScreen(templates)
+    order = torch.randperm(len(rows), generator=g)
+    start = 0
+    for size in (50, 200, 1, 120, len(rows)):
+        idx = order[start:start + size] if start + size <= len(rows) else order[:size]
+        start += size
+        batch, pos, own = rows[idx], pos_all[:, idx], own_all[:, idx]
+        counts = screen.counts(batch, pos, own)
+        reference = _reference(templates, batch)  # (C, S, t, K)
+        tp = (reference & (pos & ~own)[:, None, :, None]).sum(2)
+        fp = (reference & ~pos[:, None, :, None]).sum(2)
+        assert torch.equal(counts[..., 0], tp) and torch.equal(counts[..., 1], fp), size
+    assert reference.any()
