@@ -217,10 +217,13 @@ class ConceptTemplate:
                                torch.full_like(self.count, float("nan"))).T  # (S, K)
         # (S, d, K) 0/1 in float64 straight from the masks (the float32 copy and the padded columns are made
         # only where asked for: on the CPU pass 2 needs neither, and each is megabytes per concept)
-        self.mu64, self.Mf64, self.inv64 = self.mu.double(), self.M.permute(1, 2, 0).double(), self.inv.double()
-        self._Mf = self._Mu = None
+        self.mu64, self.inv64 = self.mu.double(), self.inv.double()
+        self._Mf = self._Mu = self._Mf64 = None
         self.X = X  # (n, S, d) float32: a tie whose state has a drawn positive's bits reads that positive's deviation
-        self.devR = self.deviations64(X)  # (S, n, K)
+        # devR from a float64 copy of the masks made for it and let go (megabytes per concept): the streaming
+        # build's pass 2 needs them again only for the rare ties no drawn positive's bits decide, and then
+        # `Mf64` makes them again (the same values, so the same deviations)
+        self.devR = rowwise_deviations64(X, self.mu64, self.M.permute(1, 2, 0).double(), self.inv64)  # (S, n, K)
         self.theta = self.devR.amax(1)  # (S, K) the paper's threshold: the largest deviation among R
         self._share_columns()
 
@@ -271,6 +274,13 @@ class ConceptTemplate:
         slack = self.band * limit + 1e-12 * self.count.T.to(self.theta.dtype)
         self.sum_limit = limit.float()
         self.sum_low, self.sum_high = (limit - slack).float(), (limit + slack).float()
+
+    @property
+    def Mf64(self) -> torch.Tensor:
+        """(S, d, K) float64 0/1: the masks `deviations64` reads, made on first use and kept."""
+        if self._Mf64 is None:
+            self._Mf64 = self.M.permute(1, 2, 0).double()
+        return self._Mf64
 
     @property
     def Mf(self) -> torch.Tensor:
