@@ -370,8 +370,9 @@ class ConceptScreen:
     U = fl(beta P - 2B) with beta = fl(1 + rel). With S = A + c exact and 2|B| <= S: P = S (1 + t),
     |t| <= gamma_{d+3} (the squares, d + 1 non-negative terms, c's rounding), and U's own rounding is at
     most gamma_{d+2} (beta P + S); so U - exact >= S (rel - 3.02 gamma_{d+3} - 1.01 u) > 0, and
-    exact - fl(U - 2 rel P) >= S (rel - 3.03 gamma_{d+3} - 3 u) > 0, since rel = 2 gamma_{3d+8} >=
-    6 gamma_{d+3}: U bounds the exact sum from above and U - 2 rel P from below, with twice the room needed.
+    exact - fl(U - 2 rel P) >= S (rel - 3.03 gamma_{d+3} - 3 u) > 0, since rel = 2 gamma_{3d+8} (about
+    (6d + 16) u) exceeds 3.03 gamma_{d+3} + 3 u (about (3.03d + 12.1) u) nearly twice over: U bounds the exact
+    sum from above and U - 2 rel P from below, with about twice the room needed.
     Where U is not finite (an overflow past the float32 range although P is finite), nothing is decided.
     `counts` lays every layer's columns side by side, tokens last, and decides all layers in one pass; the
     (column, token) cells it leaves undecided get their float64 sum directly, sum_M (h - mu)^2 (non-negative
@@ -501,8 +502,9 @@ class ConceptScreen:
         self.mu64_all = torch.stack([torch.stack([tpl.mu64[s] for tpl in self.templates]) for s in range(S)])
         self.mu64_all = self.mu64_all.reshape(S * C, -1)  # (S*C, d)
         d = self.mu64_all.shape[1]
-        # a float64 sum of m <= d non-negative terms (h - mu)^2, each rounded twice: within gamma_{d+1} of the
-        # exact sum (Higham 3.1), so within twice gamma_{d+3} of the computed one
+        # a float64 sum of m <= d non-negative terms (h - mu)^2, each with three rounding factors (the difference,
+        # and the square of the rounded difference): within gamma_{d+2} of the exact sum (Higham 3.1), so within
+        # twice gamma_{d+3} of the computed one, with room for the rounding of sum +- bound
         self.rel_direct64 = 2.0 * (d + 3) * 2.0 ** -53 / (1 - (d + 3) * 2.0 ** -53)
 
     def _buffer(self, name: str, shape: tuple, dtype, device) -> torch.Tensor:
@@ -524,8 +526,10 @@ class ConceptScreen:
             X_all = torch.full((self.C, n, S, d), float("nan"), device=first.mu.device)
             devR_all = torch.full((self.C, S, n, self.K), float("nan"), dtype=torch.float64, device=first.mu.device)
             for c, tpl in enumerate(self.templates):
-                X_all[c, :len(tpl.X)] = tpl.X.float()
-                devR_all[c, :, :len(tpl.X)] = tpl.devR
+                n_c = len(tpl.X)
+                X_all[c, :n_c] = tpl.X.float()
+                tpl.X = X_all[c, :n_c]  # a view: the drawn states are held once
+                devR_all[c, :, :n_c] = tpl.devR
             self._drawn_cache = (X_all, devR_all, torch.stack([tpl.theta for tpl in self.templates]))
         return self._drawn_cache
 
@@ -639,9 +643,19 @@ class ConceptScreen:
         if len(cell_col):
             layer = self.col_layer[cell_col]
             self.float64_rows += int(torch.unique(layer * t + cell_row).numel())
-            # the cell's sum in float64, straight from its definition (h in float32 converts exactly)
-            d2 = (states[cell_row, layer].double() - self.mu64_all[self.col_template[cell_col]]).square_()
-            sums = d2.mul_(self.col_mask[cell_col]).sum(1)
+            # the cell's sum in float64, straight from its definition (h in float32 converts exactly), a bounded
+            # number of cells at a time (a state that is not finite leaves every column of its layer undecided)
+            sums = torch.full((len(cell_col),), float("nan"), dtype=torch.float64, device=device)
+            if finite is None:  # every state is finite (P is): every cell is computed
+                todo = torch.arange(len(cell_col), device=device)
+            else:  # a state with a NaN or an infinity has a NaN sum, as the reference has (NaN x 0 is NaN)
+                todo = states.isfinite().all(-1)[cell_row, layer].nonzero().flatten()
+            step = max(1, (1 << 21) // max(self.mu64_all.shape[1], 1))  # 2M float64 numbers per tensor
+            for a in range(0, len(todo), step):
+                part = todo[a:a + step]
+                col, where = cell_col[part], layer[part]
+                d2 = (states[cell_row[part], where].double() - self.mu64_all[self.col_template[col]]).square_()
+                sums[part] = d2.mul_(self.col_mask[col]).sum(1)
             bound = sums * self.rel_direct64
             # every (layer, concept, tolerance) reading the cell's column decides on it
             count = self.reader_count[cell_col]
