@@ -384,6 +384,8 @@ class ConceptScreen:
     (layers, concepts, tolerances, tokens), and TP/FP are counted from them without a float copy.
     """
 
+    cell_chunk = 1 << 21  # `counts` sums its undecided cells in float64 this many numbers (cells x width) at a time
+
     def __init__(self, templates: list[ConceptTemplate]):
         self.templates = templates
         first = templates[0]
@@ -650,7 +652,7 @@ class ConceptScreen:
                 todo = torch.arange(len(cell_col), device=device)
             else:  # a state with a NaN or an infinity has a NaN sum, as the reference has (NaN x 0 is NaN)
                 todo = states.isfinite().all(-1)[cell_row, layer].nonzero().flatten()
-            step = max(1, (1 << 21) // max(self.mu64_all.shape[1], 1))  # 2M float64 numbers per tensor
+            step = max(1, self.cell_chunk // max(self.mu64_all.shape[1], 1))  # float64 numbers per tensor
             for a in range(0, len(todo), step):
                 part = todo[a:a + step]
                 col, where = cell_col[part], layer[part]

@@ -313,3 +313,28 @@ def test_counts_keep_their_buffers_across_batches_of_any_size():
         fp = (reference & ~pos[:, None, :, None]).sum(2)
         assert torch.equal(counts[..., 0], tp) and torch.equal(counts[..., 1], fp), size
     assert reference.any()
+
+
+def test_counts_sum_the_undecided_cells_chunk_by_chunk():
+    """With chunks of a few cells, on states with large stable coordinates (many cells the float32 bound
+    leaves undecided) and a few that are not finite, the counts are still the reference's."""
+    S, d = 4, 48
+    templates, g, shift = _offset_templates(300.0, S, d)
+    rows = _adversarial_rows(templates, g, S, d) + 0.0
+    rows[:40] += shift
+    t = len(rows)
+    pos = torch.rand(len(templates), t, generator=g) < 0.2
+    own = pos & (torch.rand(len(templates), t, generator=g) < 0.3)
+    whole = ConceptScreen(templates)
+    whole.cell_chunk = 1 << 30  # every cell in one piece
+    chunked = ConceptScreen(templates)
+    chunked.cell_chunk = 3 * d  # three cells a chunk
+    reference = _reference(templates, rows)
+    tp = (reference & (pos & ~own)[:, None, :, None]).sum(2)
+    fp = (reference & ~pos[:, None, :, None]).sum(2)
+    for screen in (whole, chunked):
+        counts = screen.counts(rows, pos, own)
+        assert torch.equal(counts[..., 0], tp) and torch.equal(counts[..., 1], fp)
+    assert chunked.float64_rows > 10  # many cells went through float64, in many chunks
+    # and each chunk's sums decided its cells: no more ties left to the reference than in one piece
+    assert (chunked.near_tokens, chunked.ties_computed) == (whole.near_tokens, whole.ties_computed)
