@@ -189,6 +189,16 @@ def _offset_templates(offset, S, d, n=5):
     return templates, g, shift
 
 
+def _offset_batch(offset, S, d):
+    """`_offset_templates` with a batch of adversarial states around them, and seeded positives and drawn ones."""
+    templates, g, shift = _offset_templates(offset, S, d)
+    rows = _adversarial_rows(templates, g, S, d) + 0.0
+    rows[:40] += shift  # the random tokens around the same large coordinates as the templates
+    pos = torch.rand(len(templates), len(rows), generator=g) < 0.2
+    own = pos & (torch.rand(len(templates), len(rows), generator=g) < 0.3)
+    return templates, rows, pos, own
+
+
 @pytest.mark.parametrize("offset", [0.0, 300.0, 1e5])
 def test_expanded_screen_decides_as_the_float64_reference(offset):
     """`ConceptScreen` (the expansion A - 2B + c in float32, a float64 expansion for rows within its bound, the
@@ -249,15 +259,12 @@ def test_expanded_screen_counts_equal_the_reference_counts():
 def test_counts_equal_the_reference_counts_on_every_path(offset):
     """`counts` sums the sure float32 matches per distinct column and decides only the positives, the rows
     within the bound and the ties one (concept, tolerance) at a time: its TP and FP equal the float64
-    reference's, with every path taken (float32, the float64 expansion, the reference row by row), a concept
+    reference's, with every path taken (float32, the float64 sums of undecided cells, the reference row by
+    row), a concept
     without subpopulations and a layer without any."""
     S, d = 4, 48
-    templates, g, shift = _offset_templates(offset, S, d)
-    rows = _adversarial_rows(templates, g, S, d) + 0.0
-    rows[:40] += shift
+    templates, rows, pos, own = _offset_batch(offset, S, d)
     t = len(rows)
-    pos = torch.rand(len(templates), t, generator=g) < 0.2
-    own = pos & (torch.rand(len(templates), t, generator=g) < 0.3)
     screen = ConceptScreen(templates)
     counts = screen.counts(rows, pos, own)  # (C, S, K, 2)
     reference = _reference(templates, rows)  # (C, S, t, K)
@@ -319,12 +326,7 @@ def test_counts_sum_the_undecided_cells_chunk_by_chunk():
     """With chunks of a few cells, on states with large stable coordinates (many cells the float32 bound
     leaves undecided) and a few that are not finite, the counts are still the reference's."""
     S, d = 4, 48
-    templates, g, shift = _offset_templates(300.0, S, d)
-    rows = _adversarial_rows(templates, g, S, d) + 0.0
-    rows[:40] += shift
-    t = len(rows)
-    pos = torch.rand(len(templates), t, generator=g) < 0.2
-    own = pos & (torch.rand(len(templates), t, generator=g) < 0.3)
+    templates, rows, pos, own = _offset_batch(300.0, S, d)
     whole = ConceptScreen(templates)
     whole.cell_chunk = 1 << 30  # every cell in one piece
     chunked = ConceptScreen(templates)
