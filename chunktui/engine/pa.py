@@ -215,8 +215,8 @@ class ConceptTemplate:
         self.count = self.M.sum(-1, dtype=torch.int32).float()  # (K, S)
         self.inv = torch.where(self.count > 0, 1.0 / self.count.clamp(min=1),
                                torch.full_like(self.count, float("nan"))).T  # (S, K)
-        # (S, d, K) 0/1 in float64 straight from the masks (the float32 copy and the padded columns are made
-        # only where asked for: on the CPU pass 2 needs neither, and each is megabytes per concept)
+        # the float32 masks, the padded columns and the float64 masks (`Mf`, `Mu`, `Mf64`) are made only where
+        # asked for: on the CPU pass 2 needs none of them but for rare ties, and each is megabytes per concept
         self.mu64, self.inv64 = self.mu.double(), self.inv.double()
         self._Mf = self._Mu = self._Mf64 = None
         self.X = X  # (n, S, d) float32: a tie whose state has a drawn positive's bits reads that positive's deviation
@@ -401,7 +401,7 @@ class ConceptScreen:
         self.const64, self.low64, self.high64, self.full = [], [], [], []
         self.near_tokens = 0  # (concept, token) pairs decided again in float64, for the benchmark's report
         self.screened = 0  # (concept, token) pairs screened
-        self.float64_rows = 0  # (layer, token) pairs screened again in float64 (the expansion)
+        self.float64_rows = 0  # (layer, token) pairs screened again in float64 (some of their columns, in `counts`)
         self.ties_reused = 0  # tied (concept, token) pairs decided from a drawn positive with the same bits
         self.ties_computed = 0  # tied (concept, token) pairs the float64 reference was run for
         for s in range(S):
@@ -452,6 +452,8 @@ class ConceptScreen:
             self.full.append(full)
             self.const64.append(torch.cat(consts))
         self.C = C
+        self._buffers: dict[str, torch.Tensor] = {}  # `counts`'s batch-sized buffers, kept between batches
+        self._drawn_cache = None  # `_drawn`, made at the first tie
         self._lay_out_columns()
 
     def _lay_out_columns(self) -> None:
@@ -511,17 +513,16 @@ class ConceptScreen:
 
     def _buffer(self, name: str, shape: tuple, dtype, device) -> torch.Tensor:
         """A contiguous tensor of `shape` on the storage kept under `name`, grown when a batch needs more."""
-        buffers = self.__dict__.setdefault("_buffers", {})
         n = math.prod(shape)
-        flat = buffers.get(name)
+        flat = self._buffers.get(name)
         if flat is None or flat.numel() < n or flat.dtype != dtype or flat.device != torch.device(device):
-            flat = buffers[name] = torch.empty(max(n, 1), dtype=dtype, device=device)
+            flat = self._buffers[name] = torch.empty(max(n, 1), dtype=dtype, device=device)
         return flat[:n].view(shape)
 
     def _drawn(self):
         """Every concept's drawn positives (C, n, S, d) float32, their deviations (C, S, n, K) float64 and the
         thresholds (C, S, K), padded with NaN to the most positives drawn (NaN equals no state): for the ties."""
-        if getattr(self, "_drawn_cache", None) is None:
+        if self._drawn_cache is None:
             n = max(len(tpl.X) for tpl in self.templates)
             first = self.templates[0]
             S, d = first.mu.shape
