@@ -56,6 +56,7 @@ def bench_app_cmd(model_spec, dict_path, device, tokens, threads, interval, brac
             ("key latency median, ms", lat["median"]), ("key latency p95, ms", lat["p95"]),
             ("key latency max, ms", lat["max"]), ("p95 first 10% of tokens, ms", lat["p95_first_10pct"]),
             ("p95 last 10% of tokens, ms", lat["p95_last_10pct"]),
+            ("p95 by tenth of the tokens, ms", " ".join("—" if x is None else str(x) for x in lat["p95_by_tenth"])),
             ("p95 last - first 10%, ms (95% bootstrap interval)", _with_ci(lat["trend"]["p95_last_minus_first"],
                                                                             lat["trend"]["p95_last_minus_first_ci95"])),
             ("latency slope, ms per 1,000 tokens (95% interval)", _with_ci(lat["trend"]["slope_ms_per_1000_tokens"],

@@ -83,6 +83,23 @@ def latency_trend(latencies: list[tuple[float, int]], tokens: int, resamples: in
             "resamples": resamples}
 
 
+def p95_by_tenth(latencies: list[tuple[float, int]], tokens: int) -> list[float | None]:
+    """p95 (ms) of the presses in each tenth of the stream, by the tokens generated when pressed, so the
+    shape along the stream shows, not just its two ends. The first tenth is c <= 10% and the last c >= 90%
+    of `tokens` (as `p95_first_10pct` and `p95_last_10pct`); tenth i between them is i/10 < c <= (i+1)/10
+    (the ninth stops short of 90%). None for a tenth without presses."""
+    bounds = [0.1 * i * tokens for i in range(11)]
+
+    def inside(i: int, c: int) -> bool:
+        if i == 0:
+            return c <= bounds[1]
+        if i == 9:
+            return c >= bounds[9]
+        return bounds[i] < c < bounds[9] if i == 8 else bounds[i] < c <= bounds[i + 1]
+
+    return [_ms(_pct([x for x, c in latencies if inside(i, c)], 0.95)) for i in range(10)]
+
+
 async def run_bench(model: str = DEFAULT_MODEL, dict_path: str | None = None, tokens: int = 1000, threads: int = 1,
                     device: str = "cpu", interval: float = 0.1, prompt: str = PROMPT, size=(120, 36),
                     say=lambda text: None, bracket: bool = True) -> dict:
@@ -189,7 +206,7 @@ async def run_bench(model: str = DEFAULT_MODEL, dict_path: str | None = None, to
         "key_latency_ms": {"presses": len(presses), "measured": len(lat), "unhandled_after_2s": unhandled, "median": _ms(statistics.median(lat))
                            if lat else None, "p95": _ms(_pct(lat, 0.95)), "max": _ms(max(lat) if lat else None),
                            "p95_first_10pct": _ms(_pct(early, 0.95)), "p95_last_10pct": _ms(_pct(late, 0.95)),
-                           "trend": latency_trend(latencies, tokens)},
+                           "p95_by_tenth": p95_by_tenth(latencies, tokens), "trend": latency_trend(latencies, tokens)},
         "frame_rate": round((len(frames) - 1) / stream_seconds, 1) if stream_seconds else None,
         "ui_peak_rss_mb": round(ui_peak, 1),
         "engine_peak_rss_mb": round(engine_peak, 1) if engine_peak else None,

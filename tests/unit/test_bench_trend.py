@@ -2,7 +2,7 @@
 
 import random
 
-from chunktui.tui.bench import _pct, latency_trend
+from chunktui.tui.bench import _pct, latency_trend, p95_by_tenth
 
 
 def test_a_known_slope_is_recovered_exactly_without_noise():
@@ -39,3 +39,19 @@ def test_seeded_and_empty():
     assert one_end["p95_last_minus_first"] is None  # no press in the last 10%
     few = latency_trend([(0.01, 950)], 1000, resamples=1)  # no statistic in any resample: no interval
     assert few["slope_ci95"] is None and few["p95_last_minus_first_ci95"] is None
+
+
+def test_p95_by_tenth_splits_the_stream_and_matches_the_two_ends():
+    rng = random.Random(2)
+    pairs = [(rng.uniform(0.005, 0.025) + 0.001 * (c // 100), c) for c in range(0, 1001)]  # +1 ms per tenth
+    tenths = p95_by_tenth(pairs, 1000)
+    assert len(tenths) == 10
+    assert tenths[0] == round(1000 * _pct([x for x, c in pairs if c <= 100], 0.95), 1)  # as p95_first_10pct
+    assert tenths[9] == round(1000 * _pct([x for x, c in pairs if c >= 900], 0.95), 1)  # as p95_last_10pct
+    assert tenths[4] == round(1000 * _pct([x for x, c in pairs if 400 < c <= 500], 0.95), 1)
+    assert tenths[8] == round(1000 * _pct([x for x, c in pairs if 800 < c < 900], 0.95), 1)
+    assert tenths[9] - tenths[0] > 5  # the +9 ms climb shows at the two ends
+    # a press on a boundary falls in one tenth only
+    assert p95_by_tenth([(0.01, 950)], 1000) == [None] * 9 + [10.0]
+    assert p95_by_tenth([(0.01, 100)], 1000) == [10.0] + [None] * 9
+    assert p95_by_tenth([], 1000) == [None] * 10
