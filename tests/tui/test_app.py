@@ -582,6 +582,38 @@ async def test_export_asks_before_replacing_a_file(make_test_app, tmp_path):
         assert "<html" in target.read_text()
 
 
+async def test_memory_figures_reach_a_hidden_model_card_without_a_layout_pass(make_test_app):
+    """A job's end sends new memory figures; the card takes them, but is laid out only when its pane shows."""
+    from chunktui.shared import protocol as p
+    from chunktui.tui.app import EngineEvent
+
+    app = make_test_app(show_timing=True)
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("f2")
+        await pilot.pause()
+        box = app.query_one("#model-card")
+        assert not box.is_on_screen
+        layouts = []
+        original = box.refresh
+        box.refresh = lambda *regions, **kw: (layouts.append(kw.get("layout", False)), original(*regions, **kw))[1]
+        row = {"device": "cpu", "weights": 2**30, "kv_cache": 0, "states": 0, "free": 3 * 2**30,
+               "total": 8 * 2**30, "peak": None, "used": None}
+        rows = [row, dict(row, device="cuda:0")]  # one line more than the card had
+        app.post_message(EngineEvent(p.Memory(rows=rows)))
+        await pilot.pause()
+        assert layouts == [False]  # redrawn, no layout pass while hidden
+        app.post_message(EngineEvent(p.Memory(rows=rows)))  # the same figures again: nothing to redraw
+        await pilot.pause()
+        assert layouts == [False]
+        await pilot.press("f1")
+        await pilot.pause()
+        card = str(box.content)
+        assert "mem cuda:0" in card and "3.00 GiB free of 8.00 GiB" in card
+        lines = card.rstrip("\n").count("\n") + 1
+        assert box.region.height >= lines  # laid out for the new line when the pane showed
+
+
 async def test_model_pane_placement_fields_reach_the_engine_and_memory_is_shown(make_test_app):
     from chunktui.shared import protocol as p
 

@@ -32,6 +32,7 @@ class ModelPane(Vertical):
         self.spec, self.device, self.dtype = spec, device, dtype
         self.placement = dict(placement or {})  # device_map, max_memory, offload_folder, offline (from the CLI)
         self.entries: list = []  # protocol.DictionaryEntry
+        self._card_text: Text | None = None  # the card as last drawn
 
     def compose(self) -> ComposeResult:
         aliases = CATALOG
@@ -99,6 +100,7 @@ class ModelPane(Vertical):
 
     def show_card(self, card: dict | None, show_timing: bool = True, memory: list[dict] | None = None) -> None:
         if card is None:
+            self._card_text = None
             self.query_one("#model-card", Static).update("No model loaded.")
             return
         code = card.get("model_code")
@@ -121,7 +123,13 @@ class ModelPane(Vertical):
         for key, value in rows:
             card_text.append(f"{key:<14}", style="bold")
             card_text.append(f"{safe(value, one=True)}\n")
-        self.query_one("#model-card", Static).update(card_text)
+        box = self.query_one("#model-card", Static)
+        if card_text == self._card_text:
+            return
+        self._card_text = card_text
+        # a job's end brings new memory figures; while another pane is shown the card is not laid out now (a
+        # layout pass of the whole screen, ~10 ms, just as the stream ends): the pane's showing lays it out
+        box.update(card_text, layout=box.is_on_screen)
 
     def show_dictionaries(self, entries: list, current: str | None) -> None:
         """Valid dictionaries are selectable; the others are greyed out with the reason."""
