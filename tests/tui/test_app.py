@@ -66,6 +66,33 @@ async def test_select_token_and_layer(make_test_app):
         assert view.cursor is not None and view.cursor > 0
 
 
+async def test_a_move_draws_the_detail_panel_once_with_the_engines_detail(make_test_app):
+    """A key that moves the cursor leaves the panel for the engine's detail (a few ms) instead of drawing the
+    step's summary first and the detail over it; a detail that does not come is replaced by the summary."""
+    app = make_test_app()
+    async with app.run_test(size=(100, 34)) as pilot:
+        await ready(app, pilot)
+        await generate(app, pilot)
+        view = app.query_one("#stream-trace", TraceView)
+        panel = view.query_one(TokenDetail)
+        shown = []
+        original = panel.show
+        panel.show = lambda *args, **kw: (shown.append((args[2], args[4])), original(*args, **kw))[1]
+        for key in ("home", "right", "right", "left"):
+            await pilot.press(key)
+            await settle(app, pilot)
+        # one draw per move, each with the engine's detail for the token moved to
+        assert [(cursor, detail is not None and detail.index == cursor) for cursor, detail in shown] == \
+            [(0, True), (1, True), (2, True), (1, True)]
+        assert str(panel.content).startswith("token 1")
+        # the engine does not answer (the request is dropped): the step's own summary comes after the wait
+        app.send = lambda request: False
+        shown.clear()
+        await pilot.press("right", "right")
+        await pilot.pause(view.DETAIL_WAIT_SECONDS + 0.2)
+        assert shown == [(3, None)] and str(panel.content).startswith("token 3")
+
+
 async def test_escape_cancels_generation(make_test_app):
     app = make_test_app()
     async with app.run_test(size=(100, 34)) as pilot:

@@ -30,6 +30,9 @@ class TraceView(Widget, can_focus=True):
     """Keyboard: ← → move a token, Home/End, [ ] change layer (all = strongest over layers), n/p next match."""
 
     LIVE_DETAIL_SECONDS = 0.25  # how often the detail of the newest token is redrawn while a stream runs
+    # a moved cursor's detail panel waits this long for the engine's detail (a few ms) before it shows what the
+    # step alone says: one draw per move instead of two (the step's summary, then the detail over it)
+    DETAIL_WAIT_SECONDS = 0.1
 
     BINDINGS = [
         Binding("left", "move(-1)", "Token ←", show=False),
@@ -74,6 +77,7 @@ class TraceView(Widget, can_focus=True):
         self.detail = None  # the engine's Detail for (cursor, layer), when it came
         self._legend_key = None
         self._detail_drawn = 0.0
+        self._detail_timer = None  # the step's summary, drawn if the engine's detail is late
 
     def compose(self) -> ComposeResult:  # laid out side by side by the view itself (one container less to draw)
         with Vertical(classes="trace-left"):
@@ -91,6 +95,7 @@ class TraceView(Widget, can_focus=True):
         self.cursor = None if trace is None or not len(trace) else len(trace) - 1
         self.follow = True
         self.detail = None
+        self._stop_detail_wait()
         self._legend_key = None
         if self.layer_index is not None and self.layer_index >= n_states:
             self.layer_index = None
@@ -112,9 +117,12 @@ class TraceView(Widget, can_focus=True):
     def set_detail(self, detail) -> None:
         if detail.index == self.cursor and detail.layer == self.layer_index:
             self.detail = detail
+            self._stop_detail_wait()
             self.query_one(TokenDetail).show(self.trace, self.colours, self.cursor, self.layer_index, detail)
 
-    def redraw(self) -> None:
+    def redraw(self, moved: bool = False) -> None:
+        """Draw what changed. `moved`: the cursor or layer moved, and the engine will be asked for the detail:
+        the detail panel waits for it (DETAIL_WAIT_SECONDS at most) rather than being drawn twice."""
         if not self.is_mounted:
             return
         trace, colours = self.trace, self.colours
@@ -136,16 +144,40 @@ class TraceView(Widget, can_focus=True):
         if not live or now - self._detail_drawn >= self.LIVE_DETAIL_SECONDS:
             # riding a running stream, the newest token's detail changes every frame: draw it a few times a second
             self._detail_drawn = now
-            detail = self.detail if self.detail is not None and self.detail.index == self.cursor and \
-                self.detail.layer == self.layer_index else None
-            self.query_one(TokenDetail).show(trace, colours, self.cursor, self.layer_index, detail)
+            if moved and self._will_ask_detail():
+                self._stop_detail_wait()
+                self._detail_timer = self.set_timer(self.DETAIL_WAIT_SECONDS, self._draw_detail)
+            else:
+                self._draw_detail()
         if self.cursor is not None:
             text.scroll_to_token(self.cursor)
 
+    def _draw_detail(self) -> None:
+        """The detail panel for the cursor: the engine's detail if it came, else what the step says."""
+        self._detail_timer = None
+        detail = self.detail if self.detail is not None and self.detail.index == self.cursor and \
+            self.detail.layer == self.layer_index else None
+        self.query_one(TokenDetail).show(self.trace, self.colours, self.cursor, self.layer_index, detail)
+
+    def _stop_detail_wait(self) -> None:
+        if self._detail_timer is not None:
+            self._detail_timer.stop()
+            self._detail_timer = None
+
     def _moved(self) -> None:
-        self.redraw()
+        self.redraw(moved=True)
         self.post_message(self.CursorMoved(self, self.cursor, self.layer_index))
         self.want_detail()
+
+    def _will_ask_detail(self) -> bool:
+        """want_detail() would ask the engine (a trace the engine streamed or scanned, not its live end)."""
+        trace = self.trace
+        if trace is None or self.cursor is None or not len(trace) or trace.trace_id is None:
+            return False
+        if self.follow and trace.finished is None:
+            return False
+        return not (self.detail is not None and self.detail.index == self.cursor
+                    and self.detail.layer == self.layer_index)
 
     def want_detail(self) -> None:
         """Ask for the cursor token's full detail, unless it is the live end of a running stream."""
