@@ -99,6 +99,34 @@ def test_every_state_and_logit_equals_transformers(checkpoint, dtype):
         assert torch.equal(x, y), f"output {i} differs by {(x.float() - y.float()).abs().max().item():.3g}"
 
 
+def test_the_cache_across_its_blocks_equals_transformers(checkpoint, monkeypatch):
+    """Blocks of 2 rows: the prefill and every decode step cross a block's end; results stay bit-identical."""
+    monkeypatch.setattr(lean.KVCache, "BLOCK", 2)
+    ours, theirs, tokenizer = _both(checkpoint, torch.float32)
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["The cheese on the table.", "A dog"]]
+    a, b = _run(ours, rows, tokenizer.pad_token_id), _run(theirs, rows, tokenizer.pad_token_id)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_the_cache_writes_each_token_in_place_and_grows_by_blocks(monkeypatch):
+    """A token writes its own row (no copy of the cache) until the room is full; the views hold every row."""
+    monkeypatch.setattr(lean.KVCache, "BLOCK", 4)
+    torch.manual_seed(0)
+    cache = lean.KVCache(2)
+    prompt = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    cache.update(*prompt, 1)
+    keys, values, rooms = [prompt[0]], [prompt[1]], set()
+    for _ in range(17):
+        key, value = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+        k, v = cache.update(key, value, 1)
+        keys.append(key)
+        values.append(value)
+        rooms.add(k.untyped_storage().data_ptr())
+        assert torch.equal(k, torch.cat(keys, dim=-2)) and torch.equal(v, torch.cat(values, dim=-2))
+    assert cache.get_seq_length(1) == 20 and cache.get_seq_length(0) == 0
+    assert len(rooms) == 3  # rooms of 8, 16 and 24 rows (each a block past what it had to hold): 2 copies, not 17
+
+
 def test_same_parameters_names_and_ties(checkpoint):
     ours, theirs, _ = _both(checkpoint, torch.float32)
     a, b = dict(ours.named_parameters()), dict(theirs.named_parameters())
