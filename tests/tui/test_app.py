@@ -89,6 +89,8 @@ async def test_a_move_draws_the_detail_panel_once_with_the_engines_detail(make_t
         app.send = lambda request: False
         shown.clear()
         await pilot.press("right", "right")
+        view.redraw()  # a frame while it waits leaves the panel to the detail or the timer
+        assert shown == []
         await pilot.pause(view.DETAIL_WAIT_SECONDS + 0.2)
         assert shown == [(3, None)] and str(panel.content).startswith("token 3")
 

@@ -144,10 +144,10 @@ class TraceView(Widget, can_focus=True):
         if not live or now - self._detail_drawn >= self.LIVE_DETAIL_SECONDS:
             # riding a running stream, the newest token's detail changes every frame: draw it a few times a second
             self._detail_drawn = now
-            if moved and self._will_ask_detail():
+            if moved and self._wants_detail() and trace.trace_id is not None:  # the engine will be asked
                 self._stop_detail_wait()
                 self._detail_timer = self.set_timer(self.DETAIL_WAIT_SECONDS, self._draw_detail)
-            else:
+            elif self._detail_timer is None:  # while it waits, a frame leaves the panel to the detail or the timer
                 self._draw_detail()
         if self.cursor is not None:
             text.scroll_to_token(self.cursor)
@@ -169,10 +169,10 @@ class TraceView(Widget, can_focus=True):
         self.post_message(self.CursorMoved(self, self.cursor, self.layer_index))
         self.want_detail()
 
-    def _will_ask_detail(self) -> bool:
-        """want_detail() would ask the engine (a trace the engine streamed or scanned, not its live end)."""
+    def _wants_detail(self) -> bool:
+        """The cursor token's full detail is missing and worth asking for (not the live end of a stream)."""
         trace = self.trace
-        if trace is None or self.cursor is None or not len(trace) or trace.trace_id is None:
+        if trace is None or self.cursor is None or not len(trace):
             return False
         if self.follow and trace.finished is None:
             return False
@@ -181,14 +181,8 @@ class TraceView(Widget, can_focus=True):
 
     def want_detail(self) -> None:
         """Ask for the cursor token's full detail, unless it is the live end of a running stream."""
-        trace = self.trace
-        if trace is None or self.cursor is None or not len(trace):
-            return
-        if self.follow and trace.finished is None:
-            return
-        if self.detail is not None and self.detail.index == self.cursor and self.detail.layer == self.layer_index:
-            return
-        self.post_message(self.DetailWanted(self, trace, self.cursor, self.layer_index))
+        if self._wants_detail():
+            self.post_message(self.DetailWanted(self, self.trace, self.cursor, self.layer_index))
 
     def action_move(self, delta: int) -> None:
         if self.trace is None or not len(self.trace):
