@@ -17,4 +17,4 @@ def test_bench_app_measures_every_press_and_reports_each_sample():
     counts = [n for n, _ in lat["samples"]]
     assert counts == sorted(counts) and 0 <= counts[0] and counts[-1] <= 60  # in press order, tokens so far
     ms = [x for _, x in lat["samples"]]
-    assert all(x > 0 for x in ms) and lat["max"] == round(max(ms), 1)
+    assert all(x > 0 for x in ms) and abs(lat["max"] - max(ms)) <= 0.051  # the max to 0.1 ms, samples to 0.01

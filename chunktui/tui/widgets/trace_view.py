@@ -155,9 +155,14 @@ class TraceView(Widget, can_focus=True):
     def _draw_detail(self) -> None:
         """The detail panel for the cursor: the engine's detail if it came, else what the step says."""
         self._detail_timer = None
-        detail = self.detail if self.detail is not None and self.detail.index == self.cursor and \
-            self.detail.layer == self.layer_index else None
-        self.query_one(TokenDetail).show(self.trace, self.colours, self.cursor, self.layer_index, detail)
+        self.query_one(TokenDetail).show(self.trace, self.colours, self.cursor, self.layer_index,
+                                         self._cursor_detail())
+
+    def _cursor_detail(self):
+        """The engine's Detail if it is the cursor's (token and layer), else None."""
+        detail = self.detail
+        return detail if detail is not None and detail.index == self.cursor and detail.layer == self.layer_index \
+            else None
 
     def _stop_detail_wait(self) -> None:
         if self._detail_timer is not None:
@@ -176,8 +181,7 @@ class TraceView(Widget, can_focus=True):
             return False
         if self.follow and trace.finished is None:
             return False
-        return not (self.detail is not None and self.detail.index == self.cursor
-                    and self.detail.layer == self.layer_index)
+        return self._cursor_detail() is None
 
     def want_detail(self) -> None:
         """Ask for the cursor token's full detail, unless it is the live end of a running stream."""
