@@ -260,7 +260,7 @@ class KVCache:
 
     DynamicCache concatenates: every token copies the whole cache, 2 x layers x (tokens so far) rows, 46 MB
     a token for the built-in model at 1,000 tokens. Here each layer's keys and values live in buffers with
-    room to grow (a block of BLOCK tokens more each time they fill), a token writes its own row, and
+    room to grow (`room_for`: at least a block of BLOCK tokens more each time they fill), a token writes its own row, and
     attention reads a view of the rows written: the same values in the same order, so the same results
     (tests/unit/test_lean_llama.py checks every state and logit against transformers, bit for bit).
     """
@@ -273,12 +273,19 @@ class KVCache:
         self._key_room: list[torch.Tensor | None] = [None] * n_layers
         self._value_room: list[torch.Tensor | None] = [None] * n_layers
 
+    @classmethod
+    def room_for(cls, tokens: int) -> int:
+        """The rows a layer's buffers get when `tokens` rows must fit: room for a block more, rounded up to whole
+        blocks. Also the most they hold with `tokens` rows written, however the rows came (the memory figures'
+        KV cache): a buffer only grows when a row does not fit, and then to room_for of that row count."""
+        return 0 if tokens <= 0 else -(-(tokens + cls.BLOCK) // cls.BLOCK) * cls.BLOCK
+
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         done = self.get_seq_length(layer_idx)
         total = done + key.shape[-2]
         room = self._key_room[layer_idx]
         if room is None or total > room.shape[-2]:
-            size = -(-(total + self.BLOCK) // self.BLOCK) * self.BLOCK
+            size = self.room_for(total)
             key_room = key.new_empty((*key.shape[:-2], size, key.shape[-1]))
             value_room = value.new_empty((*value.shape[:-2], size, value.shape[-1]))
             if done:

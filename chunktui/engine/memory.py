@@ -8,7 +8,8 @@ the device's free and total memory (peak allocation on CUDA).
 `ensure_fits(...)` refuses a generation or scan that will not fit before the
 first forward pass, from an estimate:
 
-    KV cache   2 x kv_heads x head_dim x bytes, per block, per token, per row (on each block's device)
+    KV cache   2 x kv_heads x head_dim x bytes, per block, per token, per row (on each block's device);
+               the lean LLaMA's buffers counted with their room to grow (`kv_rows`)
     states     (L+1) x d x bytes per token kept (on the input device), when recorded
     logits     V x (bytes + 8) per row, or per token when every position's logits are kept
     prefill    B x T x max(intermediate, 4d) x bytes x 2: the widest activation of one block, twice
@@ -108,6 +109,16 @@ def kv_bytes_per_token(loaded: LoadedModel) -> dict[str, int]:
     return out
 
 
+def kv_rows(loaded: LoadedModel, tokens: int) -> int:
+    """Rows the model's KV cache takes for `tokens` cached tokens: the lean LLaMA's buffers grow by blocks
+    (`lean.KVCache.room_for`, at most what they hold, up to 511 rows over for the built-in model's blocks of
+    256); transformers' caches hold the rows themselves."""
+    from chunktui.engine.lean import LlamaForCausalLM, KVCache
+
+    tokens = max(int(tokens), 0)
+    return KVCache.room_for(tokens) if isinstance(loaded.model, LlamaForCausalLM) else tokens
+
+
 def state_bytes_per_token(loaded: LoadedModel, n_layers: int | None = None, dtype: torch.dtype | None = None) -> int:
     """Bytes of one token's recorded hidden states (all L+1 layers unless `n_layers`)."""
     n = loaded.layout.n_states if n_layers is None else n_layers
@@ -155,8 +166,9 @@ def memory_report(loaded: LoadedModel, kv_tokens: int = 0, state_tokens: int = 0
 
     for where, size in weight_bytes(loaded).items():
         row(where).weights += size
+    rows_kv = kv_rows(loaded, kv_tokens)
     for where, size in kv_bytes_per_token(loaded).items():
-        row(where).kv_cache += size * kv_tokens * batch
+        row(where).kv_cache += size * rows_kv * batch
     if state_tokens:
         where = _device_name(state_device if state_device is not None else loaded.device)
         row(where).states += state_bytes_per_token(loaded, dtype=state_dtype) * state_tokens
@@ -210,8 +222,9 @@ def estimate_run(loaded: LoadedModel, prompt_tokens: int, new_tokens: int, batch
         out.setdefault(where, {}).setdefault(kind, 0)
         out[where][kind] += int(size)
 
+    rows_kv = kv_rows(loaded, tokens)
     for where, size in kv_bytes_per_token(loaded).items():
-        add(where, "kv_cache", size * tokens * batch)
+        add(where, "kv_cache", size * rows_kv * batch)
     elem = torch.tensor([], dtype=loaded.dtype).element_size()
     home = _device_name(loaded.device)
     if record:

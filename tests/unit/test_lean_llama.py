@@ -123,8 +123,27 @@ def test_the_cache_writes_each_token_in_place_and_grows_by_blocks(monkeypatch):
         values.append(value)
         rooms.add(k.untyped_storage().data_ptr())
         assert torch.equal(k, torch.cat(keys, dim=-2)) and torch.equal(v, torch.cat(values, dim=-2))
+        # the memory figures count room_for(rows): never less than the buffers hold
+        assert cache._key_room[1].shape[-2] <= lean.KVCache.room_for(k.shape[-2])
     assert cache.get_seq_length(1) == 20 and cache.get_seq_length(0) == 0
     assert len(rooms) == 3  # rooms of 8, 16 and 24 rows (each a block past what it had to hold): 2 copies, not 17
+
+
+def test_memory_figures_count_the_caches_room(checkpoint, monkeypatch):
+    """The model card's KV cache: the lean cache's buffers with their room to grow, transformers' rows as they are."""
+    from chunktui.engine.memory import estimate_run, kv_bytes_per_token, memory_report
+
+    loaded = load_model(str(checkpoint), device="cpu")
+    per_token = kv_bytes_per_token(loaded)["cpu"]
+    block = lean.KVCache.BLOCK
+    for tokens, rows in [(0, 0), (1, 2 * block), (block, 2 * block), (block + 1, 3 * block)]:
+        (row,) = memory_report(loaded, kv_tokens=tokens)
+        assert row.kv_cache == per_token * rows, tokens
+    assert estimate_run(loaded, 10, 20)["cpu"]["kv_cache"] == per_token * 2 * block
+    monkeypatch.setenv(lean.ENV, "transformers")
+    plain = load_model(str(checkpoint), device="cpu")
+    (row,) = memory_report(plain, kv_tokens=block + 1)
+    assert row.kv_cache == per_token * (block + 1)
 
 
 def test_same_parameters_names_and_ties(checkpoint):
