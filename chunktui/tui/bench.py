@@ -106,6 +106,7 @@ async def run_bench(model: str = DEFAULT_MODEL, dict_path: str | None = None, to
     from textual import events
 
     from chunktui.shared import protocol as p
+    from chunktui.shared.errors import ChunkError
     from chunktui.tui.app import make_app
     from chunktui.tui.widgets.trace_view import TraceView
 
@@ -116,6 +117,14 @@ async def run_bench(model: str = DEFAULT_MODEL, dict_path: str | None = None, to
     waiting: dict = {}
 
     original = TraceView._moved
+    failures: list[str] = []  # what the app was told went wrong (the engine-alone run's Failed, if any)
+    fail = app.fail
+
+    def failed(text: str, title: str = "Error", **kwargs) -> None:
+        failures.append(f"{title}: {text}")
+        fail(text, title=title, **kwargs)
+
+    app.fail = failed
 
     def moved(view: TraceView) -> None:
         original(view)
@@ -131,21 +140,26 @@ async def run_bench(model: str = DEFAULT_MODEL, dict_path: str | None = None, to
                 await pilot.pause(0.1)
                 if app.model is not None and app.engine_idle():
                     break
+                if app.model is None and failures and app._busy != "load":  # the load failed: it said why
+                    break
             if app.model is None:
-                raise RuntimeError("the model did not load in the engine process")
+                why = f": {failures[-1]}" if failures else ""
+                raise ChunkError(f"The model did not load in the engine process{why}")
             say(f"loaded {app.model.card['name']} in the engine process (pid {app.engine_ready.pid}, "
                 f"{app.engine_ready.threads} torch threads)")
             sampling = p.Sampling(max_new_tokens=tokens, temperature=0.0, stop_at_eos=False)
 
             async def engine_alone(when: str):
                 app.bench_result = None
+                failures.clear()
                 app.send(p.BenchStream(prompt, sampling, chat=True))
                 app._set_busy("bench")
-                while app.bench_result is None and app.engine.alive:
+                while app.bench_result is None and app.engine.alive and app._busy == "bench":
                     await pilot.pause(0.2)
                 run = app.bench_result
-                if run is None:
-                    raise RuntimeError("the engine process stopped during the engine-alone run")
+                if run is None:  # the engine said why (a Failed event ends the busy state), or it stopped
+                    why = failures[-1] if failures else "the engine process stopped"
+                    raise ChunkError(f"The engine-alone run ({when}) failed: {why}")
                 say(f"engine alone ({when}): {run.tokens} tokens in {run.seconds:.1f} s "
                     f"({run.tokens / run.seconds:.2f} tok/s)")
                 await pilot.pause(0.5)
