@@ -315,7 +315,8 @@ def collect(loaded: LoadedModel, text: str, mode: str = "sentence", layers: Sequ
     T = len(corpus.tokens)
     longest = max(len(r[0]) for r in corpus.rows) + 1
     ensure_fits(loaded, "collecting hidden states for", longest, batch=min(batch_size, len(corpus.rows)),
-                kept_states=longest * len(layers) // loaded.layout.n_states)  # refused up front, not half way
+                kept_states=longest * len(layers) // loaded.layout.n_states,  # refused up front, not half way
+                cached=False)  # run_batch passes use_cache=False
     ensure_host_fits(T * len(layers) * loaded.hidden_size * torch.tensor([], dtype=store_dtype).element_size(),
                      f"collecting the hidden states of {T} tokens at {len(layers)} layers")
     H = torch.empty(T, len(layers), loaded.hidden_size, dtype=store_dtype)

@@ -110,9 +110,9 @@ def kv_bytes_per_token(loaded: LoadedModel) -> dict[str, int]:
 
 
 def kv_rows(loaded: LoadedModel, tokens: int) -> int:
-    """Rows the model's KV cache takes for `tokens` cached tokens: the lean LLaMA's buffers grow by blocks
-    (`lean.KVCache.room_for`, at most what they hold, up to 511 rows over for the built-in model's blocks of
-    256); transformers' caches hold the rows themselves."""
+    """Rows the model's KV cache takes for `tokens` cached tokens: for the lean LLaMA, the most its buffers,
+    which grow by blocks, can hold then (`lean.KVCache.room_for`: up to 2 x BLOCK - 1 rows more than the tokens,
+    511 with blocks of 256); transformers' caches hold the rows themselves."""
     from chunktui.engine.lean import LlamaForCausalLM, KVCache
 
     tokens = max(int(tokens), 0)
@@ -210,10 +210,12 @@ def describe_report(rows: list[DeviceMemory]) -> str:
 
 
 def estimate_run(loaded: LoadedModel, prompt_tokens: int, new_tokens: int, batch: int = 1, record: bool = True,
-                 full_logits: bool = False, kept_states: int | None = None) -> dict[str, dict[str, int]]:
+                 full_logits: bool = False, kept_states: int | None = None,
+                 cached: bool = True) -> dict[str, dict[str, int]]:
     """Bytes a run adds on each device, by kind: {device: {"kv_cache": .., "states": .., "logits": .., ...}}.
 
     `kept_states`: tokens whose states stay on the input device (default: every token when recording).
+    `cached`: False for a forward pass without a KV cache (`use_cache=False`: a scan, a corpus pass).
     """
     tokens = max(prompt_tokens, 0) + max(new_tokens, 0)
     out: dict[str, dict[str, int]] = {}
@@ -222,7 +224,7 @@ def estimate_run(loaded: LoadedModel, prompt_tokens: int, new_tokens: int, batch
         out.setdefault(where, {}).setdefault(kind, 0)
         out[where][kind] += int(size)
 
-    rows_kv = kv_rows(loaded, tokens)
+    rows_kv = kv_rows(loaded, tokens) if cached else 0
     for where, size in kv_bytes_per_token(loaded).items():
         add(where, "kv_cache", size * rows_kv * batch)
     elem = torch.tensor([], dtype=loaded.dtype).element_size()
@@ -240,9 +242,10 @@ def estimate_run(loaded: LoadedModel, prompt_tokens: int, new_tokens: int, batch
 
 
 def ensure_fits(loaded: LoadedModel, what: str, prompt_tokens: int, new_tokens: int = 0, batch: int = 1,
-                record: bool = True, full_logits: bool = False, kept_states: int | None = None) -> None:
+                record: bool = True, full_logits: bool = False, kept_states: int | None = None,
+                cached: bool = True) -> None:
     """Raise DeviceMemoryError, before any work, when the run's estimate exceeds a device's free memory."""
-    need = estimate_run(loaded, prompt_tokens, new_tokens, batch, record, full_logits, kept_states)
+    need = estimate_run(loaded, prompt_tokens, new_tokens, batch, record, full_logits, kept_states, cached)
     for where, parts in need.items():
         if where == "disk":
             continue

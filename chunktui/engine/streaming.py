@@ -317,7 +317,7 @@ def scan_text(loaded: LoadedModel, text: str | list[int], packed: PackedDictiona
     if len(ids) > limit:
         raise CorpusError(f"The text is {len(ids)} tokens; one scan reads at most {limit} (the model's context). "
                           "Split it into parts, or use `chunktui evaluate`, which reads a corpus sentence by sentence.")
-    ensure_fits(loaded, "scanning", len(ids), full_logits=True)
+    ensure_fits(loaded, "scanning", len(ids), full_logits=True, cached=False)
     with out_of_memory("scanning", loaded.device):
         with ResidualRecorder(loaded.layout) as rec:
             out = loaded.model(input_ids=torch.tensor([ids], device=loaded.device), use_cache=False)

@@ -154,7 +154,8 @@ async def run_bench(model: str = DEFAULT_MODEL, dict_path: str | None = None, to
                 failures.clear()
                 app.send(p.BenchStream(prompt, sampling, chat=True))
                 app._set_busy("bench")
-                while app.bench_result is None and app.engine.alive and app._busy == "bench":
+                # a Failed ends it: the bench's own ends the busy state, and one without a task (no model) does not
+                while app.bench_result is None and app.engine.alive and app._busy == "bench" and not failures:
                     await pilot.pause(0.2)
                 run = app.bench_result
                 if run is None:  # the engine said why (a Failed event ends the busy state), or it stopped

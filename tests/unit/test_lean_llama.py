@@ -140,6 +140,7 @@ def test_memory_figures_count_the_caches_room(checkpoint, monkeypatch):
         (row,) = memory_report(loaded, kv_tokens=tokens)
         assert row.kv_cache == per_token * rows, tokens
     assert estimate_run(loaded, 10, 20)["cpu"]["kv_cache"] == per_token * 2 * block
+    assert estimate_run(loaded, 10, 20, cached=False)["cpu"]["kv_cache"] == 0  # a scan or corpus pass: no cache
     monkeypatch.setenv(lean.ENV, "transformers")
     plain = load_model(str(checkpoint), device="cpu")
     (row,) = memory_report(plain, kv_tokens=block + 1)
