@@ -260,8 +260,8 @@ class KVCache:
 
     DynamicCache concatenates: every token copies the whole cache, 2 x layers x (tokens so far) rows, 46 MB
     a token for the built-in model at 1,000 tokens. Here each layer's keys and values live in buffers with
-    room to grow (`room_for`: at least a block of BLOCK tokens more each time they fill), a token writes its own row, and
-    attention reads a view of the rows written: the same values in the same order, so the same results
+    room to grow (`room_for`: at least a block of BLOCK tokens more each time they fill), a token writes its
+    own row, and attention reads a view of the rows written: the same values in the same order, so the same results
     (tests/unit/test_lean_llama.py checks every state and logit against transformers, bit for bit).
     """
 
