@@ -17,7 +17,7 @@ import torch
 
 from chunktui.shared.errors import CorpusError, GenerationCancelled
 from chunktui.engine.devices import out_of_memory
-from chunktui.engine.memory import available_bytes, ensure_fits, ensure_host_fits
+from chunktui.engine.memory import available_bytes, ensure_fits, ensure_host_fits, release_freed_memory
 from chunktui.engine.hooks import ResidualRecorder
 from chunktui.engine.layout import ModelLayout
 from chunktui.engine.models import LoadedModel
@@ -616,3 +616,5 @@ class BatchStates:
         self._held.clear()
         self._writes.clear()
         self._queue.clear()
+        if self.held and self.bytes:
+            release_freed_memory()  # the kept states' memory goes back to the system

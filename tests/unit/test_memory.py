@@ -80,3 +80,54 @@ def test_cuda_report_has_free_total_and_peak():
     loaded = load_model("random:llama-tiny", device="cuda")
     (row,) = [r for r in memory_report(loaded, kv_tokens=5) if r.device.startswith("cuda")]
     assert row.weights > 0 and row.free is not None and row.total >= row.free and row.peak >= row.weights
+
+
+_FAULTS_SCRIPT = """
+import os, resource, sys, torch
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def cycle():  # take 64 MiB, write it, free it; the faults of the third time
+    for _ in range(3):
+        before = faults()
+        torch.ones(16 << 20)
+    return faults() - before
+default = cycle()
+if sys.argv[1] == "load":
+    from chunktui.engine.models import load_model
+    load_model("random:llama-tiny", device="cpu")
+print(default, cycle())
+"""
+
+
+@pytest.mark.skipif(memory._glibc() is None, reason="the allocator setting is glibc's (Linux)")
+@pytest.mark.parametrize("how", ["load", "none"])
+def test_a_process_that_loads_a_model_reuses_the_memory_it_frees(how):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MALLOC_") and k != "CHUNKTUI_MALLOC"}
+    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, how], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    default, after = int(out[0]), int(out[1])
+    # glibc's default maps a 64 MiB block of its own and unmaps it when freed: every page faults again
+    assert default >= (16 << 20) * 4 // 4096 * 0.9
+    if how == "load":
+        assert after < default // 10  # the heap keeps the block: the pages are the ones already there
+    else:
+        assert after >= default * 0.9
+
+
+def test_the_allocator_is_left_alone_where_the_user_tuned_it(monkeypatch):
+    calls = []
+    monkeypatch.setattr(memory, "_glibc", lambda: calls.append(1))
+    for env, why in [({"CHUNKTUI_MALLOC": "default"}, "CHUNKTUI_MALLOC=default"),
+                     ({"MALLOC_TRIM_THRESHOLD_": "1000"}, "tuned in the environment"),
+                     ({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}, "tuned in the environment")]:
+        monkeypatch.setattr(memory, "_allocator_state", None)
+        for key in ("CHUNKTUI_MALLOC", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert why in memory.keep_freed_memory()
+        assert memory.release_freed_memory() is False
+    assert calls == []  # mallopt was never reached
