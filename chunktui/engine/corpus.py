@@ -17,7 +17,8 @@ import torch
 
 from chunktui.shared.errors import CorpusError, GenerationCancelled
 from chunktui.engine.devices import out_of_memory
-from chunktui.engine.memory import available_bytes, ensure_fits, ensure_host_fits, release_freed_memory
+from chunktui.engine.allocator import release_freed_memory
+from chunktui.engine.memory import available_bytes, ensure_fits, ensure_host_fits
 from chunktui.engine.hooks import ResidualRecorder
 from chunktui.engine.layout import ModelLayout
 from chunktui.engine.models import LoadedModel

@@ -522,7 +522,7 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
     max_memory: caps per device, {0: "20GiB", "cpu": "64GiB"} or the string "0=20GiB,cpu=64GiB".
     offload_folder: where weights that fit nowhere else go. offline: never download (as HF_HUB_OFFLINE=1).
     """
-    from chunktui.engine.memory import keep_freed_memory
+    from chunktui.engine.allocator import keep_freed_memory
 
     keep_freed_memory()
     resolved = resolve_spec(spec)

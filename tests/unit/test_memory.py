@@ -5,7 +5,7 @@ import torch
 from click.testing import CliRunner
 
 from chunktui.cli import main
-from chunktui.engine import memory
+from chunktui.engine import allocator, memory
 from chunktui.shared.errors import DeviceMemoryError
 from chunktui.engine.corpus import collect
 from chunktui.engine.memory import estimate_run, memory_report
@@ -99,7 +99,7 @@ print(default, cycle())
 """
 
 
-@pytest.mark.skipif(memory._glibc() is None, reason="the allocator setting is glibc's (Linux)")
+@pytest.mark.skipif(allocator._glibc() is None, reason="the allocator setting is glibc's (Linux)")
 @pytest.mark.parametrize("how", ["load", "none"])
 def test_a_process_that_loads_a_model_reuses_the_memory_it_frees(how):
     import subprocess
@@ -119,15 +119,15 @@ def test_a_process_that_loads_a_model_reuses_the_memory_it_frees(how):
 
 def test_the_allocator_is_left_alone_where_the_user_tuned_it(monkeypatch):
     calls = []
-    monkeypatch.setattr(memory, "_glibc", lambda: calls.append(1))
+    monkeypatch.setattr(allocator, "_glibc", lambda: calls.append(1))
     for env, why in [({"CHUNKTUI_MALLOC": "default"}, "CHUNKTUI_MALLOC=default"),
                      ({"MALLOC_TRIM_THRESHOLD_": "1000"}, "tuned in the environment"),
                      ({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}, "tuned in the environment")]:
-        monkeypatch.setattr(memory, "_allocator_state", None)
+        monkeypatch.setattr(allocator, "_allocator_state", None)
         for key in ("CHUNKTUI_MALLOC", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
             monkeypatch.delenv(key, raising=False)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
-        assert why in memory.keep_freed_memory()
-        assert memory.release_freed_memory() is False
+        assert why in allocator.keep_freed_memory()
+        assert allocator.release_freed_memory() is False
     assert calls == []  # mallopt was never reached
