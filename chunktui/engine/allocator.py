@@ -5,13 +5,17 @@ No imports from the rest of the engine: `models.load_model` and `corpus.BatchSta
 
 from __future__ import annotations
 
+import functools
+
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 TRIM_BYTES = 256 << 20  # the heap gives its top back to the system past this much free
 _ALLOCATOR_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 _allocator_state: str | None = None
 
 
+@functools.cache
 def _glibc():
+    """The C library, where it is glibc (looked up once)."""
     import ctypes
     import platform
 

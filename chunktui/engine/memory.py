@@ -271,4 +271,3 @@ def ensure_host_fits(nbytes: int, what: str) -> None:
             f"Not started: {what} would keep about {_size(nbytes)} in host memory, and {_size(free)} is available. "
             "Nothing was lost. Use fewer layers (--layers), float16 storage (--store-dtype float16) or a "
             "shorter corpus.")
-
