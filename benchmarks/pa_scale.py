@@ -80,7 +80,10 @@ def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, json_
 
     words = read_word_list(str(ROOT / "sample_data" / "concepts.txt"))[:n_words]
     words = [w + "*" if w == "cheesecake" else w for w in words]
+    from chunktui.engine.allocator import keep_freed_memory
+
     loaded = load_model(model)
+    keep_freed_memory()  # the baseline forward runs with the allocator setting the build's corpus jobs use
     threads = torch.get_num_threads()
     work = Path(tempfile.mkdtemp(prefix="pa_scale."))
     corpus_path = work / "corpus.txt"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from chunktui.engine.allocator import keep_freed_memory
 from chunktui.engine.dictionary import Chunk, ChunkDictionary, chunk_id
 from chunktui.shared.errors import CorpusError, GenerationCancelled
 from chunktui.shared.settings import ProgressFn
@@ -234,6 +235,7 @@ def build_dictionary(loaded: LoadedModel, source: LabelSource, layers: list[int]
     from chunktui.engine.corpus import run_batch, schedule
     from chunktui.engine.pa import StreamingFit, draw_positives, parse_criterion
 
+    keep_freed_memory()  # a corpus job: each batch reuses the memory the last one freed (engine/allocator.py)
     group = group or SingleProcess()
     crit = parse_criterion(criterion)
     if n is None and not crit.calibrated:
@@ -603,6 +605,7 @@ def evaluate_dictionary(loaded: LoadedModel, dictionary: ChunkDictionary, source
     from chunktui.engine.corpus import check_layers, run_batch, schedule
     from chunktui.engine.labels import labelled_corpus
 
+    keep_freed_memory()  # a corpus job (engine/allocator.py)
     group = group or SingleProcess()
     dictionary.check_compatible(loaded.identity())
     corpus, labels = labelled_corpus(loaded, dictionary, source, context_mode)

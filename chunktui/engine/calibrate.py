@@ -42,10 +42,12 @@ def evidence_on_corpus(loaded, chunks, corpus, layers: list[int], rule: TokenRul
     `states` (a `corpus.BatchStates` filled by an earlier pass over the same batches, same `batch_size` and
     layers): the batches it kept are read back instead of running the model again (the same bytes, so the
     same evidence); the others run as usual."""
+    from chunktui.engine.allocator import keep_freed_memory
     from chunktui.engine.corpus import run_batch, schedule
     from chunktui.engine.distributed import SingleProcess
     from chunktui.engine.matching import PackedDictionary
 
+    keep_freed_memory()  # a corpus job (engine/allocator.py)
     group = group or SingleProcess()
     packed = PackedDictionary(chunks, loaded.hidden_size, layers, device=loaded.device, rule=rule)
     T = len(corpus.tokens)

@@ -17,7 +17,7 @@ import torch
 
 from chunktui.shared.errors import CorpusError, GenerationCancelled
 from chunktui.engine.devices import out_of_memory
-from chunktui.engine.allocator import release_freed_memory
+from chunktui.engine.allocator import keep_freed_memory, release_freed_memory
 from chunktui.engine.memory import available_bytes, ensure_fits, ensure_host_fits
 from chunktui.engine.hooks import ResidualRecorder
 from chunktui.engine.layout import ModelLayout
@@ -310,6 +310,7 @@ def collect(loaded: LoadedModel, text: str, mode: str = "sentence", layers: Sequ
     one context per JSONL record). Building and evaluating dictionaries stream
     instead (engine/build.py); this is for small texts, discovery and tests.
     """
+    keep_freed_memory()  # a corpus job (engine/allocator.py)
     layers = check_layers(layers, loaded.layout)
     corpus = prepare_corpus(loaded.tokenizer, text, mode, window, stride, contexts,
                             context_length=loaded.context_length)

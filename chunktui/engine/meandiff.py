@@ -49,12 +49,14 @@ def build_mean_difference(loaded, source, layers: list[int] | None = None, budge
 
     `colour_budget`: the colour rule is calibrated on the same text in a third pass over the kept states, as
     the PA build does (`calibrate.rule_for_corpus`); None leaves it out."""
+    from chunktui.engine.allocator import keep_freed_memory
     from chunktui.engine.build import BuildReport, _Rate, labelled_corpus
     from chunktui.engine.corpus import BatchStates, run_batch, schedule
     from chunktui.engine.distributed import SingleProcess, peak_memory_bytes
 
     if not 0.0 <= budget < 1.0:
         raise CorpusError(f"The false-positive budget must be in [0, 1), got {budget}.")
+    keep_freed_memory()  # a corpus job (engine/allocator.py)
     group = group or SingleProcess()
     report = BuildReport(world_size=group.world_size)
     t_start = time.perf_counter()

@@ -522,9 +522,6 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
     max_memory: caps per device, {0: "20GiB", "cpu": "64GiB"} or the string "0=20GiB,cpu=64GiB".
     offload_folder: where weights that fit nowhere else go. offline: never download (as HF_HUB_OFFLINE=1).
     """
-    from chunktui.engine.allocator import keep_freed_memory
-
-    keep_freed_memory()
     resolved = resolve_spec(spec)
     _quiet_logging()
     dev = resolve_device(device)

@@ -48,10 +48,12 @@ def monitor_texts(loaded, program: RuleProgram, corpus, labels=None, batch_size:
     `group` (engine.distributed): the batches (laid out from the corpus alone, as `evaluate` lays them out) are
     dealt round-robin to the ranks; the rules restart at every batch, so each batch's firings are those of one
     process, and every rank returns all of them. Each rank checkpoints its own batches."""
+    from chunktui.engine.allocator import keep_freed_memory
     from chunktui.engine.corpus import run_batch, schedule
     from chunktui.engine.distributed import SingleProcess
     from chunktui.engine.rules import too_many_processes
 
+    keep_freed_memory()  # a corpus job (engine/allocator.py)
     group = group or SingleProcess()
     packed = program.packed
     layers = list(packed.layers)
