@@ -574,7 +574,13 @@ class ChunkApp(App):
     @ON_EVENT(p.DictionariesListed)
     def _handle_dictionarieslisted(self, event: p.DictionariesListed) -> None:
         self.query_one(ModelPane).show_dictionaries(event.entries, event.select)
-        if self.start_prompt and self.model is not None:  # `chunktui tui --prompt`: straight into streaming
+        self._start_prompt()  # no dictionary fits the model: the prompt streams without colours
+
+    def _start_prompt(self) -> None:
+        """`chunktui tui --prompt`: straight into streaming once the model is loaded and its dictionary (if any) in
+        use. Asked for as soon as the dictionary is known, before the panes show it and before the engine's list
+        of dictionaries arrives (about 0.25 s later at start-up): the engine runs the stream after that list."""
+        if self.start_prompt and self.model is not None:
             self.start_prompt = None
             self.action_pane("stream")
             self.action_generate()
@@ -586,6 +592,7 @@ class ChunkApp(App):
         self.session.dictionary = event.path
         self.session.labels = list(event.labels)
         self.keeper.record("session", self.session)
+        self._start_prompt()
         self.query_one(ChunksPane).set_chunks(event.chunks)
         self.query_one(PerturbPane).set_labels(event.labels)
         self.query_one(StepPane).set_labels(event.labels)
