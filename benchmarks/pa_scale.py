@@ -16,7 +16,11 @@ seed), then:
    in between and checks the dictionaries are byte-identical in their tensors;
 3. builds again with `--procs 2` and prints the wall times side by side.
 
-    python benchmarks/pa_scale.py [--tokens 100000] [--words 30] [--no-procs] [--baseline-tree DIR]
+    python benchmarks/pa_scale.py [--tokens 100000] [--words 30] [--no-procs] [--baseline-tree DIR] [--repeats N]
+
+With --repeats N the build (and the baseline build) runs N times, each between two plain forwards, and
+the ratios are printed per repeat with their median, lowest and highest: on a noisy machine two builds of
+the same code in one run differ by several hundredths.
 
 The state matrix the in-memory build would hold is printed for comparison:
 tokens x layers x width x 4 bytes.
@@ -72,8 +76,10 @@ def make_corpus(tokenizer, target: int, seed: int = 0) -> str:
 @click.option("--baseline-tree", default=None, type=click.Path(file_okay=False, exists=True),
               help="also build with the code of another checkout (e.g. the commit before a change), interleaved "
                    "with this one, and check the two dictionaries are byte-identical in their tensors")
+@click.option("--repeats", default=1, show_default=True, type=click.IntRange(1, 20),
+              help="builds (and baseline builds) per run, each between two plain forwards")
 @click.option("--json", "json_out", default=None)
-def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, json_out):
+def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, repeats, json_out):
     from chunktui.engine.corpus import prepare_corpus, run_batch, schedule
     from chunktui.engine.labels import read_word_list
     from chunktui.engine.models import load_model
@@ -122,12 +128,16 @@ def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, json_
     # interleaved, so a change in the machine's load shows as spread rather than as a speed-up:
     # forward, build (this code), [build (baseline code)], forward
     forwards = [forward()]
-    one = build(1, "one")
+    runs = []  # per repeat: (this code's build, the baseline's or None, the forward before, the forward after)
+    for r in range(repeats):
+        one = build(1, "one" if r == 0 else f"one{r}")
+        base = build(1, "base" if r == 0 else f"base{r}", Path(baseline_tree).resolve()) if baseline_tree else None
+        forwards.append(forward())
+        runs.append((one, base, forwards[-2], forwards[-1]))
+    one, base = runs[0][0], runs[0][1]
     out["build_1"] = one
     if baseline_tree:
-        base = build(1, "base", Path(baseline_tree).resolve())
         out["build_baseline"] = base
-    forwards.append(forward())
     rss = one["peak_memory_bytes"]["rss"]
     print(f"\n1 process: {one['seconds']:.0f} s build ({one['wall_seconds']:.0f} s with model load), "
           f"pass 1 {one['pass1_tokens']} tokens in {one['pass1_seconds']:.0f} s, pass 2 {T} tokens in "
@@ -141,7 +151,7 @@ def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, json_
         where = "held in the build process (in its peak RSS above)" if kept["folder"] == "memory" else \
             f"in {kept['folder']} ({'RAM-backed, not counted in the RSS' if kept['in_memory'] else 'on disk'})"
         print(f"states kept for passes 2 and 3: {kept['bytes'] / 2**30:.2f} GiB {where}")
-    forward_s = sum(forwards) / len(forwards)
+    forward_s = (runs[0][2] + runs[0][3]) / 2  # the forwards either side of the first repeat
     out["forward_seconds"] = forward_s
     out["forward_seconds_each"] = forwards
     fwd_rate = T / forward_s
@@ -151,7 +161,7 @@ def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, json_
     wall_rate = T / one["wall_seconds"]
     out.update(build_wall_tok_s=wall_rate, pass1_fraction=one["pass1_tokens"] / T,
                build_over_forward=build_rate / fwd_rate, build_wall_over_forward=wall_rate / fwd_rate)
-    print(f"plain forward: {fwd_rate:.0f} tok/s (before the build {T / forwards[0]:.0f}, after {T / forwards[1]:.0f}); "
+    print(f"plain forward: {fwd_rate:.0f} tok/s (before the build {T / runs[0][2]:.0f}, after {T / runs[0][3]:.0f}); "
           f"pass 2: {pass2_rate:.0f} tok/s (ratio {pass2_rate / fwd_rate:.2f}); whole build incl. pass 1 "
           f"({one['pass1_tokens'] / T:.0%} of the tokens) and pass 3 ({one.get('pass3_seconds', 0):.0f} s): "
           f"{build_rate:.0f} tok/s (ratio {build_rate / fwd_rate:.2f}; target >= 0.8)")
@@ -189,6 +199,37 @@ def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, json_
         print(f"dictionary notes (the colour rule and its figures included) identical to the baseline code's: "
               f"{same_notes}")
 
+    if repeats > 1:
+        rows = []
+        for r, (a, b, f0, f1) in enumerate(runs):
+            rate = T / ((f0 + f1) / 2)
+            rows.append({"forward_tok_s": rate, "build_seconds": a["seconds"], "build_over_forward": T / a["seconds"] / rate,
+                         "baseline_build_seconds": b["seconds"] if b else None,
+                         "baseline_over_forward": T / b["seconds"] / rate if b else None})
+            print(f"repeat {r + 1}: plain forward {rate:.0f} tok/s; build {a['seconds']:.1f} s, ratio "
+                  f"{rows[-1]['build_over_forward']:.2f}" + (f"; baseline code {b['seconds']:.1f} s, ratio "
+                                                             f"{rows[-1]['baseline_over_forward']:.2f}" if b else ""))
+        out["repeats"] = rows
+        import statistics
+
+        for key, name in (("build_over_forward", "this code"), ("baseline_over_forward", "baseline code")):
+            values = [row[key] for row in rows if row[key] is not None]
+            if values:
+                out[f"{key}_median"] = statistics.median(values)
+                print(f"{name}, {len(values)} repeats: ratio median {statistics.median(values):.2f} "
+                      f"(lowest {min(values):.2f}, highest {max(values):.2f}; target >= 0.8)")
+        from safetensors.torch import load_file
+
+        first = load_file(str(work / "one.chunks.safetensors"))
+        names = [f"one{r}" for r in range(1, repeats)] + \
+            (["base"] + [f"base{r}" for r in range(1, repeats)] if baseline_tree else [])
+        same = True
+        for name in names:
+            other = load_file(str(work / f"{name}.chunks.safetensors"))
+            same = same and other.keys() == first.keys() and all(
+                first[k].numpy().tobytes() == other[k].numpy().tobytes() for k in first)
+        out["repeats_byte_identical"] = same
+        print(f"every repeat's dictionary tensors byte-identical to the first build's: {same}")
     if compare_procs:
         two = build(2, "two")
         out["build_2"] = two
