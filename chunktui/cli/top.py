@@ -53,6 +53,9 @@ def top_cmd(model_spec, device, dtype, dict_path, name, corpus, k, layers, batch
     target = plan_outputs(("--json", json_out, None), overwrite=overwrite,
                           inputs=[dict_path, corpus, *model_inputs(model_spec)])
     loaded = load_with_progress(model_spec, device, dtype)
+    from chunktui.engine.allocator import keep_freed_memory
+
+    keep_freed_memory()  # a corpus job in a process of its own (the app's engine searches with glibc's defaults)
     progress, update = stage_progress()
     with progress:
         tables = top_tables(loaded, dictionary, text, {name: chunks}, batch_size=batch_size,

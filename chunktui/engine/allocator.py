@@ -1,7 +1,7 @@
 """The host allocator: a corpus job keeps the memory it frees (glibc), rather than fault it in again.
 
-No imports from the rest of the engine: the corpus jobs (builds, evaluate, calibrate, collect, monitor) and
-`corpus.BatchStates` call it.
+No imports from the rest of the engine: the corpus jobs (builds, evaluate, calibrate, collect, the state cache,
+monitor, the `top` command) call `keep_freed_memory`, and `corpus.BatchStates` `release_freed_memory`.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def keep_freed_memory() -> str:
     the next batch. `release_freed_memory` gives the rest back after a large job.
 
     Called by the jobs that run the model over a corpus batch after batch (`build.build_dictionary`,
-    `evaluate_dictionary`, `calibrate.evidence_on_corpus`, `corpus.collect`, `meandiff.build_mean_difference`,
-    `monitor.monitor_texts`), not by `load_model`: the app's engine, which generates token by token, keeps
+    `evaluate_dictionary`, `calibrate.evidence_on_corpus`, `corpus.collect`, `corpus.cache_states`,
+    `meandiff.build_mean_difference`, `monitor.monitor_texts`, the `top` command), not by `load_model`: the app's engine, which generates token by token, keeps
     glibc's defaults. Measured (`chunktui bench app --tokens 1000 --threads 1`, 2026-12-03): with this setting
     in the app's engine process the app streamed 12.5-12.6 tok/s with key latency p95 16-17 ms rising along
     the stream (3.3-3.5 ms per 1,000 tokens); with glibc's defaults 16.7 tok/s, p95 8.1 ms, flat. The setting

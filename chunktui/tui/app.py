@@ -578,8 +578,8 @@ class ChunkApp(App):
 
     def _start_prompt(self) -> None:
         """`chunktui tui --prompt`: straight into streaming once the model is loaded and its dictionary (if any) in
-        use. Asked for as soon as the dictionary is known, before the panes show it and before the engine's list
-        of dictionaries arrives (about 0.25 s later at start-up): the engine runs the stream after that list."""
+        use. Asked for as soon as the dictionary is in use, not when the engine's list of dictionaries arrives
+        (about 0.25 s later at start-up): the engine runs the stream after that list."""
         if self.start_prompt and self.model is not None:
             self.start_prompt = None
             self.action_pane("stream")
@@ -592,12 +592,12 @@ class ChunkApp(App):
         self.session.dictionary = event.path
         self.session.labels = list(event.labels)
         self.keeper.record("session", self.session)
-        self._start_prompt()
         self.query_one(ChunksPane).set_chunks(event.chunks)
         self.query_one(PerturbPane).set_labels(event.labels)
         self.query_one(StepPane).set_labels(event.labels)
         self.chosen_chunk_id = None
         self.update_status()
+        self._start_prompt()
 
     @on(OptionList.OptionSelected, "#dict-list")
     def _dict_chosen(self, event: OptionList.OptionSelected) -> None:
