@@ -80,14 +80,13 @@ def make_corpus(tokenizer, target: int, seed: int = 0) -> str:
               help="builds (and baseline builds) per run, each between two plain forwards")
 @click.option("--json", "json_out", default=None)
 def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, repeats, json_out):
+    from chunktui.engine.allocator import keep_freed_memory
     from chunktui.engine.corpus import prepare_corpus, run_batch, schedule
     from chunktui.engine.labels import read_word_list
     from chunktui.engine.models import load_model
 
     words = read_word_list(str(ROOT / "sample_data" / "concepts.txt"))[:n_words]
     words = [w + "*" if w == "cheesecake" else w for w in words]
-    from chunktui.engine.allocator import keep_freed_memory
-
     loaded = load_model(model)
     keep_freed_memory()  # the baseline forward runs with the allocator setting the build's corpus jobs use
     threads = torch.get_num_threads()
@@ -203,7 +202,8 @@ def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, repea
         rows = []
         for r, (a, b, f0, f1) in enumerate(runs):
             rate = T / ((f0 + f1) / 2)
-            rows.append({"forward_tok_s": rate, "build_seconds": a["seconds"], "build_over_forward": T / a["seconds"] / rate,
+            rows.append({"forward_tok_s": rate, "build_seconds": a["seconds"],
+                         "build_over_forward": T / a["seconds"] / rate,
                          "baseline_build_seconds": b["seconds"] if b else None,
                          "baseline_over_forward": T / b["seconds"] / rate if b else None})
             print(f"repeat {r + 1}: plain forward {rate:.0f} tok/s; build {a['seconds']:.1f} s, ratio "

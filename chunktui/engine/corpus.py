@@ -369,11 +369,11 @@ def cache_states(loaded: LoadedModel, corpus: Corpus, layers: Sequence[int], fol
     """Stream the corpus through the model once, writing its states to safetensors shards in `folder`."""
     from pathlib import Path
 
-    keep_freed_memory()  # a corpus job (engine/allocator.py)
-
     from safetensors.torch import save
 
     from chunktui.shared.io import atomic_write_bytes
+
+    keep_freed_memory()  # a corpus job (engine/allocator.py)
 
     folder = Path(folder)
     layers = check_layers(layers, loaded.layout)
