@@ -79,12 +79,20 @@ def make_corpus(tokenizer, target: int, seed: int = 0) -> str:
 @click.option("--repeats", default=1, show_default=True, type=click.IntRange(1, 20),
               help="builds (and baseline builds) per run, each between two plain forwards")
 @click.option("--json", "json_out", default=None)
-def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, repeats, json_out):
+@click.option("--overwrite", is_flag=True, help="replace an existing --json file")
+def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, repeats, json_out, overwrite):
     from chunktui.engine.allocator import keep_freed_memory
     from chunktui.engine.corpus import prepare_corpus, run_batch, schedule
     from chunktui.engine.labels import read_word_list
     from chunktui.engine.models import load_model
 
+    from chunktui.cli.common import plan_outputs
+    from chunktui.shared.outputs import OutputError
+
+    try:  # refused before minutes of work
+        target = plan_outputs(("--json", json_out, None), overwrite=overwrite)
+    except OutputError as err:
+        raise click.UsageError(str(err)) from None
     words = read_word_list(str(ROOT / "sample_data" / "concepts.txt"))[:n_words]
     words = [w + "*" if w == "cheesecake" else w for w in words]
     loaded = load_model(model)
@@ -118,7 +126,8 @@ def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, repea
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]))
         t0 = time.perf_counter()
         # cwd: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH
-        subprocess.run(cmd, check=True, env=env, cwd=str(tree))
+        if subprocess.run(cmd, env=env, cwd=str(tree)).returncode != 0:
+            raise click.ClickException(f"the build ({name}) failed: its message is above")
         wall = time.perf_counter() - t0
         record = json.loads(summary.read_text())
         record["wall_seconds"] = wall
@@ -242,10 +251,8 @@ def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, repea
         same = a.keys() == b.keys() and all(torch.equal(a[k].nan_to_num(), b[k].nan_to_num()) for k in a)
         out["two_equals_one"] = same
         print(f"2-process dictionary tensors equal the 1-process build's: {same}")
-    if json_out:
-        from chunktui.shared.io import write_json
-
-        write_json(json_out, out)
+    if target is not None:
+        target.write_json(out)
 
 
 if __name__ == "__main__":
