@@ -67,6 +67,12 @@ def make_corpus(tokenizer, target: int, seed: int = 0) -> str:
     return "\n".join(lines) + "\n"
 
 
+def byte_identical(a: dict, b: dict) -> bool:
+    """Two dictionaries' tensors (safetensors `load_file`): the same names, dtypes and bytes."""
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].numpy().tobytes() == b[k].numpy().tobytes()
+                                        for k in a)
+
+
 @click.command()
 @click.option("--model", default="smollm2-135m")
 @click.option("--tokens", default=100_000, show_default=True)
@@ -192,9 +198,8 @@ def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, repea
         print(f"baseline code: pass 2 {T / base['pass2_seconds']:.0f} tok/s (ratio "
               f"{T / base['pass2_seconds'] / fwd_rate:.2f}), whole build {T / base['seconds']:.0f} tok/s (ratio "
               f"{T / base['seconds'] / fwd_rate:.2f})")
-        a, b = load_file(str(work / "one.chunks.safetensors")), load_file(str(work / "base.chunks.safetensors"))
-        same = a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].numpy().tobytes() == b[k].numpy().tobytes()
-                                            for k in a)
+        same = byte_identical(load_file(str(work / "one.chunks.safetensors")),
+                              load_file(str(work / "base.chunks.safetensors")))
         out["baseline_byte_identical"] = same
         print(f"dictionary tensors byte-identical to the baseline code's: {same}")
         from chunktui.engine.dictionary import load_dictionary
@@ -232,11 +237,7 @@ def main(model, tokens, n_words, batch_size, compare_procs, baseline_tree, repea
         first = load_file(str(work / "one.chunks.safetensors"))
         names = [f"one{r}" for r in range(1, repeats)] + \
             (["base"] + [f"base{r}" for r in range(1, repeats)] if baseline_tree else [])
-        same = True
-        for name in names:
-            other = load_file(str(work / f"{name}.chunks.safetensors"))
-            same = same and other.keys() == first.keys() and all(
-                first[k].numpy().tobytes() == other[k].numpy().tobytes() for k in first)
+        same = all(byte_identical(first, load_file(str(work / f"{name}.chunks.safetensors"))) for name in names)
         out["repeats_byte_identical"] = same
         print(f"every repeat's dictionary tensors byte-identical to the first build's: {same}")
     if compare_procs:

@@ -45,12 +45,12 @@ def keep_freed_memory() -> str:
     Called by the jobs that run the model over a corpus batch after batch (`build.build_dictionary`,
     `evaluate_dictionary`, `calibrate.evidence_on_corpus`, `corpus.collect`, `corpus.cache_states`,
     `meandiff.build_mean_difference`, `monitor.monitor_texts`, the `top` command), not by `load_model`: the
-    app's engine, which generates token by token, keeps glibc's defaults. Measured (`chunktui bench app --tokens 1000 --threads 1`, 2026-12-03): with this setting
-    in the app's engine process the app streamed 12.5-12.6 tok/s with key latency p95 16-17 ms rising along
-    the stream (3.3-3.5 ms per 1,000 tokens); with glibc's defaults 16.7 tok/s, p95 8.1 ms, flat. The setting
-    stays for the rest of the process. Left alone where the user tuned the allocator
-    (MALLOC_* variables, glibc.malloc tunables), with CHUNKTUI_MALLOC=default, and off glibc (macOS, musl:
-    their allocators differ). Returns what was done: "tuned", "already", or why not."""
+    app's engine, which generates token by token, keeps glibc's defaults. Measured (`chunktui bench app
+    --tokens 1000 --threads 1`, 2026-12-03): with this setting in the app's engine process the app streamed
+    12.5-12.6 tok/s with key latency p95 16-17 ms rising along the stream (3.3-3.5 ms per 1,000 tokens); with
+    glibc's defaults 16.7 tok/s, p95 8.1 ms, flat. The setting stays for the rest of the process. Left alone
+    where the user tuned the allocator (MALLOC_* variables, glibc.malloc tunables), with CHUNKTUI_MALLOC=default,
+    and off glibc (macOS, musl: their allocators differ). Returns what was done: "tuned", "already", or why not."""
     import os
 
     global _allocator_state
